@@ -1,0 +1,135 @@
+"""The shared clock: where fragment k of a track starts, how long it lasts, and when it is due.
+
+Theory of operation
+-------------------
+Every encoder in every group, on every host, is given the same three facts by the profile: an
+*epoch* (a UTC instant), a nominal *fragment duration* D (an exact rational number of seconds)
+and, per track, a *timescale* T (ticks per second) and a *frame duration* F (an exact rational
+number of seconds: 1001/30000 for 29.97 fps video, 1024/48000 for AAC at 48 kHz). Nothing else is
+shared and nothing is exchanged at run time.
+
+Media time is counted in ticks since the epoch. Frame n of a track starts at tick
+
+    frame_time(n) = floor(n * F * T)
+
+and fragment k starts with the first frame at or after the nominal boundary k * D:
+
+    first_frame(k) = ceil(k * D / F)
+    start(k)       = frame_time(first_frame(k))
+    duration(k)    = start(k + 1) - start(k)
+
+Both are closed-form functions of k, computed with integers only, so there is no accumulated
+error: after a year of 2-second fragments the boundary is still within one frame of k * D, and a
+process that starts late, restarts, or runs on another host computes the very same numbers for
+the very same k. Where D is not a whole number of frames (2 s of 29.97 fps video is 59.94
+frames), consecutive fragments differ by exactly one frame, in a repeating pattern.
+
+Wall-clock time enters only as an integer count of nanoseconds since the Unix epoch (``now_ns``),
+passed in by the caller; this module never reads a clock itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+NS_PER_SECOND = 1_000_000_000
+
+
+def _floor_div(numerator: int, denominator: int) -> int:
+    return numerator // denominator
+
+
+def _ceil_div(numerator: int, denominator: int) -> int:
+    return -((-numerator) // denominator)
+
+
+@dataclass(frozen=True)
+class TrackClock:
+    """The shared clock of one track.
+
+    Attributes:
+        epoch_ns: the presentation epoch, in nanoseconds since the Unix epoch.
+        fragment_duration: nominal fragment duration D, in seconds (exact).
+        timescale: ticks per second of the track (90000 for video, the sample rate for audio).
+        frame_duration: duration of one frame F, in seconds (exact).
+    """
+
+    epoch_ns: int
+    fragment_duration: Fraction
+    timescale: int
+    frame_duration: Fraction
+
+    def __post_init__(self) -> None:
+        if self.fragment_duration <= 0 or self.frame_duration <= 0 or self.timescale <= 0:
+            raise ValueError("fragment duration, frame duration and timescale must be positive")
+        if self.frame_duration > self.fragment_duration:
+            raise ValueError("a frame cannot be longer than a fragment")
+
+    # --- frames ---------------------------------------------------------------------------
+
+    def frame_time(self, n: int) -> int:
+        """Tick at which frame n starts (frame 0 starts at the epoch)."""
+        f = self.frame_duration
+        return _floor_div(n * f.numerator * self.timescale, f.denominator)
+
+    def first_frame(self, k: int) -> int:
+        """Number of the first frame of fragment k: the first frame at or after k * D."""
+        d, f = self.fragment_duration, self.frame_duration
+        return _ceil_div(k * d.numerator * f.denominator, d.denominator * f.numerator)
+
+    def frame_count(self, k: int) -> int:
+        """How many frames fragment k holds."""
+        return self.first_frame(k + 1) - self.first_frame(k)
+
+    def sample_durations(self, k: int) -> list[int]:
+        """Duration in ticks of each frame of fragment k; they add up to ``duration(k)``."""
+        first = self.first_frame(k)
+        times = [self.frame_time(n) for n in range(first, self.first_frame(k + 1) + 1)]
+        return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+    # --- fragments ------------------------------------------------------------------------
+
+    def start(self, k: int) -> int:
+        """Tick at which fragment k starts (its tfdt / tfxd absolute time)."""
+        return self.frame_time(self.first_frame(k))
+
+    def duration(self, k: int) -> int:
+        """Duration of fragment k in ticks (its tfxd duration)."""
+        return self.start(k + 1) - self.start(k)
+
+    def index_of_tick(self, tick: int) -> int:
+        """The fragment whose span ``[start(k), start(k+1))`` contains ``tick``."""
+        d = self.fragment_duration
+        # Nominal guess floor(tick / (D*T)); start(k) lies within one frame after k*D*T, so the
+        # answer is the guess or the one before it.
+        guess = _floor_div(tick * d.denominator, d.numerator * self.timescale)
+        return guess if self.start(guess) <= tick else guess - 1
+
+    # --- wall clock -----------------------------------------------------------------------
+
+    def tick_at(self, now_ns: int) -> int:
+        """The media tick that corresponds to wall-clock ``now_ns`` (floor)."""
+        return _floor_div((now_ns - self.epoch_ns) * self.timescale, NS_PER_SECOND)
+
+    def index_at(self, now_ns: int) -> int:
+        """The fragment that is live (being captured) at wall-clock ``now_ns``."""
+        return self.index_of_tick(self.tick_at(now_ns))
+
+    def wall_ns(self, tick: int) -> int:
+        """The wall-clock instant (ns, rounded up) at which media tick ``tick`` is reached."""
+        return self.epoch_ns + _ceil_div(tick * NS_PER_SECOND, self.timescale)
+
+    def end_ns(self, k: int) -> int:
+        """The wall-clock instant at which fragment k has been fully captured."""
+        return self.wall_ns(self.start(k + 1))
+
+
+def fragment_due_ns(clocks: list[TrackClock], k: int) -> int:
+    """When fragment k of a stream is complete on every one of its tracks."""
+    return max(clock.end_ns(k) for clock in clocks)
+
+
+def live_index(clocks: list[TrackClock], now_ns: int) -> int:
+    """The lowest fragment index that some track of the stream is still capturing at ``now_ns``."""
+    return min(clock.index_at(now_ns) for clock in clocks)

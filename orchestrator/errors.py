@@ -1,0 +1,64 @@
+"""The orchestrator's exceptions, one root, the type saying whose fault it was.
+
+    OrchestratorError
+    ├── ProfileError            the user's profile: file, key path and reason
+    ├── MediaError              bytes that are not the fragmented MP4 we expect
+    │   └── BoxError            a box that is truncated, oversized or malformed
+    ├── EncoderError            one of our encoder instances misbehaved
+    └── EndpointError           the remote ingest endpoint refused or failed
+        ├── EndpointUnauthorized    401 / 403: credentials are wrong or missing
+        ├── EndpointNotFound        404: the publishing point does not exist
+        └── EndpointRejected        any other non-2xx answer
+
+Foreign exceptions (httpx, OSError, trio) are converted where they enter, in the shells; the
+pure core raises only ``MediaError`` / ``BoxError`` and ``ProfileError``.
+"""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class ProfileError(OrchestratorError):
+    """A profile that cannot be used. ``str()`` is the message shown to the operator."""
+
+    def __init__(self, path: str, problems: list[tuple[str, str]]) -> None:
+        self.path = path
+        self.problems = problems
+        lines = [f"{path}: {key}: {reason}" if key else f"{path}: {reason}" for key, reason in problems]
+        super().__init__("\n".join(lines))
+
+
+class MediaError(OrchestratorError):
+    """Bytes that are not a valid fragmented-MP4 live ingest stream."""
+
+
+class BoxError(MediaError):
+    """A single ISO BMFF box is malformed (bad size, truncated payload, unknown version)."""
+
+
+class EncoderError(OrchestratorError):
+    """An encoder instance failed: it exited, produced bad output, or could not start."""
+
+
+class EndpointError(OrchestratorError):
+    """An ingest endpoint refused our request or failed while serving it."""
+
+    def __init__(self, url: str, message: str, status_code: int | None = None) -> None:
+        self.url = url
+        self.status_code = status_code
+        super().__init__(f"{url}: {message}")
+
+
+class EndpointUnauthorized(EndpointError):
+    """401/403: the endpoint wants credentials we did not give, or rejected them."""
+
+
+class EndpointNotFound(EndpointError):
+    """404: the publishing point does not exist at that URL."""
+
+
+class EndpointRejected(EndpointError):
+    """Any other non-2xx answer."""

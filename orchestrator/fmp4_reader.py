@@ -1,0 +1,187 @@
+"""Incremental reader of a fragmented-MP4 live stream: feed bytes, take events.
+
+Theory of operation
+-------------------
+Modelled on h11: :meth:`StreamReader.feed` appends bytes as they arrive from a socket or a
+pipe, and :meth:`StreamReader.next_event` returns the next complete event, or ``NEED_DATA`` when
+the buffered bytes do not yet hold one. No I/O happens here.
+
+A stream is a header followed by fragments::
+
+    ftyp  [uuid(Live Server Manifest)]  moov  (moof mdat)*  [mfra]
+
+Events, in order:
+  * :class:`Header` once the ``moov`` is complete (with the ``ftyp`` and manifest before it);
+  * :class:`Fragment` for each complete ``moof`` + ``mdat`` pair, parsed;
+  * :class:`OtherBox` for any other top-level box after the header (``free``, ``sidx``,
+    ``mfra`` ...), passed on so the caller may log or ignore it.
+
+Anything out of order (a fragment before the header, a ``moof`` not followed by ``mdat``, a header
+without the manifest when one is required) raises :class:`~orchestrator.errors.MediaError`; a
+malformed box raises :class:`~orchestrator.errors.BoxError`. After an error the reader is
+unusable: the caller drops the stream (or the POST) it was reading.
+
+A box is only ever handed out whole, so memory is bounded by the largest box
+(``fmp4.MAX_BOX_SIZE``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from orchestrator.errors import MediaError
+from orchestrator.fmp4 import (
+    LIVE_SERVER_MANIFEST_UUID,
+    ParsedFragment,
+    TrackDefaults,
+    TrackHeader,
+    parse_fragment,
+    parse_live_server_manifest,
+    parse_moov,
+    parse_trex,
+    read_box_header,
+)
+
+
+class _NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA = _NeedData.NEED_DATA
+"""Returned by :meth:`StreamReader.next_event` when more bytes must be fed first."""
+
+
+@dataclass(frozen=True)
+class Header:
+    """The stream header: the exact bytes of ftyp, manifest and moov, and what they say."""
+
+    ftyp: bytes
+    manifest: bytes | None
+    moov: bytes
+    tracks: tuple[TrackHeader, ...]
+    smil: str | None
+    defaults: dict[int, TrackDefaults] = field(repr=False)
+
+    @property
+    def data(self) -> bytes:
+        """The header as it goes on the wire, boxes in order."""
+        return self.ftyp + (self.manifest or b"") + self.moov
+
+
+@dataclass(frozen=True)
+class Fragment:
+    """A complete ``moof`` + ``mdat``; ``offset`` is where it started in the stream."""
+
+    parsed: ParsedFragment
+    offset: int
+
+    @property
+    def data(self) -> bytes:
+        return self.parsed.data
+
+
+@dataclass(frozen=True)
+class OtherBox:
+    """A top-level box that is neither header nor fragment."""
+
+    type: bytes
+    data: bytes
+    offset: int
+
+
+Event = Header | Fragment | OtherBox
+
+
+class StreamReader:
+    """Reads one fragmented-MP4 stream incrementally. See the module docstring."""
+
+    def __init__(self, *, require_manifest: bool = False) -> None:
+        self._buffer = bytearray()
+        self._consumed = 0  # stream offset of self._buffer[0]
+        self._require_manifest = require_manifest
+        self._ftyp: bytes | None = None
+        self._manifest: bytes | None = None
+        self.header: Header | None = None
+        self._pending_moof: tuple[bytes, int] | None = None
+
+    @property
+    def bytes_received(self) -> int:
+        return self._consumed + len(self._buffer)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a whole event."""
+        pending = len(self._pending_moof[0]) if self._pending_moof else 0
+        return len(self._buffer) + pending
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    def next_event(self) -> Event | _NeedData:
+        while True:
+            taken = self._take_box()
+            if taken is None:
+                return NEED_DATA
+            box_type, data, offset = taken
+            event = self._handle(box_type, data, offset)
+            if event is not None:
+                return event
+
+    def _take_box(self) -> tuple[bytes, bytes, int] | None:
+        header = read_box_header(self._buffer, 0)
+        if header is None:
+            return None
+        box_type, size, _ = header
+        if len(self._buffer) < size:
+            return None
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        offset = self._consumed
+        self._consumed += size
+        return box_type, data, offset
+
+    def _handle(self, box_type: bytes, data: bytes, offset: int) -> Event | None:
+        if self.header is None:
+            return self._handle_header_box(box_type, data, offset)
+        if self._pending_moof is not None:
+            moof, moof_offset = self._pending_moof
+            self._pending_moof = None
+            if box_type != b"mdat":
+                raise MediaError(f"moof at offset {moof_offset} is followed by {_name(box_type)}, not mdat")
+            parsed = parse_fragment(moof + data, moof_offset, self.header.defaults)
+            return Fragment(parsed, moof_offset)
+        if box_type == b"moof":
+            self._pending_moof = (data, offset)
+            return None
+        if box_type in (b"ftyp", b"moov"):
+            raise MediaError(f"{_name(box_type)} at offset {offset}: a second header in one stream")
+        if box_type == b"mdat":
+            raise MediaError(f"mdat at offset {offset} without a moof before it")
+        return OtherBox(box_type, data, offset)
+
+    def _handle_header_box(self, box_type: bytes, data: bytes, offset: int) -> Header | None:
+        if self._ftyp is None:
+            if box_type != b"ftyp":
+                raise MediaError(f"stream starts with {_name(box_type)}, expected ftyp")
+            self._ftyp = data
+            return None
+        if box_type == b"uuid" and data[8:24] == LIVE_SERVER_MANIFEST_UUID:
+            if self._manifest is not None:
+                raise MediaError("two Live Server Manifest boxes in one header")
+            self._manifest = data
+            return None
+        if box_type == b"moov":
+            if self._require_manifest and self._manifest is None:
+                raise MediaError("moov arrived before the Live Server Manifest box (ftyp, manifest, moov)")
+            tracks = parse_moov(data[8:])
+            smil = parse_live_server_manifest(self._manifest[8:]) if self._manifest else None
+            self.header = Header(self._ftyp, self._manifest, data, tuple(tracks), smil, parse_trex(data[8:]))
+            return self.header
+        if box_type in (b"free", b"skip"):
+            return None
+        raise MediaError(f"{_name(box_type)} at offset {offset} inside the header (expected manifest or moov)")
+
+
+def _name(box_type: bytes) -> str:
+    return box_type.decode("latin-1")

@@ -1,0 +1,397 @@
+"""The event profile: what to encode, how to group it into streams, and where to push it.
+
+A profile is a TOML file validated by the pydantic models below. Every error is reported as
+``<file>: <key path>: <reason>`` (for example ``demo.toml: streams[0].tracks[1].frame_rate:
+...``) through :class:`~orchestrator.errors.ProfileError`; unknown keys are rejected.
+
+Secrets never appear in a profile: an endpoint's credentials name an environment variable or a
+file that holds them (``password_env``, ``password_file``, ``token_env``, ``token_file``), and
+are read only when the publisher starts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import tomllib
+from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from orchestrator.clock import TrackClock
+from orchestrator.errors import ProfileError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+AAC_FRAME_SAMPLES = 1024
+
+
+def _to_fraction(value: Any, *, what: str, allow_decimal: bool) -> Fraction:
+    if isinstance(value, Fraction):
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number, not a boolean")
+    if isinstance(value, int):
+        return Fraction(value)
+    if isinstance(value, float):
+        if not allow_decimal:
+            raise ValueError(f"{what} must be an integer or a ratio such as \"30000/1001\", not {value!r}")
+        value = repr(value)  # the decimal the user wrote, never the binary float
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                result = Fraction(int(num), int(den))
+            elif allow_decimal:
+                result = Fraction(Decimal(text))
+            else:
+                result = Fraction(int(text))
+        except (ValueError, ZeroDivisionError, InvalidOperation):
+            raise ValueError(f"{what} {value!r} is not a number or a ratio such as \"30000/1001\"") from None
+        return result
+    raise ValueError(f"{what} must be a number or a ratio string, got {type(value).__name__}")
+
+
+def _fraction_text(value: Fraction) -> str:
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+FrameRate = Annotated[
+    Fraction,
+    BeforeValidator(lambda v: _to_fraction(v, what="frame rate", allow_decimal=False)),
+    PlainSerializer(_fraction_text, return_type=str),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string", "pattern": r"^\d+(/\d+)?$"}],
+                    "description": "frames per second: an integer or an exact ratio such as \"30000/1001\""}),
+]  # fmt: skip
+Seconds = Annotated[
+    Fraction,
+    BeforeValidator(lambda v: _to_fraction(v, what="duration", allow_decimal=True)),
+    PlainSerializer(_fraction_text, return_type=str),
+    WithJsonSchema({"anyOf": [{"type": "number"}, {"type": "string"}],
+                    "description": "seconds: a number or an exact decimal/ratio string"}),
+]  # fmt: skip
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VideoTrack(_Model):
+    """A video rendition. Frame rate is exact: use "30000/1001" for 29.97 fps."""
+
+    kind: Literal["video"]
+    name: str = Field(pattern=NAME_PATTERN)
+    bitrate: int = Field(gt=0, description="bits per second")
+    width: int = Field(ge=16, le=7680)
+    height: int = Field(ge=16, le=4320)
+    frame_rate: FrameRate
+    timescale: int | None = Field(default=None, gt=0, description="default: presentation.video_timescale")
+    codec: Literal["h264"] = "h264"
+
+    @field_validator("frame_rate")
+    @classmethod
+    def _frame_rate_range(cls, value: Fraction) -> Fraction:
+        if not Fraction(1) <= value <= Fraction(120):
+            raise ValueError(f"frame rate {_fraction_text(value)} is outside 1 to 120 fps")
+        return value
+
+
+class AudioTrack(_Model):
+    """An audio track; its timescale is its sample rate."""
+
+    kind: Literal["audio"]
+    name: str = Field(pattern=NAME_PATTERN)
+    bitrate: int = Field(gt=0, description="bits per second")
+    sample_rate: int = Field(ge=8000, le=96000)
+    channels: int = Field(default=2, ge=1, le=8)
+    language: str = Field(default="und", pattern=r"^[a-z]{3}$", description="ISO 639-2/T code")
+    codec: Literal["aac"] = "aac"
+
+
+Track = Annotated[VideoTrack | AudioTrack, Field(discriminator="kind")]
+
+
+class Stream(_Model):
+    """One fragmented-MP4 bitstream, POSTed to ``<publishing point>/Streams(<id>)``."""
+
+    id: str = Field(pattern=NAME_PATTERN)
+    tracks: list[Track] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_track_names(self) -> Stream:
+        names = [t.name for t in self.tracks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"track names must be unique within a stream: {', '.join(duplicates)}")
+        return self
+
+
+class Presentation(_Model):
+    name: str = Field(pattern=NAME_PATTERN)
+    fragment_duration: Seconds = Field(description="seconds, 2 to 6")
+    epoch: dt.datetime = Field(description="shared-clock epoch, an RFC 3339 UTC instant; same in every group")
+    video_timescale: int = Field(default=90000, gt=0)
+    tfxd_version: Literal[1, 2] = Field(
+        default=1,
+        description="1: MS-SSTR tfxd (time, duration). 2: ASSUMED layout, v1 fields + 64-bit fragment index",
+    )
+
+    @field_validator("fragment_duration")
+    @classmethod
+    def _duration_range(cls, value: Fraction) -> Fraction:
+        if not Fraction(2) <= value <= Fraction(6):
+            raise ValueError(f"fragment duration {float(value):g} s is outside 2 to 6 s (ingest spec, 3.7)")
+        return value
+
+    @field_validator("epoch")
+    @classmethod
+    def _epoch_has_zone(cls, value: dt.datetime) -> dt.datetime:
+        if value.tzinfo is None:
+            raise ValueError("epoch needs a time zone, e.g. 2026-01-01T00:00:00Z")
+        return value
+
+    @property
+    def epoch_ns(self) -> int:
+        delta = self.epoch - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+        return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+class Credentials(_Model):
+    """Where the publisher finds its secret: never the secret itself."""
+
+    username: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    token_env: str | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_secret(self) -> Credentials:
+        sources = [k for k in ("password_env", "password_file", "token_env", "token_file") if getattr(self, k)]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of password_env, password_file, token_env, token_file")
+        if sources[0].startswith("password") and not self.username:
+            raise ValueError("password_env/password_file needs a username")
+        if sources[0].startswith("token") and self.username:
+            raise ValueError("a bearer token takes no username")
+        return self
+
+    def authorization(self, environ: dict[str, str] | None = None) -> tuple[str, str] | str:
+        """Read the secret now: ``(username, password)`` for Basic auth, or a bearer token.
+
+        Raises ValueError naming the variable or file (never its content) when it is missing.
+        """
+        environ = dict(os.environ) if environ is None else environ
+
+        def read(env: str | None, path: Path | None) -> str:
+            if env is not None:
+                if not environ.get(env):
+                    raise ValueError(f"environment variable {env} is not set or empty")
+                return environ[env]
+            assert path is not None
+            try:
+                return path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+
+        if self.username is not None:
+            return self.username, read(self.password_env, self.password_file)
+        return read(self.token_env, self.token_file)
+
+
+class Endpoint(_Model):
+    """An ingest publishing point, e.g. ``https://ingest.example.net/live/event.isml``."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    url: str
+    region: str = Field(pattern=NAME_PATTERN)
+    credentials: Credentials | None = None
+    ca_file: Path | None = Field(default=None, description="extra CA bundle; TLS verification stays on")
+
+    @field_validator("url")
+    @classmethod
+    def _publishing_point(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+        if not parts.hostname:
+            raise ValueError(f"{value!r} has no host")
+        if parts.username or parts.password:
+            raise ValueError("credentials in the URL are not allowed; use [credentials] with password_env")
+        if parts.query or parts.fragment:
+            raise ValueError("the publishing point URL takes no query or fragment")
+        if not parts.path.endswith(".isml"):
+            raise ValueError(f"{value!r} must be a publishing point ending in .isml, e.g. .../live/event.isml")
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ValueError(f"{value!r} has an invalid port") from None
+        return value.rstrip("/")
+
+    def stream_url(self, stream_id: str) -> str:
+        return f"{self.url}/Streams({stream_id})"
+
+    @property
+    def is_loopback(self) -> bool:
+        host = urlsplit(self.url).hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+
+class SyntheticEncoder(_Model):
+    """Replays a small pre-encoded H.264/AAC clip, re-stamped onto the shared clock."""
+
+    backend: Literal["synthetic"]
+
+
+Encoder = Annotated[SyntheticEncoder, Field(discriminator="backend")]
+
+
+class Group(_Model):
+    """An encoder group (primary, backup, ...): its encoder backend and its ingest endpoints."""
+
+    encoder: Encoder
+    endpoints: list[Endpoint] = Field(min_length=1)
+    queue_fragments: int = Field(
+        default=16, ge=2, le=10_000, description="fragments held per endpoint before the oldest is dropped"
+    )
+
+    @model_validator(mode="after")
+    def _unique_endpoint_names(self) -> Group:
+        names = [e.name for e in self.endpoints]
+        if len(set(names)) != len(names):
+            raise ValueError("endpoint names must be unique within a group")
+        return self
+
+
+def _listen_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not host:port")
+    return value
+
+
+class Metrics(_Model):
+    enabled: bool = True
+    listen: Annotated[str, BeforeValidator(lambda v: _listen_address(str(v)))] = Field(
+        default="127.0.0.1:9464", description="host:port of /metrics; loopback unless you mean otherwise"
+    )
+
+
+class Profile(_Model):
+    """A whole event profile."""
+
+    presentation: Presentation
+    streams: list[Stream] = Field(min_length=1)
+    groups: dict[str, Group]
+    metrics: Metrics = Metrics()
+
+    @model_validator(mode="after")
+    def _checks(self) -> Profile:
+        ids = [s.id for s in self.streams]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"stream ids must be unique: {', '.join(duplicates)}")
+        missing = [g for g in ("primary", "backup") if g not in self.groups]
+        if missing:
+            raise ValueError(f"groups must include primary and backup; missing: {', '.join(missing)}")
+        for name in self.groups:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"group name {name!r} must match {NAME_PATTERN}")
+        return self
+
+    def track_clock(self, track: VideoTrack | AudioTrack) -> TrackClock:
+        """The shared clock of one track: the same on every host that loads this profile."""
+        p = self.presentation
+        if isinstance(track, VideoTrack):
+            timescale = track.timescale or p.video_timescale
+            frame = 1 / track.frame_rate
+        else:
+            timescale = track.sample_rate
+            frame = Fraction(AAC_FRAME_SAMPLES, track.sample_rate)
+        return TrackClock(p.epoch_ns, p.fragment_duration, timescale, frame)
+
+    def stream(self, stream_id: str) -> Stream:
+        for s in self.streams:
+            if s.id == stream_id:
+                return s
+        raise KeyError(stream_id)
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        previous = loc[i - 1] if i else None
+        # Discriminated unions insert the tag ("video", "synthetic") into the location: skip it.
+        if isinstance(item, str) and (isinstance(previous, int) or previous == "encoder") and item in {
+            "video", "audio", "synthetic"}:  # fmt: skip
+            continue
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        else:
+            parts.append(("." if parts else "") + item)
+    return "".join(parts)
+
+
+_REASONS = {
+    "extra_forbidden": "unknown key",
+    "missing": "required key is missing",
+}
+
+
+def problems_from(error: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for item in error.errors(include_url=False):
+        reason = _REASONS.get(item["type"], item["msg"])
+        if item["type"] == "too_short" and item["loc"] and item["loc"][-1] in ("endpoints", "streams", "tracks"):
+            reason = f"needs at least one entry ({item['msg']})"
+        reason = reason.removeprefix("Value error, ")
+        problems.append((_key_path(item["loc"]), reason))
+    return problems
+
+
+def parse_profile(text: str, path: str = "<profile>") -> Profile:
+    """Validate profile text; raises ProfileError naming ``path``, the key path and the reason."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(path, [("", f"not valid TOML: {exc}")]) from None
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(path, problems_from(exc)) from None
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """Read and validate a profile file."""
+    name = os.fspath(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(name, [("", f"cannot read the profile: {exc}")]) from None
+    return parse_profile(text, name)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a profile, for editors."""
+    return Profile.model_json_schema()

@@ -30,6 +30,7 @@ passed in by the caller; this module never reads a clock itself.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -86,7 +87,7 @@ class TrackClock:
         """Duration in ticks of each frame of fragment k; they add up to ``duration(k)``."""
         first = self.first_frame(k)
         times = [self.frame_time(n) for n in range(first, self.first_frame(k + 1) + 1)]
-        return [b - a for a, b in zip(times, times[1:], strict=False)]
+        return [b - a for a, b in itertools.pairwise(times)]
 
     # --- fragments ------------------------------------------------------------------------
 
@@ -101,10 +102,15 @@ class TrackClock:
     def index_of_tick(self, tick: int) -> int:
         """The fragment whose span ``[start(k), start(k+1))`` contains ``tick``."""
         d = self.fragment_duration
-        # Nominal guess floor(tick / (D*T)); start(k) lies within one frame after k*D*T, so the
-        # answer is the guess or the one before it.
+        # Nominal guess floor(tick / (D*T)). start(k) lies less than one frame after k*D*T, but
+        # when D*T is not a whole number of ticks the floor in frame_time can also put it a
+        # fraction of a tick *before* k*D*T, so correct the guess in both directions.
         guess = _floor_div(tick * d.denominator, d.numerator * self.timescale)
-        return guess if self.start(guess) <= tick else guess - 1
+        while self.start(guess) > tick:
+            guess -= 1
+        while self.start(guess + 1) <= tick:
+            guess += 1
+        return guess
 
     # --- wall clock -----------------------------------------------------------------------
 

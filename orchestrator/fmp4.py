@@ -102,7 +102,7 @@ class Box:
         return self.payload[:16] if self.type == b"uuid" else None
 
 
-def read_box_header(data: bytes, offset: int) -> tuple[bytes, int, int] | None:
+def read_box_header(data: bytes | bytearray, offset: int) -> tuple[bytes, int, int] | None:
     """Read the header of the box at ``offset``: (type, total size, header size), or None if
     more bytes are needed to know. Raises BoxError for a size that cannot be right."""
     if len(data) - offset < 8:
@@ -491,19 +491,18 @@ def parse_fragment(
     if len(mfhd) < 8:
         raise BoxError("mfhd is truncated")
     (sequence_number,) = struct.unpack_from(">I", mfhd, 4)
-    trafs = []
+    trafs: list[ParsedTraf] = []
     next_base = 0  # the implicit base offset for a traf with neither flag: end of previous data
     for traf in children.get(b"traf", []):
         traf_children = _children(traf.payload)
         tfhd = _one(traf_children, b"tfhd", "traf").payload
         _, tf_flags = _version_flags(tfhd, "tfhd")
-        pos = 4
-        (track_id,) = struct.unpack_from(">I", tfhd, pos)
-        pos += 4
-        track_defaults = (defaults or {}).get(track_id, TrackDefaults())
-        default_duration, default_size, default_flags = (
-            track_defaults.sample_duration, track_defaults.sample_size, track_defaults.sample_flags)  # fmt: skip
         try:
+            (track_id,) = struct.unpack_from(">I", tfhd, 4)
+            pos = 8
+            td = (defaults or {}).get(track_id, TrackDefaults())
+            default_duration, default_size = td.sample_duration, td.sample_size
+            default_flags = td.sample_flags
             if tf_flags & TFHD_BASE_DATA_OFFSET:
                 (absolute,) = struct.unpack_from(">Q", tfhd, pos)
                 base = absolute - moof_offset

@@ -50,7 +50,7 @@ def _to_fraction(value: Any, *, what: str, allow_decimal: bool) -> Fraction:
         return Fraction(value)
     if isinstance(value, float):
         if not allow_decimal:
-            raise ValueError(f"{what} must be an integer or a ratio such as \"30000/1001\", not {value!r}")
+            raise ValueError(f'{what} must be an integer or a ratio such as "30000/1001", not {value!r}')
         value = repr(value)  # the decimal the user wrote, never the binary float
     if isinstance(value, str):
         text = value.strip()
@@ -62,8 +62,8 @@ def _to_fraction(value: Any, *, what: str, allow_decimal: bool) -> Fraction:
                 result = Fraction(Decimal(text))
             else:
                 result = Fraction(int(text))
-        except (ValueError, ZeroDivisionError, InvalidOperation):
-            raise ValueError(f"{what} {value!r} is not a number or a ratio such as \"30000/1001\"") from None
+        except (ValueError, ZeroDivisionError, OverflowError, InvalidOperation):  # Overflow: "inf"
+            raise ValueError(f'{what} {value!r} is not a number or a ratio such as "30000/1001"') from None
         return result
     raise ValueError(f"{what} must be a number or a ratio string, got {type(value).__name__}")
 
@@ -228,12 +228,13 @@ class Endpoint(_Model):
     @classmethod
     def _publishing_point(cls, value: str) -> str:
         parts = urlsplit(value)
+        # First, so that no later message (they quote the URL) repeats a password.
+        if parts.username or parts.password:
+            raise ValueError("credentials in the URL are not allowed; use [credentials] with password_env")
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"{value!r} is not an http:// or https:// URL")
         if not parts.hostname:
             raise ValueError(f"{value!r} has no host")
-        if parts.username or parts.password:
-            raise ValueError("credentials in the URL are not allowed; use [credentials] with password_env")
         if parts.query or parts.fragment:
             raise ValueError("the publishing point URL takes no query or fragment")
         if not parts.path.endswith(".isml"):

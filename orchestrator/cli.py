@@ -1,0 +1,119 @@
+"""Command line: ``orchestrator up | validate | schema | ingest``.
+
+Exit codes: 0 success (including a stop by SIGINT/SIGTERM), 2 a profile or usage error (the
+message names the file, the key path and the reason), 1 anything else that went wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from orchestrator import __version__
+from orchestrator.errors import OrchestratorError, ProfileError
+from orchestrator.profile import json_schema, load_profile
+
+
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is now, so log lines land above rich's live table."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(_CurrentStderr())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # Hypercorn logs every connection error at INFO; keep ours readable.
+    logging.getLogger("hypercorn").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _fail(exc: OrchestratorError, code: int) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="orchestrator")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))  # fmt: skip
+def main(log_level: str) -> None:
+    """Multi-encoder redundancy orchestrator for fragmented-MP4 (Smooth Streaming) live ingest."""
+    _setup_logging(log_level)
+
+
+@main.command()
+@click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--group", "groups", multiple=True, metavar="NAME",
+              help="Run only this encoder group (repeatable); default: every group.")  # fmt: skip
+@click.option("--local-ingest", type=click.Path(file_okay=False, path_type=Path), metavar="ARCHIVE_DIR",
+              help="Also run the local publishing point for the profile's loopback endpoints, "
+                   "archiving to ARCHIVE_DIR (no outside server needed).")  # fmt: skip
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Stop by itself after SECONDS (default: run until SIGINT/SIGTERM).")  # fmt: skip
+@click.option("--status", type=click.Choice(["auto", "live", "log", "off"]), default="auto", show_default=True,
+              help="Live table on a terminal, log lines otherwise.")  # fmt: skip
+def up(profile: Path, groups: tuple[str, ...], local_ingest: Path | None, duration: float | None,
+       status: str) -> None:  # fmt: skip
+    """Encode the profile's presentation in its encoder groups and push it to the endpoints."""
+    from orchestrator.supervisor import UpOptions, run_up
+
+    try:
+        loaded = load_profile(profile)
+        options = UpOptions(groups=groups or None, local_ingest=local_ingest, duration=duration, status=status,
+                            profile_path=str(profile))  # fmt: skip
+        trio.run(run_up, loaded, options)
+    except ProfileError as exc:
+        _fail(exc, 2)
+    except OrchestratorError as exc:
+        _fail(exc, 1)
+
+
+@main.command()
+@click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
+def validate(profile: Path) -> None:
+    """Check a profile; print what it describes, or the errors (exit 2)."""
+    try:
+        loaded = load_profile(profile)
+    except ProfileError as exc:
+        _fail(exc, 2)
+        return
+    p = loaded.presentation
+    click.echo(f"{profile}: ok: presentation {p.name!r}, {len(loaded.streams)} streams, "
+               f"{sum(len(s.tracks) for s in loaded.streams)} tracks, groups {', '.join(loaded.groups)}, "
+               f"fragment duration {p.fragment_duration} s")  # fmt: skip
+
+
+@main.command()
+def schema() -> None:
+    """Print the profile's JSON Schema (for editors)."""
+    schema_doc: dict[str, Any] = json_schema()
+    click.echo(json.dumps(schema_doc, indent=2))
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
+              help="Where to accept ingest POSTs (loopback unless you say otherwise).")  # fmt: skip
+@click.option("--archive", type=click.Path(file_okay=False, path_type=Path), required=True,
+              metavar="DIR", help="Write one fragmented MP4 per track here.")  # fmt: skip
+def ingest(listen: str, archive: Path) -> None:
+    """Run a local publishing point: accept live ingest POSTs, check, de-duplicate, archive."""
+    from orchestrator.ingest import run_ingest_server
+
+    try:
+        run_ingest_server(listen, archive)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--listen") from None

@@ -1,0 +1,237 @@
+"""Supervisor: runs every encoder group, stream, encoder instance and publisher of a profile.
+
+Task tree (all trio nurseries, nothing detached)::
+
+    run_up
+    ├── local ingest servers (``--local-ingest``), metrics listener      [services]
+    ├── signal watcher: 1st SIGINT/SIGTERM = graceful stop, 2nd = cancel everything
+    ├── status view (live table on a TTY, log lines otherwise)
+    └── per group, per stream:
+        ├── encoder instance                                            [encoders]
+        └── one publisher per endpoint                                  [publishers]
+
+Graceful stop: encoders are cancelled between fragments; every endpoint queue is closed; each
+publisher sends what is queued, ends its chunked body and waits for the final response, all
+within ``shutdown_grace`` seconds, after which whatever is left is cancelled. Then the services
+stop and ``run_up`` returns normally (the CLI exits 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+from prometheus_client import CollectorRegistry
+
+from orchestrator.encoder import EncoderState, Output, run_synthetic_encoder
+from orchestrator.errors import OrchestratorError, ProfileError
+from orchestrator.httpserve import parse_listen
+from orchestrator.metrics import Metrics, serve_metrics
+from orchestrator.profile import Profile
+from orchestrator.publisher import EndpointQueue, Publisher, PublisherSettings, PublisherState, auth_for
+from orchestrator.status import StatusView
+from orchestrator.synthetic import SyntheticStream
+from orchestrator.wallclock import SystemWallClock, WallClock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    groups: Sequence[str] | None = None  # None: every group of the profile
+    local_ingest: Path | None = None  # serve the loopback endpoints in-process, archiving here
+    duration: float | None = None  # stop by itself after this many seconds
+    status: str = "auto"  # "auto" | "live" | "log" | "off"
+    shutdown_grace: float = 10.0
+    handle_signals: bool = True
+    profile_path: str = "<profile>"
+
+
+@dataclass
+class Running:
+    """Handles on a running ``up``, for the status view and for tests."""
+
+    publishers: list[PublisherState] = field(default_factory=list)
+    encoders: list[EncoderState] = field(default_factory=list)
+    metrics_address: tuple[str, int] | None = None
+    ingest_addresses: list[tuple[str, int]] = field(default_factory=list)
+    stop: trio.Event = field(default_factory=trio.Event)
+
+
+class _Planned:
+    """Everything built from the profile before any task starts, so that configuration errors
+    (a missing secret, a non-loopback endpoint with --local-ingest) fail before we go live."""
+
+    def __init__(self, profile: Profile, options: UpOptions, metrics: Metrics) -> None:
+        self.profile = profile
+        selected = list(options.groups) if options.groups else list(profile.groups)
+        unknown = [g for g in selected if g not in profile.groups]
+        if unknown:
+            known = ", ".join(profile.groups)
+            raise ProfileError(options.profile_path, [("groups", f"no group named {', '.join(unknown)} "
+                                                                  f"(the profile has: {known})")])  # fmt: skip
+        self.groups = selected
+        self.sources = {s.id: SyntheticStream(profile, s) for s in profile.streams}
+        self.settings = PublisherSettings.for_fragment_duration(float(profile.presentation.fragment_duration))
+        self.auth: dict[tuple[str, int], httpx.Auth | None] = {}
+        problems = []
+        for group_name in selected:
+            for i, endpoint in enumerate(profile.groups[group_name].endpoints):
+                key_path = f"groups.{group_name}.endpoints[{i}]"
+                try:
+                    self.auth[(group_name, i)] = auth_for(endpoint)
+                except ValueError as exc:
+                    problems.append((f"{key_path}.credentials", str(exc)))
+                if options.local_ingest is not None and not endpoint.is_loopback:
+                    problems.append((f"{key_path}.url", "--local-ingest serves loopback endpoints only; "
+                                                        f"{endpoint.url} is not on this host"))  # fmt: skip
+        if problems:
+            raise ProfileError(options.profile_path, problems)
+        self.metrics = metrics
+
+    def local_ingest_addresses(self) -> list[tuple[str, int]]:
+        addresses: set[tuple[str, int]] = set()
+        for group_name in self.groups:
+            for endpoint in self.profile.groups[group_name].endpoints:
+                parts = urlsplit(endpoint.url)
+                host = parts.hostname or "127.0.0.1"
+                addresses.add(("127.0.0.1" if host == "localhost" else host, parts.port or 80))
+        return sorted(addresses)
+
+
+async def run_up(
+    profile: Profile,
+    options: UpOptions,
+    *,
+    wall: WallClock | None = None,
+    registry: CollectorRegistry | None = None,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the profile until stopped (signal, ``options.duration`` or ``Running.stop``).
+
+    Raises ProfileError before anything starts if the profile cannot run here.
+    Cancellation: everything stops at once; POSTs in flight are cut without their final chunk.
+    """
+    wall = wall or SystemWallClock()
+    metrics = Metrics(registry)
+    plan = _Planned(profile, options, metrics)
+    running = Running()
+
+    async with trio.open_nursery() as services:
+        if options.local_ingest is not None:
+            from orchestrator.ingest import serve_ingest
+
+            for host, port in plan.local_ingest_addresses():
+                bound = await services.start(serve_ingest, host, port, options.local_ingest)
+                running.ingest_addresses.append(bound)
+        if profile.metrics.enabled:
+            host, port = parse_listen(profile.metrics.listen)
+            running.metrics_address = await services.start(serve_metrics, metrics.registry, host, port)
+        if options.handle_signals:
+            services.start_soon(_watch_signals, running.stop, services.cancel_scope)
+        if options.duration is not None:
+            services.start_soon(_stop_after, options.duration, running.stop)
+
+        clients: dict[Path | None, httpx.AsyncClient] = {}
+        try:
+            await _run_groups(plan, options, running, wall, clients, task_status)
+        finally:
+            for client in clients.values():
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+        services.cancel_scope.cancel()
+    log.info("supervisor.stopped")
+
+
+async def _run_groups(
+    plan: _Planned,
+    options: UpOptions,
+    running: Running,
+    wall: WallClock,
+    clients: dict[Path | None, httpx.AsyncClient],
+    task_status: trio.TaskStatus[Running],
+) -> None:
+    profile, metrics = plan.profile, plan.metrics
+    publishers: list[Publisher] = []
+    encoders: list[tuple[SyntheticStream, list[Output], str, EncoderState]] = []
+    for group_name in plan.groups:
+        group = profile.groups[group_name]
+        for stream in profile.streams:
+            source = plan.sources[stream.id]
+            outputs = []
+            for i, endpoint in enumerate(group.endpoints):
+                if endpoint.ca_file not in clients:
+                    clients[endpoint.ca_file] = _make_client(endpoint.ca_file)
+                queue = EndpointQueue(group.queue_fragments)
+                publisher = Publisher(
+                    client=clients[endpoint.ca_file], group=group_name, stream_id=stream.id, endpoint=endpoint,
+                    header=source.header, queue=queue, metrics=metrics, settings=plan.settings,
+                    auth=plan.auth[(group_name, i)])  # fmt: skip
+                publishers.append(publisher)
+                running.publishers.append(publisher.state)
+                labels = (stream.id, group_name, endpoint.name, endpoint.region)
+                outputs.append(Output(queue, publisher.state, labels))
+            state = EncoderState(group_name, stream.id)
+            running.encoders.append(state)
+            encoders.append((source, outputs, group_name, state))
+
+    view = StatusView(running, profile, mode=options.status)
+    log.info("supervisor.started profile=%s groups=%s streams=%d publishers=%d", profile.presentation.name,
+             ",".join(plan.groups), len(profile.streams), len(publishers))  # fmt: skip
+    async with trio.open_nursery() as publishers_nursery:
+        for publisher in publishers:
+            publishers_nursery.start_soon(publisher.run)
+        publishers_nursery.start_soon(view.run)
+        async with trio.open_nursery() as encoders_nursery:
+            for source, outputs, group_name, state in encoders:
+                encoders_nursery.start_soon(_encoder_task, source, outputs, group_name, wall, metrics, state)
+            task_status.started(running)
+            await running.stop.wait()
+            log.info("supervisor.stopping grace_seconds=%g", options.shutdown_grace)
+            encoders_nursery.cancel_scope.cancel()
+        for publisher in publishers:
+            publisher.queue.close()
+        view.stop()
+        publishers_nursery.cancel_scope.deadline = trio.current_time() + options.shutdown_grace
+
+
+async def _encoder_task(
+    source: SyntheticStream, outputs: list[Output], group: str, wall: WallClock, metrics: Metrics,
+    state: EncoderState,
+) -> None:  # fmt: skip
+    try:
+        await run_synthetic_encoder(source, outputs, group=group, wall=wall, metrics=metrics, state=state)
+    except OrchestratorError:
+        log.exception("encoder.failed group=%s stream=%s", group, source.stream.id)
+        raise
+
+
+def _make_client(ca_file: Path | None) -> httpx.AsyncClient:
+    # TLS verification is always on; a profile may only add a CA bundle to trust.
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+    return httpx.AsyncClient(verify=verify, limits=httpx.Limits(max_connections=None))
+
+
+async def _stop_after(seconds: float, stop: trio.Event) -> None:
+    await trio.sleep(seconds)
+    log.info("supervisor.duration_reached seconds=%g", seconds)
+    stop.set()
+
+
+async def _watch_signals(stop: trio.Event, everything: trio.CancelScope) -> None:
+    """First SIGINT/SIGTERM: graceful stop. Second: cancel everything now."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if not stop.is_set():
+                log.info("supervisor.signal signal=%s action=graceful_stop", signal.Signals(signum).name)
+                stop.set()
+            else:
+                log.warning("supervisor.signal signal=%s action=cancel_now", signal.Signals(signum).name)
+                everything.cancel()

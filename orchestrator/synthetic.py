@@ -1,0 +1,114 @@
+"""The synthetic encoder: real, decodable H.264/AAC fragments without an encoder at run time.
+
+Theory of operation
+-------------------
+The package carries tiny pre-encoded clips (``orchestrator/media``): 50 frames of intra-only
+H.264 (every frame an IDR, so any run of frames decodes on its own) and one second of AAC-LC
+per supported sample rate and channel count. Frame n of a track on the shared clock carries
+clip sample ``n mod len(clip)``, so the bytes of fragment k depend on k alone: the primary and
+the backup group produce byte-identical fragments, which is what redundant ingest expects.
+
+Timing comes entirely from :mod:`orchestrator.clock`: sample durations, the fragment's start
+time (tfdt, tfxd) and its index (mfhd, tfxd v2). This module is pure; the trio task that
+releases one fragment per clock period lives in :mod:`orchestrator.encoder`.
+
+The clips were made once with ffmpeg 5.1 (kept small on purpose)::
+
+    ffmpeg -f lavfi -i testsrc2=size=192x108:rate=25 -frames:v 50 -c:v libx264 -profile:v baseline \
+      -g 1 -bf 0 -crf 38 -pix_fmt yuv420p -x264-params info=0 -an -bitexact \
+      -movflags frag_keyframe+empty_moov+default_base_moof -f mp4 video.mp4
+    ffmpeg -f lavfi -i sine=frequency=<sr/1024*10>:sample_rate=<sr> -t 1 -ac <ch> -c:a aac -b:a 64k \
+      -bitexact -movflags frag_keyframe+empty_moov+default_base_moof -frag_duration 1000000 \
+      -f mp4 audio_<sr>_<ch>.mp4      # sr in 44100 48000, ch in 1 2
+
+The sample entry (``avc1``/``mp4a`` with its codec configuration) is copied from the clip, so the
+moov tells the truth about the bitstream (192x108 video, whatever the profile's nominal size).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
+from orchestrator import fmp4
+from orchestrator.clock import TrackClock
+from orchestrator.errors import EncoderError
+from orchestrator.fmp4_reader import NEED_DATA, Fragment, Header, StreamReader
+from orchestrator.profile import AudioTrack, Profile, Stream, VideoTrack
+from orchestrator.stream import EncodedFragment, StreamHeader, build_header
+
+SUPPORTED_AUDIO = frozenset({(44100, 1), (44100, 2), (48000, 1), (48000, 2)})
+
+
+@dataclass(frozen=True)
+class Clip:
+    """A pre-encoded clip: its sample entry box and its samples' bytes, in decode order."""
+
+    sample_entry: bytes
+    samples: tuple[bytes, ...]
+
+
+def parse_clip(data: bytes) -> Clip:
+    """Read a single-track fragmented MP4 (as ffmpeg writes it) into a Clip."""
+    reader = StreamReader()
+    reader.feed(data)
+    entry: bytes | None = None
+    samples: list[bytes] = []
+    while (event := reader.next_event()) is not NEED_DATA:
+        if isinstance(event, Header):
+            entry = event.tracks[0].sample_entry
+        elif isinstance(event, Fragment):
+            for traf in event.parsed.trafs:
+                samples.extend(s.data for s in traf.samples)
+    if entry is None or not samples or reader.buffered:
+        raise EncoderError("synthetic clip is not a complete fragmented MP4")
+    return Clip(entry, tuple(samples))
+
+
+@functools.cache
+def load_clip(name: str) -> Clip:
+    """Load one of the packaged clips (``video.mp4``, ``audio_48000_2.mp4`` ...)."""
+    try:
+        data = resources.files("orchestrator.media").joinpath(name).read_bytes()
+    except FileNotFoundError:
+        raise EncoderError(f"synthetic clip {name} is not packaged") from None
+    return parse_clip(data)
+
+
+def clip_for(track: VideoTrack | AudioTrack) -> Clip:
+    if isinstance(track, VideoTrack):
+        return load_clip("video.mp4")
+    if (track.sample_rate, track.channels) not in SUPPORTED_AUDIO:
+        raise EncoderError(
+            f"track {track.name}: the synthetic encoder has AAC clips for 44100/48000 Hz, 1 or 2 channels; "
+            f"got {track.sample_rate} Hz, {track.channels} channels"
+        )
+    return load_clip(f"audio_{track.sample_rate}_{track.channels}.mp4")
+
+
+class SyntheticStream:
+    """Builds the header and fragment k of one stream from the clips and the shared clock."""
+
+    def __init__(self, profile: Profile, stream: Stream) -> None:
+        self.stream = stream
+        self.tfxd_version = profile.presentation.tfxd_version
+        self.clips = [clip_for(track) for track in stream.tracks]
+        self.clocks: list[TrackClock] = [profile.track_clock(track) for track in stream.tracks]
+        self.header: StreamHeader = build_header(profile, stream, [c.sample_entry for c in self.clips])
+
+    def fragment(self, k: int) -> list[EncodedFragment]:
+        """Fragment k of every track of the stream, in track order."""
+        out = []
+        for track_id, (clip, clock) in enumerate(zip(self.clips, self.clocks, strict=True), start=1):
+            first = clock.first_frame(k)
+            durations = clock.sample_durations(k)
+            samples = [
+                fmp4.Sample(clip.samples[(first + i) % len(clip.samples)], duration, is_sync=True)
+                for i, duration in enumerate(durations)
+            ]
+            start = clock.start(k)
+            run = fmp4.TrackRun(track_id, start, samples, k)
+            data = fmp4.write_fragment(k, [run], self.tfxd_version)
+            out.append(EncodedFragment(self.stream.id, track_id, k, start, run.duration, clock.timescale, data))
+        return out

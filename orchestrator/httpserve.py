@@ -50,8 +50,8 @@ async def serve_asgi(
     app: ASGIApp,
     host: str,
     port: int,
+    name: str = "http",
     *,
-    name: str,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` (port 0 picks a free one) until cancelled.

@@ -172,14 +172,15 @@ class Publisher:
         self.state.failures += 1
         self.state.last_error = str(exc)
         self.metrics.post_failures.labels(*self._labels, failure.value).inc()
+        fields = f"{self._log_fields()} status={exc.status_code} url={self.url}"
         if isinstance(exc, EndpointUnauthorized):
-            log.error("publisher.unauthorized %s status=%s hint=%s", self._log_fields(), exc.status_code,
+            log.error("publisher.unauthorized %s hint=%s", fields,
                       "check the endpoint's [credentials] (password_env / token_env)")  # fmt: skip
         elif isinstance(exc, EndpointNotFound):
-            log.error("publisher.not_found %s url=%s hint=%s", self._log_fields(), self.url,
+            log.error("publisher.not_found %s hint=%s", fields,
                       "the publishing point does not exist; check the URL and that it is started")  # fmt: skip
         else:
-            log.warning("publisher.post.failed %s reason=%s error=%s", self._log_fields(), failure.value, exc)
+            log.warning("publisher.post.failed %s reason=%s error=%s", fields, failure.value, exc)
 
     async def _probe(self) -> None:
         """The empty-body POST (spec 4, requirement 1): cheap, and fails fast on bad URLs and

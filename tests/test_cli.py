@@ -1,0 +1,92 @@
+"""The command line as an operator runs it: real subprocesses, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
+
+
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def write_variant(tmp_path: Path, old: str, new: str) -> Path:
+    text = DEMO.read_text()
+    assert old in text
+    path = tmp_path / "event.toml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def test_validate_demo_ok():
+    result = run("validate", str(DEMO))
+    assert result.returncode == 0, result.stderr
+    assert "ok: presentation 'demo', 2 streams" in result.stdout
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("bitrate = 800_000", 'bitrate = "fast"', "streams[0].tracks[0].bitrate: Input should be a valid integer"),
+    ('language = "eng"', 'language = "eng"\n  colour = "blue"', "streams[1].tracks[0].colour: unknown key"),
+    ("fragment_duration = 2 ", "fragment_duration = 10 ",
+     "presentation.fragment_duration: fragment duration 10 s is outside 2 to 6 s"),
+    ("""  [[groups.backup.endpoints]]
+  name = "region-a"
+  region = "eu-west"
+  url = "http://127.0.0.1:18081/live/demo.isml"
+  [[groups.backup.endpoints]]
+  name = "region-b"
+  region = "us-east"
+  url = "http://127.0.0.1:18082/live/demo.isml"
+""", "", "groups.backup.endpoints: required key is missing"),
+])  # fmt: skip
+def test_validate_malformed_profile_names_file_key_and_reason(tmp_path, old, new, expected):
+    path = write_variant(tmp_path, old, new)
+    result = run("validate", str(path))
+    assert result.returncode == 2
+    assert f"{path}: {expected}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_validate_missing_file_exits_2(tmp_path):
+    result = run("validate", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert "nope.toml" in result.stderr and "cannot read the profile" in result.stderr
+
+
+def test_schema_is_json_schema():
+    result = run("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert set(schema["required"]) >= {"presentation", "streams", "groups"}
+
+
+def test_up_with_missing_secret_fails_before_going_live(tmp_path):
+    path = write_variant(tmp_path, 'url = "http://127.0.0.1:18082/live/demo.isml"\n',
+                         'url = "http://127.0.0.1:18082/live/demo.isml"\n'
+                         '  credentials = { username = "enc", password_env = "ORCH_TEST_UNSET_SECRET" }\n')  # fmt: skip
+    env = {"ORCH_TEST_UNSET_SECRET": ""}
+    result = run("up", str(path), "--duration", "1", "--status", "off", env=env)
+    assert result.returncode == 2
+    assert "groups.primary.endpoints[1].credentials: environment variable ORCH_TEST_UNSET_SECRET" in result.stderr
+
+
+def test_up_local_ingest_refuses_remote_endpoints(tmp_path):
+    path = write_variant(tmp_path, "http://127.0.0.1:18081/live/demo.isml", "https://ingest.example.net/live/demo.isml")
+    result = run("up", str(path), "--local-ingest", str(tmp_path / "archive"), "--duration", "1")
+    assert result.returncode == 2
+    assert "groups.primary.endpoints[0].url: --local-ingest serves loopback endpoints only" in result.stderr
+
+
+def test_up_unknown_group(tmp_path):
+    result = run("up", str(DEMO), "--group", "tertiary", "--duration", "1")
+    assert result.returncode == 2
+    assert "no group named tertiary" in result.stderr

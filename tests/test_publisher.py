@@ -1,0 +1,189 @@
+"""The publisher against a real HTTP peer on loopback: probe, chunked POST, clean end, errors.
+
+The peer here is a small recording ASGI app (served by hypercorn, as the ingest server is) so
+each test can see exactly what went over the wire; the real ingest server is the peer in
+tests/test_integration.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from orchestrator.httpserve import serve_asgi
+from orchestrator.metrics import Metrics
+from orchestrator.profile import Endpoint, load_profile
+from orchestrator.publisher import EndpointQueue, Publisher, PublisherSettings
+from orchestrator.reconnect import RetryPolicy
+from orchestrator.synthetic import SyntheticStream
+
+DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
+K = 14_080_000
+
+
+class Recorder:
+    """Records each request: method, path, headers, body chunks; answers ``status``."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.status = 200
+        self.changed = trio.Event()
+
+    async def __call__(self, scope, receive, send) -> None:
+        assert scope["type"] == "http"
+        record = {"method": scope["method"], "path": scope["path"], "headers": dict(scope["headers"]),
+                  "chunks": [], "complete": False}  # fmt: skip
+        self.requests.append(record)
+        status = self.status
+        if status == 200:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    break
+                if message.get("body"):
+                    record["chunks"].append(message["body"])
+                    self._notify()
+                if not message.get("more_body"):
+                    record["complete"] = True
+                    break
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_for(self, predicate, timeout=10.0) -> None:
+        with trio.fail_after(timeout):
+            while not predicate():
+                await self.changed.wait()
+
+
+@pytest.fixture
+def profile():
+    return load_profile(DEMO)
+
+
+def endpoint_at(port: int) -> Endpoint:
+    return Endpoint(name="local", region="test", url=f"http://127.0.0.1:{port}/live/demo.isml")
+
+
+def labels(group="primary"):
+    return {"stream": "video", "group": group, "endpoint": "local", "region": "test"}
+
+
+def make_publisher(profile, client, port, queue, metrics, retry=RetryPolicy()):
+    source = SyntheticStream(profile, profile.streams[0])
+    publisher = Publisher(
+        client=client, group="primary", stream_id="video", endpoint=endpoint_at(port), header=source.header,
+        queue=queue, metrics=metrics, settings=PublisherSettings(retry=retry))  # fmt: skip
+    return publisher, source
+
+
+async def test_probe_then_chunked_post_with_header_then_fragments(profile):
+    recorder = Recorder()
+    metrics = Metrics()
+    queue = EndpointQueue(16)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+        _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
+        publisher, source = make_publisher(profile, client, port, queue, metrics)
+        nursery.start_soon(publisher.run)
+        fragments = [f for k in range(K, K + 3) for f in source.fragment(k)]
+        for fragment in fragments:
+            queue.put_nowait(fragment)
+        await recorder.wait_for(lambda: len(recorder.requests) == 2 and len(recorder.requests[1]["chunks"]) >= 4)
+        assert publisher.state.connected
+        assert metrics.registry.get_sample_value("orchestrator_endpoint_up", labels()) == 1
+        queue.close()  # end of stream: the POST must end cleanly
+        await recorder.wait_for(lambda: recorder.requests[1]["complete"])
+        nursery.cancel_scope.deadline = trio.current_time() + 5
+        # run() returns by itself once the queue is closed and drained; then stop the server.
+        with trio.fail_after(5):
+            while publisher.state.connected:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+    probe, post = recorder.requests
+    assert probe["method"] == "POST" and probe["path"] == "/live/demo.isml/Streams(video)"
+    assert probe["chunks"] == [] and probe["headers"].get(b"content-length") == b"0"
+    assert post["path"] == "/live/demo.isml/Streams(video)"
+    assert post["headers"].get(b"transfer-encoding") == b"chunked"
+    assert post["headers"].get(b"x-encoder-group") == b"primary"
+    body = b"".join(post["chunks"])
+    assert body == source.header.data + b"".join(f.data for f in fragments)
+    assert post["complete"]
+    assert metrics.registry.get_sample_value("orchestrator_fragments_pushed_total", labels()) == 3
+    assert metrics.registry.get_sample_value("orchestrator_posts_opened_total", labels()) == 1
+    assert metrics.registry.get_sample_value("orchestrator_last_pushed_fragment_index", labels()) == K + 2
+    assert metrics.registry.get_sample_value("orchestrator_bytes_pushed_total", labels()) == len(body)
+    assert metrics.registry.get_sample_value("orchestrator_endpoint_up", labels()) == 0
+
+
+@pytest.mark.parametrize(("status", "reason", "message"), [
+    (401, "unauthorized", "publisher.unauthorized"),
+    (403, "unauthorized", "publisher.unauthorized"),
+    (404, "not_found", "publisher.not_found"),
+    (503, "server", "publisher.post.failed"),
+])  # fmt: skip
+async def test_refusing_endpoint_is_named_counted_and_retried(profile, caplog, status, reason, message):
+    caplog.set_level(logging.INFO, logger="orchestrator.publisher")
+    recorder = Recorder()
+    recorder.status = status
+    metrics = Metrics()
+    queue = EndpointQueue(16)
+    fast = RetryPolicy(base=0.01, cap=0.02, slow=0.05, jitter=0.0)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+        _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
+        publisher, source = make_publisher(profile, client, port, queue, metrics, retry=fast)
+        nursery.start_soon(publisher.run)
+        await recorder.wait_for(lambda: len(recorder.requests) >= 3)
+        # The endpoint is fixed: the publisher notices on its next retry and streams.
+        recorder.status = 200
+        queue.put_nowait(source.fragment(K)[0])
+        await recorder.wait_for(lambda: any(len(r["chunks"]) >= 2 for r in recorder.requests))
+        queue.close()
+        with trio.fail_after(5):
+            while publisher.state.connected or not recorder.requests[-1]["complete"]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+    failures = metrics.registry.get_sample_value("orchestrator_post_failures_total", {**labels(), "reason": reason})
+    assert failures >= 3
+    assert any(message in r.getMessage() and f"status={status}" in r.getMessage() for r in caplog.records)
+    assert metrics.registry.get_sample_value("orchestrator_fragments_pushed_total", labels()) == 1
+
+
+async def test_unreachable_endpoint_is_retried_until_it_appears(profile):
+    # Reserve a port, close it: connections are refused until the recorder starts there.
+    probe_socket = trio.socket.socket()
+    await probe_socket.bind(("127.0.0.1", 0))
+    port = probe_socket.getsockname()[1]
+    probe_socket.close()
+    recorder = Recorder()
+    metrics = Metrics()
+    queue = EndpointQueue(16)
+    fast = RetryPolicy(base=0.01, cap=0.05, jitter=0.0)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+        publisher, source = make_publisher(profile, client, port, queue, metrics, retry=fast)
+        nursery.start_soon(publisher.run)
+        with trio.fail_after(5):
+            while publisher.state.failures < 3:
+                await trio.sleep(0.01)
+        await nursery.start(serve_asgi, recorder, "127.0.0.1", port, "recorder")
+        queue.put_nowait(source.fragment(K)[0])
+        await recorder.wait_for(lambda: any(len(r["chunks"]) >= 2 for r in recorder.requests))
+        queue.close()
+        with trio.fail_after(5):
+            while publisher.state.connected or not recorder.requests[-1]["complete"]:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    transport = metrics.registry.get_sample_value(
+        "orchestrator_post_failures_total", {**labels(), "reason": "transport"}
+    )
+    assert transport >= 3
+    assert metrics.registry.get_sample_value("orchestrator_fragments_pushed_total", labels()) == 1

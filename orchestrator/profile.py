@@ -209,6 +209,8 @@ class Credentials(_Model):
                 return path.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+            except UnicodeDecodeError:  # its message would quote a byte of the secret
+                raise ValueError(f"secret file {path} is not UTF-8 text") from None
 
         if self.username is not None:
             return self.username, read(self.password_env, self.password_file)
@@ -307,19 +309,27 @@ class Profile(_Model):
     groups: dict[str, Group]
     metrics: Metrics = Metrics()
 
-    @model_validator(mode="after")
-    def _checks(self) -> Profile:
-        ids = [s.id for s in self.streams]
+    # Field validators rather than one model validator, so that the error names its key path
+    # ("streams: ...", "groups: ...") like every other error.
+    @field_validator("streams")
+    @classmethod
+    def _unique_stream_ids(cls, streams: list[Stream]) -> list[Stream]:
+        ids = [s.id for s in streams]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"stream ids must be unique: {', '.join(duplicates)}")
-        missing = [g for g in ("primary", "backup") if g not in self.groups]
+        return streams
+
+    @field_validator("groups")
+    @classmethod
+    def _primary_and_backup(cls, groups: dict[str, Group]) -> dict[str, Group]:
+        missing = [g for g in ("primary", "backup") if g not in groups]
         if missing:
-            raise ValueError(f"groups must include primary and backup; missing: {', '.join(missing)}")
-        for name in self.groups:
+            raise ValueError(f"must include primary and backup; missing: {', '.join(missing)}")
+        for name in groups:
             if not re.match(NAME_PATTERN, name):
                 raise ValueError(f"group name {name!r} must match {NAME_PATTERN}")
-        return self
+        return groups
 
     def track_clock(self, track: VideoTrack | AudioTrack) -> TrackClock:
         """The shared clock of one track: the same on every host that loads this profile."""

@@ -59,7 +59,8 @@ def test_validate_malformed_profile_names_file_key_and_reason(tmp_path, old, new
 def test_validate_missing_file_exits_2(tmp_path):
     result = run("validate", str(tmp_path / "nope.toml"))
     assert result.returncode == 2
-    assert "nope.toml" in result.stderr and "cannot read the profile" in result.stderr
+    assert "nope.toml" in result.stderr
+    assert "cannot read the profile" in result.stderr
 
 
 def test_schema_is_json_schema():

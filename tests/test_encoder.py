@@ -70,7 +70,8 @@ async def test_a_stuck_endpoint_never_blocks_the_encoder_or_the_others(autojump_
                 state=EncoderState("primary", "video"))  # fmt: skip
         healthy.queue.close()
 
-    assert len(got) == 10 and got == list(range(got[0], got[0] + 10))
+    assert len(got) == 10
+    assert got == list(range(got[0], got[0] + 10))
     assert [f.index for f in stuck.queue.backlog] == got[-3:]  # the newest three are kept
     dropped = metrics.registry.get_sample_value(
         "orchestrator_queue_dropped_fragments_total",

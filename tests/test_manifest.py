@@ -23,8 +23,10 @@ def test_manifest_lists_each_track_with_its_params():
     assert video.tag == f"{SMIL}video"
     assert video.get("src") == "Streams(720p)"
     assert video.get("systemBitrate") == "3000000"
-    assert params(video) == {"systemBitrate": "3000000", "trackID": "1", "trackName": "video_720p",
-                             "timescale": "90000", "FourCC": "H264", "MaxWidth": "1280", "MaxHeight": "720"}  # fmt: skip
+    assert params(video) == {
+        "systemBitrate": "3000000", "trackID": "1", "trackName": "video_720p", "timescale": "90000",
+        "FourCC": "H264", "MaxWidth": "1280", "MaxHeight": "720",
+    }  # fmt: skip
     assert audio.get("systemLanguage") == "eng"
     assert params(audio) == {"systemBitrate": "128000", "trackID": "2", "trackName": "audio_eng",
                              "timescale": "48000", "FourCC": "AACL", "SamplingRate": "48000", "Channels": "2",

@@ -77,11 +77,11 @@ def labels(group="primary"):
     return {"stream": "video", "group": group, "endpoint": "local", "region": "test"}
 
 
-def make_publisher(profile, client, port, queue, metrics, retry=RetryPolicy()):
+def make_publisher(profile, client, port, queue, metrics, retry=None):
     source = SyntheticStream(profile, profile.streams[0])
     publisher = Publisher(
         client=client, group="primary", stream_id="video", endpoint=endpoint_at(port), header=source.header,
-        queue=queue, metrics=metrics, settings=PublisherSettings(retry=retry))  # fmt: skip
+        queue=queue, metrics=metrics, settings=PublisherSettings(retry=retry or RetryPolicy()))  # fmt: skip
     return publisher, source
 
 
@@ -109,8 +109,10 @@ async def test_probe_then_chunked_post_with_header_then_fragments(profile):
         nursery.cancel_scope.cancel()
 
     probe, post = recorder.requests
-    assert probe["method"] == "POST" and probe["path"] == "/live/demo.isml/Streams(video)"
-    assert probe["chunks"] == [] and probe["headers"].get(b"content-length") == b"0"
+    assert probe["method"] == "POST"
+    assert probe["path"] == "/live/demo.isml/Streams(video)"
+    assert probe["chunks"] == []
+    assert probe["headers"].get(b"content-length") == b"0"
     assert post["path"] == "/live/demo.isml/Streams(video)"
     assert post["headers"].get(b"transfer-encoding") == b"chunked"
     assert post["headers"].get(b"x-encoder-group") == b"primary"

@@ -1,3 +1,4 @@
+import itertools
 import json
 import shutil
 import subprocess
@@ -53,7 +54,7 @@ def test_tfxd_version_2_carries_the_index(profile):
 def test_consecutive_fragments_are_contiguous(profile):
     source = SyntheticStream(profile, profile.streams[0])
     fragments = [source.fragment(k)[0] for k in range(K, K + 5)]
-    for a, b in zip(fragments, fragments[1:], strict=False):
+    for a, b in itertools.pairwise(fragments):
         assert a.start + a.duration == b.start
         assert b.index == a.index + 1
 

@@ -129,7 +129,9 @@ async def run_up(
             from orchestrator.ingest import serve_ingest
 
             for host, port in plan.local_ingest_addresses():
-                bound = await services.start(serve_ingest, host, port, options.local_ingest)
+                # One archive per server (per region), as separate ingest services would keep.
+                archive = options.local_ingest / f"{host}-{port}"
+                bound = await services.start(serve_ingest, host, port, archive)
                 running.ingest_addresses.append(bound)
         if profile.metrics.enabled:
             host, port = parse_listen(profile.metrics.listen)

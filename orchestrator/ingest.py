@@ -1,0 +1,267 @@
+"""The local publishing point: the I/O shell around :mod:`orchestrator.receiver`, a plain ASGI
+app served on trio by hypercorn through :mod:`orchestrator.httpserve`.
+
+Routes:
+  * ``POST /<publishing point path>.isml/Streams(<stream id>)``: live ingest (spec section 4).
+    An empty body (``Content-Length: 0``, the encoder's probe) answers 200 at once. Otherwise
+    the chunked body is fed to the receiver as it arrives and every archived fragment is
+    appended to ``<archive>/<point path>/<stream id>/<track name>.mp4``. 200 when the body ends
+    cleanly, 400 with a one-line reason for a stream that cannot go on or an unsafe path.
+  * ``GET /status``: the receiver's counters as JSON; ``GET /status?posts=1`` adds the per-POST log.
+  * anything else: 404, or 405 for a known path with the wrong method.
+
+Fault injection: set :attr:`IngestApp.fail_with` to a status code (401, 503 ...) and every POST,
+probes included, answers it without reading the body; ``None`` restores normal service.
+
+Archive writes are synchronous, one ``write`` + ``flush`` per fragment, straight from the request
+handler. Fragments are small and the disk is local, and this way they reach each file in
+exactly the order the receiver decided, and a write can never be interrupted by cancellation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import parse_qs
+
+import trio
+
+from orchestrator.errors import MediaError
+from orchestrator.fmp4_reader import NEED_DATA
+from orchestrator.httpserve import Receive, Scope, Send, parse_listen, serve_asgi
+from orchestrator.receiver import ArchiveWrite, Decision, Post, PostStatus, PublishingPoint, parse_stream_path
+
+logger = logging.getLogger(__name__)
+
+
+class ArchiveFiles:
+    """The open track files under one archive directory.
+
+    Each :class:`~orchestrator.receiver.ArchiveWrite` is one ``write`` and one ``flush``; an
+    init segment (``new_file``) truncates the file first, so a restarted server starts each
+    track file afresh. A file holds whole fragments only, unless the OS fails mid-write.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._files: dict[Path, BinaryIO] = {}
+
+    def write(self, write: ArchiveWrite) -> None:
+        """Raises OSError if the file cannot be written."""
+        path = self.root.joinpath(*write.path)
+        file = self._files.get(path)
+        if file is None or write.new_file:
+            if file is not None:
+                file.close()
+            # The receiver only hands out safe names; this is the second lock on the door.
+            if not path.resolve().is_relative_to(self.root.resolve()):
+                raise OSError(f"{path} is outside the archive {self.root}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            file = self._files[path] = path.open("wb" if write.new_file else "ab")
+        file.write(write.data)
+        file.flush()
+
+    def close(self) -> None:
+        for file in self._files.values():
+            file.close()
+        self._files.clear()
+
+
+class IngestApp:
+    """The ASGI application. ``point`` holds the receiver state; ``clock`` gives wall-clock
+    seconds for the POST log."""
+
+    def __init__(
+        self,
+        archive_dir: Path,
+        *,
+        point: PublishingPoint | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.archive = ArchiveFiles(archive_dir)
+        self.point = point if point is not None else PublishingPoint()
+        self.clock = clock
+        self.fail_with: int | None = None
+
+    def close(self) -> None:
+        """Close the archive files (they are flushed after every fragment already)."""
+        self.archive.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # httpserve answers lifespan; a websocket that is not accepted gets 403
+        method, path = scope["method"], scope["path"]
+        if path == "/status":
+            if method != "GET":
+                await _respond(send, 405, "use GET\n", allow="GET")
+                return
+            query = parse_qs(scope["query_string"].decode("latin-1"))
+            status = self.point.status(posts=query.get("posts", ["0"])[0] not in ("", "0"))
+            await _respond(send, 200, json.dumps(status, indent=2) + "\n", "application/json")
+            return
+        try:
+            stream = parse_stream_path(path)
+        except ValueError as exc:
+            logger.warning("ingest.request.refused path=%r reason=%r", path, str(exc))
+            await _respond(send, 400, f"{exc}\n")
+            return
+        if stream is None:
+            await _respond(send, 404, "not an ingest URL (/<path>.isml/Streams(<id>)) or /status\n")
+        elif method != "POST":
+            await _respond(send, 405, "ingest URLs take POST\n", allow="POST")
+        elif self.fail_with is not None:
+            logger.info("ingest.post.failed_on_purpose stream=%s status=%d", stream, self.fail_with)
+            await _respond(send, self.fail_with, f"fail mode: {self.fail_with}\n")
+        elif _header(scope, b"content-length") == "0":
+            self.point.record_probe()
+            logger.info("ingest.probe stream=%s group=%s", stream, _header(scope, b"x-encoder-group"))
+            await _respond(send, 200, "")
+        else:
+            post = self.point.open_post(stream, _header(scope, b"x-encoder-group"), self.clock())
+            answer = await self._ingest(post, receive)
+            if answer is not None:
+                await _respond(send, answer[0], answer[1])
+
+    async def _ingest(self, post: Post, receive: Receive) -> tuple[int, str] | None:
+        """Feed the body to ``post`` until it ends; the answer to send, or None if the client
+        has gone. Cancellation (server shutdown) closes the POST as "cancelled"; every fragment
+        archived until then stays whole in its file."""
+        logger.info("ingest.post.started post=%d stream=%s group=%s", post.id, post.path, post.encoder_group)
+        status: PostStatus = "error"
+        reason: str | None = "server error"
+        answer: tuple[int, str] | None = None
+        try:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    status, reason = "disconnected", "the client went away mid-body"
+                    break
+                if message["body"]:
+                    post.feed(message["body"])
+                    while (decision := post.next_decision()) is not NEED_DATA:
+                        self._apply(decision)
+                if not message.get("more_body", False):
+                    post.end_of_body()
+                    status, reason, answer = "ok", None, (200, "")
+                    break
+        except MediaError as exc:
+            status, reason = "error", str(exc)
+            answer = (400, f"{exc}\n")
+        except OSError as exc:
+            status, reason = "error", f"archive write failed: {exc}"
+            answer = (500, f"{reason}\n")
+        except trio.Cancelled:
+            status, reason = "cancelled", "the server is shutting down"
+            raise
+        finally:
+            post.close(self.clock(), status, reason)
+            level = logging.INFO if status == "ok" else logging.WARNING
+            logger.log(level, "ingest.post.ended post=%d stream=%s status=%s reason=%r",
+                       post.id, post.path, status, reason)  # fmt: skip
+        return answer
+
+    def _apply(self, decision: Decision) -> None:
+        for write in decision.writes:
+            self.archive.write(write)
+        fragment = decision.fragment
+        fields = (decision.post_id, decision.stream, fragment.track_id, fragment.index, fragment.time)
+        if decision.outcome == "rejected":
+            logger.warning("ingest.fragment.rejected post=%d stream=%s track=%d index=%d time=%s reason=%r",
+                           *fields, decision.reason)  # fmt: skip
+        elif decision.conflict:
+            logger.warning("ingest.fragment.conflict post=%d stream=%s track=%d index=%d time=%s reason=%r",
+                           *fields, decision.reason)  # fmt: skip
+        else:
+            logger.debug("ingest.fragment.%s post=%d stream=%s track=%d index=%d time=%s",
+                         decision.outcome, *fields)  # fmt: skip
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1").strip()[:100]
+    return None
+
+
+async def _respond(
+    send: Send, status: int, body: str, content_type: str = "text/plain", allow: str | None = None
+) -> None:
+    data = body.encode()
+    headers = [(b"content-type", f"{content_type}; charset=utf-8".encode()), (b"content-length", b"%d" % len(data))]
+    if allow is not None:
+        headers.append((b"allow", allow.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def serve_app(
+    app: IngestApp,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    shutdown_event: trio.Event | None = None,
+) -> None:
+    """Serve ``app`` on ``host``:``port`` until cancelled or until ``shutdown_event`` is set,
+    then return. Reports the bound (host, port) through ``task_status``, so port 0 works.
+
+    Stopping either way cancels the POSTs still open: each is logged and recorded as
+    "cancelled", and the archive files are closed. Every fragment is written with one write
+    that cancellation cannot interrupt and flushed at once, so each track file ends on a whole
+    fragment, readable by a player up to the last fragment received.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(partial(serve_asgi, app, host, port, "ingest"))
+            task_status.started(bound)
+            if shutdown_event is not None:
+                await shutdown_event.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        app.close()
+
+
+async def serve_ingest(
+    host: str,
+    port: int,
+    archive_dir: Path,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+    shutdown_event: trio.Event | None = None,
+) -> None:
+    """Run a local publishing point on ``host``:``port``, archiving into ``archive_dir``. See
+    :func:`serve_app` for start-up, shutdown and cancellation."""
+    await serve_app(IngestApp(archive_dir), host, port, task_status=task_status, shutdown_event=shutdown_event)
+
+
+def run_ingest_server(listen: str, archive_dir: Path) -> None:
+    """Run a local publishing point in the foreground until SIGINT or SIGTERM, then stop as
+    :func:`serve_app` describes and return (so the CLI exits 0). Raises ValueError for a
+    ``listen`` that is not ``host:port``, OSError if it cannot bind."""
+    host, port = parse_listen(listen)
+    try:
+        trio.run(_serve_until_signalled, host, port, archive_dir)
+    except BaseExceptionGroup as group:
+        # A bind error comes out wrapped in one group per nursery it crossed.
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if isinstance(error, OSError):
+            raise error from None
+        raise
+
+
+async def _serve_until_signalled(host: str, port: int, archive_dir: Path) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_ingest, host, port, archive_dir)
+            async for signum in signals:
+                logger.info("ingest.signal signal=%s action=stop", signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,516 @@
+"""The local publishing point, without I/O: checks ingest POSTs, drops duplicate fragments, decides
+what goes into the archive.
+
+Theory of operation
+-------------------
+The ingest server (:mod:`orchestrator.ingest`) is a thin shell around three pieces of this
+module. None of them touches a socket, a file or a clock; time comes in as ``now``.
+
+* :class:`PostChecker` checks one POST body, bytes in, events out. It wraps
+  :class:`~orchestrator.fmp4_reader.StreamReader` with ``require_manifest=True``, so every POST
+  must open with ``ftyp``, the Live Server Manifest box and ``moov``, in that order (spec 3.1,
+  4.3). Then it checks each fragment: every ``traf`` carries a ``tfxd`` (3.3), and per track
+  within the POST the fragment time (tfxd ``fragment_absolute_time``, else tfdt) and the fragment
+  index (tfxd v2 ``fragment_index``, else ``mfhd.sequence_number``) strictly increase (3.8). A
+  fragment failing either check is *rejected*: counted, not archived, and the POST goes on. A
+  malformed box or header raises :class:`~orchestrator.errors.MediaError`, which ends the POST.
+
+* :class:`PublishingPoint` is shared by every POST of every encoder group. Like the service in
+  spec section 9 it keeps a single copy of each fragment, keyed by (stream, track,
+  fragment_absolute_time), where a stream is (publishing point path, stream id): the first copy
+  to arrive is archived, later copies are duplicates and dropped, whichever POST or group sends
+  them. A duplicate whose index or duration differs from the archived copy's is also counted
+  as a *conflict*: the groups are not aligned (spec 8.4, 8.5). A POST whose header bytes differ
+  from the stream's first header counts a header mismatch (7.5.c, 8.3) and is still accepted.
+
+* :class:`Post` joins the two for one request, h11-style::
+
+      post = point.open_post(path, encoder_group, now)
+      post.feed(chunk)                      # as often as bytes arrive
+      while (decision := post.next_decision()) is not NEED_DATA:
+          for write in decision.writes: ... # append to the archive
+      post.end_of_body()                    # the body ended: anything left over is an error
+      post.close(now, "ok")                 # or "error" / "disconnected" / "cancelled"
+
+The archive holds one file per (stream, track), ``<point path>/<stream id>/<track name>.mp4``:
+a single-track init segment (``ftyp`` + ``moov``), written with the track's first archived
+fragment, then that track's fragments in arrival order. A fragment carrying only that track is
+archived as the exact bytes received; one carrying several tracks is rebuilt per track with
+:func:`~orchestrator.fmp4.write_fragment` (samples, durations, composition offsets and the
+sync flag survive; other sample flags do not; tfdt is set to the tfxd time).
+
+Memory: the per-POST log keeps the last 200 POSTs and the last 1000 fragments of each. The
+de-duplication index keeps (time -> index, duration) for every archived fragment of a track,
+a few dozen bytes per fragment, for the life of the process.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ElementTree
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from orchestrator import fmp4
+from orchestrator.errors import MediaError
+from orchestrator.fmp4_reader import NEED_DATA, Fragment, Header, StreamReader, _NeedData
+
+Outcome = Literal["archived", "duplicate", "rejected"]
+PostStatus = Literal["active", "ok", "error", "disconnected", "cancelled"]
+
+POST_LOG_SIZE = 200
+FRAGMENT_LOG_SIZE = 1000
+
+# --- addresses and names ------------------------------------------------------------------
+
+# MS-SSTR 9.2 / ingest spec 4: {publishing point path}.isml/Streams({identifier}).
+_STREAM_URL = re.compile(r"/(?P<point>.+)\.isml/streams\((?P<stream>.*)\)", re.IGNORECASE | re.DOTALL)
+# A name that is safe as one path component on any file system: no "..", no separators.
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def is_safe_name(name: str) -> bool:
+    """True if ``name`` can be used as one file or directory name under the archive."""
+    return _SAFE_NAME.fullmatch(name) is not None
+
+
+@dataclass(frozen=True, order=True)
+class StreamPath:
+    """Where a POST goes, and so which stream it feeds: the publishing point path (without
+    ``.isml``, split at slashes) and the stream id of ``Streams(<id>)``."""
+
+    point: tuple[str, ...]
+    stream_id: str
+
+    @property
+    def point_name(self) -> str:
+        return "/".join(self.point)
+
+    def __str__(self) -> str:
+        return f"/{self.point_name}.isml/Streams({self.stream_id})"
+
+
+def parse_stream_path(path: str) -> StreamPath | None:
+    """The stream a request path addresses, or None if it is not an ingest URL at all.
+
+    ``path`` is the percent-decoded path. Raises ValueError if it is an ingest URL whose parts
+    are not all safe names (``..``, empty parts, odd characters), so that a request can never
+    name a file outside the archive.
+    """
+    match = _STREAM_URL.fullmatch(path)
+    if match is None:
+        return None
+    parts = tuple(match["point"].split("/"))
+    stream_id = match["stream"]
+    for part in (*parts, stream_id):
+        if not is_safe_name(part):
+            raise ValueError(f"unsafe name {part!r} in ingest path {path!r}")
+    return StreamPath(parts, stream_id)
+
+
+def track_names(smil: str | None) -> dict[int, str]:
+    """trackID -> trackName, from the ``<param>`` children of the Live Server Manifest's track
+    elements (MS-SSTR 2.2.7.3). A manifest that is not XML names no tracks."""
+    if not smil:
+        return {}
+    try:
+        root = ElementTree.fromstring(smil)
+    except ElementTree.ParseError:
+        return {}
+    names: dict[int, str] = {}
+    for element in root.iter():
+        params = {
+            (child.get("name") or "").lower(): child.get("value") or ""
+            for child in element
+            if child.tag.rsplit("}", 1)[-1] == "param"
+        }
+        track_id, name = params.get("trackid", ""), params.get("trackname", "")
+        if track_id.isdigit() and name:
+            names[int(track_id)] = name
+    return names
+
+
+# --- one POST -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FragmentInfo:
+    """One track's part of a fragment, as counters and logs see it."""
+
+    track_id: int
+    index: int  # tfxd v2 fragment_index, else mfhd.sequence_number
+    time: int | None  # tfxd fragment_absolute_time, else tfdt; None if the traf has neither
+    duration: int  # tfxd fragment_duration, else the sum of the sample durations
+
+
+@dataclass(frozen=True)
+class CheckedFragment:
+    """A fragment as :class:`PostChecker` judged it: one :class:`FragmentInfo` per ``traf``, in
+    order, and why it is rejected (None: accepted)."""
+
+    fragment: Fragment
+    tracks: tuple[FragmentInfo, ...]
+    rejected: str | None
+
+
+def _fragment_info(traf: fmp4.ParsedTraf, sequence_number: int) -> FragmentInfo:
+    tfxd = traf.tfxd
+    if tfxd is None:
+        return FragmentInfo(traf.track_id, sequence_number, traf.base_time, traf.duration)
+    index = sequence_number if tfxd.fragment_index is None else tfxd.fragment_index
+    return FragmentInfo(traf.track_id, index, tfxd.absolute_time, tfxd.duration)
+
+
+class PostChecker:
+    """Checks one POST body. ``feed`` bytes, then call ``next_event`` until ``NEED_DATA``.
+
+    ``next_event`` returns the :class:`~orchestrator.fmp4_reader.Header` once, then a
+    :class:`CheckedFragment` per fragment; other top-level boxes after the header (``mfra``,
+    ``free`` ...) are skipped, as the service ignores them (spec 3.2, 3.5). It raises
+    MediaError for a stream that cannot go on; the checker is then unusable.
+    """
+
+    def __init__(self) -> None:
+        self._reader = StreamReader(require_manifest=True)
+        self._last: dict[int, tuple[int, int]] = {}  # track -> (time, index) last accepted
+
+    @property
+    def header(self) -> Header | None:
+        return self._reader.header
+
+    @property
+    def bytes_received(self) -> int:
+        return self._reader.bytes_received
+
+    def feed(self, data: bytes) -> None:
+        self._reader.feed(data)
+
+    def next_event(self) -> Header | CheckedFragment | _NeedData:
+        while True:
+            event = self._reader.next_event()
+            if event is NEED_DATA or isinstance(event, Header):
+                return event
+            if isinstance(event, Fragment):
+                return self._check(event)
+
+    def end_of_body(self) -> None:
+        """The body ended. Raises MediaError if it stopped inside the header or a box. An empty
+        body is fine: it is the encoder's probe (spec 4, requirement 1)."""
+        if self._reader.bytes_received == 0:
+            return
+        if self._reader.header is None:
+            raise MediaError("the body ended before the header (ftyp, manifest, moov) was complete")
+        if self._reader.buffered:
+            raise MediaError(f"the body ended inside a box ({self._reader.buffered} bytes left over)")
+
+    def _check(self, fragment: Fragment) -> CheckedFragment:
+        assert self._reader.header is not None  # the reader hands out fragments only after it
+        declared = {track.track_id for track in self._reader.header.tracks}
+        parsed = fragment.parsed
+        infos = []
+        for traf in parsed.trafs:
+            if traf.track_id not in declared:
+                raise MediaError(
+                    f"fragment at offset {fragment.offset} carries track {traf.track_id}, "
+                    f"which the moov does not declare"
+                )
+            infos.append(_fragment_info(traf, parsed.sequence_number))
+        last = dict(self._last)
+        for traf, info in zip(parsed.trafs, infos, strict=True):
+            if traf.tfxd is None:
+                return CheckedFragment(fragment, tuple(infos), f"track {traf.track_id}: traf has no tfxd")
+            time, index = traf.tfxd.absolute_time, info.index
+            previous = last.get(traf.track_id)
+            if previous is not None and time <= previous[0]:
+                reason = f"track {traf.track_id}: time {time} does not follow {previous[0]}"
+                return CheckedFragment(fragment, tuple(infos), reason)
+            if previous is not None and index <= previous[1]:
+                reason = f"track {traf.track_id}: index {index} does not follow {previous[1]}"
+                return CheckedFragment(fragment, tuple(infos), reason)
+            last[traf.track_id] = (time, index)
+        self._last = last
+        return CheckedFragment(fragment, tuple(infos), None)
+
+
+# --- the publishing point -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchiveWrite:
+    """Bytes to append to one archive file."""
+
+    path: tuple[str, ...]  # relative to the archive directory; every part passes is_safe_name
+    data: bytes = field(repr=False)
+    new_file: bool = False  # an init segment: start the file afresh
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the publishing point did with one track's part of a fragment."""
+
+    post_id: int
+    stream: StreamPath
+    fragment: FragmentInfo
+    outcome: Outcome
+    reason: str | None = None  # why it was rejected, or how a conflicting duplicate differs
+    conflict: bool = False
+    writes: tuple[ArchiveWrite, ...] = ()
+
+
+@dataclass
+class _Track:
+    track_id: int
+    name: str
+    file: tuple[str, ...]  # the archive file, relative to the archive directory
+    timescale: int
+    init: bytes = field(repr=False)
+    init_written: bool = False
+    received: int = 0
+    archived: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    rejected: int = 0
+    first_index: int | None = None
+    last_index: int | None = None
+    last_time: int | None = None
+    by_time: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)  # -> (index, duration)
+    indices: set[int] = field(default_factory=set, repr=False)
+
+    @property
+    def gaps(self) -> int:
+        if self.first_index is None or self.last_index is None:
+            return 0
+        return self.last_index - self.first_index + 1 - len(self.indices)
+
+    def archive(self, index: int, time: int, duration: int) -> None:
+        self.archived += 1
+        self.by_time[time] = (index, duration)
+        self.indices.add(index)
+        self.first_index = index if self.first_index is None else min(self.first_index, index)
+        self.last_index = index if self.last_index is None else max(self.last_index, index)
+        self.last_time = time if self.last_time is None else max(self.last_time, time)
+
+
+@dataclass
+class _Stream:
+    header: bytes | None = field(default=None, repr=False)  # ftyp + manifest + moov of the first POST
+    posts: int = 0
+    header_mismatches: int = 0
+    tracks: dict[int, _Track] = field(default_factory=dict)
+
+
+@dataclass
+class _PostRecord:
+    id: int
+    stream: StreamPath
+    encoder_group: str | None
+    started: float
+    ended: float | None = None
+    status: PostStatus = "active"
+    reason: str | None = None
+    bytes_received: int = 0
+    fragments_seen: int = 0
+    fragments: deque[tuple[FragmentInfo, Outcome]] = field(default_factory=lambda: deque(maxlen=FRAGMENT_LOG_SIZE))
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "publishing_point": self.stream.point_name,
+            "stream": self.stream.stream_id,
+            "encoder_group": self.encoder_group,
+            "started": self.started,
+            "ended": self.ended,
+            "status": self.status,
+            "reason": self.reason,
+            "bytes_received": self.bytes_received,
+            "fragments_seen": self.fragments_seen,
+            "fragments": [
+                {"track": f.track_id, "index": f.index, "time": f.time, "duration": f.duration, "outcome": o}
+                for f, o in self.fragments
+            ],
+        }
+
+
+class PublishingPoint:
+    """Every stream of every publishing point path, shared by all POSTs. See the module docstring."""
+
+    def __init__(self) -> None:
+        self._streams: dict[StreamPath, _Stream] = {}
+        self._log: deque[_PostRecord] = deque(maxlen=POST_LOG_SIZE)
+        self._next_post_id = 1
+        self._active = 0
+        self.probes = 0
+
+    def record_probe(self) -> None:
+        """An empty-body POST (the encoder's probe, spec 4 requirement 1)."""
+        self.probes += 1
+
+    def open_post(self, path: StreamPath, encoder_group: str | None, now: float) -> Post:
+        """Start a POST to ``path``; ``encoder_group`` is the ``X-Encoder-Group`` header, if sent."""
+        record = _PostRecord(self._next_post_id, path, encoder_group, now)
+        self._next_post_id += 1
+        self._active += 1
+        self._log.append(record)
+        stream = self._streams.setdefault(path, _Stream())
+        stream.posts += 1
+        return Post(self, record, stream)
+
+    def status(self, *, posts: bool = False) -> dict[str, Any]:
+        """Counters per publishing point, stream and track, as plain JSON-able data; with
+        ``posts``, also the per-POST log (oldest first)."""
+        points: dict[str, Any] = {}
+        for path, stream in sorted(self._streams.items()):
+            streams = points.setdefault(path.point_name, {"streams": {}})["streams"]
+            streams[path.stream_id] = {
+                "posts": stream.posts,
+                "header_mismatches": stream.header_mismatches,
+                "tracks": {str(track_id): _track_json(track) for track_id, track in stream.tracks.items()},
+            }
+        out: dict[str, Any] = {
+            "posts": {"total": self._next_post_id - 1, "active": self._active},
+            "probes": self.probes,
+            "publishing_points": points,
+        }
+        if posts:
+            out["post_log"] = [record.as_json() for record in self._log]
+        return out
+
+    def _on_header(self, path: StreamPath, stream: _Stream, header: Header) -> None:
+        if stream.header is None:
+            stream.header = header.data
+        elif stream.header != header.data:
+            stream.header_mismatches += 1
+        names = track_names(header.smil)
+        for track in header.tracks:
+            if track.track_id in stream.tracks:
+                continue  # a later header's idea of a known track is only compared, above
+            taken = {t.name for t in stream.tracks.values()}
+            name = names.get(track.track_id, "")
+            if not is_safe_name(name):
+                name = f"track{track.track_id}"
+            if name in taken:
+                name = f"{name}-{track.track_id}"
+            file = (*path.point, path.stream_id, f"{name}.mp4")
+            init = fmp4.write_ftyp() + fmp4.write_moov([track])
+            stream.tracks[track.track_id] = _Track(track.track_id, name, file, track.timescale, init)
+
+    def _decide(self, record: _PostRecord, stream: _Stream, checked: CheckedFragment) -> list[Decision]:
+        decisions = []
+        parsed = checked.fragment.parsed
+        for traf, info in zip(parsed.trafs, checked.tracks, strict=True):
+            track = stream.tracks[info.track_id]
+            track.received += 1
+            if checked.rejected is not None:
+                track.rejected += 1
+                decision = Decision(record.id, record.stream, info, "rejected", checked.rejected)
+            elif info.time in track.by_time:
+                track.duplicates += 1
+                index, duration = track.by_time[info.time]
+                reason = None
+                if (index, duration) != (info.index, info.duration):
+                    track.conflicts += 1
+                    reason = (
+                        f"index {info.index}, duration {info.duration}; "
+                        f"archived copy has index {index}, duration {duration}"
+                    )
+                decision = Decision(record.id, record.stream, info, "duplicate", reason, reason is not None)
+            else:
+                assert info.time is not None  # accepted fragments carry a tfxd
+                track.archive(info.index, info.time, info.duration)
+                writes = []
+                if not track.init_written:
+                    track.init_written = True
+                    writes.append(ArchiveWrite(track.file, track.init, new_file=True))
+                writes.append(ArchiveWrite(track.file, _single_track_fragment(parsed, traf, info)))
+                decision = Decision(record.id, record.stream, info, "archived", writes=tuple(writes))
+            record.fragments_seen += 1
+            record.fragments.append((info, decision.outcome))
+            decisions.append(decision)
+        return decisions
+
+    def _close(self, record: _PostRecord, now: float, status: PostStatus, reason: str | None) -> None:
+        if record.status != "active":
+            return
+        record.ended, record.status, record.reason = now, status, reason
+        self._active -= 1
+
+
+def _track_json(track: _Track) -> dict[str, Any]:
+    return {
+        "name": track.name,
+        "file": "/".join(track.file),
+        "timescale": track.timescale,
+        "fragments_received": track.received,
+        "fragments_archived": track.archived,
+        "duplicates_dropped": track.duplicates,
+        "conflicts": track.conflicts,
+        "rejected": track.rejected,
+        "gaps": track.gaps,
+        "first_index": track.first_index,
+        "last_index": track.last_index,
+        "last_timestamp": track.last_time,
+    }
+
+
+def _single_track_fragment(parsed: fmp4.ParsedFragment, traf: fmp4.ParsedTraf, info: FragmentInfo) -> bytes:
+    """The ``moof`` + ``mdat`` of one track of ``parsed``: the received bytes if it is the only
+    track, else rebuilt with the same index, time, tfxd version and samples."""
+    if len(parsed.trafs) == 1:
+        return parsed.data
+    tfxd = traf.tfxd
+    assert tfxd is not None  # accepted fragments carry a tfxd
+    run = fmp4.TrackRun(traf.track_id, tfxd.absolute_time, traf.samples, info.index)
+    return fmp4.write_fragment(parsed.sequence_number, [run], tfxd.version)
+
+
+class Post:
+    """One POST to the publishing point: see the module docstring for the calling sequence."""
+
+    def __init__(self, point: PublishingPoint, record: _PostRecord, stream: _Stream) -> None:
+        self._point = point
+        self._record = record
+        self._stream = stream
+        self._checker = PostChecker()
+        self._pending: deque[Decision] = deque()
+
+    @property
+    def id(self) -> int:
+        return self._record.id
+
+    @property
+    def path(self) -> StreamPath:
+        return self._record.stream
+
+    @property
+    def encoder_group(self) -> str | None:
+        return self._record.encoder_group
+
+    @property
+    def status(self) -> PostStatus:
+        return self._record.status
+
+    def feed(self, data: bytes) -> None:
+        self._checker.feed(data)
+        self._record.bytes_received += len(data)
+
+    def next_decision(self) -> Decision | _NeedData:
+        """The next decision, or NEED_DATA. The publishing point's state changes as decisions
+        are handed out. Raises MediaError if the stream cannot go on."""
+        while not self._pending:
+            event = self._checker.next_event()
+            if event is NEED_DATA:
+                return NEED_DATA
+            if isinstance(event, Header):
+                self._point._on_header(self._record.stream, self._stream, event)
+            else:
+                self._pending.extend(self._point._decide(self._record, self._stream, event))
+        return self._pending.popleft()
+
+    def end_of_body(self) -> None:
+        """See :meth:`PostChecker.end_of_body`."""
+        self._checker.end_of_body()
+
+    def close(self, now: float, status: PostStatus, reason: str | None = None) -> None:
+        """Record how the POST ended. Only the first call counts."""
+        self._point._close(self._record, now, status, reason)

@@ -1,0 +1,309 @@
+"""The ingest server over real HTTP on loopback: chunked POSTs from two groups, probes, refusals,
+fault injection, a client that goes away, and the archive read back by ffprobe."""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import warnings
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from orchestrator import fmp4
+from orchestrator.ingest import IngestApp, run_ingest_server, serve_app, serve_ingest
+from orchestrator.manifest import ManifestTrack, live_server_manifest
+from orchestrator.synthetic import load_clip
+
+INGEST = "/live/demo.isml/Streams(video)"
+FRAMES_PER_FRAGMENT = 5
+FRAME = 3000  # ticks at 90 kHz: 30 fps
+FRAGMENTS = 10  # 50 frames: the whole clip
+A_STOPS = 6  # group A sends fragments 0..5 only
+
+
+@dataclass(frozen=True)
+class Media:
+    """A one-track stream of the packaged H.264 clip (50 intra frames), re-stamped at 90 kHz."""
+
+    track: fmp4.TrackHeader
+    header: bytes
+    fragments: tuple[bytes, ...]
+
+    @property
+    def init(self) -> bytes:
+        return fmp4.write_ftyp() + fmp4.write_moov([self.track])
+
+
+@pytest.fixture(scope="module")
+def media() -> Media:
+    clip = load_clip("video.mp4")
+    track = fmp4.TrackHeader(1, b"vide", 90000, clip.sample_entry, 192, 108)
+    smil = live_server_manifest(
+        "video", [ManifestTrack("video", 1, "video", 200_000, 90000, "avc1", width=192, height=108)]
+    )
+    header = fmp4.write_ftyp() + fmp4.write_live_server_manifest(smil) + fmp4.write_moov([track])
+    fragments = []
+    for k in range(FRAGMENTS):
+        frames = clip.samples[k * FRAMES_PER_FRAGMENT : (k + 1) * FRAMES_PER_FRAGMENT]
+        samples = [fmp4.Sample(data, FRAME, is_sync=True) for data in frames]
+        run = fmp4.TrackRun(1, k * FRAMES_PER_FRAGMENT * FRAME, samples, k)
+        fragments.append(fmp4.write_fragment(k, [run], tfxd_version=2))
+    return Media(track, header, tuple(fragments))
+
+
+@dataclass
+class Server:
+    app: IngestApp
+    url: str
+    archive: Path
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, tmp_path: Path) -> Server:
+    app = IngestApp(tmp_path / "archive")
+    host, port = await nursery.start(serve_app, app, "127.0.0.1", 0)
+    return Server(app, f"http://{host}:{port}", tmp_path / "archive")
+
+
+async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    """A chunked request body, yielding to other tasks between chunks."""
+    for part in parts:
+        yield part
+        await trio.sleep(0)
+
+
+def halves(data: bytes) -> tuple[bytes, bytes]:
+    return data[: len(data) // 2], data[len(data) // 2 :]
+
+
+async def status_of(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
+    response = await client.get(f"{url}/status?posts=1")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json; charset=utf-8"
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def wait_for(url: str, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """Poll /status (at most 300 times, 10 ms apart) until ``predicate`` holds."""
+    async with httpx.AsyncClient() as client:
+        for _ in range(300):
+            status = await status_of(client, url)
+            if predicate(status):
+                return status
+            await trio.sleep(0.01)
+    raise AssertionError(f"status never matched: {json.dumps(status, indent=2)}")
+
+
+def video_track(status: dict[str, Any]) -> dict[str, Any]:
+    return status["publishing_points"]["live/demo"]["streams"]["video"]["tracks"]["1"]  # type: ignore[no-any-return]
+
+
+async def test_two_groups_post_the_same_fragments_and_one_copy_of_each_is_archived(
+    tmp_path: Path, media: Media
+) -> None:
+    archive, stop = tmp_path / "archive", trio.Event()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            host, port = await nursery.start(partial(serve_ingest, "127.0.0.1", 0, archive, shutdown_event=stop))
+            url = f"http://{host}:{port}"
+            async with httpx.AsyncClient() as client:
+
+                async def post(group: str, parts: list[bytes]) -> None:
+                    response = await client.post(
+                        url + INGEST, content=chunks(*parts), headers={"X-Encoder-Group": group}
+                    )
+                    assert (response.status_code, response.text) == (200, "")
+
+                # Both groups send the same bytes, B in other chunks (as TCP may); A's encoder
+                # stops after fragment 5, so B alone carries 6..9.
+                group_b = [*halves(media.header)] + [half for f in media.fragments for half in halves(f)]
+                async with trio.open_nursery() as posts:
+                    posts.start_soon(post, "A", [media.header, *media.fragments[:A_STOPS]])
+                    posts.start_soon(post, "B", group_b)
+                status = await status_of(client, url)
+            stop.set()
+
+    assert video_track(status) == {
+        "name": "video",
+        "file": "live/demo/video/video.mp4",
+        "timescale": 90000,
+        "fragments_received": A_STOPS + FRAGMENTS,
+        "fragments_archived": FRAGMENTS,
+        "duplicates_dropped": A_STOPS,
+        "conflicts": 0,
+        "rejected": 0,
+        "gaps": 0,
+        "first_index": 0,
+        "last_index": FRAGMENTS - 1,
+        "last_timestamp": (FRAGMENTS - 1) * FRAMES_PER_FRAGMENT * FRAME,
+    }
+    assert status["posts"] == {"total": 2, "active": 0}
+    assert status["publishing_points"]["live/demo"]["streams"]["video"]["header_mismatches"] == 0
+    log = sorted(status["post_log"], key=lambda p: p["encoder_group"])
+    assert [(p["encoder_group"], p["status"], p["reason"], p["fragments_seen"]) for p in log] == [
+        ("A", "ok", None, A_STOPS),
+        ("B", "ok", None, FRAGMENTS),
+    ]
+    outcomes = {p["encoder_group"]: [f["outcome"] for f in p["fragments"]] for p in log}
+    assert sorted(outcomes["A"] + outcomes["B"]) == ["archived"] * FRAGMENTS + ["duplicate"] * A_STOPS
+    assert outcomes["B"][A_STOPS:] == ["archived"] * (FRAGMENTS - A_STOPS)
+    # Whichever group was first for each fragment, the file is the init plus each fragment once, in order.
+    assert (archive / "live/demo/video/video.mp4").read_bytes() == media.init + b"".join(media.fragments)
+
+
+@pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffprobe: apt-get install ffmpeg (see README)")
+async def test_archived_track_is_read_by_ffprobe(server: Server, media: Media) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.post(server.url + INGEST, content=chunks(media.header, *media.fragments))
+        assert response.status_code == 200
+    path = server.archive / "live/demo/video/video.mp4"
+    with trio.fail_after(10):
+        done = await trio.run_process(
+            ["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+             "stream=codec_name,width,height,nb_read_frames", "-of", "json", str(path)],
+            capture_stdout=True, capture_stderr=True,
+        )  # fmt: skip
+    (stream,) = json.loads(done.stdout)["streams"]
+    assert stream == {
+        "codec_name": "h264",
+        "width": 192,
+        "height": 108,
+        "nb_read_frames": str(FRAGMENTS * FRAMES_PER_FRAGMENT),
+    }
+
+
+async def test_empty_probe_answers_200_at_once(server: Server) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.post(server.url + INGEST, content=b"", headers={"X-Encoder-Group": "A"})
+        assert (response.status_code, response.headers["content-length"]) == (200, "0")
+        status = await status_of(client, server.url)
+    assert (status["probes"], status["posts"]["total"]) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/live/%2E%2E/demo.isml/Streams(video)", "/live/demo.isml/Streams(..)", "/live/demo.isml/Streams(a%2Fb)"],
+)
+async def test_unsafe_path_answers_400(server: Server, media: Media, path: str) -> None:
+    async with httpx.AsyncClient() as client:
+        response = await client.post(server.url + path, content=chunks(media.header, media.fragments[0]))
+        assert response.status_code == 400
+        assert "unsafe name" in response.text
+        assert (await status_of(client, server.url))["posts"]["total"] == 0
+    assert not server.archive.exists()
+
+
+async def test_fail_mode_answers_every_post_without_reading_it(server: Server, media: Media) -> None:
+    async with httpx.AsyncClient() as client:
+        server.app.fail_with = 401
+        probe = await client.post(server.url + INGEST, content=b"")
+        stream = await client.post(server.url + INGEST, content=chunks(media.header, media.fragments[0]))
+        assert (probe.status_code, stream.status_code) == (401, 401)
+        server.app.fail_with = 503
+        assert (await client.post(server.url + INGEST, content=b"")).status_code == 503
+        server.app.fail_with = None
+        assert (await client.post(server.url + INGEST, content=b"")).status_code == 200
+        status = await status_of(client, server.url)
+    assert (status["probes"], status["posts"]["total"]) == (1, 0)
+
+
+async def test_client_gone_mid_body_keeps_what_was_archived(server: Server, media: Media) -> None:
+    class Cut(Exception):
+        pass
+
+    async def body() -> AsyncIterator[bytes]:
+        yield media.header
+        yield media.fragments[0]
+        yield media.fragments[1]
+        yield media.fragments[2][:100]
+        await wait_for(server.url, lambda s: video_track(s)["fragments_archived"] == 2)
+        raise Cut
+
+    with trio.fail_after(10):
+        async with httpx.AsyncClient() as client:
+            with pytest.raises(Cut):
+                await client.post(server.url + INGEST, content=body(), headers={"X-Encoder-Group": "A"})
+        status = await wait_for(server.url, lambda s: s["post_log"][0]["status"] != "active")
+
+    (post,) = status["post_log"]
+    assert (post["status"], post["reason"]) == ("disconnected", "the client went away mid-body")
+    assert [f["index"] for f in post["fragments"]] == [0, 1]
+    assert status["posts"]["active"] == 0
+    path = server.archive / "live/demo/video/video.mp4"
+    assert path.read_bytes() == media.init + media.fragments[0] + media.fragments[1]
+
+
+async def test_broken_header_answers_400_with_the_reason(server: Server, media: Media) -> None:
+    moov_first = fmp4.write_ftyp() + fmp4.write_moov([media.track])
+    async with httpx.AsyncClient() as client:
+        response = await client.post(server.url + INGEST, content=chunks(moov_first, *media.fragments[:2]))
+        assert response.status_code == 400
+        assert response.text == "moov arrived before the Live Server Manifest box (ftyp, manifest, moov)\n"
+        (post,) = (await status_of(client, server.url))["post_log"]
+    assert (post["status"], post["fragments_seen"]) == ("error", 0)
+
+
+async def test_other_routes(server: Server) -> None:
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(server.url + "/")).status_code == 404
+        assert (await client.post(server.url + "/live/demo.isml")).status_code == 404
+        wrong_method = await client.get(server.url + INGEST)
+        assert (wrong_method.status_code, wrong_method.headers["allow"]) == (405, "POST")
+        assert (await client.post(server.url + "/status")).status_code == 405
+        status = await status_of(client, server.url)
+        assert "post_log" not in (await client.get(server.url + "/status")).json()
+    assert status == {"posts": {"total": 0, "active": 0}, "probes": 0, "publishing_points": {}, "post_log": []}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_run_ingest_server_exits_0_on_a_signal(tmp_path: Path, signum: signal.Signals) -> None:
+    code = (
+        "import logging, sys; from pathlib import Path; from orchestrator.ingest import run_ingest_server; "
+        "logging.basicConfig(level=logging.INFO); run_ingest_server('127.0.0.1:0', Path(sys.argv[1]))"
+    )
+    root = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-c", code, str(tmp_path)]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            # run_process reaps the child and closes its pipe whatever happens here.
+            run = partial(trio.run_process, argv, cwd=root, stderr=subprocess.PIPE, check=False)
+            process: trio.Process = await nursery.start(run)
+            assert process.stderr is not None
+            output = b""
+            while (match := re.search(rb"ingest\.listening url=(http://\S+)", output)) is None:
+                chunk = await process.stderr.receive_some()
+                assert chunk, output.decode()
+                output += chunk
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(match[1].decode() + "/status")).status_code == 200
+            process.send_signal(signum)
+            assert await process.wait() == 0
+
+
+def test_run_ingest_server_raises_oserror_when_the_port_is_taken(tmp_path: Path) -> None:
+    with socket.socket() as taken, warnings.catch_warnings():
+        # hypercorn does not close the socket whose bind failed; let it go quietly, here.
+        warnings.simplefilter("ignore", ResourceWarning)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError, match="in use"):
+            run_ingest_server(f"127.0.0.1:{taken.getsockname()[1]}", tmp_path)
+        gc.collect()
+
+
+def test_run_ingest_server_refuses_a_bad_listen_address(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        run_ingest_server("8080", tmp_path)

@@ -1,0 +1,230 @@
+"""End to end, as an operator runs it: two `orchestrator ingest` servers (two regions), one
+`orchestrator up` with a primary and a backup group pushing two streams to both, on loopback.
+
+Shows, over at least six fragments: primary and backup fragments carry identical timestamps,
+durations and indices; indices rise by exactly one; each archive is continuous and ffprobe reads
+it with the expected duration; SIGTERM ends every POST cleanly and exits 0.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from fractions import Fraction
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "profiles" / "demo.toml"
+MIN_FRAGMENTS = 6
+needs_ffprobe = pytest.mark.skipif(
+    shutil.which("ffprobe") is None, reason="needs ffprobe: apt-get install ffmpeg (see README)"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def orchestrator(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", *args], stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+
+
+def stop(process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> int:
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"process did not stop on SIGTERM within {timeout} s; log:\n{log.read_text()[-4000:]}")
+
+
+def wait_until(predicate, timeout: float, what: str, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tails}")
+
+
+def get_status(port: int, posts: bool = False) -> dict | None:
+    try:
+        response = httpx.get(f"http://127.0.0.1:{port}/status" + ("?posts=1" if posts else ""), timeout=2)
+    except httpx.TransportError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+def track_status(status: dict, stream: str) -> dict:
+    return status["publishing_points"]["live/demo"]["streams"][stream]["tracks"]["1"]
+
+
+def profile_for(tmp_path: Path, ports: list[int], metrics_port: int) -> Path:
+    text = DEMO.read_text()
+    text = text.replace("127.0.0.1:18081", f"127.0.0.1:{ports[0]}").replace("127.0.0.1:18082", f"127.0.0.1:{ports[1]}")
+    text = text.replace('listen = "127.0.0.1:9464"', f'listen = "127.0.0.1:{metrics_port}"')
+    path = tmp_path / "event.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def ingest_servers(tmp_path: Path) -> Iterator[list[tuple[int, Path, Path]]]:
+    servers = []
+    for region in ("region-a", "region-b"):
+        port, archive, log = free_port(), tmp_path / region, tmp_path / f"ingest-{region}.log"
+        process = orchestrator("ingest", "--listen", f"127.0.0.1:{port}", "--archive", str(archive), log=log)
+        servers.append((process, port, archive, log))
+    try:
+        for _, port, _, log in servers:
+            wait_until(lambda port=port: get_status(port) is not None, 20, "ingest server to listen", [log])
+        yield [(port, archive, log) for _, port, archive, log in servers]
+    finally:
+        codes = [stop(process, log) for process, _, _, log in servers]
+    assert codes == [0, 0], "ingest servers must exit 0 on SIGTERM"
+
+
+def ffprobe_packets(path: Path) -> list[tuple[int, bool]]:
+    """(pts, keyframe) of every packet, in the stream's time base (= the track's timescale)."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "0", "-show_entries", "packet=pts,flags",
+         "-show_entries", "stream=codec_name,time_base", "-of", "json", str(path)],
+        check=True, capture_output=True, text=True)  # fmt: skip
+    data = json.loads(out.stdout)
+    return [(int(p["pts"]), "K" in p["flags"]) for p in data["packets"]]
+
+
+@needs_ffprobe
+def test_primary_and_backup_push_aligned_fragments_to_two_regions(tmp_path, ingest_servers):
+    ports = [port for port, _, _ in ingest_servers]
+    metrics_port = free_port()
+    profile = profile_for(tmp_path, ports, metrics_port)
+    up_log = tmp_path / "up.log"
+    up = orchestrator("up", str(profile), "--status", "log", log=up_log)
+    logs = [up_log] + [log for _, _, log in ingest_servers]
+    try:
+
+        def enough() -> bool:
+            for port in ports:
+                status = get_status(port)
+                if status is None or "live/demo" not in status["publishing_points"]:
+                    return False
+                streams = status["publishing_points"]["live/demo"]["streams"]
+                for stream in ("video", "audio"):
+                    if stream not in streams or track_status(status, stream)["fragments_archived"] < MIN_FRAGMENTS:
+                        return False
+            return True
+
+        # Six 2-second fragments plus start-up; generous for a loaded 2-core CI machine.
+        wait_until(enough, 60, f"{MIN_FRAGMENTS} fragments archived per track in both regions", logs)
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    finally:
+        code = stop(up, up_log)
+    assert code == 0, up_log.read_text()[-3000:]
+
+    # Metrics were live while running: every group pushed every stream to every endpoint.
+    for group in ("primary", "backup"):
+        for stream in ("video", "audio"):
+            for endpoint in ("region-a", "region-b"):
+                needle = f'orchestrator_fragments_pushed_total{{endpoint="{endpoint}",group="{group}"'
+                lines = [
+                    line for line in metrics.splitlines() if line.startswith(needle) and f'stream="{stream}"' in line
+                ]
+                assert lines, f"no pushed-fragments metric for {group}/{stream}/{endpoint}"
+                assert float(lines[0].rsplit(" ", 1)[1]) >= MIN_FRAGMENTS - 1
+
+    up_text = up_log.read_text()
+    assert "supervisor.stopped" in up_text
+    assert "status stream=video index=" in up_text  # the plain per-stream status line (not a TTY)
+
+    clock_durations = {"video": Fraction(2), "audio": Fraction(2)}
+    for port, archive, _ in ingest_servers:
+        status = get_status(port, posts=True)
+        assert status is not None
+        for stream in ("video", "audio"):
+            track = track_status(status, stream)
+            assert track["conflicts"] == 0, track
+            assert track["rejected"] == 0, track
+            assert track["gaps"] == 0, track
+            assert track["duplicates_dropped"] >= MIN_FRAGMENTS - 1, track  # the other group's copies
+            assert status["publishing_points"]["live/demo"]["streams"][stream]["header_mismatches"] == 0
+
+            posts = [p for p in status["post_log"] if p["stream"] == stream]
+            by_group: dict[str, dict[int, tuple[int, int]]] = {}
+            for post in posts:
+                # SIGTERM ended every POST cleanly: final chunk sent, 200 received.
+                assert post["status"] == "ok", post
+                fragments = post["fragments"]
+                indices = [f["index"] for f in fragments]
+                assert indices == list(range(indices[0], indices[0] + len(indices))), "indices rise by exactly 1"
+                for a, b in itertools.pairwise(fragments):
+                    assert a["time"] + a["duration"] == b["time"], "timestamps are continuous"
+                by_group.setdefault(post["encoder_group"], {}).update(
+                    {f["index"]: (f["time"], f["duration"]) for f in fragments}
+                )
+            assert set(by_group) == {"primary", "backup"}
+            common = set(by_group["primary"]) & set(by_group["backup"])
+            assert len(common) >= MIN_FRAGMENTS - 1
+            for k in common:
+                assert by_group["primary"][k] == by_group["backup"][k], f"fragment {k} differs between groups"
+
+            # The archive is one playable, continuous fragmented MP4 per track.
+            file = archive / track["file"]
+            packets = ffprobe_packets(file)
+            # ffprobe's packet "duration" for the synthetic H.264 comes from the clip's VUI (25 fps),
+            # so continuity is judged on presentation timestamps: one frame apart, always.
+            frame = 3003 if stream == "video" else 1024
+            steps = {b[0] - a[0] for a, b in itertools.pairwise(packets)}
+            assert steps == {frame}, f"timestamp steps {sorted(steps)}: a gap or overlap in the archive"
+            assert all(key for _, key in packets), "every synthetic sample is a sync sample"
+            span = packets[-1][0] + frame - packets[0][0]
+            expected = clock_durations[stream] * track["fragments_archived"] * track["timescale"]
+            # Each fragment holds whole frames, so it is within one frame of the nominal 2 s.
+            assert abs(span - expected) <= frame * track["fragments_archived"], (span, expected)
+            # The archive starts with the earliest fragment either group delivered.
+            assert packets[0][0] == min(t for fragments in by_group.values() for t, _ in fragments.values())
+
+
+@needs_ffprobe
+def test_up_with_local_ingest_runs_the_demo_without_outside_servers(tmp_path):
+    ports = [free_port(), free_port()]
+    profile = profile_for(tmp_path, ports, free_port())
+    archive = tmp_path / "archive"
+    log = tmp_path / "up.log"
+    process = orchestrator("up", str(profile), "--local-ingest", str(archive), "--duration", "7", "--status", "log",
+                           log=log)  # fmt: skip
+    try:
+        code = process.wait(60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("up --duration 7 did not end by itself")
+    assert code == 0, log.read_text()[-3000:]
+    files = sorted(p.relative_to(archive) for p in archive.rglob("*.mp4"))
+    assert [str(p) for p in files] == [
+        f"127.0.0.1-{port}/live/demo/{stream}/{track}.mp4"
+        for port in sorted(ports)
+        for stream, track in (("audio", "audio_eng"), ("video", "video_360p"))
+    ]
+    for file in files:
+        packets = ffprobe_packets(archive / file)
+        assert len(packets) >= 59  # at least one whole 2 s fragment

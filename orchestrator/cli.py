@@ -41,9 +41,19 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def _fail(exc: OrchestratorError, code: int) -> None:
+def _fail(exc: Exception, code: int) -> None:
     click.echo(f"error: {exc}", err=True)
     sys.exit(code)
+
+
+def _os_error_in(group: BaseExceptionGroup[BaseException]) -> OSError | None:
+    """The OSError (a port in use, an unwritable archive) inside nested trio exception groups."""
+    for exc in group.exceptions:
+        if isinstance(exc, OSError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _os_error_in(exc)) is not None:
+            return found
+    return None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,6 +90,12 @@ def up(profile: Path, groups: tuple[str, ...], local_ingest: Path | None, durati
         _fail(exc, 2)
     except OrchestratorError as exc:
         _fail(exc, 1)
+    except OSError as exc:
+        _fail(exc, 1)
+    except BaseExceptionGroup as group:
+        if (os_error := _os_error_in(group)) is None:
+            raise
+        _fail(os_error, 1)
 
 
 @main.command()
@@ -117,3 +133,5 @@ def ingest(listen: str, archive: Path) -> None:
         run_ingest_server(listen, archive)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
+    except OSError as exc:
+        _fail(exc, 1)

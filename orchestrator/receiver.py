@@ -126,7 +126,7 @@ def track_names(smil: str | None) -> dict[int, str]:
             if child.tag.rsplit("}", 1)[-1] == "param"
         }
         track_id, name = params.get("trackid", ""), params.get("trackname", "")
-        if track_id.isdigit() and name:
+        if track_id.isascii() and track_id.isdigit() and name:
             names[int(track_id)] = name
     return names
 
@@ -178,10 +178,6 @@ class PostChecker:
     @property
     def header(self) -> Header | None:
         return self._reader.header
-
-    @property
-    def bytes_received(self) -> int:
-        return self._reader.bytes_received
 
     def feed(self, data: bytes) -> None:
         self._reader.feed(data)

@@ -91,3 +91,22 @@ def test_up_unknown_group(tmp_path):
     result = run("up", str(DEMO), "--group", "tertiary", "--duration", "1")
     assert result.returncode == 2
     assert "no group named tertiary" in result.stderr
+
+
+def test_port_in_use_is_a_clear_error_not_a_traceback(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        path = write_variant(tmp_path, 'listen = "127.0.0.1:9464"', f'listen = "127.0.0.1:{port}"')
+        result = run("up", str(path), "--duration", "1", "--status", "off")
+        assert result.returncode == 1
+        assert "error: " in result.stderr
+        assert "Address already in use" in result.stderr
+        assert "Traceback" not in result.stderr
+        result = run("ingest", "--listen", f"127.0.0.1:{port}", "--archive", str(tmp_path / "a"))
+        assert result.returncode == 1
+        assert "Address already in use" in result.stderr
+        assert "Traceback" not in result.stderr

@@ -64,6 +64,16 @@ class Recorder:
                 await self.changed.wait()
 
 
+async def push_one_fragment_and_end(recorder, publisher, queue, source):
+    """Queue one fragment, see it arrive in a POST body, then end the stream cleanly."""
+    queue.put_nowait(source.fragment(K)[0])
+    await recorder.wait_for(lambda: any(len(r["chunks"]) >= 2 for r in recorder.requests))
+    queue.close()
+    with trio.fail_after(5):
+        while publisher.state.connected or not recorder.requests[-1]["complete"]:
+            await trio.sleep(0.01)
+
+
 @pytest.fixture
 def profile():
     return load_profile(DEMO)
@@ -146,12 +156,7 @@ async def test_refusing_endpoint_is_named_counted_and_retried(profile, caplog, s
         await recorder.wait_for(lambda: len(recorder.requests) >= 3)
         # The endpoint is fixed: the publisher notices on its next retry and streams.
         recorder.status = 200
-        queue.put_nowait(source.fragment(K)[0])
-        await recorder.wait_for(lambda: any(len(r["chunks"]) >= 2 for r in recorder.requests))
-        queue.close()
-        with trio.fail_after(5):
-            while publisher.state.connected or not recorder.requests[-1]["complete"]:
-                await trio.sleep(0.01)
+        await push_one_fragment_and_end(recorder, publisher, queue, source)
         nursery.cancel_scope.cancel()
 
     failures = metrics.registry.get_sample_value("orchestrator_post_failures_total", {**labels(), "reason": reason})
@@ -177,12 +182,7 @@ async def test_unreachable_endpoint_is_retried_until_it_appears(profile):
             while publisher.state.failures < 3:
                 await trio.sleep(0.01)
         await nursery.start(serve_asgi, recorder, "127.0.0.1", port, "recorder")
-        queue.put_nowait(source.fragment(K)[0])
-        await recorder.wait_for(lambda: any(len(r["chunks"]) >= 2 for r in recorder.requests))
-        queue.close()
-        with trio.fail_after(5):
-            while publisher.state.connected or not recorder.requests[-1]["complete"]:
-                await trio.sleep(0.01)
+        await push_one_fragment_and_end(recorder, publisher, queue, source)
         nursery.cancel_scope.cancel()
     transport = metrics.registry.get_sample_value(
         "orchestrator_post_failures_total", {**labels(), "reason": "transport"}

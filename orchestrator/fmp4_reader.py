@@ -44,11 +44,11 @@ from orchestrator.fmp4 import (
 )
 
 
-class _NeedData(enum.Enum):
+class NeedData(enum.Enum):
     NEED_DATA = "NEED_DATA"
 
 
-NEED_DATA = _NeedData.NEED_DATA
+NEED_DATA = NeedData.NEED_DATA
 """Returned by :meth:`StreamReader.next_event` when more bytes must be fed first."""
 
 
@@ -118,7 +118,7 @@ class StreamReader:
     def feed(self, data: bytes) -> None:
         self._buffer += data
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         while True:
             taken = self._take_box()
             if taken is None:
@@ -178,7 +178,9 @@ class StreamReader:
             smil = parse_live_server_manifest(self._manifest[8:]) if self._manifest else None
             self.header = Header(self._ftyp, self._manifest, data, tuple(tracks), smil, parse_trex(data[8:]))
             return self.header
-        if box_type in (b"free", b"skip"):
+        if box_type in (b"free", b"skip") or box_type == b"uuid":
+            # free/skip are padding; another uuid box here is the deprecated StreamManifestBox
+            # (ingest spec 3.2: SHOULD NOT be sent, and silently ignored if it is).
             return None
         raise MediaError(f"{_name(box_type)} at offset {offset} inside the header (expected manifest or moov)")
 

@@ -44,8 +44,9 @@ class ArchiveFiles:
     """The open track files under one archive directory.
 
     Each :class:`~orchestrator.receiver.ArchiveWrite` is one ``write`` and one ``flush``; an
-    init segment (``new_file``) truncates the file first, so a restarted server starts each
-    track file afresh. A file holds whole fragments only, unless the OS fails mid-write.
+    init segment (``new_file``) starts the file. A file left by an earlier run is never
+    truncated: it is renamed aside (``<name>.<n>.mp4``) first, so restarting the server loses
+    nothing. A file holds whole fragments only, unless the OS fails mid-write.
     """
 
     def __init__(self, root: Path) -> None:
@@ -63,6 +64,8 @@ class ArchiveFiles:
             if not path.resolve().is_relative_to(self.root.resolve()):
                 raise OSError(f"{path} is outside the archive {self.root}")
             path.parent.mkdir(parents=True, exist_ok=True)
+            if write.new_file and file is None and path.exists():
+                _move_aside(path)
             file = self._files[path] = path.open("wb" if write.new_file else "ab")
         file.write(write.data)
         file.flush()
@@ -71,6 +74,16 @@ class ArchiveFiles:
         for file in self._files.values():
             file.close()
         self._files.clear()
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename an archive file from an earlier run to the first free ``<stem>.<n><suffix>``."""
+    n = 1
+    while (target := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(target)
+    logger.warning("ingest.archive.kept_previous file=%s moved_to=%s", path, target.name)
+    return target
 
 
 class IngestApp:
@@ -120,19 +133,21 @@ class IngestApp:
             await _respond(send, self.fail_with, f"fail mode: {self.fail_with}\n")
         elif _header(scope, b"content-length") == "0":
             self.point.record_probe()
-            logger.info("ingest.probe stream=%s group=%s", stream, _header(scope, b"x-encoder-group"))
+            logger.info("ingest.probe server=%s stream=%s group=%s", _server(scope), stream,
+                        _header(scope, b"x-encoder-group"))  # fmt: skip
             await _respond(send, 200, "")
         else:
             post = self.point.open_post(stream, _header(scope, b"x-encoder-group"), self.clock())
-            answer = await self._ingest(post, receive)
+            answer = await self._ingest(post, receive, _server(scope))
             if answer is not None:
                 await _respond(send, answer[0], answer[1])
 
-    async def _ingest(self, post: Post, receive: Receive) -> tuple[int, str] | None:
+    async def _ingest(self, post: Post, receive: Receive, server: str) -> tuple[int, str] | None:
         """Feed the body to ``post`` until it ends; the answer to send, or None if the client
         has gone. Cancellation (server shutdown) closes the POST as "cancelled"; every fragment
         archived until then stays whole in its file."""
-        logger.info("ingest.post.started post=%d stream=%s group=%s", post.id, post.path, post.encoder_group)
+        logger.info("ingest.post.started server=%s post=%d stream=%s group=%s", server, post.id, post.path,
+                    post.encoder_group)  # fmt: skip
         status: PostStatus = "error"
         reason: str | None = "server error"
         answer: tuple[int, str] | None = None
@@ -162,8 +177,8 @@ class IngestApp:
         finally:
             post.close(self.clock(), status, reason)
             level = logging.INFO if status == "ok" else logging.WARNING
-            logger.log(level, "ingest.post.ended post=%d stream=%s status=%s reason=%r",
-                       post.id, post.path, status, reason)  # fmt: skip
+            logger.log(level, "ingest.post.ended server=%s post=%d stream=%s status=%s reason=%r",
+                       server, post.id, post.path, status, reason)  # fmt: skip
         return answer
 
     def _apply(self, decision: Decision) -> None:
@@ -180,6 +195,12 @@ class IngestApp:
         else:
             logger.debug("ingest.fragment.%s post=%d stream=%s track=%d index=%d time=%s",
                          decision.outcome, *fields)  # fmt: skip
+
+
+def _server(scope: Scope) -> str:
+    """``host:port`` this request came in on, so two servers in one process log apart."""
+    server = scope.get("server")
+    return f"{server[0]}:{server[1]}" if server else "-"
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

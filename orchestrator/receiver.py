@@ -54,7 +54,7 @@ from typing import Any, Literal
 
 from orchestrator import fmp4
 from orchestrator.errors import MediaError
-from orchestrator.fmp4_reader import NEED_DATA, Fragment, Header, StreamReader, _NeedData
+from orchestrator.fmp4_reader import NEED_DATA, Fragment, Header, NeedData, StreamReader
 
 Outcome = Literal["archived", "duplicate", "rejected"]
 PostStatus = Literal["active", "ok", "error", "disconnected", "cancelled"]
@@ -182,7 +182,7 @@ class PostChecker:
     def feed(self, data: bytes) -> None:
         self._reader.feed(data)
 
-    def next_event(self) -> Header | CheckedFragment | _NeedData:
+    def next_event(self) -> Header | CheckedFragment | NeedData:
         while True:
             event = self._reader.next_event()
             if event is NEED_DATA or isinstance(event, Header):
@@ -490,7 +490,7 @@ class Post:
         self._checker.feed(data)
         self._record.bytes_received += len(data)
 
-    def next_decision(self) -> Decision | _NeedData:
+    def next_decision(self) -> Decision | NeedData:
         """The next decision, or NEED_DATA. The publishing point's state changes as decisions
         are handed out. Raises MediaError if the stream cannot go on."""
         while not self._pending:

@@ -124,6 +124,14 @@ def test_free_box_inside_the_header_is_skipped() -> None:
     assert events[0].data == HEADER
 
 
+def test_deprecated_stream_manifest_box_in_the_header_is_ignored() -> None:
+    # Ingest spec 3.2: the StreamManifestBox SHOULD NOT be sent and is silently ignored.
+    stream_manifest = box(b"uuid", bytes(range(16)), b"\0\0\0\0<smil/>")
+    events = events_of([FTYP + MANIFEST + stream_manifest + MOOV + FRAGMENTS[0]], StreamReader(require_manifest=True))
+    assert [type(e) for e in events] == [Header, Fragment]
+    assert events[0].data == HEADER
+
+
 def test_manifest_is_optional_unless_required() -> None:
     [header] = events_of([FTYP + MOOV])
     assert isinstance(header, Header)

@@ -307,3 +307,20 @@ def test_run_ingest_server_raises_oserror_when_the_port_is_taken(tmp_path: Path)
 def test_run_ingest_server_refuses_a_bad_listen_address(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="host:port"):
         run_ingest_server("8080", tmp_path)
+
+
+def test_archive_from_an_earlier_run_is_moved_aside_never_truncated(tmp_path):
+    from orchestrator.ingest import ArchiveFiles
+    from orchestrator.receiver import ArchiveWrite
+
+    path = tmp_path / "live" / "demo" / "video" / "v.mp4"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"first run")
+    (path.parent / "v.1.mp4").write_bytes(b"second run")
+    files = ArchiveFiles(tmp_path)
+    files.write(ArchiveWrite(("live", "demo", "video", "v.mp4"), b"init", True))
+    files.write(ArchiveWrite(("live", "demo", "video", "v.mp4"), b"frag", False))
+    files.close()
+    assert path.read_bytes() == b"initfrag"
+    assert (path.parent / "v.1.mp4").read_bytes() == b"second run"
+    assert (path.parent / "v.2.mp4").read_bytes() == b"first run"

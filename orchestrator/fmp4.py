@@ -336,6 +336,8 @@ class Tfxd:
 
 def write_tfxd(tfxd: Tfxd) -> bytes:
     if tfxd.version == 0:
+        if max(tfxd.absolute_time, tfxd.duration) > 0xFFFFFFFF:
+            raise ValueError("tfxd version 0 holds 32-bit times; use version 1")
         fields = struct.pack(">II", tfxd.absolute_time, tfxd.duration)
     elif tfxd.version == 1:
         fields = struct.pack(">QQ", tfxd.absolute_time, tfxd.duration)
@@ -573,6 +575,14 @@ def _parse_trun(
         if flags & TRUN_FIRST_SAMPLE_FLAGS:
             (first_flags,) = struct.unpack_from(">I", trun, pos)
             pos += 4
+        # Bound the count by the bytes that back it before building anything: a hostile or
+        # corrupt count must not make us allocate billions of samples.
+        per_sample = TRUN_SAMPLE_DURATION | TRUN_SAMPLE_SIZE | TRUN_SAMPLE_FLAGS | TRUN_SAMPLE_COMPOSITION_TIME_OFFSET
+        entry_size = 4 * bin(flags & per_sample).count("1")
+        if entry_size and count * entry_size > len(trun) - pos:
+            raise BoxError(f"trun declares {count} samples but holds entries for {(len(trun) - pos) // entry_size}")
+        if count > max(1, mdat_span[1] - mdat_span[0]):
+            raise BoxError(f"trun declares {count} samples, more than the mdat has bytes")
         samples = []
         for i in range(count):
             duration, size, sample_flags, cto = default_duration, default_size, default_flags, 0

@@ -166,7 +166,7 @@ class StreamReader:
                 raise MediaError(f"stream starts with {_name(box_type)}, expected ftyp")
             self._ftyp = data
             return None
-        if box_type == b"uuid" and data[8:24] == LIVE_SERVER_MANIFEST_UUID:
+        if box_type == b"uuid" and _payload(data)[:16] == LIVE_SERVER_MANIFEST_UUID:
             if self._manifest is not None:
                 raise MediaError("two Live Server Manifest boxes in one header")
             self._manifest = data
@@ -174,15 +174,23 @@ class StreamReader:
         if box_type == b"moov":
             if self._require_manifest and self._manifest is None:
                 raise MediaError("moov arrived before the Live Server Manifest box (ftyp, manifest, moov)")
-            tracks = parse_moov(data[8:])
-            smil = parse_live_server_manifest(self._manifest[8:]) if self._manifest else None
-            self.header = Header(self._ftyp, self._manifest, data, tuple(tracks), smil, parse_trex(data[8:]))
+            moov = _payload(data)
+            tracks = parse_moov(moov)
+            smil = parse_live_server_manifest(_payload(self._manifest)) if self._manifest else None
+            self.header = Header(self._ftyp, self._manifest, data, tuple(tracks), smil, parse_trex(moov))
             return self.header
         if box_type in (b"free", b"skip") or box_type == b"uuid":
             # free/skip are padding; another uuid box here is the deprecated StreamManifestBox
             # (ingest spec 3.2: SHOULD NOT be sent, and silently ignored if it is).
             return None
         raise MediaError(f"{_name(box_type)} at offset {offset} inside the header (expected manifest or moov)")
+
+
+def _payload(data: bytes) -> bytes:
+    """A whole box's payload, after its 8- or 16-byte (64-bit size) header."""
+    header = read_box_header(data, 0)
+    assert header is not None  # only whole boxes get here
+    return data[header[2] :]
 
 
 def _name(box_type: bytes) -> str:

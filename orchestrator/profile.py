@@ -206,11 +206,14 @@ class Credentials(_Model):
                 return environ[env]
             assert path is not None
             try:
-                return path.read_text(encoding="utf-8").strip()
+                secret = path.read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
             except UnicodeDecodeError:  # its message would quote a byte of the secret
                 raise ValueError(f"secret file {path} is not UTF-8 text") from None
+            if not secret:
+                raise ValueError(f"secret file {path} is empty")
+            return secret
 
         if self.username is not None:
             return self.username, read(self.password_env, self.password_file)

@@ -390,6 +390,29 @@ def test_trun_sample_outside_mdat() -> None:
         parse_fragment(patched + box(b"mdat", b"ABCDE"))
 
 
+def test_trun_sample_count_is_bounded_by_the_bytes_behind_it() -> None:
+    # A count of 2**32-1 with per-sample entries for only two samples: refused before allocating.
+    good = write_fragment(1, [TrackRun(1, 0, [Sample(b"ABC", 10), Sample(b"DE", 10)], 1)])
+    moof = good[: -(8 + 5)]
+    huge = moof.replace(h("00000002") + (len(moof) + 8).to_bytes(4, "big"),
+                        h("ffffffff") + (len(moof) + 8).to_bytes(4, "big"))  # fmt: skip
+    assert huge != moof
+    with pytest.raises(BoxError, match=r"declares 4294967295 samples but holds entries for 2"):
+        parse_fragment(huge + box(b"mdat", b"ABCDE"))
+    # No per-sample entries (all from defaults): the count cannot exceed the mdat's bytes.
+    traf = box(b"traf", full_box(b"tfhd", 0, 0x020010,  # default-base-is-moof, default-sample-size
+                             h("00000001 00000001")),
+               full_box(b"trun", 0, 0, h("7fffffff")))  # fmt: skip
+    fragment = box(b"moof", full_box(b"mfhd", 0, 0, h("00000001")), traf) + box(b"mdat", b"AB")
+    with pytest.raises(BoxError, match="more than the mdat has bytes"):
+        parse_fragment(fragment)
+
+
+def test_tfxd_version_0_refuses_times_over_32_bits() -> None:
+    with pytest.raises(ValueError, match="32-bit"):
+        write_tfxd(Tfxd(0, 2**32, 1))
+
+
 # --- an independent reader: ffprobe -------------------------------------------------------------------
 
 FFPROBE = shutil.which("ffprobe")

@@ -213,3 +213,14 @@ def test_ffmpeg_video_clip_has_50_sync_samples() -> None:
         while pos < len(sample.data):
             pos += 4 + int.from_bytes(sample.data[pos : pos + 4], "big")
         assert pos == len(sample.data)
+
+
+def test_manifest_with_a_64_bit_box_size_is_recognised() -> None:
+    import struct
+
+    payload = MANIFEST[8:]
+    large = struct.pack(">I4sQ", 1, b"uuid", 16 + len(payload)) + payload
+    [header, _] = events_of([FTYP + large + MOOV + FRAGMENTS[0]], StreamReader(require_manifest=True))
+    assert isinstance(header, Header)
+    assert header.smil == SMIL
+    assert header.manifest == large

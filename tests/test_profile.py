@@ -299,3 +299,10 @@ def test_json_schema() -> None:
     assert set(schema["required"]) == {"presentation", "streams", "groups"}
     text = json.dumps(schema)  # plain JSON, nothing Python-only in it
     assert "30000/1001" in text  # the frame-rate description reaches the editor
+
+
+def test_empty_secret_file_is_an_error_like_an_empty_variable(tmp_path: Path) -> None:
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=f"^secret file {re.escape(str(empty))} is empty$"):
+        Credentials(token_file=empty).authorization({})

@@ -14,6 +14,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from orchestrator.profile import parse_listen
+
 log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
@@ -36,14 +38,6 @@ def _with_lifespan(app: ASGIApp) -> ASGIApp:
         await app(scope, receive, send)
 
     return wrapped
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``"127.0.0.1:8080"`` or ``"[::1]:8080"`` -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{listen!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 async def serve_asgi(

@@ -34,7 +34,8 @@ import trio
 
 from orchestrator.errors import MediaError
 from orchestrator.fmp4_reader import NEED_DATA
-from orchestrator.httpserve import Receive, Scope, Send, parse_listen, serve_asgi
+from orchestrator.httpserve import Receive, Scope, Send, serve_asgi
+from orchestrator.profile import parse_listen
 from orchestrator.receiver import ArchiveWrite, Decision, Post, PostStatus, PublishingPoint, parse_stream_path
 
 logger = logging.getLogger(__name__)

@@ -6,12 +6,10 @@ Labels: ``stream`` (stream id), ``group`` (encoder group), ``endpoint`` (endpoin
 
 from __future__ import annotations
 
-import logging
-
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_asgi_app
 
-log = logging.getLogger(__name__)
+from orchestrator.httpserve import serve_asgi
 
 _ENDPOINT = ("stream", "group", "endpoint", "region")
 
@@ -70,7 +68,5 @@ async def serve_metrics(
 
     Cancellation: the listener closes; scrapes in flight are cut off.
     """
-    from orchestrator.httpserve import serve_asgi
-
     app = make_asgi_app(registry)
     await serve_asgi(app, host, port, name="metrics", task_status=task_status)

@@ -290,10 +290,16 @@ class Group(_Model):
         return self
 
 
-def _listen_address(value: str) -> str:
-    host, sep, port = value.rpartition(":")
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` or ``"[::1]:8080"`` -> (host, port). Raises ValueError otherwise."""
+    host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{value!r} is not host:port")
+        raise ValueError(f"{listen!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _listen_address(value: str) -> str:
+    parse_listen(value)
     return value
 
 

@@ -42,11 +42,6 @@ class EncodedFragment:
     data: bytes = field(repr=False)
 
 
-def track_ids(stream: Stream) -> list[int]:
-    """Track IDs are the 1-based position of the track in the profile's stream."""
-    return list(range(1, len(stream.tracks) + 1))
-
-
 def build_header(profile: Profile, stream: Stream, sample_entries: Sequence[bytes]) -> StreamHeader:
     """The header of ``stream``, given one sample entry box per track (in profile order)."""
     if len(sample_entries) != len(stream.tracks):

@@ -32,9 +32,8 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator.encoder import EncoderState, Output, run_synthetic_encoder
 from orchestrator.errors import OrchestratorError, ProfileError
-from orchestrator.httpserve import parse_listen
 from orchestrator.metrics import Metrics, serve_metrics
-from orchestrator.profile import Profile
+from orchestrator.profile import Profile, parse_listen
 from orchestrator.publisher import EndpointQueue, Publisher, PublisherSettings, PublisherState, auth_for
 from orchestrator.status import StatusView
 from orchestrator.synthetic import SyntheticStream

@@ -1,29 +1,87 @@
-"""Encoder instances: trio tasks that release one fragment per shared-clock period.
+"""Encoder instances and their supervisor.
 
-An encoder instance serves one stream of one group. It starts with the fragment being captured
-when it starts (``live_index``), waits until that fragment is complete on every track
-(``fragment_due_ns``), hands the track fragments to every endpoint queue of the stream without
-waiting (a full queue drops its oldest fragment, counted and logged), and moves to the next
-index. Index and timestamps come only from the shared clock, never from a counter of its own.
+An *encoder instance* serves one group: it encodes every stream of the presentation and hands
+each stream's header and per-track fragments to a sink, starting at a fragment index it is
+given. Two backends exist: :func:`run_synthetic_encoder` (below, no dependencies) and
+:func:`orchestrator.ffmpeg.run_ffmpeg_encoder`. Index and timestamps come only from the shared
+clock, never from a counter of the instance's own.
+
+:class:`GroupEncoder` supervises the group's instance and is its sink:
+
+* every fragment passes the group's :class:`~orchestrator.continuity.Continuity` gate (on the
+  shared clock, never an index twice, never backwards) before it is pushed, without waiting, to
+  the outbox of every endpoint of its stream; a full outbox drops its oldest fragment, counted
+  and logged;
+* an instance that returns, raises, or emits no fragment for ``stall_after`` seconds is
+  stopped and restarted with capped backoff; the restart is counted
+  (``orchestrator_encoder_restarts_total{reason}``) and logged, and the new instance starts at
+  :meth:`Continuity.first_index`: the live fragment or the one after the last emitted, and if
+  the wall clock stepped backwards it waits rather than reissue an index;
+* after every fragment completed on all tracks of a stream, the group's state (last index per
+  stream) is written atomically to the state directory, so a restarted process continues too;
+* :meth:`GroupEncoder.finish` (graceful shutdown) lets the instance complete the fragment in
+  flight, then stops it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-from orchestrator.clock import fragment_due_ns, live_index
+import trio
+
+from orchestrator.clock import TrackClock, fragment_due_ns, live_index
+from orchestrator.continuity import ClockIdentity, Continuity, Verdict, encode_state
 from orchestrator.metrics import Metrics
-from orchestrator.publisher import EndpointQueue, PublisherState
+from orchestrator.profile import Profile
+from orchestrator.publisher import EndpointOutbox, HeaderBoard, PublisherState
+from orchestrator.statefile import write_state
+from orchestrator.stream import EncodedFragment, StreamHeader
 from orchestrator.synthetic import SyntheticStream
 from orchestrator.wallclock import WallClock
 
 log = logging.getLogger(__name__)
 
 
+class Sink:
+    """What an encoder instance hands its output to. Neither method ever blocks."""
+
+    def header(self, header: StreamHeader) -> None:
+        raise NotImplementedError
+
+    def fragment(self, fragment: EncodedFragment) -> None:
+        raise NotImplementedError
+
+
+InstanceRunner = Callable[[int, Sink], Awaitable[None]]
+"""Runs one encoder instance from fragment index ``first_index`` until cancelled or failed."""
+
+
+async def run_synthetic_encoder(profile: Profile, first_index: int, sink: Sink, *, wall: WallClock) -> None:
+    """Release every stream's fragments on the shared clock from ``first_index`` on.
+
+    Fragment k is released when it is complete on every track of every stream (its due time),
+    built from the packaged clips. Cancellation: stops between fragments (a fragment set is
+    built and handed over in one step, with no checkpoint in between).
+    """
+    sources = [SyntheticStream(profile, stream) for stream in profile.streams]
+    for source in sources:
+        sink.header(source.header)
+    k = first_index
+    while True:
+        await wall.sleep_until_ns(max(fragment_due_ns(source.clocks, k) for source in sources))
+        for source in sources:
+            for fragment in source.fragment(k):
+                sink.fragment(fragment)
+        k += 1
+
+
 @dataclass
 class EncoderState:
+    """What the status view shows for one (group, stream)."""
+
     group: str
     stream_id: str
     last_index: int | None = None
@@ -32,45 +90,232 @@ class EncoderState:
 
 @dataclass(frozen=True)
 class Output:
-    """One endpoint the stream goes to: its queue, and the publisher state for logging."""
+    """One endpoint the stream goes to: its outbox, and the publisher state for logging."""
 
-    queue: EndpointQueue
+    outbox: EndpointOutbox
     publisher: PublisherState
     labels: tuple[str, str, str, str]
 
 
-async def run_synthetic_encoder(
-    source: SyntheticStream,
-    outputs: Sequence[Output],
-    *,
-    group: str,
-    wall: WallClock,
-    metrics: Metrics,
-    state: EncoderState,
-) -> None:
-    """Release fragments of ``source`` on the shared clock until cancelled.
+@dataclass(frozen=True)
+class RestartPolicy:
+    base: float = 0.5
+    cap: float = 10.0
+    healthy_after: float = 30.0  # an instance that ran this long resets the backoff
 
-    Cancellation: stops between fragments (a fragment is built and queued in one step, with no
-    checkpoint in between), so every endpoint's queue ends on a whole fragment set. The caller
-    closes the queues afterwards.
-    """
-    stream_id = source.stream.id
-    k = live_index(source.clocks, wall.now_ns())
-    log.info("encoder.started group=%s stream=%s backend=synthetic first_index=%d", group, stream_id, k)
-    while True:
-        await wall.sleep_until_ns(fragment_due_ns(source.clocks, k))
-        fragments = source.fragment(k)
-        for output in outputs:
-            for fragment in fragments:
-                for lost in output.queue.put_nowait(fragment):
-                    metrics.queue_dropped.labels(*output.labels).inc()
-                    log.warning(
-                        "publisher.queue.dropped group=%s stream=%s endpoint=%s index=%d track=%d reason=queue_full",
-                        group, stream_id, output.publisher.endpoint, lost.index, lost.track_id)  # fmt: skip
-            metrics.queue_depth.labels(*output.labels).set(len(output.queue))
-        metrics.fragments_encoded.labels(stream_id, group).inc(len(fragments))
-        metrics.last_encoded_index.labels(stream_id, group).set(k)
-        state.last_index = k
-        state.fragments += 1
-        log.debug("encoder.fragment group=%s stream=%s index=%d", group, stream_id, k)
-        k += 1
+    def delay(self, consecutive: int) -> float:
+        return 0.0 if consecutive <= 1 else min(self.cap, self.base * 2 ** (consecutive - 2))
+
+
+class GroupEncoder(Sink):
+    """Supervises one group's encoder instance and gates its output. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        group: str,
+        profile: Profile,
+        runner: InstanceRunner,
+        outputs: Mapping[str, Sequence[Output]],
+        headers: dict[str, HeaderBoard],
+        states: dict[str, EncoderState],
+        metrics: Metrics,
+        wall: WallClock,
+        restored: dict[str, int] | None = None,
+        state_dir: Path | None = None,
+        stall_after: float | None = None,
+        restart: RestartPolicy | None = None,
+    ) -> None:
+        self.group = group
+        self.profile = profile
+        self.runner = runner
+        self.outputs = outputs
+        self.headers = headers
+        self.states = states
+        self.metrics = metrics
+        self.wall = wall
+        self.clocks: dict[str, list[TrackClock]] = {
+            s.id: [profile.track_clock(t) for t in s.tracks] for s in profile.streams
+        }
+        self.continuity = Continuity(self.clocks, restored)
+        self.state_dir = state_dir
+        self.state_name = f"{profile.presentation.name}.{group}"
+        self.fragment_seconds = float(profile.presentation.fragment_duration)
+        if stall_after is None:
+            stall_after = profile.groups[group].stall_fragments * self.fragment_seconds
+        self.stall_after = stall_after
+        self.restart = restart or RestartPolicy()
+        self.restarts = 0
+        self._identity = ClockIdentity(profile.presentation.name, profile.presentation.epoch_ns,
+                                       profile.presentation.fragment_duration)  # fmt: skip
+        self._instance_scope: trio.CancelScope | None = None
+        self._last_progress = 0.0
+        self._final_index: int | None = None
+        self._final_reached = trio.Event()
+        self._stopping = False
+        self._state_dirty = trio.Event()
+
+    # --- the sink ---------------------------------------------------------------------------
+
+    def header(self, header: StreamHeader) -> None:
+        board = self.headers.get(header.stream_id)
+        if board is not None:
+            board.announce(header)
+
+    def fragment(self, fragment: EncodedFragment) -> None:
+        stream_id = fragment.stream_id
+        if self._final_index is not None and fragment.index > self._final_index:
+            return  # stopping: only the fragment in flight is finished
+        judgement = self.continuity.judge(fragment)
+        if judgement.verdict is not Verdict.ACCEPTED:
+            level = logging.DEBUG if judgement.verdict is Verdict.REPEAT else logging.ERROR
+            log.log(level, "encoder.fragment.rejected group=%s stream=%s track=%d index=%d reason=%s detail=%s",
+                    self.group, stream_id, fragment.track_id, fragment.index, judgement.verdict.value,
+                    judgement.reason)  # fmt: skip
+            self.metrics.encoder_rejected.labels(stream_id, self.group, judgement.verdict.value).inc()
+            return
+        self._last_progress = trio.current_time()
+        if judgement.skipped:
+            log.warning("encoder.fragments.skipped group=%s stream=%s track=%d count=%d next_index=%d",
+                        self.group, stream_id, fragment.track_id, judgement.skipped, fragment.index)  # fmt: skip
+            if fragment.track_id == 1:
+                self.metrics.encoder_skipped.labels(stream_id, self.group).inc(judgement.skipped)
+        for output in self.outputs.get(stream_id, ()):
+            for lost in output.outbox.push(fragment):
+                self.metrics.dropped_fragments.labels(*output.labels).inc()
+                log.warning(
+                    "publisher.backlog.dropped group=%s stream=%s endpoint=%s index=%d track=%d reason=backlog_full",
+                    self.group, stream_id, output.publisher.endpoint, lost.index, lost.track_id)  # fmt: skip
+        self.metrics.fragments_encoded.labels(stream_id, self.group).inc()
+        done = self.continuity.completed(stream_id)
+        if done == fragment.index:  # the stream's last track for this index
+            self.metrics.last_encoded_index.labels(stream_id, self.group).set(done)
+            state = self.states.get(stream_id)
+            if state is not None:
+                state.last_index = done
+                state.fragments += 1
+            log.debug("encoder.fragment group=%s stream=%s index=%d", self.group, stream_id, done)
+            self._state_dirty.set()
+            if self._final_index is not None and all(
+                (self.continuity.completed(s) or -1) >= self._final_index for s in self.clocks
+            ):
+                self._final_reached.set()
+
+    # --- supervision ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run the group's encoder instance, restarting it whenever it ends, fails or stalls.
+
+        Cancellation: the instance is cancelled (a process backend kills its process) and the
+        state is written one last time, shielded.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watchdog)
+                nursery.start_soon(self._persist_state)
+                await self._restart_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._write_state()
+
+    async def finish(self, grace: float) -> None:
+        """Graceful stop: let the instance complete the fragment in flight (the one live now),
+        then stop it. Gives up after ``grace`` seconds."""
+        now_ns = self.wall.now_ns()
+        self._final_index = max(live_index(clocks, now_ns) for clocks in self.clocks.values())
+        log.info("encoder.finishing group=%s final_index=%d", self.group, self._final_index)
+        with trio.move_on_after(grace) as waited:
+            await self._final_reached.wait()
+        if waited.cancelled_caught:
+            log.warning("encoder.finish.timeout group=%s final_index=%d seconds=%g", self.group,
+                        self._final_index, grace)  # fmt: skip
+        self._stopping = True
+        if self._instance_scope is not None:
+            self._instance_scope.cancel()
+
+    async def _restart_loop(self) -> None:
+        consecutive = 0
+        while not self._stopping:
+            first = await self._wait_for_first_index()
+            started = trio.current_time()
+            self._last_progress = started + self.fragment_seconds  # allowance for the fragment in flight
+            reason, detail = "exited", "the instance returned"
+            with trio.CancelScope() as scope:
+                self._instance_scope = scope
+                self.metrics.encoder_up.labels(self.group).set(1)
+                log.info("encoder.started group=%s first_index=%d restarts=%d", self.group, first, self.restarts)
+                try:
+                    await self.runner(first, self)
+                except Exception as exc:  # any failure of an instance is survived: restart it
+                    reason, detail = self._classify(exc)
+                    log.error("encoder.failed group=%s reason=%s detail=%s", self.group, reason, detail,
+                              exc_info=reason == "crashed")  # fmt: skip
+            self._instance_scope = None
+            self.metrics.encoder_up.labels(self.group).set(0)
+            if self._stopping:
+                return
+            if scope.cancelled_caught:
+                reason, detail = "stalled", f"no fragment for {self.stall_after:g} s"
+            ran_for = trio.current_time() - started
+            consecutive = 1 if ran_for >= self.restart.healthy_after else consecutive + 1
+            delay = self.restart.delay(consecutive)
+            self.restarts += 1
+            self.metrics.encoder_restarts.labels(self.group, reason).inc()
+            log.warning("encoder.restarting group=%s reason=%s detail=%s ran_seconds=%.1f in_seconds=%.1f",
+                        self.group, reason, detail, ran_for, delay)  # fmt: skip
+            await trio.sleep(delay)
+
+    def _classify(self, exc: BaseException) -> tuple[str, str]:
+        exit_code = getattr(exc, "exit_code", None)
+        if isinstance(exit_code, int):
+            self.metrics.encoder_last_exit_code.labels(self.group).set(exit_code)
+            return ("killed" if exit_code < 0 else "exited"), str(exc)
+        return "crashed", f"{type(exc).__name__}: {exc}"
+
+    async def _wait_for_first_index(self) -> int:
+        """The index the next instance starts at; waits while the wall clock is behind the last
+        fragment emitted (it stepped backwards), so no index is ever issued twice."""
+        live = min(live_index(c, self.wall.now_ns()) for c in self.clocks.values())
+        first = self.continuity.first_index(live)
+        if first > live:
+            resume_ns = max(clock.wall_ns(clock.start(first)) for c in self.clocks.values() for clock in c)
+            log.warning("encoder.waiting_for_clock group=%s live_index=%d resume_index=%d wait_seconds=%.1f",
+                        self.group, live, first, (resume_ns - self.wall.now_ns()) / 1e9)  # fmt: skip
+            await self.wall.sleep_until_ns(resume_ns)
+        return first
+
+    async def _watchdog(self) -> None:
+        """Cancels an instance that emits nothing for ``stall_after`` seconds.
+        Cancellation: simply stops watching."""
+        while True:
+            await trio.sleep(min(1.0, self.stall_after / 4))
+            scope = self._instance_scope
+            if scope is None or self._stopping or scope.cancel_called:
+                continue
+            if trio.current_time() - self._last_progress >= self.stall_after:
+                log.error("encoder.stalled group=%s seconds=%g", self.group, self.stall_after)
+                scope.cancel()
+
+    async def _persist_state(self) -> None:
+        """Writes the state file after fragments complete, at most twice a second.
+        Cancellation: stops; ``run`` writes the final state."""
+        if self.state_dir is None:
+            return
+        while True:
+            await self._state_dirty.wait()
+            self._state_dirty = trio.Event()
+            await self._write_state()
+            await trio.sleep(0.5)
+
+    async def _write_state(self) -> None:
+        if self.state_dir is None:
+            return
+        snapshot = self.continuity.snapshot()
+        if not snapshot:
+            return
+        data = encode_state(self._identity, self.group, snapshot, self.clocks)
+        try:
+            await trio.to_thread.run_sync(write_state, self.state_dir, self.state_name, data)
+        except OSError as exc:
+            log.error("encoder.state.write_failed group=%s dir=%s error=%s", self.group, self.state_dir, exc)

@@ -6,8 +6,12 @@ Labels: ``stream`` (stream id), ``group`` (encoder group), ``endpoint`` (endpoin
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_asgi_app
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from orchestrator.httpserve import serve_asgi
 
@@ -49,12 +53,66 @@ class Metrics:
         self.endpoint_up = Gauge(
             "orchestrator_endpoint_up", "1 while a POST to the endpoint is streaming", _ENDPOINT, registry=r
         )
-        self.queue_depth = Gauge(
-            "orchestrator_queue_fragments", "Fragments waiting for an endpoint", _ENDPOINT, registry=r
+        self.reconnects = Counter(
+            "orchestrator_reconnects_total", "POSTs reopened after a failed one", _ENDPOINT, registry=r
         )
-        self.queue_dropped = Counter(
-            "orchestrator_queue_dropped_fragments_total",
-            "Fragments dropped because an endpoint's queue was full", _ENDPOINT, registry=r)  # fmt: skip
+        self.resent_fragments = Counter(
+            "orchestrator_resent_fragments_total",
+            "Track fragments sent again on a new POST after a failure (forward buffer)", _ENDPOINT,
+            registry=r)  # fmt: skip
+        self.backlog_fragments = Gauge(
+            "orchestrator_backlog_fragments", "Track fragments waiting for an endpoint", _ENDPOINT, registry=r
+        )
+        self.backlog_seconds = Gauge(
+            "orchestrator_backlog_seconds", "Media seconds waiting for an endpoint (largest over tracks)",
+            _ENDPOINT, registry=r)  # fmt: skip
+        self.backlog_bytes = Gauge("orchestrator_backlog_bytes", "Bytes waiting for an endpoint", _ENDPOINT, registry=r)
+        self.dropped_fragments = Counter(
+            "orchestrator_dropped_fragments_total",
+            "Track fragments an endpoint will never get: its backlog bound was reached", _ENDPOINT,
+            registry=r)  # fmt: skip
+        self.encoder_restarts = Counter(
+            "orchestrator_encoder_restarts_total", "Encoder instances restarted, by reason (exited, crashed, stalled)",
+            ("group", "reason"), registry=r)  # fmt: skip
+        self.encoder_up = Gauge(
+            "orchestrator_encoder_up", "1 while the group's encoder instance runs", ("group",), registry=r
+        )
+        self.encoder_last_exit_code = Gauge(
+            "orchestrator_encoder_last_exit_code",
+            "Exit code of the group's last encoder process to end (negative: killed by that signal)",
+            ("group",), registry=r)  # fmt: skip
+        self.encoder_rejected = Counter(
+            "orchestrator_encoder_rejected_fragments_total",
+            "Fragments from an encoder instance not sent: repeats after a restart, or off the shared clock",
+            ("stream", "group", "reason"), registry=r)  # fmt: skip
+        self.encoder_skipped = Counter(
+            "orchestrator_encoder_skipped_fragments_total",
+            "Fragment indices a group never produced (its encoder was down); the other group covers them",
+            ("stream", "group"), registry=r)  # fmt: skip
+        self.seconds_since_push = _SecondsSincePush(r)
+
+
+class _SecondsSincePush(Collector):
+    """``orchestrator_seconds_since_last_push``, computed at scrape time from each publisher's
+    last push, so it keeps growing while a stream is stalled (a gauge set on push would not)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._sources: dict[tuple[str, str, str, str], Callable[[], float | None]] = {}
+        registry.register(self)
+
+    def track(self, labels: tuple[str, str, str, str], seconds_since: Callable[[], float | None]) -> None:
+        self._sources[labels] = seconds_since
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "orchestrator_seconds_since_last_push",
+            "Seconds since a fragment was last written to the endpoint's POST (absent before the first)",
+            labels=_ENDPOINT)  # fmt: skip
+        for labels, source in self._sources.items():
+            value = source()
+            if value is not None:
+                family.add_metric(labels, value)
+        yield family
 
 
 async def serve_metrics(

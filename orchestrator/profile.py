@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from pydantic import (
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Field,
     PlainSerializer,
@@ -273,13 +274,48 @@ class SyntheticEncoder(_Model):
 Encoder = Annotated[SyntheticEncoder, Field(discriminator="backend")]
 
 
+class BacklogBound(_Model):
+    """The outage catch-up bound, per stream and endpoint: whichever limit is reached first."""
+
+    seconds: Seconds = Field(default=Fraction(120), description="media seconds kept for an endpoint that is down")
+    bytes: ByteSize = Field(default=ByteSize(256 * 1024 * 1024), description='bytes kept, e.g. "256MiB"')
+
+    @field_validator("seconds")
+    @classmethod
+    def _positive_seconds(cls, value: Fraction) -> Fraction:
+        if not Fraction(4) <= value <= Fraction(86400):
+            raise ValueError(f"{float(value):g} s is outside 4 s to 1 day")
+        return value
+
+    @field_validator("bytes")
+    @classmethod
+    def _enough_bytes(cls, value: ByteSize) -> ByteSize:
+        if value < 1024 * 1024:
+            raise ValueError(f"{value} bytes is below 1 MiB: not even a fragment would fit")
+        return value
+
+
+class State(_Model):
+    """Where the supervisor keeps what must survive a restart of the process or pod."""
+
+    dir: Path | None = Field(
+        default=None,
+        description="directory for the last emitted (index, time) per group and stream; relative to the "
+        "working directory. Without it, a restarted orchestrator starts at the live index of the shared clock.",
+    )
+
+
 class Group(_Model):
     """An encoder group (primary, backup, ...): its encoder backend and its ingest endpoints."""
 
     encoder: Encoder
     endpoints: list[Endpoint] = Field(min_length=1)
-    queue_fragments: int = Field(
-        default=16, ge=2, le=10_000, description="fragments held per endpoint before the oldest is dropped"
+    max_backlog: BacklogBound = Field(
+        default_factory=lambda: BacklogBound(),
+        description="how much an unreachable endpoint may fall behind before its oldest fragments are dropped",
+    )
+    stall_fragments: int = Field(
+        default=3, ge=2, le=30, description="an encoder instance silent for this many fragment durations is restarted"
     )
 
     @model_validator(mode="after")
@@ -317,6 +353,7 @@ class Profile(_Model):
     streams: list[Stream] = Field(min_length=1)
     groups: dict[str, Group]
     metrics: Metrics = Metrics()
+    state: State = State()
 
     # Field validators rather than one model validator, so that the error names its key path
     # ("streams: ...", "groups: ...") like every other error.

@@ -1,20 +1,30 @@
-"""Publisher: pushes one stream to one ingest endpoint over a long-running chunked HTTP POST.
+"""Publisher: pushes one stream to one ingest endpoint over a long-running chunked HTTP POST,
+and never gives up on it.
 
 One :class:`Publisher` task runs per (group, stream, endpoint). It follows the ingest spec,
-section 4:
+sections 4 and 7:
 
-1. an empty-body POST to ``<publishing point>/Streams(<id>)`` probes the endpoint; a 401/403/404
-   is a named error (:class:`EndpointUnauthorized`, :class:`EndpointNotFound`), logged plainly;
+1. an empty-body POST to ``<publishing point>/Streams(<id>)`` probes the endpoint (it is sent
+   with ``Connection: close``, so the POST that follows always opens a new connection); a
+   401/403/404 is a named error (:class:`EndpointUnauthorized`, :class:`EndpointNotFound`),
+   logged plainly and retried slowly so a fixed credential or publishing point recovers;
 2. a long-running POST with chunked transfer encoding whose body is the stream header (ftyp,
-   Live Server Manifest, moov) followed by fragments taken from this endpoint's own
-   :class:`EndpointQueue`, as the encoder produces them;
+   Live Server Manifest, moov: the same bytes on every POST) followed by fragments taken from
+   this endpoint's own :class:`EndpointOutbox`, oldest first;
 3. when the stream ends (shutdown), the body is finished (the zero-length chunk) and the final
-   response awaited.
+   response awaited. A POST with nothing to send for ``idle_timeout`` is ended the same way
+   (spec 7.6: a POST that does not move data keeps the server from disconnecting us); the next
+   fragment opens a new one.
 
-Any failure ends the POST; the publisher waits as :class:`~orchestrator.reconnect.RetryPolicy`
-says and starts again with a new probe and a new POST that begins with the identical header.
-Resending the last fragments after a reconnect (the forward buffer) is the seam ``_on_reconnect``
-marks; this version resumes with whatever is queued.
+Any failure ends the POST. Each chunk (a fragment) must be written within ``send_timeout``
+(spec 7.2: between N and 2N for N-second fragments), which is also what terminates a POST that
+is not moving data at a rate commensurate with the fragment duration (a slow drip, a black
+hole). The outbox is rewound (its forward buffer, at least the last two fragments of every
+track, goes back to the head of the queue: spec 4.7, 7.3, 7.5.d), the publisher waits as
+:class:`~orchestrator.reconnect.RetryPolicy` says (first retry immediate, then capped
+exponential backoff with jitter, forever) and starts again with a new probe and a new POST.
+Fragments produced meanwhile wait in the outbox's bounded backlog and go out as fast as the
+connection allows once the endpoint is back.
 
 httpx errors are converted to :mod:`orchestrator.errors` types at this boundary.
 """
@@ -26,11 +36,11 @@ import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import httpx
 import trio
 
-from orchestrator.backlog import Backlog
 from orchestrator.errors import (
     EndpointError,
     EndpointNotFound,
@@ -38,6 +48,7 @@ from orchestrator.errors import (
     EndpointUnauthorized,
 )
 from orchestrator.metrics import Metrics
+from orchestrator.outbox import Outbox, OutboxLimits, Taken
 from orchestrator.profile import Endpoint
 from orchestrator.reconnect import Failure, RetryPolicy, classify_status
 from orchestrator.stream import EncodedFragment, StreamHeader
@@ -47,36 +58,73 @@ log = logging.getLogger(__name__)
 USER_AGENT = "orchestrator"
 
 
-class EndpointQueue:
-    """A :class:`Backlog` with a trio wake-up: the encoder puts without ever waiting, the
-    publisher waits for the next fragment."""
+class EndpointOutbox:
+    """An :class:`~orchestrator.outbox.Outbox` with a trio wake-up: the encoder pushes without
+    ever waiting, the publisher waits for the next fragment."""
 
-    def __init__(self, max_fragments: int) -> None:
-        self.backlog = Backlog(max_fragments)
+    def __init__(self, limits: OutboxLimits) -> None:
+        self.outbox = Outbox(limits)
         self._changed = trio.Event()
 
-    def put_nowait(self, fragment: EncodedFragment) -> list[EncodedFragment]:
-        dropped = self.backlog.push(fragment)
+    def push(self, fragment: EncodedFragment) -> list[EncodedFragment]:
+        dropped = self.outbox.push(fragment)
         self._changed.set()
         return dropped
 
     def close(self) -> None:
-        self.backlog.close()
+        self.outbox.close()
         self._changed.set()
 
-    async def get(self) -> EncodedFragment | None:
-        """The next fragment, or None once the queue is closed and drained."""
-        while True:
-            fragment = self.backlog.pop()
-            if fragment is not None:
-                return fragment
-            if self.backlog.finished:
-                return None
+    async def wait_for_work(self) -> bool:
+        """Wait until a fragment is pending (True) or the outbox is finished (False)."""
+        while not len(self.outbox):
+            if self.outbox.finished:
+                return False
             self._changed = trio.Event()
             await self._changed.wait()
+        return True
 
-    def __len__(self) -> int:
-        return len(self.backlog)
+    async def take(self, idle_timeout: float) -> Taken | Literal["idle"] | None:
+        """The next fragment; None once closed and drained; "idle" after ``idle_timeout``
+        seconds with nothing to send."""
+        with trio.move_on_after(idle_timeout):
+            if not await self.wait_for_work():
+                return None
+            return self.outbox.take()
+        return "idle"
+
+
+class HeaderBoard:
+    """The stream header of one (group, stream), as the encoder instance last announced it.
+
+    Every POST opens with it. An instance restarted with identical settings announces identical
+    bytes; if they ever differ (an ffmpeg upgrade, a changed source), the open POSTs end and the
+    next ones carry the new header, and the change is logged: receivers treat a different header
+    on the same stream as a mismatch (spec 7.5.c, 8.3).
+    """
+
+    def __init__(self, group: str, stream_id: str) -> None:
+        self.group = group
+        self.stream_id = stream_id
+        self.header: StreamHeader | None = None
+        self.version = 0
+        self._changed = trio.Event()
+
+    def announce(self, header: StreamHeader) -> None:
+        if self.header is not None and header.data == self.header.data:
+            return
+        if self.header is not None:
+            log.warning("encoder.header_changed group=%s stream=%s bytes=%d->%d", self.group, self.stream_id,
+                        len(self.header.data), len(header.data))  # fmt: skip
+        self.header = header
+        self.version += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self) -> StreamHeader:
+        while self.header is None:
+            await self._changed.wait()
+        return self.header
 
 
 @dataclass
@@ -92,6 +140,7 @@ class PublisherState:
     failures: int = 0
     last_error: str | None = None
     fragments_pushed: int = 0
+    reconnects: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,11 +148,13 @@ class PublisherSettings:
     connect_timeout: float = 10.0  # spec 7.1
     send_timeout: float = 4.0  # spec 7.2: between N and 2N for N-second fragments
     response_timeout: float = 10.0  # waiting for the final response after the last chunk
+    idle_timeout: float = 8.0  # end a POST with nothing to send (spec 7.6)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
     @classmethod
-    def for_fragment_duration(cls, seconds: float) -> PublisherSettings:
-        return cls(send_timeout=max(2.0, 1.5 * seconds))
+    def for_fragment_duration(cls, seconds: float, **overrides: Any) -> PublisherSettings:
+        settings = {"send_timeout": max(2.0, 1.5 * seconds), "idle_timeout": 3.0 * seconds, **overrides}
+        return cls(**settings)
 
 
 class Publisher:
@@ -114,8 +165,8 @@ class Publisher:
         group: str,
         stream_id: str,
         endpoint: Endpoint,
-        header: StreamHeader,
-        queue: EndpointQueue,
+        header: HeaderBoard,
+        outbox: EndpointOutbox,
         metrics: Metrics,
         settings: PublisherSettings,
         auth: httpx.Auth | None = None,
@@ -127,31 +178,33 @@ class Publisher:
         self.endpoint = endpoint
         self.url = endpoint.stream_url(stream_id)
         self.header = header
-        self.queue = queue
+        self.outbox = outbox
         self.metrics = metrics
         self.settings = settings
         self.auth = auth
         labels = (stream_id, group, endpoint.name, endpoint.region)
         self.state = PublisherState(group, stream_id, endpoint.name)
-        self._labels = labels
+        self.labels = labels
         self._headers = {"User-Agent": USER_AGENT, "X-Encoder-Group": group, **(extra_headers or {})}
         self._timeout = httpx.Timeout(
             connect=settings.connect_timeout, write=settings.send_timeout,
             read=settings.response_timeout, pool=settings.connect_timeout)  # fmt: skip
+        self._failed_since_last_post = False
+        metrics.seconds_since_push.track(labels, self._seconds_since_push)
 
     def _log_fields(self) -> str:
         return f"group={self.group} stream={self.stream_id} endpoint={self.endpoint.name}"
 
     async def run(self) -> None:
-        """Probe, then POST; on failure wait per the retry policy and start again, until the
-        queue is closed and drained.
+        """Probe, then POST; on failure rewind the outbox, wait per the retry policy and start
+        again, forever, until the outbox is closed and drained.
 
         Cancellation: the POST in flight is abandoned (its connection closed without the final
         chunk); fragments still queued are lost for this endpoint. For a clean end, close the
-        queue instead and let ``run`` return.
+        outbox instead and let ``run`` return.
         """
         consecutive_failures = 0
-        while not self.queue.backlog.finished:
+        while await self.outbox.wait_for_work():
             try:
                 await self._probe()
                 await self._post()
@@ -160,18 +213,30 @@ class Publisher:
                 consecutive_failures += 1
                 failure = classify_status(exc.status_code) if exc.status_code else Failure.TRANSPORT
                 self._record_failure(failure, exc)
-                if self.queue.backlog.closed:
+                self._rewind()
+                if self.outbox.outbox.closed and consecutive_failures > 2:
                     log.warning("publisher.abandoned %s reason=stopping_while_endpoint_down fragments=%d",
-                                self._log_fields(), len(self.queue))  # fmt: skip
-                    break
-                await trio.sleep(self.settings.retry.delay(consecutive_failures, failure, random.random()))
+                                self._log_fields(), len(self.outbox.outbox))  # fmt: skip
+                    return
+                delay = self.settings.retry.delay(consecutive_failures, failure, random.random())
+                log.info("publisher.retry %s in_seconds=%.2f attempt=%d", self._log_fields(), delay,
+                         consecutive_failures)  # fmt: skip
+                await trio.sleep(delay)
             finally:
                 self._set_connected(False)
+                self._update_backlog()
+
+    def _rewind(self) -> None:
+        again = self.outbox.outbox.rewind()
+        self._failed_since_last_post = True
+        if again:
+            log.info("publisher.rewind %s resend=%d first_index=%d", self._log_fields(), len(again),
+                     min(f.index for f in again))  # fmt: skip
 
     def _record_failure(self, failure: Failure, exc: EndpointError) -> None:
         self.state.failures += 1
         self.state.last_error = str(exc)
-        self.metrics.post_failures.labels(*self._labels, failure.value).inc()
+        self.metrics.post_failures.labels(*self.labels, failure.value).inc()
         fields = f"{self._log_fields()} status={exc.status_code} url={self.url}"
         if isinstance(exc, EndpointUnauthorized):
             log.error("publisher.unauthorized %s hint=%s", fields,
@@ -185,43 +250,59 @@ class Publisher:
     async def _probe(self) -> None:
         """The empty-body POST (spec 4, requirement 1): cheap, and fails fast on bad URLs and
         credentials before we start streaming."""
-        response = await self._request(content=b"")
+        response = await self._request(content=b"", close=True)
         _raise_for_status(self.url, response)
         log.debug("publisher.probe.ok %s status=%d", self._log_fields(), response.status_code)
 
     async def _post(self) -> None:
-        self.metrics.posts_opened.labels(*self._labels).inc()
-        log.info("publisher.post.started %s url=%s", self._log_fields(), self.url)
-        response = await self._request(content=self._body())
+        header = await self.header.wait()
+        self.metrics.posts_opened.labels(*self.labels).inc()
+        if self._failed_since_last_post:
+            self._failed_since_last_post = False
+            self.state.reconnects += 1
+            self.metrics.reconnects.labels(*self.labels).inc()
+        log.info("publisher.post.started %s url=%s backlog=%d", self._log_fields(), self.url,
+                 len(self.outbox.outbox))  # fmt: skip
+        response = await self._request(content=self._body(header, self.header.version))
         _raise_for_status(self.url, response)
         log.info("publisher.post.ended %s status=%d", self._log_fields(), response.status_code)
 
-    async def _request(self, content: bytes | AsyncIterator[bytes]) -> httpx.Response:
+    async def _request(self, content: bytes | AsyncIterator[bytes], close: bool = False) -> httpx.Response:
+        headers = {**self._headers, "Connection": "close"} if close else self._headers
         try:
             return await self.client.post(
-                self.url, content=content, headers=self._headers, auth=self.auth or httpx.USE_CLIENT_DEFAULT,
+                self.url, content=content, headers=headers, auth=self.auth or httpx.USE_CLIENT_DEFAULT,
                 timeout=self._timeout)  # fmt: skip
         except httpx.TimeoutException as exc:
             raise EndpointError(self.url, f"timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise EndpointError(self.url, f"connection failed: {type(exc).__name__}: {exc}") from exc
 
-    async def _body(self) -> AsyncIterator[bytes]:
+    async def _body(self, header: StreamHeader, header_version: int) -> AsyncIterator[bytes]:
         """The POST body. httpx asks for the next chunk only once the previous one is written,
         so a fragment counts as pushed when the generator resumes after yielding it."""
-        yield self.header.data
-        self.metrics.bytes_pushed.labels(*self._labels).inc(len(self.header.data))
+        yield header.data
+        self.metrics.bytes_pushed.labels(*self.labels).inc(len(header.data))
         self._set_connected(True)
         while True:
-            fragment = await self.queue.get()
-            self.metrics.queue_depth.labels(*self._labels).set(len(self.queue))
-            if fragment is None:
+            if self.header.version != header_version:
+                log.info("publisher.post.ending %s reason=header_changed", self._log_fields())
                 return
-            yield fragment.data
-            self._on_pushed(fragment)
+            item = await self.outbox.take(self.settings.idle_timeout)
+            self._update_backlog()
+            if item is None:
+                return
+            if item == "idle":
+                log.info("publisher.post.ending %s reason=idle seconds=%g", self._log_fields(),
+                         self.settings.idle_timeout)  # fmt: skip
+                return
+            yield item.fragment.data
+            self._on_pushed(item)
 
-    def _on_pushed(self, fragment: EncodedFragment) -> None:
-        labels = self._labels
+    def _on_pushed(self, item: Taken) -> None:
+        fragment, labels = item.fragment, self.labels
+        if item.resend:
+            self.metrics.resent_fragments.labels(*labels).inc()
         self.metrics.fragments_pushed.labels(*labels).inc()
         self.metrics.bytes_pushed.labels(*labels).inc(len(fragment.data))
         self.metrics.last_pushed_index.labels(*labels).set(fragment.index)
@@ -231,9 +312,22 @@ class Publisher:
         self.state.last_push_monotonic = trio.current_time()
         self.state.fragments_pushed += 1
 
+    def _seconds_since_push(self) -> float | None:
+        last = self.state.last_push_monotonic
+        try:
+            return None if last is None else trio.current_time() - last
+        except RuntimeError:  # scraped outside trio (a test reading the registry afterwards)
+            return None
+
+    def _update_backlog(self) -> None:
+        outbox, labels = self.outbox.outbox, self.labels
+        self.metrics.backlog_fragments.labels(*labels).set(len(outbox))
+        self.metrics.backlog_bytes.labels(*labels).set(outbox.pending_bytes)
+        self.metrics.backlog_seconds.labels(*labels).set(float(outbox.pending_seconds))
+
     def _set_connected(self, connected: bool) -> None:
         self.state.connected = connected
-        self.metrics.endpoint_up.labels(*self._labels).set(1 if connected else 0)
+        self.metrics.endpoint_up.labels(*self.labels).set(1 if connected else 0)
 
 
 def _raise_for_status(url: str, response: httpx.Response) -> None:

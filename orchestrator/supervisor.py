@@ -6,20 +6,23 @@ Task tree (all trio nurseries, nothing detached)::
     ├── local ingest servers (``--local-ingest``), metrics listener      [services]
     ├── signal watcher: 1st SIGINT/SIGTERM = graceful stop, 2nd = cancel everything
     ├── status view (live table on a TTY, log lines otherwise)
-    └── per group, per stream:
-        ├── encoder instance                                            [encoders]
-        └── one publisher per endpoint                                  [publishers]
+    └── per group:
+        ├── GroupEncoder: the group's encoder instance, restarted when it
+        │   fails or stalls, gating every fragment onto the shared clock    [encoders]
+        └── per stream, one publisher per endpoint                          [publishers]
 
-Graceful stop: encoders are cancelled between fragments; every endpoint queue is closed; each
-publisher sends what is queued, ends its chunked body and waits for the final response, all
-within ``shutdown_grace`` seconds, after which whatever is left is cancelled. Then the services
-stop and ``run_up`` returns normally (the CLI exits 0).
+Graceful stop (SIGTERM, SIGINT, ``--duration``): each group's instance finishes the fragment in
+flight and is stopped; every endpoint outbox is closed; each publisher sends what is queued,
+ends its chunked body and waits for the final response. All of it within ``shutdown_grace``
+seconds, after which whatever is left is cancelled. Then the services stop and ``run_up``
+returns normally (the CLI exits 0).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,11 +33,14 @@ import httpx
 import trio
 from prometheus_client import CollectorRegistry
 
-from orchestrator.encoder import EncoderState, Output, run_synthetic_encoder
-from orchestrator.errors import OrchestratorError, ProfileError
+from orchestrator.continuity import ClockIdentity, decode_state
+from orchestrator.encoder import EncoderState, GroupEncoder, InstanceRunner, Output, Sink, run_synthetic_encoder
+from orchestrator.errors import ProfileError
 from orchestrator.metrics import Metrics, serve_metrics
+from orchestrator.outbox import OutboxLimits
 from orchestrator.profile import Profile, parse_listen
-from orchestrator.publisher import EndpointQueue, Publisher, PublisherSettings, PublisherState, auth_for
+from orchestrator.publisher import EndpointOutbox, HeaderBoard, Publisher, PublisherSettings, PublisherState, auth_for
+from orchestrator.statefile import read_state, state_path
 from orchestrator.status import StatusView
 from orchestrator.synthetic import SyntheticStream
 from orchestrator.wallclock import SystemWallClock, WallClock
@@ -51,6 +57,8 @@ class UpOptions:
     shutdown_grace: float = 10.0
     handle_signals: bool = True
     profile_path: str = "<profile>"
+    publisher_settings: PublisherSettings | None = None  # None: derived from the fragment duration
+    stall_after: float | None = None  # None: the group's stall_fragments x the fragment duration
 
 
 @dataclass
@@ -59,6 +67,7 @@ class Running:
 
     publishers: list[PublisherState] = field(default_factory=list)
     encoders: list[EncoderState] = field(default_factory=list)
+    group_encoders: list[GroupEncoder] = field(default_factory=list)
     metrics_address: tuple[str, int] | None = None
     ingest_addresses: list[tuple[str, int]] = field(default_factory=list)
     stop: trio.Event = field(default_factory=trio.Event)
@@ -77,8 +86,10 @@ class _Planned:
             raise ProfileError(options.profile_path, [("groups", f"no group named {', '.join(unknown)} "
                                                                   f"(the profile has: {known})")])  # fmt: skip
         self.groups = selected
-        self.sources = {s.id: SyntheticStream(profile, s) for s in profile.streams}
-        self.settings = PublisherSettings.for_fragment_duration(float(profile.presentation.fragment_duration))
+        for stream in profile.streams:  # the synthetic clips must cover every track: fail now, not live
+            SyntheticStream(profile, stream)
+        self.settings = options.publisher_settings or PublisherSettings.for_fragment_duration(
+            float(profile.presentation.fragment_duration))  # fmt: skip
         self.auth: dict[tuple[str, int], httpx.Auth | None] = {}
         problems = []
         for group_name in selected:
@@ -94,6 +105,38 @@ class _Planned:
         if problems:
             raise ProfileError(options.profile_path, problems)
         self.metrics = metrics
+        self.restored = {group: self._restore(group) for group in selected}
+
+    def _restore(self, group: str) -> dict[str, int] | None:
+        """The group's continuity state from the state directory, if any. A state file that
+        cannot be used is reported and ignored: the shared clock alone still gives a consistent
+        (if possibly repeated) index, and refusing to go live would be worse."""
+        directory = self.profile.state.dir
+        if directory is None:
+            return None
+        p = self.profile.presentation
+        name = f"{p.name}.{group}"
+        where = state_path(directory, name)
+        try:
+            data = read_state(directory, name)
+            if data is None:
+                log.info("supervisor.state.none group=%s file=%s", group, where)
+                return None
+            restored = decode_state(data, ClockIdentity(p.name, p.epoch_ns, p.fragment_duration), group)
+        except (OSError, ValueError) as exc:
+            log.error("supervisor.state.ignored group=%s file=%s error=%s", group, where, exc)
+            return None
+        log.info("supervisor.state.restored group=%s file=%s last_index=%s", group, where,
+                 ",".join(f"{s}:{i}" for s, i in sorted(restored.items())))  # fmt: skip
+        return restored
+
+    def runner(self, group: str, wall: WallClock) -> InstanceRunner:
+        profile = self.profile
+
+        async def synthetic(first_index: int, sink: Sink) -> None:
+            await run_synthetic_encoder(profile, first_index, sink, wall=wall)
+
+        return synthetic
 
     def local_ingest_addresses(self) -> list[tuple[str, int]]:
         addresses: set[tuple[str, int]] = set()
@@ -161,27 +204,34 @@ async def _run_groups(
 ) -> None:
     profile, metrics = plan.profile, plan.metrics
     publishers: list[Publisher] = []
-    encoders: list[tuple[SyntheticStream, list[Output], str, EncoderState]] = []
+    encoders: list[GroupEncoder] = []
     for group_name in plan.groups:
         group = profile.groups[group_name]
+        limits = OutboxLimits(group.max_backlog.seconds, int(group.max_backlog.bytes))
+        outputs: dict[str, list[Output]] = {}
+        headers: dict[str, HeaderBoard] = {}
+        states: dict[str, EncoderState] = {}
         for stream in profile.streams:
-            source = plan.sources[stream.id]
-            outputs = []
+            headers[stream.id] = HeaderBoard(group_name, stream.id)
+            states[stream.id] = EncoderState(group_name, stream.id)
+            running.encoders.append(states[stream.id])
             for i, endpoint in enumerate(group.endpoints):
                 if endpoint.ca_file not in clients:
-                    clients[endpoint.ca_file] = _make_client(endpoint.ca_file)
-                queue = EndpointQueue(group.queue_fragments)
+                    clients[endpoint.ca_file] = _make_client(endpoint.ca_file, plan.settings)
+                outbox = EndpointOutbox(limits)
                 publisher = Publisher(
                     client=clients[endpoint.ca_file], group=group_name, stream_id=stream.id, endpoint=endpoint,
-                    header=source.header, queue=queue, metrics=metrics, settings=plan.settings,
+                    header=headers[stream.id], outbox=outbox, metrics=metrics, settings=plan.settings,
                     auth=plan.auth[(group_name, i)])  # fmt: skip
                 publishers.append(publisher)
                 running.publishers.append(publisher.state)
-                labels = (stream.id, group_name, endpoint.name, endpoint.region)
-                outputs.append(Output(queue, publisher.state, labels))
-            state = EncoderState(group_name, stream.id)
-            running.encoders.append(state)
-            encoders.append((source, outputs, group_name, state))
+                outputs.setdefault(stream.id, []).append(Output(outbox, publisher.state, publisher.labels))
+        encoder = GroupEncoder(
+            group=group_name, profile=profile, runner=plan.runner(group_name, wall), outputs=outputs,
+            headers=headers, states=states, metrics=metrics, wall=wall, restored=plan.restored[group_name],
+            state_dir=profile.state.dir, stall_after=options.stall_after)  # fmt: skip
+        encoders.append(encoder)
+        running.group_encoders.append(encoder)
 
     view = StatusView(running, profile, mode=options.status)
     log.info("supervisor.started profile=%s groups=%s streams=%d publishers=%d", profile.presentation.name,
@@ -191,33 +241,38 @@ async def _run_groups(
             publishers_nursery.start_soon(publisher.run)
         publishers_nursery.start_soon(view.run)
         async with trio.open_nursery() as encoders_nursery:
-            for source, outputs, group_name, state in encoders:
-                encoders_nursery.start_soon(_encoder_task, source, outputs, group_name, wall, metrics, state)
+            for encoder in encoders:
+                encoders_nursery.start_soon(encoder.run)
             task_status.started(running)
             await running.stop.wait()
+            deadline = trio.current_time() + options.shutdown_grace
             log.info("supervisor.stopping grace_seconds=%g", options.shutdown_grace)
-            encoders_nursery.cancel_scope.cancel()
+            # Finish the fragment in flight, but leave the publishers at least a third of the grace.
+            async with trio.open_nursery() as finishing:
+                for encoder in encoders:
+                    finishing.start_soon(encoder.finish, options.shutdown_grace * 2 / 3)
+            encoders_nursery.cancel_scope.deadline = trio.current_time() + 1.0
         for publisher in publishers:
-            publisher.queue.close()
+            publisher.outbox.close()
         view.stop()
-        publishers_nursery.cancel_scope.deadline = trio.current_time() + options.shutdown_grace
+        publishers_nursery.cancel_scope.deadline = deadline
 
 
-async def _encoder_task(
-    source: SyntheticStream, outputs: list[Output], group: str, wall: WallClock, metrics: Metrics,
-    state: EncoderState,
-) -> None:  # fmt: skip
-    try:
-        await run_synthetic_encoder(source, outputs, group=group, wall=wall, metrics=metrics, state=state)
-    except OrchestratorError:
-        log.exception("encoder.failed group=%s stream=%s", group, source.stream.id)
-        raise
-
-
-def _make_client(ca_file: Path | None) -> httpx.AsyncClient:
+def _make_client(ca_file: Path | None, settings: PublisherSettings) -> httpx.AsyncClient:
     # TLS verification is always on; a profile may only add a CA bundle to trust.
     verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
-    return httpx.AsyncClient(verify=verify, limits=httpx.Limits(max_connections=None))
+    transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=_socket_options(settings))
+    return httpx.AsyncClient(transport=transport, limits=httpx.Limits(max_connections=None))
+
+
+def _socket_options(settings: PublisherSettings) -> list[tuple[int, int, int]]:
+    """TCP_USER_TIMEOUT (Linux): a connection whose sent data stays unacknowledged for the send
+    timeout is dropped by the kernel. That is how a real black hole (a dead link, a firewall
+    dropping packets) surfaces even when our writes still fit in the socket buffer."""
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(settings.send_timeout * 1000)))
+    return options
 
 
 async def _stop_after(seconds: float, stop: trio.Event) -> None:

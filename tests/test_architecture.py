@@ -6,7 +6,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "orchestrator"
-PURE_CORE = ["clock", "fmp4", "fmp4_reader", "manifest", "stream", "backlog", "reconnect", "receiver", "errors"]
+PURE_CORE = [
+    "clock",
+    "fmp4",
+    "fmp4_reader",
+    "manifest",
+    "stream",
+    "outbox",
+    "continuity",
+    "reconnect",
+    "receiver",
+    "errors",
+]
 IO_MODULES = {"trio", "httpx", "httpcore", "hypercorn", "anyio", "subprocess", "socket", "asyncio", "os", "shutil",
               "prometheus_client", "rich", "click", "time", "orchestrator.wallclock"}  # fmt: skip
 

@@ -1,79 +1,276 @@
-"""The encoder instance on trio's autojump clock: fragments released exactly when due."""
+"""The group encoder on trio's autojump clock: fragments released when due, restarts that continue
+the timeline (crash, stall, wall clock stepped back, process restart), graceful finish."""
 
+from __future__ import annotations
+
+import itertools
+import logging
+from fractions import Fraction
 from pathlib import Path
 
+import pytest
 import trio
 
 from orchestrator.clock import fragment_due_ns, live_index
-from orchestrator.encoder import EncoderState, Output, run_synthetic_encoder
+from orchestrator.continuity import ClockIdentity, decode_state
+from orchestrator.encoder import EncoderState, GroupEncoder, Output, RestartPolicy, Sink, run_synthetic_encoder
+from orchestrator.errors import EncoderError
 from orchestrator.metrics import Metrics
+from orchestrator.outbox import OutboxLimits
 from orchestrator.profile import load_profile
-from orchestrator.publisher import EndpointQueue, PublisherState
-from orchestrator.synthetic import SyntheticStream
+from orchestrator.publisher import EndpointOutbox, HeaderBoard, PublisherState
+from orchestrator.statefile import read_state
+from orchestrator.stream import EncodedFragment
 from orchestrator.wallclock import TrioWallClock
 
 DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
 START_NS = 1_795_000_000_123_456_789  # 2026-11-18, mid-fragment
+BIG = OutboxLimits(max_seconds=Fraction(3600), max_bytes=10**9)
 
 
-def make_output(max_fragments, labels):
-    return Output(EndpointQueue(max_fragments), PublisherState("primary", labels[0], labels[2]), labels)
+class SteppableWall(TrioWallClock):
+    """Wall time that an operator's NTP mistake can step backwards."""
+
+    def step(self, seconds: float) -> None:
+        self._origin_ns += round(seconds * 1e9)
 
 
-async def test_releases_consecutive_fragments_when_due(autojump_clock):
-    profile = load_profile(DEMO)
-    source = SyntheticStream(profile, profile.streams[0])
-    wall = TrioWallClock(START_NS)
-    metrics = Metrics()
-    output = make_output(100, ("video", "primary", "a", "eu"))
-    state = EncoderState("primary", "video")
+class Rig:
+    """One group ("primary") of the demo profile, one endpoint outbox per stream."""
+
+    def __init__(self, runner_factory, *, limits=BIG, state_dir=None, restored=None, wall=None, stall_after=None):
+        self.profile = load_profile(DEMO)
+        self.wall = wall or TrioWallClock(START_NS)
+        self.metrics = Metrics()
+        self.outboxes = {s.id: EndpointOutbox(limits) for s in self.profile.streams}
+        labels = {s.id: (s.id, "primary", "a", "eu") for s in self.profile.streams}
+        outputs = {s.id: [Output(self.outboxes[s.id], PublisherState("primary", s.id, "a"), labels[s.id])]
+                   for s in self.profile.streams}  # fmt: skip
+        self.headers = {s.id: HeaderBoard("primary", s.id) for s in self.profile.streams}
+        self.encoder = GroupEncoder(
+            group="primary", profile=self.profile, runner=runner_factory(self), outputs=outputs,
+            headers=self.headers, states={s.id: EncoderState("primary", s.id) for s in self.profile.streams},
+            metrics=self.metrics, wall=self.wall, restored=restored, state_dir=state_dir, stall_after=stall_after,
+            restart=RestartPolicy(base=0.5, cap=2.0))  # fmt: skip
+        self.clocks = self.encoder.clocks
+
+    def synthetic(self, first_index: int, sink: Sink):
+        return run_synthetic_encoder(self.profile, first_index, sink, wall=self.wall)
+
+    def sent(self, stream="video") -> list[EncodedFragment]:
+        out = []
+        while (item := self.outboxes[stream].outbox.take()) is not None:
+            out.append(item.fragment)
+        return out
+
+    def metric(self, name, **labels):
+        return self.metrics.registry.get_sample_value(name, labels) or 0
+
+    async def run_for(self, seconds: float) -> None:
+        with trio.move_on_after(seconds):
+            await self.encoder.run()
+
+
+def synthetic(rig):
+    return rig.synthetic
+
+
+def assert_on_clock_and_increasing(rig, fragments, stream="video"):
+    clock = rig.clocks[stream][0]
+    indices = [f.index for f in fragments]
+    assert indices == sorted(set(indices)), "an index repeated or went backwards"
+    for f in fragments:
+        assert (f.start, f.duration) == (clock.start(f.index), clock.duration(f.index))
+
+
+async def test_fragments_are_released_when_due_on_every_stream(autojump_clock):
+    rig = Rig(synthetic)
+    first = live_index(rig.clocks["video"], START_NS)
     released = []
 
-    async def consume():
-        while (fragment := await output.queue.get()) is not None:
-            released.append((fragment.index, wall.now_ns()))
+    async def watch():
+        while True:
+            await rig.outboxes["video"].wait_for_work()
+            item = rig.outboxes["video"].outbox.take()
+            released.append((item.fragment.index, rig.wall.now_ns()))
 
-    first = live_index(source.clocks, START_NS)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(consume)
-        with trio.move_on_after(60):  # 30 fragments of 2 s, instantly on the autojump clock
-            await run_synthetic_encoder(source, [output], group="primary", wall=wall, metrics=metrics, state=state)
-        output.queue.close()
-
+        nursery.start_soon(watch)
+        await rig.run_for(60)  # 30 fragments of 2 s, instantly on the autojump clock
+        nursery.cancel_scope.cancel()
     assert [index for index, _ in released] == list(range(first, first + 30))
     for index, at_ns in released:
-        due = fragment_due_ns(source.clocks, index)
+        due = max(fragment_due_ns(clocks, index) for clocks in rig.clocks.values())  # every stream complete
         assert due <= at_ns < due + 1_000_000  # released within a millisecond of being due
-    assert state.last_index == first + 29
-    assert metrics.registry.get_sample_value(
-        "orchestrator_fragments_encoded_total", {"stream": "video", "group": "primary"}) == 30  # fmt: skip
+    assert [f.index for f in rig.sent("audio")] == list(range(first, first + 30))
+    assert rig.headers["video"].header is not None
+    assert rig.metric("orchestrator_fragments_encoded_total", stream="video", group="primary") == 30
 
 
-async def test_a_stuck_endpoint_never_blocks_the_encoder_or_the_others(autojump_clock):
-    profile = load_profile(DEMO)
-    source = SyntheticStream(profile, profile.streams[0])
-    wall = TrioWallClock(START_NS)
-    metrics = Metrics()
-    stuck = make_output(3, ("video", "primary", "stuck", "eu"))
-    healthy = make_output(3, ("video", "primary", "healthy", "us"))
-    got = []
+async def test_a_stuck_endpoint_keeps_only_the_newest_fragments_and_counts_the_rest(autojump_clock):
+    rig = Rig(synthetic, limits=OutboxLimits(max_seconds=Fraction(7), max_bytes=10**9))  # 3 fragments of ~2 s
+    await rig.run_for(20)  # 10 fragments, nobody takes any
+    kept = rig.sent()
+    assert len(kept) == 3
+    assert kept[-1].index - kept[0].index == 2
+    assert rig.metric("orchestrator_dropped_fragments_total", stream="video", group="primary", endpoint="a",
+                      region="eu") == 7  # fmt: skip
 
-    async def consume():
-        while (fragment := await healthy.queue.get()) is not None:
-            got.append(fragment.index)
 
+async def test_a_crashed_instance_is_restarted_and_continues_the_index(autojump_clock, caplog):
+    caplog.set_level(logging.INFO)
+    starts = []
+
+    def crashing(rig):
+        async def run(first_index, sink):
+            starts.append(first_index)
+            if len(starts) < 3:
+                emitted = []
+
+                class Counting(Sink):
+                    def header(self, header):
+                        sink.header(header)
+
+                    def fragment(self, fragment):
+                        sink.fragment(fragment)
+                        emitted.append(fragment)
+                        if len(emitted) == 6:  # 3 fragments x 2 streams
+                            raise EncoderError("encoder blew up")
+
+                await rig.synthetic(first_index, Counting())
+            await rig.synthetic(first_index, sink)
+
+        return run
+
+    rig = Rig(crashing)
+    await rig.run_for(40)
+    video = rig.sent()
+    assert_on_clock_and_increasing(rig, video)
+    assert [f.index for f in video] == list(range(video[0].index, video[0].index + 20))  # no gap, no repeat
+    assert starts == [starts[0], starts[0] + 3, starts[0] + 6]
+    assert rig.metric("orchestrator_encoder_restarts_total", group="primary", reason="crashed") == 2
+    assert any("encoder.restarting" in r.getMessage() and "reason=crashed" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stalled_instance_is_restarted_after_the_stall_window(autojump_clock):
+    def stalling(rig):
+        async def run(first_index, sink):
+            if rig.encoder.restarts == 0:
+                sink.header(_header(rig, "video"))
+                await trio.sleep_forever()  # a hung encoder: no fragment, no exit
+            await rig.synthetic(first_index, sink)
+
+        return run
+
+    rig = Rig(stalling)
+    await rig.run_for(30)
+    assert rig.metric("orchestrator_encoder_restarts_total", group="primary", reason="stalled") == 1
+    video = rig.sent()
+    assert_on_clock_and_increasing(rig, video)
+    # Stalled for the window (3 x 2 s) plus the allowance for the fragment in flight.
+    assert 8 <= len(video) <= 12
+
+
+def _header(rig, stream_id):
+    from orchestrator.synthetic import SyntheticStream
+
+    return SyntheticStream(rig.profile, rig.profile.stream(stream_id)).header
+
+
+async def test_off_clock_fragments_are_rejected_and_counted(autojump_clock):
+    def shifting(rig):
+        async def run(first_index, sink):
+            class Shift(Sink):
+                def header(self, header):
+                    sink.header(header)
+
+                def fragment(self, f):
+                    if f.index % 2:  # every other fragment one frame late: an encoder bug
+                        f = EncodedFragment(f.stream_id, f.track_id, f.index, f.start + 1, f.duration, f.timescale,
+                                            f.data)  # fmt: skip
+                    sink.fragment(f)
+
+            await rig.synthetic(first_index, Shift())
+
+        return run
+
+    rig = Rig(shifting)
+    await rig.run_for(20)
+    video = rig.sent()
+    assert video
+    assert all(f.index % 2 == 0 for f in video)
+    assert rig.metric("orchestrator_encoder_rejected_fragments_total", stream="video", group="primary",
+                      reason="off_clock") == 5  # fmt: skip
+
+
+async def test_after_the_wall_clock_steps_back_the_restart_waits_instead_of_reissuing(autojump_clock, caplog):
+    caplog.set_level(logging.INFO)
+    wall = SteppableWall(START_NS)
+
+    def crash_once_then_step_back(rig):
+        async def run(first_index, sink):
+            if rig.encoder.restarts == 0:
+                with trio.move_on_after(10):
+                    await rig.synthetic(first_index, sink)
+                wall.step(-20)  # NTP steps the clock back 20 s, then the encoder dies
+                raise EncoderError("died")
+            await rig.synthetic(first_index, sink)
+
+        return run
+
+    rig = Rig(crash_once_then_step_back, wall=wall)
+    await rig.run_for(60)
+    video = rig.sent()
+    assert_on_clock_and_increasing(rig, video)
+    indices = [f.index for f in video]
+    assert indices == list(range(indices[0], indices[0] + len(indices)))  # continuous across the step
+    assert any("encoder.waiting_for_clock" in r.getMessage() for r in caplog.records)
+
+
+async def test_state_is_persisted_and_a_new_process_continues_after_it(autojump_clock, tmp_path):
+    first_run = Rig(synthetic, state_dir=tmp_path)
+    await first_run.run_for(11)  # fragments complete at ~2 s intervals
+    last = first_run.sent()[-1].index
+    p = first_run.profile.presentation
+    identity = ClockIdentity(p.name, p.epoch_ns, p.fragment_duration)
+    restored = decode_state(read_state(tmp_path, "demo.primary"), identity, "primary")
+    assert restored == {"video": last, "audio": last}
+
+    # The "new process" starts within the same fragment period (a fast pod restart): without the
+    # state it would start at the live index, which the old process already emitted.
+    second_run = Rig(synthetic, state_dir=tmp_path, restored=restored,
+                     wall=TrioWallClock(first_run.wall.now_ns()))  # fmt: skip
+    await second_run.run_for(6)
+    again = second_run.sent()
+    assert again[0].index == last + 1
+    assert_on_clock_and_increasing(second_run, again)
+
+
+async def test_finish_completes_the_fragment_in_flight_then_stops(autojump_clock):
+    rig = Rig(synthetic)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(consume)
-        with trio.move_on_after(20):  # 10 fragments
-            await run_synthetic_encoder(
-                source, [stuck, healthy], group="primary", wall=wall, metrics=metrics,
-                state=EncoderState("primary", "video"))  # fmt: skip
-        healthy.queue.close()
+        nursery.start_soon(rig.encoder.run)
+        await trio.sleep(7.3)
+        in_flight = live_index(rig.clocks["video"], rig.wall.now_ns())
+        await rig.encoder.finish(10)
+    video = rig.sent()
+    assert video[-1].index == in_flight
+    assert [f.index for f in rig.sent("audio")][-1] == in_flight
 
-    assert len(got) == 10
-    assert got == list(range(got[0], got[0] + 10))
-    assert [f.index for f in stuck.queue.backlog] == got[-3:]  # the newest three are kept
-    dropped = metrics.registry.get_sample_value(
-        "orchestrator_queue_dropped_fragments_total",
-        {"stream": "video", "group": "primary", "endpoint": "stuck", "region": "eu"})  # fmt: skip
-    assert dropped == 7
+
+@pytest.mark.parametrize("stall_after", [4.0])
+async def test_the_restart_backoff_grows_and_is_capped(autojump_clock, stall_after):
+    starts = []
+
+    def always_failing(rig):
+        async def run(first_index, sink):
+            starts.append(trio.current_time())
+            raise EncoderError("cannot start")
+
+        return run
+
+    rig = Rig(always_failing, stall_after=stall_after)
+    await rig.run_for(15)
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(starts)]
+    assert gaps[:4] == [0.0, 0.5, 1.0, 2.0]
+    assert set(gaps[4:]) == {2.0}

@@ -8,6 +8,7 @@ tests/test_integration.py.
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 from pathlib import Path
 
 import httpx
@@ -16,13 +17,15 @@ import trio
 
 from orchestrator.httpserve import serve_asgi
 from orchestrator.metrics import Metrics
+from orchestrator.outbox import OutboxLimits
 from orchestrator.profile import Endpoint, load_profile
-from orchestrator.publisher import EndpointQueue, Publisher, PublisherSettings
+from orchestrator.publisher import EndpointOutbox, HeaderBoard, Publisher, PublisherSettings
 from orchestrator.reconnect import RetryPolicy
 from orchestrator.synthetic import SyntheticStream
 
 DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
 K = 14_080_000
+LIMITS = OutboxLimits(max_seconds=Fraction(60), max_bytes=64 * 1024 * 1024)
 
 
 class Recorder:
@@ -64,9 +67,10 @@ class Recorder:
                 await self.changed.wait()
 
 
-async def push_one_fragment_and_end(recorder, publisher, queue, source):
+async def push_one_fragment_and_end(recorder, publisher, queue, source, *, already_queued=False):
     """Queue one fragment, see it arrive in a POST body, then end the stream cleanly."""
-    queue.put_nowait(source.fragment(K)[0])
+    if not already_queued:
+        queue.push(source.fragment(K)[0])
     await recorder.wait_for(lambda: any(len(r["chunks"]) >= 2 for r in recorder.requests))
     queue.close()
     with trio.fail_after(5):
@@ -89,23 +93,25 @@ def labels(group="primary"):
 
 def make_publisher(profile, client, port, queue, metrics, retry=None):
     source = SyntheticStream(profile, profile.streams[0])
+    board = HeaderBoard("primary", "video")
+    board.announce(source.header)
     publisher = Publisher(
-        client=client, group="primary", stream_id="video", endpoint=endpoint_at(port), header=source.header,
-        queue=queue, metrics=metrics, settings=PublisherSettings(retry=retry or RetryPolicy()))  # fmt: skip
+        client=client, group="primary", stream_id="video", endpoint=endpoint_at(port), header=board,
+        outbox=queue, metrics=metrics, settings=PublisherSettings(retry=retry or RetryPolicy()))  # fmt: skip
     return publisher, source
 
 
 async def test_probe_then_chunked_post_with_header_then_fragments(profile):
     recorder = Recorder()
     metrics = Metrics()
-    queue = EndpointQueue(16)
+    queue = EndpointOutbox(LIMITS)
     async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
         publisher, source = make_publisher(profile, client, port, queue, metrics)
         nursery.start_soon(publisher.run)
         fragments = [f for k in range(K, K + 3) for f in source.fragment(k)]
         for fragment in fragments:
-            queue.put_nowait(fragment)
+            queue.push(fragment)
         await recorder.wait_for(lambda: len(recorder.requests) == 2 and len(recorder.requests[1]["chunks"]) >= 4)
         assert publisher.state.connected
         assert metrics.registry.get_sample_value("orchestrator_endpoint_up", labels()) == 1
@@ -147,16 +153,17 @@ async def test_refusing_endpoint_is_named_counted_and_retried(profile, caplog, s
     recorder = Recorder()
     recorder.status = status
     metrics = Metrics()
-    queue = EndpointQueue(16)
+    queue = EndpointOutbox(LIMITS)
     fast = RetryPolicy(base=0.01, cap=0.02, slow=0.05, jitter=0.0)
     async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
         publisher, source = make_publisher(profile, client, port, queue, metrics, retry=fast)
+        queue.push(source.fragment(K)[0])
         nursery.start_soon(publisher.run)
         await recorder.wait_for(lambda: len(recorder.requests) >= 3)
         # The endpoint is fixed: the publisher notices on its next retry and streams.
         recorder.status = 200
-        await push_one_fragment_and_end(recorder, publisher, queue, source)
+        await push_one_fragment_and_end(recorder, publisher, queue, source, already_queued=True)
         nursery.cancel_scope.cancel()
 
     failures = metrics.registry.get_sample_value("orchestrator_post_failures_total", {**labels(), "reason": reason})
@@ -173,16 +180,17 @@ async def test_unreachable_endpoint_is_retried_until_it_appears(profile):
     probe_socket.close()
     recorder = Recorder()
     metrics = Metrics()
-    queue = EndpointQueue(16)
+    queue = EndpointOutbox(LIMITS)
     fast = RetryPolicy(base=0.01, cap=0.05, jitter=0.0)
     async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
         publisher, source = make_publisher(profile, client, port, queue, metrics, retry=fast)
+        queue.push(source.fragment(K)[0])
         nursery.start_soon(publisher.run)
         with trio.fail_after(5):
             while publisher.state.failures < 3:
                 await trio.sleep(0.01)
         await nursery.start(serve_asgi, recorder, "127.0.0.1", port, "recorder")
-        await push_one_fragment_and_end(recorder, publisher, queue, source)
+        await push_one_fragment_and_end(recorder, publisher, queue, source, already_queued=True)
         nursery.cancel_scope.cancel()
     transport = metrics.registry.get_sample_value(
         "orchestrator_post_failures_total", {**labels(), "reason": "transport"}

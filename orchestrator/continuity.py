@@ -1,0 +1,162 @@
+"""Continuity of one encoder group's timeline across encoder restarts and process restarts.
+
+Theory of operation
+-------------------
+The shared clock (:mod:`orchestrator.clock`) says what fragment k of every track is: its start
+time and its duration. What it cannot say is which fragments this group has already emitted.
+:class:`Continuity` remembers that, per stream and track, and is the single gate every fragment
+of every encoder instance of the group passes through on its way to the publishers:
+
+* a fragment whose (start, duration, timescale) is not the shared clock's for its index is
+  **rejected** (``off_clock``): an encoder must never be able to put an index on the wire with
+  another timestamp;
+* a fragment whose index was already emitted for its track is a **repeat** (``repeat``): a
+  restarted instance may re-encode the fragment its predecessor finished; the first copy stands;
+* anything else is accepted, and indices, hence timestamps, only ever increase. A jump forward
+  (the instance was down for a while) is accepted and reported as ``skipped`` fragments: the
+  other group covers them at a de-duplicating receiver.
+
+:meth:`Continuity.first_index` is where a new instance starts: the fragment live on the wall
+clock, or the one after the last fragment the group emitted, whichever is later. If the wall
+clock has stepped backwards so that the live fragment was already emitted, the supervisor waits
+until the clock reaches :meth:`Continuity.resume_floor` rather than reissue an index.
+
+The state that must survive a process or pod restart is one integer per stream: the last index
+emitted on *every* track of the stream (:meth:`Continuity.completed`). :func:`encode_state` and
+:func:`decode_state` turn it into JSON bytes and back, together with the facts that give those
+integers their meaning (presentation name, epoch, fragment duration); a state file from another
+presentation or another clock is refused, not misread. Writing the file atomically is the
+shell's job (:mod:`orchestrator.statefile`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+
+from orchestrator.clock import TrackClock
+from orchestrator.stream import EncodedFragment
+
+STATE_FORMAT = 1
+
+
+class Verdict(enum.Enum):
+    ACCEPTED = "accepted"
+    REPEAT = "repeat"  # index already emitted on this track: dropped, harmless
+    OFF_CLOCK = "off_clock"  # time or duration disagrees with the shared clock: dropped, an encoder bug
+    UNKNOWN_TRACK = "unknown_track"
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: Verdict
+    reason: str = ""
+    skipped: int = 0  # fragments of this track never emitted between the previous one and this one
+
+
+class Continuity:
+    """Per encoder group: the last fragment index emitted on every track of every stream."""
+
+    def __init__(self, clocks: Mapping[str, Sequence[TrackClock]], restored: Mapping[str, int] | None = None) -> None:
+        self.clocks = {stream: list(c) for stream, c in clocks.items()}
+        restored = restored or {}
+        self._last: dict[str, list[int | None]] = {
+            stream: [restored.get(stream)] * len(c) for stream, c in self.clocks.items()
+        }
+
+    def judge(self, fragment: EncodedFragment) -> Judgement:
+        """Decide whether ``fragment`` may go to the publishers; records it if accepted."""
+        tracks = self._last.get(fragment.stream_id)
+        position = fragment.track_id - 1
+        if tracks is None or not 0 <= position < len(tracks):
+            return Judgement(Verdict.UNKNOWN_TRACK, f"no track {fragment.track_id} in stream {fragment.stream_id}")
+        clock = self.clocks[fragment.stream_id][position]
+        k = fragment.index
+        expected = (clock.start(k), clock.duration(k), clock.timescale)
+        actual = (fragment.start, fragment.duration, fragment.timescale)
+        if actual != expected:
+            return Judgement(Verdict.OFF_CLOCK, f"index {k} has (start, duration, timescale) {actual}; "
+                                                f"the shared clock says {expected}")  # fmt: skip
+        last = tracks[position]
+        if last is not None and k <= last:
+            return Judgement(Verdict.REPEAT, f"index {k} already emitted (last {last})")
+        tracks[position] = k
+        return Judgement(Verdict.ACCEPTED, skipped=0 if last is None else k - last - 1)
+
+    def completed(self, stream_id: str) -> int | None:
+        """The last index emitted on every track of ``stream_id``."""
+        tracks = self._last[stream_id]
+        return None if any(t is None for t in tracks) else min(t for t in tracks if t is not None)
+
+    def resume_floor(self) -> int | None:
+        """The lowest index a new instance may start at: one past the least advanced stream
+        (its other streams' repeats are dropped by :meth:`judge`). None before any fragment."""
+        done = [self.completed(stream) for stream in self._last]
+        if any(d is None for d in done):
+            return None
+        return min(d for d in done if d is not None) + 1
+
+    def first_index(self, live: int) -> int:
+        """Where a new instance starts, given the fragment live on the wall clock now."""
+        floor = self.resume_floor()
+        return live if floor is None else max(live, floor)
+
+    def snapshot(self) -> dict[str, int]:
+        """What to persist: per stream, the last index emitted on all its tracks."""
+        return {stream: done for stream in self._last if (done := self.completed(stream)) is not None}
+
+
+@dataclass(frozen=True)
+class ClockIdentity:
+    """What gives a persisted index its meaning; a state file with another identity is refused."""
+
+    presentation: str
+    epoch_ns: int
+    fragment_duration: Fraction
+
+
+class StateMismatch(ValueError):
+    """The state file belongs to another presentation or clock."""
+
+
+def encode_state(identity: ClockIdentity, group: str, snapshot: Mapping[str, int],
+                 clocks: Mapping[str, Sequence[TrackClock]]) -> bytes:  # fmt: skip
+    """JSON bytes for the state file: per stream the last index and, for people, its time."""
+    streams = {}
+    for stream, index in sorted(snapshot.items()):
+        clock = clocks[stream][0]
+        streams[stream] = {"index": index, "time": clock.start(index), "timescale": clock.timescale}
+    document = {
+        "format": STATE_FORMAT,
+        "presentation": identity.presentation,
+        "group": group,
+        "epoch_ns": identity.epoch_ns,
+        "fragment_duration": f"{identity.fragment_duration.numerator}/{identity.fragment_duration.denominator}",
+        "streams": streams,
+    }
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
+
+
+def decode_state(data: bytes, identity: ClockIdentity, group: str) -> dict[str, int]:
+    """Per stream, the last index from a state file. Raises StateMismatch (wrong presentation,
+    clock or group) or ValueError (not a state file)."""
+    try:
+        document = json.loads(data)
+        if document.get("format") != STATE_FORMAT:
+            raise ValueError(f"unknown state format {document.get('format')!r}")
+        numerator, denominator = (int(x) for x in str(document["fragment_duration"]).split("/"))
+        theirs = ClockIdentity(str(document["presentation"]), int(document["epoch_ns"]),
+                               Fraction(numerator, denominator))  # fmt: skip
+        their_group = str(document["group"])
+        streams = {str(stream): int(entry["index"]) for stream, entry in document["streams"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
+        raise ValueError(f"not a state file: {exc}") from None
+    if theirs != identity or their_group != group:
+        raise StateMismatch(f"state is for presentation {theirs.presentation!r}, group {their_group!r}, epoch "
+                            f"{theirs.epoch_ns} ns, fragment duration {theirs.fragment_duration} s; this run is "
+                            f"{identity.presentation!r}, {group!r}, {identity.epoch_ns} ns, "
+                            f"{identity.fragment_duration} s")  # fmt: skip
+    return streams

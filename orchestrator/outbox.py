@@ -1,0 +1,206 @@
+"""The outbox of one (stream, endpoint): fragments waiting to be sent, and the forward buffer of
+fragments already sent that a reconnect must send again.
+
+Theory of operation
+-------------------
+The encoder appends every fragment of a stream to the outbox of every endpoint of that stream
+and never waits (``push``). The publisher takes fragments in order (``take``) and writes each
+one to its long-running POST. Three rules make this lossless:
+
+* **Catch-up backlog.** While an endpoint is slow or unreachable, fragments pile up in
+  ``pending`` and are sent in order, as fast as the connection allows, once it is back. The
+  backlog is bounded in media seconds (per track, the sum of the pending fragments' durations)
+  and in bytes, whichever is reached first; beyond the bound the *oldest* fragments are dropped
+  and returned to the caller, who counts and logs them. The live edge matters most.
+
+* **Forward buffer (ingest spec 4.7 and 7.3).** Every fragment taken is also remembered in
+  ``sent``. When a POST fails, ``rewind`` puts back at the head of ``pending`` (flagged as
+  resends) the last ``resend_per_track`` fragments of every track, *and* every fragment whose
+  bytes are within the last ``unconfirmed_bytes`` taken. The second part goes beyond the spec on
+  purpose: an HTTP POST body has no acknowledgement, and a fragment "written" may still sit in
+  our socket buffer, a middlebox, or the peer's receive buffer when the connection dies (a black
+  hole keeps accepting bytes for a while). The receiver drops duplicates by (stream, track,
+  time) (spec 8.6, 9), so sending a fragment twice costs only bandwidth; not sending it costs the
+  viewers a gap.
+
+* **Order.** Resends and pending fragments leave in the order they were produced, so timestamps
+  on the new POST continue from where the receiver last saw them.
+
+``close()`` ends the stream: what is pending is still handed out, then ``finished`` is true.
+Pure: no clock, no I/O. The trio wake-up lives in :mod:`orchestrator.publisher`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass
+from fractions import Fraction
+
+from orchestrator.stream import EncodedFragment
+
+
+@dataclass(frozen=True)
+class OutboxLimits:
+    max_seconds: Fraction  # media seconds pending, per track
+    max_bytes: int  # bytes pending
+    resend_per_track: int = 2  # spec 4.7: the last two fragments of every track
+    unconfirmed_bytes: int = 1024 * 1024  # also resend anything within this many bytes of the end
+
+    def __post_init__(self) -> None:
+        if self.max_seconds <= 0 or self.max_bytes <= 0 or self.resend_per_track < 0 or self.unconfirmed_bytes < 0:
+            raise ValueError("outbox limits must be positive")
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A fragment handed to the publisher; ``resend`` if it was sent before a failure."""
+
+    fragment: EncodedFragment
+    resend: bool
+
+
+@dataclass(frozen=True)
+class _Sent:
+    fragment: EncodedFragment
+    end_offset: int  # bytes taken (over the outbox's life) up to and including this fragment
+
+
+class Outbox:
+    def __init__(self, limits: OutboxLimits) -> None:
+        self.limits = limits
+        self._pending: deque[Taken] = deque()
+        self._pending_bytes = 0
+        self._pending_ticks: Counter[int] = Counter()  # track -> sum of pending durations
+        self._timescales: dict[int, int] = {}
+        self._sent: deque[_Sent] = deque()
+        self._taken_bytes = 0
+        self.closed = False
+        self.dropped = 0
+        self.resent = 0
+
+    # --- the encoder's side -----------------------------------------------------------------
+
+    def push(self, fragment: EncodedFragment) -> list[EncodedFragment]:
+        """Queue ``fragment``; return the fragments dropped to stay within the bound, oldest first."""
+        if self.closed:
+            raise RuntimeError("push to a closed outbox")
+        self._append(Taken(fragment, resend=False))
+        return self._enforce_bound()
+
+    def close(self) -> None:
+        self.closed = True
+
+    # --- the publisher's side ---------------------------------------------------------------
+
+    def take(self) -> Taken | None:
+        """The next fragment to write, or None if nothing is pending (see ``finished``)."""
+        if not self._pending:
+            return None
+        item = self._pending.popleft()
+        fragment = item.fragment
+        self._pending_bytes -= len(fragment.data)
+        self._pending_ticks[fragment.track_id] -= fragment.duration
+        self._taken_bytes += len(fragment.data)
+        self._sent.append(_Sent(fragment, self._taken_bytes))
+        self._trim_sent()
+        if item.resend:
+            self.resent += 1
+        return item
+
+    def rewind(self) -> list[EncodedFragment]:
+        """The POST failed: put the forward buffer back at the head of the queue, flagged as
+        resends, and return what will be sent again (oldest first)."""
+        again = [s.fragment for s in self._sent]
+        self._sent.clear()
+        for fragment in reversed(again):
+            self._pending.appendleft(Taken(fragment, resend=True))
+            self._pending_bytes += len(fragment.data)
+            self._pending_ticks[fragment.track_id] += fragment.duration
+        # Over the bound, the oldest resends give way first; they were sent once already, so they
+        # are not counted as dropped.
+        self._enforce_bound()
+        return [item.fragment for item in self._pending if item.resend]
+
+    @property
+    def finished(self) -> bool:
+        """Closed and drained: the publisher ends its POST."""
+        return self.closed and not self._pending
+
+    # --- what the metrics show --------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    @property
+    def pending_seconds(self) -> Fraction:
+        """Media seconds pending: the largest over the stream's tracks."""
+        return max(
+            (Fraction(ticks, self._timescales[track]) for track, ticks in self._pending_ticks.items()),
+            default=Fraction(0),
+        )
+
+    @property
+    def forward_buffer(self) -> list[EncodedFragment]:
+        """What a rewind would send again now (oldest first)."""
+        return [s.fragment for s in self._sent]
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _append(self, item: Taken) -> None:
+        fragment = item.fragment
+        self._timescales[fragment.track_id] = fragment.timescale
+        self._pending.append(item)
+        self._pending_bytes += len(fragment.data)
+        self._pending_ticks[fragment.track_id] += fragment.duration
+
+    def _next_victim(self) -> int | None:
+        """Position in ``pending`` of the fragment to drop to get back within the bound, or None.
+
+        Over the byte bound: the oldest fragment. Over the seconds bound: the oldest fragment of
+        a track that is over it (dropping another track's fragment would not help). The newest
+        fragment is always kept, even if it alone is over the bound."""
+        if len(self._pending) <= 1:
+            return None
+        if self._pending_bytes > self.limits.max_bytes:
+            return 0
+        over = {
+            track for track, ticks in self._pending_ticks.items()
+            if Fraction(ticks, self._timescales[track]) > self.limits.max_seconds
+        }  # fmt: skip
+        if not over:
+            return None
+        for position, item in enumerate(self._pending):
+            if item.fragment.track_id in over:
+                return position if position < len(self._pending) - 1 else None
+        return None
+
+    def _enforce_bound(self) -> list[EncodedFragment]:
+        dropped = []
+        while (position := self._next_victim()) is not None:
+            item = self._pending[position]
+            del self._pending[position]
+            fragment = item.fragment
+            self._pending_bytes -= len(fragment.data)
+            self._pending_ticks[fragment.track_id] -= fragment.duration
+            if not item.resend:
+                dropped.append(fragment)
+        self.dropped += len(dropped)
+        return dropped
+
+    def _trim_sent(self) -> None:
+        """Forget sent fragments that are neither among the last few of their track nor within
+        the unconfirmed byte window. (A track that stops producing must not pin the others.)"""
+        limits = self.limits
+        keep: list[_Sent] = []
+        rank: Counter[int] = Counter()
+        for sent in reversed(self._sent):
+            track = sent.fragment.track_id
+            rank[track] += 1
+            if rank[track] <= limits.resend_per_track or self._taken_bytes - sent.end_offset < limits.unconfirmed_bytes:
+                keep.append(sent)
+        if len(keep) != len(self._sent):
+            self._sent = deque(reversed(keep))

@@ -1,0 +1,147 @@
+"""The outbox: bounded catch-up backlog and forward buffer, as exact sequences."""
+
+from fractions import Fraction
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from orchestrator.outbox import Outbox, OutboxLimits
+from orchestrator.stream import EncodedFragment
+
+VIDEO, AUDIO = 1, 2
+
+
+def frag(index: int, track: int = VIDEO, size: int = 100, duration: int | None = None) -> EncodedFragment:
+    timescale = 90000 if track == VIDEO else 48000
+    duration = duration if duration is not None else 2 * timescale
+    return EncodedFragment("s", track, index, index * duration, duration, timescale, bytes([index % 256]) * size)
+
+
+def limits(**kw) -> OutboxLimits:
+    defaults = dict(max_seconds=Fraction(10), max_bytes=10**9, resend_per_track=2, unconfirmed_bytes=0)
+    return OutboxLimits(**{**defaults, **kw})
+
+
+def drain(outbox: Outbox) -> list[tuple[int, int, bool]]:
+    out = []
+    while (item := outbox.take()) is not None:
+        out.append((item.fragment.track_id, item.fragment.index, item.resend))
+    return out
+
+
+def test_fragments_leave_in_the_order_they_were_pushed():
+    outbox = Outbox(limits())
+    for k in range(3):
+        outbox.push(frag(k, VIDEO))
+        outbox.push(frag(k, AUDIO))
+    assert drain(outbox) == [(1, 0, False), (2, 0, False), (1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False)]
+
+
+def test_the_backlog_is_bounded_in_media_seconds_per_track_oldest_dropped_first():
+    outbox = Outbox(limits(max_seconds=Fraction(6)))  # three 2-second fragments
+    dropped = []
+    for k in range(5):
+        dropped += outbox.push(frag(k, VIDEO))
+        dropped += outbox.push(frag(k, AUDIO))
+    assert [(f.track_id, f.index) for f in dropped] == [(1, 0), (2, 0), (1, 1), (2, 1)]
+    assert outbox.pending_seconds == 6
+    assert outbox.dropped == 4
+    assert [index for _, index, _ in drain(outbox)] == [2, 2, 3, 3, 4, 4]
+
+
+def test_the_backlog_is_bounded_in_bytes():
+    outbox = Outbox(limits(max_bytes=250))
+    dropped = [f.index for k in range(4) for f in outbox.push(frag(k, size=100))]
+    assert dropped == [0, 1]
+    assert outbox.pending_bytes == 200
+
+
+def test_the_newest_fragment_is_kept_even_if_it_alone_exceeds_the_bound():
+    outbox = Outbox(limits(max_bytes=50))
+    assert outbox.push(frag(0, size=100)) == []
+    assert [f.index for f in outbox.push(frag(1, size=100))] == [0]
+    assert len(outbox) == 1
+
+
+def test_rewind_resends_the_last_two_fragments_of_every_track_then_continues():
+    outbox = Outbox(limits())
+    for k in range(4):
+        outbox.push(frag(k, VIDEO))
+        outbox.push(frag(k, AUDIO))
+    drain(outbox)
+    outbox.push(frag(4, VIDEO))
+    outbox.push(frag(4, AUDIO))
+    again = outbox.rewind()
+    assert [(f.track_id, f.index) for f in again] == [(1, 2), (2, 2), (1, 3), (2, 3)]
+    assert drain(outbox) == [(1, 2, True), (2, 2, True), (1, 3, True), (2, 3, True), (1, 4, False), (2, 4, False)]
+    assert outbox.resent == 4
+
+
+def test_rewind_also_resends_everything_within_the_unconfirmed_byte_window():
+    outbox = Outbox(limits(unconfirmed_bytes=450, resend_per_track=2))
+    for k in range(10):
+        outbox.push(frag(k, size=100))
+    drain(outbox)
+    # The last 450 bytes taken end within fragments 5..9 (ends at 600..1000 of 1000).
+    assert [f.index for f in outbox.rewind()] == [5, 6, 7, 8, 9]
+
+
+def test_a_second_failure_before_anything_new_is_taken_resends_the_same_fragments():
+    outbox = Outbox(limits())
+    for k in range(3):
+        outbox.push(frag(k))
+    drain(outbox)
+    assert [f.index for f in outbox.rewind()] == [1, 2]
+    outbox.take()  # fragment 1 goes out on the new POST, which breaks at once
+    assert [f.index for f in outbox.rewind()] == [1, 2]  # 1 was re-taken, 2 is still queued
+    assert [index for _, index, _ in drain(outbox)] == [1, 2]
+
+
+def test_a_track_that_stops_producing_does_not_pin_the_forward_buffer():
+    outbox = Outbox(limits())
+    outbox.push(frag(0, AUDIO))
+    for k in range(50):
+        outbox.push(frag(k, VIDEO))
+    drain(outbox)
+    assert [(f.track_id, f.index) for f in outbox.forward_buffer] == [(2, 0), (1, 48), (1, 49)]
+
+
+def test_close_hands_out_what_is_pending_then_finishes():
+    outbox = Outbox(limits())
+    outbox.push(frag(0))
+    outbox.close()
+    assert not outbox.finished
+    with pytest.raises(RuntimeError):
+        outbox.push(frag(1))
+    assert outbox.take() is not None
+    assert outbox.finished
+
+
+@given(
+    ops=st.lists(st.sampled_from(["push_v", "push_a", "take", "rewind"]), max_size=200),
+    max_fragments=st.integers(1, 8),
+)
+def test_whatever_happens_each_track_leaves_in_index_order_between_rewinds(ops, max_fragments):
+    outbox = Outbox(limits(max_seconds=Fraction(2 * max_fragments)))
+    next_index = {VIDEO: 0, AUDIO: 0}
+    last_taken: dict[int, int] = {}
+    pushed = dropped = 0
+    for op in ops:
+        if op.startswith("push"):
+            track = VIDEO if op == "push_v" else AUDIO
+            dropped += len(outbox.push(frag(next_index[track], track)))
+            next_index[track] += 1
+            pushed += 1
+        elif op == "take":
+            item = outbox.take()
+            if item is not None:
+                f = item.fragment
+                if not item.resend:
+                    assert f.index > last_taken.get(f.track_id, -1)
+                    last_taken[f.track_id] = f.index
+        else:
+            outbox.rewind()
+        # The bound holds after every step.
+        assert outbox.pending_seconds <= 2 * max_fragments or len(outbox) == 1
+    assert outbox.dropped == dropped <= pushed

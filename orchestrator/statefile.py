@@ -3,7 +3,8 @@
 One small JSON file per presentation and group, ``<dir>/<presentation>.<group>.json`` (its
 content: :mod:`orchestrator.continuity`). Written atomically: a temporary file in the same
 directory, flushed to disk, renamed over the old one, and the directory flushed, so a crash at
-any instant leaves either the old state or the new one, never half of one. These functions block; callers run them in a worker thread.
+any instant leaves either the old state or the new one, never half of one. These functions
+block; callers run them in a worker thread.
 """
 
 from __future__ import annotations

@@ -74,6 +74,7 @@ class Outbox:
         self._timescales: dict[int, int] = {}
         self._sent: deque[_Sent] = deque()
         self._taken_bytes = 0
+        self._rewound_at = 0  # _taken_bytes at the last rewind
         self.closed = False
         self.dropped = 0
         self.resent = 0
@@ -109,8 +110,15 @@ class Outbox:
 
     def rewind(self) -> list[EncodedFragment]:
         """The POST failed: put the forward buffer back at the head of the queue, flagged as
-        resends, and return what will be sent again (oldest first)."""
-        again = [s.fragment for s in self._sent]
+        resends, and return what will be sent again (oldest first).
+
+        The unconfirmed byte window is capped at half of what was taken since the previous
+        rewind, so a path that resets every connection after a fixed number of bytes still
+        advances: each new POST spends at most half of its bytes on resends (plus the last
+        fragments of each track, which the spec requires), never all of them."""
+        window = min(self.limits.unconfirmed_bytes, (self._taken_bytes - self._rewound_at) // 2)
+        again = self._select(window)
+        self._rewound_at = self._taken_bytes
         self._sent.clear()
         for fragment in reversed(again):
             self._pending.appendleft(Taken(fragment, resend=True))
@@ -191,16 +199,22 @@ class Outbox:
         self.dropped += len(dropped)
         return dropped
 
-    def _trim_sent(self) -> None:
-        """Forget sent fragments that are neither among the last few of their track nor within
-        the unconfirmed byte window. (A track that stops producing must not pin the others.)"""
-        limits = self.limits
-        keep: list[_Sent] = []
+    def _select(self, window: int) -> list[EncodedFragment]:
+        """Sent fragments among the last ``resend_per_track`` of their track or ending within the
+        last ``window`` bytes taken, oldest first. (A track that stops producing must not pin
+        the others.)"""
+        keep: list[EncodedFragment] = []
         rank: Counter[int] = Counter()
         for sent in reversed(self._sent):
             track = sent.fragment.track_id
             rank[track] += 1
-            if rank[track] <= limits.resend_per_track or self._taken_bytes - sent.end_offset < limits.unconfirmed_bytes:
-                keep.append(sent)
+            if rank[track] <= self.limits.resend_per_track or self._taken_bytes - sent.end_offset < window:
+                keep.append(sent.fragment)
+        keep.reverse()
+        return keep
+
+    def _trim_sent(self) -> None:
+        """Forget what a rewind could no longer select."""
+        keep = set(map(id, self._select(self.limits.unconfirmed_bytes)))
         if len(keep) != len(self._sent):
-            self._sent = deque(reversed(keep))
+            self._sent = deque(s for s in self._sent if id(s.fragment) in keep)

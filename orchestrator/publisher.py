@@ -190,6 +190,7 @@ class Publisher:
             connect=settings.connect_timeout, write=settings.send_timeout,
             read=settings.response_timeout, pool=settings.connect_timeout)  # fmt: skip
         self._failed_since_last_post = False
+        self._new_in_post = 0  # fragments sent for the first time on the current POST
         metrics.seconds_since_push.track(labels, self._seconds_since_push)
 
     def _log_fields(self) -> str:
@@ -205,12 +206,14 @@ class Publisher:
         """
         consecutive_failures = 0
         while await self.outbox.wait_for_work():
+            self._new_in_post = 0
             try:
                 await self._probe()
                 await self._post()
                 consecutive_failures = 0
             except EndpointError as exc:
-                consecutive_failures += 1
+                # A POST that carried new fragments was a working connection: retry at once.
+                consecutive_failures = 1 if self._new_in_post else consecutive_failures + 1
                 failure = classify_status(exc.status_code) if exc.status_code else Failure.TRANSPORT
                 self._record_failure(failure, exc)
                 self._rewind()
@@ -263,6 +266,7 @@ class Publisher:
             self.metrics.reconnects.labels(*self.labels).inc()
         log.info("publisher.post.started %s url=%s backlog=%d", self._log_fields(), self.url,
                  len(self.outbox.outbox))  # fmt: skip
+        self._new_in_post = 0
         response = await self._request(content=self._body(header, self.header.version))
         _raise_for_status(self.url, response)
         log.info("publisher.post.ended %s status=%d", self._log_fields(), response.status_code)
@@ -303,6 +307,8 @@ class Publisher:
         fragment, labels = item.fragment, self.labels
         if item.resend:
             self.metrics.resent_fragments.labels(*labels).inc()
+        else:
+            self._new_in_post += 1
         self.metrics.fragments_pushed.labels(*labels).inc()
         self.metrics.bytes_pushed.labels(*labels).inc(len(fragment.data))
         self.metrics.last_pushed_index.labels(*labels).set(fragment.index)

@@ -79,12 +79,28 @@ def test_rewind_resends_the_last_two_fragments_of_every_track_then_continues():
 
 
 def test_rewind_also_resends_everything_within_the_unconfirmed_byte_window():
-    outbox = Outbox(limits(unconfirmed_bytes=450, resend_per_track=2))
+    outbox = Outbox(limits(max_seconds=Fraction(3600), unconfirmed_bytes=450, resend_per_track=2))
     for k in range(10):
         outbox.push(frag(k, size=100))
     drain(outbox)
     # The last 450 bytes taken end within fragments 5..9 (ends at 600..1000 of 1000).
     assert [f.index for f in outbox.rewind()] == [5, 6, 7, 8, 9]
+
+
+def test_connections_reset_after_a_fixed_byte_count_still_make_progress():
+    # A middlebox resets every connection after 1000 bytes; the unconfirmed window (5000 bytes)
+    # is larger than that, yet every new POST spends at most half its bytes on resends.
+    outbox = Outbox(limits(max_seconds=Fraction(3600), unconfirmed_bytes=5000, resend_per_track=1))
+    for k in range(40):
+        outbox.push(frag(k, size=100))
+    delivered: set[int] = set()
+    for _ in range(12):
+        sent = 0
+        while sent < 1000 and (item := outbox.take()) is not None:
+            delivered.add(item.fragment.index)
+            sent += 100
+        outbox.rewind()
+    assert delivered == set(range(40))
 
 
 def test_a_second_failure_before_anything_new_is_taken_resends_the_same_fragments():

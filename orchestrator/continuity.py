@@ -21,12 +21,13 @@ clock, or the one after the last fragment the group emitted, whichever is later.
 clock has stepped backwards so that the live fragment was already emitted, the supervisor waits
 until the clock reaches :meth:`Continuity.resume_floor` rather than reissue an index.
 
-The state that must survive a process or pod restart is one integer per stream: the last index
-emitted on *every* track of the stream (:meth:`Continuity.completed`). :func:`encode_state` and
-:func:`decode_state` turn it into JSON bytes and back, together with the facts that give those
-integers their meaning (presentation name, epoch, fragment duration); a state file from another
-presentation or another clock is refused, not misread. Writing the file atomically is the
-shell's job (:mod:`orchestrator.statefile`).
+The state that must survive a process or pod restart is the last index emitted per track
+(:meth:`Continuity.snapshot`); the shell writes it *before* the fragments it covers reach any
+publisher, so a restarted process never sends again an index it already sent.
+:func:`encode_state` and :func:`decode_state` turn it into JSON bytes and back, together with
+the facts that give those integers their meaning (presentation name, epoch, fragment duration);
+a state file from another presentation or another clock is refused, not misread. Writing the
+file atomically is the shell's job (:mod:`orchestrator.statefile`).
 """
 
 from __future__ import annotations
@@ -60,12 +61,16 @@ class Judgement:
 class Continuity:
     """Per encoder group: the last fragment index emitted on every track of every stream."""
 
-    def __init__(self, clocks: Mapping[str, Sequence[TrackClock]], restored: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self, clocks: Mapping[str, Sequence[TrackClock]], restored: Mapping[str, Sequence[int]] | None = None
+    ) -> None:
         self.clocks = {stream: list(c) for stream, c in clocks.items()}
         restored = restored or {}
-        self._last: dict[str, list[int | None]] = {
-            stream: [restored.get(stream)] * len(c) for stream, c in self.clocks.items()
-        }
+        self._last: dict[str, list[int | None]] = {}
+        for stream, c in self.clocks.items():
+            last = list(restored.get(stream, ()))
+            # A track added to the stream since the state was written starts with the stream.
+            self._last[stream] = [*last[: len(c)], *[min(last, default=None)] * (len(c) - len(last))]
 
     def judge(self, fragment: EncodedFragment) -> Judgement:
         """Decide whether ``fragment`` may go to the publishers; records it if accepted."""
@@ -104,9 +109,14 @@ class Continuity:
         floor = self.resume_floor()
         return live if floor is None else max(live, floor)
 
-    def snapshot(self) -> dict[str, int]:
-        """What to persist: per stream, the last index emitted on all its tracks."""
-        return {stream: done for stream in self._last if (done := self.completed(stream)) is not None}
+    def snapshot(self) -> dict[str, list[int]]:
+        """What to persist: per stream, the last index emitted on each track (streams with a
+        track that emitted nothing yet are left out)."""
+        return {
+            stream: [t for t in tracks if t is not None]
+            for stream, tracks in self._last.items()
+            if all(t is not None for t in tracks)
+        }
 
 
 @dataclass(frozen=True)
@@ -122,13 +132,16 @@ class StateMismatch(ValueError):
     """The state file belongs to another presentation or clock."""
 
 
-def encode_state(identity: ClockIdentity, group: str, snapshot: Mapping[str, int],
+def encode_state(identity: ClockIdentity, group: str, snapshot: Mapping[str, Sequence[int]],
                  clocks: Mapping[str, Sequence[TrackClock]]) -> bytes:  # fmt: skip
-    """JSON bytes for the state file: per stream the last index and, for people, its time."""
+    """JSON bytes for the state file: per stream and track the last index and, for people, its
+    time and timescale."""
     streams = {}
-    for stream, index in sorted(snapshot.items()):
-        clock = clocks[stream][0]
-        streams[stream] = {"index": index, "time": clock.start(index), "timescale": clock.timescale}
+    for stream, indices in sorted(snapshot.items()):
+        streams[stream] = {"tracks": [
+            {"index": index, "time": clock.start(index), "timescale": clock.timescale}
+            for index, clock in zip(indices, clocks[stream], strict=True)
+        ]}  # fmt: skip
     document = {
         "format": STATE_FORMAT,
         "presentation": identity.presentation,
@@ -140,8 +153,8 @@ def encode_state(identity: ClockIdentity, group: str, snapshot: Mapping[str, int
     return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode()
 
 
-def decode_state(data: bytes, identity: ClockIdentity, group: str) -> dict[str, int]:
-    """Per stream, the last index from a state file. Raises StateMismatch (wrong presentation,
+def decode_state(data: bytes, identity: ClockIdentity, group: str) -> dict[str, list[int]]:
+    """Per stream, the last index of each track from a state file. Raises StateMismatch (wrong presentation,
     clock or group) or ValueError (not a state file)."""
     try:
         document = json.loads(data)
@@ -151,7 +164,10 @@ def decode_state(data: bytes, identity: ClockIdentity, group: str) -> dict[str, 
         theirs = ClockIdentity(str(document["presentation"]), int(document["epoch_ns"]),
                                Fraction(numerator, denominator))  # fmt: skip
         their_group = str(document["group"])
-        streams = {str(stream): int(entry["index"]) for stream, entry in document["streams"].items()}
+        streams = {
+            str(stream): [int(track["index"]) for track in entry["tracks"]]
+            for stream, entry in document["streams"].items()
+        }
     except (ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as exc:
         raise ValueError(f"not a state file: {exc}") from None
     if theirs != identity or their_group != group:

@@ -17,8 +17,10 @@ clock, never from a counter of the instance's own.
   (``orchestrator_encoder_restarts_total{reason}``) and logged, and the new instance starts at
   :meth:`Continuity.first_index`: the live fragment or the one after the last emitted, and if
   the wall clock stepped backwards it waits rather than reissue an index;
-* after every fragment completed on all tracks of a stream, the group's state (last index per
-  stream) is written atomically to the state directory, so a restarted process continues too;
+* with a state directory, accepted fragments are held until the group's state (the last index
+  per track) covering them is written atomically, and only then pushed: a restarted process
+  continues after them and never sends an index it already sent (the cost is one fsync per
+  batch, milliseconds, on fragments that are seconds long);
 * :meth:`GroupEncoder.finish` (graceful shutdown) lets the instance complete the fragment in
   flight, then stops it.
 """
@@ -121,7 +123,7 @@ class GroupEncoder(Sink):
         states: dict[str, EncoderState],
         metrics: Metrics,
         wall: WallClock,
-        restored: dict[str, int] | None = None,
+        restored: Mapping[str, Sequence[int]] | None = None,
         state_dir: Path | None = None,
         stall_after: float | None = None,
         restart: RestartPolicy | None = None,
@@ -154,6 +156,8 @@ class GroupEncoder(Sink):
         self._final_reached = trio.Event()
         self._stopping = False
         self._state_dirty = trio.Event()
+        self._held: list[EncodedFragment] = []
+        self._flush_lock = trio.Lock()
 
     # --- the sink ---------------------------------------------------------------------------
 
@@ -180,12 +184,11 @@ class GroupEncoder(Sink):
                         self.group, stream_id, fragment.track_id, judgement.skipped, fragment.index)  # fmt: skip
             if fragment.track_id == 1:
                 self.metrics.encoder_skipped.labels(stream_id, self.group).inc(judgement.skipped)
-        for output in self.outputs.get(stream_id, ()):
-            for lost in output.outbox.push(fragment):
-                self.metrics.dropped_fragments.labels(*output.labels).inc()
-                log.warning(
-                    "publisher.backlog.dropped group=%s stream=%s endpoint=%s index=%d track=%d reason=backlog_full",
-                    self.group, stream_id, output.publisher.endpoint, lost.index, lost.track_id)  # fmt: skip
+        if self.state_dir is None:
+            self._release(fragment)
+        else:
+            self._held.append(fragment)  # released by _flush once the state covering it is on disk
+            self._state_dirty.set()
         self.metrics.fragments_encoded.labels(stream_id, self.group).inc()
         done = self.continuity.completed(stream_id)
         if done == fragment.index:  # the stream's last track for this index
@@ -195,11 +198,18 @@ class GroupEncoder(Sink):
                 state.last_index = done
                 state.fragments += 1
             log.debug("encoder.fragment group=%s stream=%s index=%d", self.group, stream_id, done)
-            self._state_dirty.set()
             if self._final_index is not None and all(
                 (self.continuity.completed(s) or -1) >= self._final_index for s in self.clocks
             ):
                 self._final_reached.set()
+
+    def _release(self, fragment: EncodedFragment) -> None:
+        for output in self.outputs.get(fragment.stream_id, ()):
+            for lost in output.outbox.push(fragment):
+                self.metrics.dropped_fragments.labels(*output.labels).inc()
+                log.warning(
+                    "publisher.backlog.dropped group=%s stream=%s endpoint=%s index=%d track=%d reason=backlog_full",
+                    self.group, fragment.stream_id, output.publisher.endpoint, lost.index, lost.track_id)  # fmt: skip
 
     # --- supervision ------------------------------------------------------------------------
 
@@ -233,6 +243,7 @@ class GroupEncoder(Sink):
         self._stopping = True
         if self._instance_scope is not None:
             self._instance_scope.cancel()
+        await self._flush()
 
     async def _restart_loop(self) -> None:
         consecutive = 0
@@ -298,15 +309,22 @@ class GroupEncoder(Sink):
                 scope.cancel()
 
     async def _persist_state(self) -> None:
-        """Writes the state file after fragments complete, at most twice a second.
-        Cancellation: stops; ``run`` writes the final state."""
+        """Writes the state file and then releases the fragments it covers, as fragments arrive.
+        Cancellation: stops; fragments still held are not sent (the process is stopping hard)."""
         if self.state_dir is None:
             return
         while True:
             await self._state_dirty.wait()
             self._state_dirty = trio.Event()
-            await self._write_state()
-            await trio.sleep(0.5)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        async with self._flush_lock:
+            held, self._held = self._held, []
+            if held:
+                await self._write_state()
+            for fragment in held:
+                self._release(fragment)
 
     async def _write_state(self) -> None:
         if self.state_dir is None:
@@ -318,4 +336,6 @@ class GroupEncoder(Sink):
         try:
             await trio.to_thread.run_sync(write_state, self.state_dir, self.state_name, data)
         except OSError as exc:
+            # Sending live matters more than the state file: log, count, and go on.
+            self.metrics.state_write_failures.labels(self.group).inc()
             log.error("encoder.state.write_failed group=%s dir=%s error=%s", self.group, self.state_dir, exc)

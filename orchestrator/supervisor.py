@@ -107,7 +107,7 @@ class _Planned:
         self.metrics = metrics
         self.restored = {group: self._restore(group) for group in selected}
 
-    def _restore(self, group: str) -> dict[str, int] | None:
+    def _restore(self, group: str) -> dict[str, list[int]] | None:
         """The group's continuity state from the state directory, if any. A state file that
         cannot be used is reported and ignored: the shared clock alone still gives a consistent
         (if possibly repeated) index, and refusing to go live would be worse."""
@@ -127,7 +127,7 @@ class _Planned:
             log.error("supervisor.state.ignored group=%s file=%s error=%s", group, where, exc)
             return None
         log.info("supervisor.state.restored group=%s file=%s last_index=%s", group, where,
-                 ",".join(f"{s}:{i}" for s, i in sorted(restored.items())))  # fmt: skip
+                 ",".join(f"{s}:{max(i)}" for s, i in sorted(restored.items())))  # fmt: skip
         return restored
 
     def runner(self, group: str, wall: WallClock) -> InstanceRunner:

@@ -83,13 +83,15 @@ def test_state_round_trips_and_restores_the_floor():
         gate.judge(on_clock("av", 1, k))
         gate.judge(on_clock("av", 2, k))
         gate.judge(on_clock("v", 1, k))
+    gate.judge(on_clock("av", 1, 9))  # the video track of "av" is one ahead of its audio
     data = encode_state(IDENTITY, "primary", gate.snapshot(), CLOCKS)
     assert b'"time": 1441440' in data  # fragment 8 of the video track starts at frame 480 (480 * 3003)
     restored = decode_state(data, IDENTITY, "primary")
-    assert restored == {"av": 8, "v": 8}
+    assert restored == {"av": [9, 8], "v": [8]}
     again = Continuity(CLOCKS, restored)
     assert again.first_index(live=3) == 9
-    assert again.judge(on_clock("av", 1, 8)).verdict is Verdict.REPEAT
+    assert again.judge(on_clock("av", 1, 9)).verdict is Verdict.REPEAT  # already sent: never again
+    assert again.judge(on_clock("av", 2, 9)).verdict is Verdict.ACCEPTED
 
 
 @pytest.mark.parametrize(
@@ -102,7 +104,7 @@ def test_state_round_trips_and_restores_the_floor():
     ],
 )
 def test_state_from_another_presentation_clock_or_group_is_refused(identity, group):
-    data = encode_state(IDENTITY, "primary", {"v": 5}, CLOCKS)
+    data = encode_state(IDENTITY, "primary", {"v": [5]}, CLOCKS)
     with pytest.raises(StateMismatch):
         decode_state(data, identity, group)
 

@@ -15,8 +15,9 @@ one to its long-running POST. Three rules make this lossless:
 
 * **Forward buffer (ingest spec 4.7 and 7.3).** Every fragment taken is also remembered in
   ``sent``. When a POST fails, ``rewind`` puts back at the head of ``pending`` (flagged as
-  resends) the last ``resend_per_track`` fragments of every track, *and* every fragment whose
-  bytes are within the last ``unconfirmed_bytes`` taken. The second part goes beyond the spec on
+  resends) the fragment that was being written, the last ``resend_per_track`` fragments of every
+  track written completely before it (``written``), *and* every fragment whose bytes are within
+  the last ``unconfirmed_bytes`` taken. The second part goes beyond the spec on
   purpose: an HTTP POST body has no acknowledgement, and a fragment "written" may still sit in
   our socket buffer, a middlebox, or the peer's receive buffer when the connection dies (a black
   hole keeps accepting bytes for a while). The receiver drops duplicates by (stream, track,
@@ -75,6 +76,7 @@ class Outbox:
         self._sent: deque[_Sent] = deque()
         self._taken_bytes = 0
         self._rewound_at = 0  # _taken_bytes at the last rewind
+        self._in_flight: _Sent | None = None  # taken, not yet reported written
         self.closed = False
         self.dropped = 0
         self.resent = 0
@@ -103,10 +105,16 @@ class Outbox:
         self._pending_ticks[fragment.track_id] -= fragment.duration
         self._taken_bytes += len(fragment.data)
         self._sent.append(_Sent(fragment, self._taken_bytes))
+        self._in_flight = self._sent[-1]
         self._trim_sent()
         if item.resend:
             self.resent += 1
         return item
+
+    def written(self) -> None:
+        """The fragment last taken was written completely to the POST. Until then it is *in
+        flight*: a rewind always sends it again, on top of the last fragments written."""
+        self._in_flight = None
 
     def rewind(self) -> list[EncodedFragment]:
         """The POST failed: put the forward buffer back at the head of the queue, flagged as
@@ -116,10 +124,10 @@ class Outbox:
         rewind, so a path that resets every connection after a fixed number of bytes still
         advances: each new POST spends at most half of its bytes on resends (plus the last
         fragments of each track, which the spec requires), never all of them."""
-        window = min(self.limits.unconfirmed_bytes, (self._taken_bytes - self._rewound_at) // 2)
-        again = self._select(window)
+        again = self.forward_buffer
         self._rewound_at = self._taken_bytes
         self._sent.clear()
+        self._in_flight = None
         for fragment in reversed(again):
             self._pending.appendleft(Taken(fragment, resend=True))
             self._pending_bytes += len(fragment.data)
@@ -154,7 +162,7 @@ class Outbox:
     @property
     def forward_buffer(self) -> list[EncodedFragment]:
         """What a rewind would send again now (oldest first)."""
-        return [s.fragment for s in self._sent]
+        return self._select(min(self.limits.unconfirmed_bytes, (self._taken_bytes - self._rewound_at) // 2))
 
     # --- internals --------------------------------------------------------------------------
 
@@ -206,6 +214,9 @@ class Outbox:
         keep: list[EncodedFragment] = []
         rank: Counter[int] = Counter()
         for sent in reversed(self._sent):
+            if sent is self._in_flight:
+                keep.append(sent.fragment)
+                continue
             track = sent.fragment.track_id
             rank[track] += 1
             if rank[track] <= self.limits.resend_per_track or self._taken_bytes - sent.end_offset < window:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -141,6 +141,7 @@ class PublisherState:
     last_error: str | None = None
     fragments_pushed: int = 0
     reconnects: int = 0
+    retry_delay: float = 0.0  # the backoff step being waited out now (0 while connected)
 
 
 @dataclass(frozen=True)
@@ -224,6 +225,7 @@ class Publisher:
                 delay = self.settings.retry.delay(consecutive_failures, failure, random.random())
                 log.info("publisher.retry %s in_seconds=%.2f attempt=%d", self._log_fields(), delay,
                          consecutive_failures)  # fmt: skip
+                self.state.retry_delay = delay
                 await trio.sleep(delay)
             finally:
                 self._set_connected(False)
@@ -271,23 +273,29 @@ class Publisher:
         _raise_for_status(self.url, response)
         log.info("publisher.post.ended %s status=%d", self._log_fields(), response.status_code)
 
-    async def _request(self, content: bytes | AsyncIterator[bytes], close: bool = False) -> httpx.Response:
+    async def _request(self, content: bytes | AsyncGenerator[bytes], close: bool = False) -> httpx.Response:
         headers = {**self._headers, "Connection": "close"} if close else self._headers
+        request = self.client.build_request("POST", self.url, content=content, headers=headers,
+                                            timeout=self._timeout)  # fmt: skip
+        if not isinstance(content, bytes):
+            request.stream = _ChunkedBody(content)  # so that we, not the garbage collector, close it
         try:
-            return await self.client.post(
-                self.url, content=content, headers=headers, auth=self.auth or httpx.USE_CLIENT_DEFAULT,
-                timeout=self._timeout)  # fmt: skip
+            return await self.client.send(request, auth=self.auth or httpx.USE_CLIENT_DEFAULT)
         except httpx.TimeoutException as exc:
             raise EndpointError(self.url, f"timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise EndpointError(self.url, f"connection failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if not isinstance(content, bytes):
+                await content.aclose()
 
-    async def _body(self, header: StreamHeader, header_version: int) -> AsyncIterator[bytes]:
+    async def _body(self, header: StreamHeader, header_version: int) -> AsyncGenerator[bytes]:
         """The POST body. httpx asks for the next chunk only once the previous one is written,
         so a fragment counts as pushed when the generator resumes after yielding it."""
         yield header.data
         self.metrics.bytes_pushed.labels(*self.labels).inc(len(header.data))
         self._set_connected(True)
+        self.state.retry_delay = 0.0
         while True:
             if self.header.version != header_version:
                 log.info("publisher.post.ending %s reason=header_changed", self._log_fields())
@@ -301,6 +309,7 @@ class Publisher:
                          self.settings.idle_timeout)  # fmt: skip
                 return
             yield item.fragment.data
+            self.outbox.outbox.written()
             self._on_pushed(item)
 
     def _on_pushed(self, item: Taken) -> None:
@@ -334,6 +343,21 @@ class Publisher:
     def _set_connected(self, connected: bool) -> None:
         self.state.connected = connected
         self.metrics.endpoint_up.labels(*self.labels).set(1 if connected else 0)
+
+
+class _ChunkedBody(httpx.AsyncByteStream):
+    """A request body that hands httpx our generator itself. (Given a generator as ``content``,
+    httpx wraps it in one of its own, which is left unfinished when a POST breaks mid-body and
+    then finalised by the garbage collector; this way the publisher closes its own.)"""
+
+    def __init__(self, chunks: AsyncGenerator[bytes]) -> None:
+        self._chunks = chunks
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
 
 
 def _raise_for_status(url: str, response: httpx.Response) -> None:

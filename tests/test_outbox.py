@@ -24,8 +24,10 @@ def limits(**kw) -> OutboxLimits:
 
 
 def drain(outbox: Outbox) -> list[tuple[int, int, bool]]:
+    """Take everything pending, each fragment written completely."""
     out = []
     while (item := outbox.take()) is not None:
+        outbox.written()
         out.append((item.fragment.track_id, item.fragment.index, item.resend))
     return out
 
@@ -161,3 +163,14 @@ def test_whatever_happens_each_track_leaves_in_index_order_between_rewinds(ops, 
         # The bound holds after every step.
         assert outbox.pending_seconds <= 2 * max_fragments or len(outbox) == 1
     assert outbox.dropped == dropped <= pushed
+
+
+def test_the_fragment_being_written_when_the_post_broke_is_resent_on_top_of_the_last_two():
+    outbox = Outbox(limits())
+    for k in range(5):
+        outbox.push(frag(k))
+    for _ in range(4):
+        outbox.take()
+        outbox.written()
+    outbox.take()  # fragment 4: the write fails, written() is never called
+    assert [f.index for f in outbox.rewind()] == [2, 3, 4]

@@ -60,22 +60,30 @@ async def measure(fault: str, outage: float, settings: PublisherSettings) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         async with fault_rig(Path(tmp), settings=settings) as rig:
             await rig.wait_fragments("primary", 2)
-            await inject(rig, fault)
-            await trio.sleep(outage)
             publisher = next(p for p in rig.running.publishers if p.group == "primary" and p.stream_id == "video")
-            backoff = publisher.retry_delay
-            healed = time.monotonic()
-            rig.app.fail_with = None
-            rig.proxy.heal()
-            # "Before" counts fragments of POSTs still open at the heal; a black-holed POST's
-            # fragments only show when the heal resets it, so wait for a *new* POST's fragment.
-            posts_at_heal = {p["id"] for p in rig.posts("primary")}
-            # Polling on purpose: the receiver signals nothing; 10 ms is the measurement's resolution.
-            while not any(p["fragments"] for p in rig.posts("primary") if p["id"] not in posts_at_heal):  # noqa: ASYNC110
-                await trio.sleep(0.01)
-            recovery = time.monotonic() - healed
+            if fault == "reset":
+                # The endpoint is reachable again the instant after the reset.
+                posts_before = {p["id"] for p in rig.posts("primary")}
+                reachable = time.monotonic()
+                await inject(rig, fault)
+                backoff = 0.0
+            else:
+                await inject(rig, fault)
+                await trio.sleep(outage)
+                backoff = publisher.retry_delay
+                # Fragments of POSTs open at the heal do not count (a black-holed POST's show up
+                # when the heal resets it): wait for a fragment on a POST opened after it.
+                posts_before = {p["id"] for p in rig.posts("primary")}
+                reachable = time.monotonic()
+                rig.app.fail_with = None
+                rig.proxy.heal()
+            with trio.fail_after(60):
+                # Polling on purpose: the receiver signals nothing; 10 ms is the measurement's resolution.
+                while not any(p["fragments"] for p in rig.posts("primary") if p["id"] not in posts_before):  # noqa: ASYNC110
+                    await trio.sleep(0.01)
+            recovery = time.monotonic() - reachable
             await rig.wait_caught_up(timeout=60)
-            catch_up = time.monotonic() - healed
+            catch_up = time.monotonic() - reachable
         seen = rig.seen("primary")
         lost_primary = sum(max(i) - min(i) + 1 - len(i) for i in seen.values())
         lost_merged = sum(

@@ -35,6 +35,21 @@ async def start(nursery) -> tuple[FaultProxy, list[bytes]]:
 OPENED: list[trio.SocketStream] = []
 
 
+async def use_until_broken(client: trio.SocketStream) -> None:
+    """Read and write until the connection breaks (a reset may first read as an EOF)."""
+    with trio.fail_after(5):
+        while True:
+            if not await client.receive_some(100):
+                await client.send_all(b"more")
+
+
+async def send_until_broken(client: trio.SocketStream) -> None:
+    with trio.fail_after(5):
+        for _ in range(100):
+            await client.send_all(b"c" * 300)
+            await trio.sleep(0.01)
+
+
 async def connect(proxy: FaultProxy) -> trio.SocketStream:
     stream = await trio.open_tcp_stream(*proxy.address)
     OPENED.append(stream)
@@ -67,10 +82,8 @@ async def test_reset_breaks_open_connections_and_new_ones_pass():
         await client.send_all(b"x")
         await client.receive_some(100)
         proxy.set_fault(Fault.RESET)
-        with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
-            while True:  # the RST arrives; reads see a reset (or EOF first on some kernels)
-                if not await client.receive_some(100):
-                    await client.send_all(b"more")
+        with pytest.raises(trio.BrokenResourceError):
+            await use_until_broken(client)
         assert proxy.connections_reset == 1
         again = await connect(proxy)
         await again.send_all(b"y")
@@ -86,14 +99,12 @@ async def test_refuse_resets_new_connections_before_any_byte():
         await existing.receive_some(100)
         proxy.set_fault(Fault.REFUSE)
         fresh = await connect(proxy)
-        with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
-            while True:
-                if not await fresh.receive_some(100):
-                    await fresh.send_all(b"b")
+        with pytest.raises(trio.BrokenResourceError):
+            await use_until_broken(fresh)
         assert proxy.connections_refused == 1
         await existing.send_all(b"c")  # the open connection keeps working
         assert await existing.receive_some(100) == b"ok"
-        assert b"b" not in b"".join(received)
+        assert b"more" not in b"".join(received)
         nursery.cancel_scope.cancel()
 
 
@@ -108,10 +119,8 @@ async def test_black_hole_stalls_the_sender_and_heal_resets_it():
         assert stalled.cancelled_caught, "20 MB went into a black hole without blocking"
         assert sum(map(len, received)) < len(payload)
         proxy.heal()
-        with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
-            while await client.receive_some(100):
-                pass
-            await client.send_all(b"more")
+        with pytest.raises(trio.BrokenResourceError):
+            await use_until_broken(client)
         fresh = await connect(proxy)
         await fresh.send_all(b"q")
         assert await fresh.receive_some(100) == b"ok"
@@ -137,10 +146,8 @@ async def test_close_after_forwards_exactly_n_bytes_then_resets():
         proxy, received = await start(nursery)
         proxy.set_fault(Fault.CLOSE_AFTER, close_after_bytes=1000)
         client = await connect(proxy)
-        with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
-            for _ in range(100):
-                await client.send_all(b"c" * 300)
-                await trio.sleep(0.01)
+        with pytest.raises(trio.BrokenResourceError):
+            await send_until_broken(client)
         await trio.sleep(0.1)
         assert sum(map(len, received)) == 1000
         nursery.cancel_scope.cancel()

@@ -192,6 +192,7 @@ class Publisher:
             read=settings.response_timeout, pool=settings.connect_timeout)  # fmt: skip
         self._failed_since_last_post = False
         self._new_in_post = 0  # fragments sent for the first time on the current POST
+        self._post_socket: Any = None  # the open POST's socket (trio), to notice a dead idle connection
         metrics.seconds_since_push.track(labels, self._seconds_since_push)
 
     def _log_fields(self) -> str:
@@ -269,6 +270,7 @@ class Publisher:
         log.info("publisher.post.started %s url=%s backlog=%d", self._log_fields(), self.url,
                  len(self.outbox.outbox))  # fmt: skip
         self._new_in_post = 0
+        self._post_socket = None
         response = await self._request(content=self._body(header, self.header.version))
         _raise_for_status(self.url, response)
         log.info("publisher.post.ended %s status=%d", self._log_fields(), response.status_code)
@@ -276,7 +278,7 @@ class Publisher:
     async def _request(self, content: bytes | AsyncGenerator[bytes], close: bool = False) -> httpx.Response:
         headers = {**self._headers, "Connection": "close"} if close else self._headers
         request = self.client.build_request("POST", self.url, content=content, headers=headers,
-                                            timeout=self._timeout)  # fmt: skip
+                                            timeout=self._timeout, extensions={"trace": self._trace})  # fmt: skip
         if not isinstance(content, bytes):
             request.stream = _ChunkedBody(content)  # so that we, not the garbage collector, close it
         try:
@@ -300,7 +302,7 @@ class Publisher:
             if self.header.version != header_version:
                 log.info("publisher.post.ending %s reason=header_changed", self._log_fields())
                 return
-            item = await self.outbox.take(self.settings.idle_timeout)
+            item = await self._next_fragment()
             self._update_backlog()
             if item is None:
                 return
@@ -311,6 +313,40 @@ class Publisher:
             yield item.fragment.data
             self.outbox.outbox.written()
             self._on_pushed(item)
+
+    async def _next_fragment(self) -> Taken | None | Literal["idle"]:
+        """The next fragment for the open POST. While waiting for it, watch the connection: a
+        plain-HTTP peer that closes or resets it (or answers before the body ends) makes the
+        socket readable, and the POST is ended at once instead of when the next fragment is
+        written into a dead connection, up to a fragment duration later. (Over TLS, bytes may
+        arrive that are not an answer, such as session tickets, so there the next write finds out.)"""
+        sock = self._post_socket
+        if sock is None or len(self.outbox.outbox) or self.endpoint.url.startswith("https:"):
+            return await self.outbox.take(self.settings.idle_timeout)
+        outcome: list[Taken | None | Literal["idle", "peer_closed"]] = []
+        async with trio.open_nursery() as nursery:
+
+            async def take() -> None:
+                outcome.append(await self.outbox.take(self.settings.idle_timeout))
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await trio.lowlevel.wait_readable(sock)
+                outcome.append("peer_closed")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(take)
+            nursery.start_soon(watch)
+        if "peer_closed" in outcome:
+            raise EndpointError(self.url, "the server closed the connection while the POST was waiting for a fragment")
+        result = outcome[0]
+        assert result != "peer_closed"
+        return result
+
+    async def _trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace hook: keeps the socket of the connection the POST just opened."""
+        if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+            self._post_socket = info["return_value"].get_extra_info("socket")
 
     def _on_pushed(self, item: Taken) -> None:
         fragment, labels = item.fragment, self.labels

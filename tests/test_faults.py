@@ -122,3 +122,22 @@ async def test_outage_longer_than_the_backlog_bound_drops_oldest_and_counts_them
     # The primary lost some fragments for good (counted), but the backup covered them.
     assert rig.metric("orchestrator_dropped_fragments_total", **PRIMARY) >= 1
     assert_merged_timeline_whole(rig)
+
+
+async def test_a_reset_of_an_idle_post_is_noticed_at_once_not_at_the_next_fragment(tmp_path):
+    async with fault_rig(tmp_path) as rig:
+        await rig.wait_fragments("primary", 2)
+
+        def pushed() -> int:
+            return sum(len(p["fragments"]) for p in rig.posts("primary"))
+
+        count = pushed()
+        await rig.wait_until(lambda: pushed() > count, 5, "the next fragment")
+        await trio.sleep(0.2)  # a fragment just went out: both POSTs are idle for ~1.8 s
+        posts_before = {p["id"] for p in rig.posts("primary")}
+        reset_at = now()
+        rig.proxy.set_fault(Fault.RESET)
+        await rig.wait_until(lambda: len([p for p in rig.posts("primary") if p["id"] not in posts_before]) >= 2,
+                             5, "new POSTs for both streams")  # fmt: skip
+        reopened = min(p["started"] for p in rig.posts("primary") if p["id"] not in posts_before)
+    assert reopened - reset_at < 1.0

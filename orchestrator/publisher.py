@@ -314,7 +314,7 @@ class Publisher:
             self.outbox.outbox.written()
             self._on_pushed(item)
 
-    async def _next_fragment(self) -> Taken | None | Literal["idle"]:
+    async def _next_fragment(self) -> Taken | Literal["idle"] | None:
         """The next fragment for the open POST. While waiting for it, watch the connection: a
         plain-HTTP peer that closes or resets it (or answers before the body ends) makes the
         socket readable, and the POST is ended at once instead of when the next fragment is
@@ -323,7 +323,7 @@ class Publisher:
         sock = self._post_socket
         if sock is None or len(self.outbox.outbox) or self.endpoint.url.startswith("https:"):
             return await self.outbox.take(self.settings.idle_timeout)
-        outcome: list[Taken | None | Literal["idle", "peer_closed"]] = []
+        outcome: list[Taken | Literal["idle", "peer_closed"] | None] = []
         async with trio.open_nursery() as nursery:
 
             async def take() -> None:

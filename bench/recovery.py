@@ -38,11 +38,10 @@ FAULTS = ["reset", "refuse", "blackhole", "drip", "close_after", "http_503", "ht
 
 
 async def inject(rig, fault: str) -> None:
-    if fault in ("reset", "refuse"):
+    if fault == "reset":
         rig.proxy.set_fault(Fault.RESET)
-        if fault == "refuse":
-            await trio.sleep(0.05)
-            rig.proxy.set_fault(Fault.REFUSE)
+    elif fault == "refuse":
+        rig.proxy.set_fault(Fault.DOWN)
     elif fault == "blackhole":
         rig.proxy.set_fault(Fault.BLACKHOLE)
     elif fault == "drip":

@@ -9,6 +9,8 @@ under one cancel scope. :meth:`FaultProxy.set_fault` switches the behaviour at a
 * ``PASS``: forward both ways;
 * ``REFUSE``: new connections are reset before any byte (existing ones keep passing);
 * ``RESET``: every open connection is reset now; new ones pass;
+* ``DOWN``: every open connection is reset now and new ones are refused (a server or link that
+  goes down: the two steps must be one, since a publisher reconnects within milliseconds);
 * ``BLACKHOLE``: connections, open and new, stop moving bytes either way while staying open,
   as a dead link or a firewall that drops packets does. The listening socket has a small
   receive buffer (inherited by accepted sockets), so a sender's writes stall after a few
@@ -46,6 +48,7 @@ class Fault(enum.Enum):
     PASS = "pass"
     REFUSE = "refuse"
     RESET = "reset"
+    DOWN = "down"
     BLACKHOLE = "blackhole"
     DRIP = "drip"
     CLOSE_AFTER = "close_after"
@@ -116,10 +119,10 @@ class FaultProxy:
         log.info("faultproxy.fault fault=%s", fault.value)
         self._drip_rate = max(1, drip_bytes_per_second)
         self._close_after = max(0, close_after_bytes)
-        if fault is Fault.RESET:
+        if fault in (Fault.RESET, Fault.DOWN):
             for connection in list(self._connections):
                 self._reset(connection)
-            fault = Fault.PASS
+            fault = Fault.PASS if fault is Fault.RESET else Fault.DOWN
         elif fault is Fault.BLACKHOLE:
             for connection in self._connections:
                 connection.frozen = True
@@ -159,7 +162,7 @@ class FaultProxy:
     async def _handle(self, client: trio.SocketStream) -> None:
         """One proxied connection. Cancellation: both sockets are reset."""
         self.connections_accepted += 1
-        if self._fault is Fault.REFUSE:
+        if self._fault in (Fault.REFUSE, Fault.DOWN):
             self.connections_refused += 1
             _abort(client)
             return

@@ -108,6 +108,26 @@ async def test_refuse_resets_new_connections_before_any_byte():
         nursery.cancel_scope.cancel()
 
 
+async def test_down_resets_open_connections_and_refuses_new_ones_until_healed():
+    async with trio.open_nursery() as nursery:
+        proxy, _ = await start(nursery)
+        existing = await connect(proxy)
+        await existing.send_all(b"a")
+        await existing.receive_some(100)
+        proxy.set_fault(Fault.DOWN)
+        with pytest.raises(trio.BrokenResourceError):
+            await use_until_broken(existing)
+        fresh = await connect(proxy)
+        with pytest.raises(trio.BrokenResourceError):
+            await use_until_broken(fresh)
+        assert (proxy.connections_reset, proxy.connections_refused) == (1, 1)
+        proxy.heal()
+        again = await connect(proxy)
+        await again.send_all(b"y")
+        assert await again.receive_some(100) == b"ok"
+        nursery.cancel_scope.cancel()
+
+
 async def test_black_hole_stalls_the_sender_and_heal_resets_it():
     async with trio.open_nursery() as nursery:
         proxy, received = await start(nursery)

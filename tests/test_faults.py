@@ -62,9 +62,7 @@ async def test_connection_reset_mid_body(tmp_path):
 
 async def test_endpoint_refusing_connections_for_a_while(tmp_path):
     async def inject(rig):
-        rig.proxy.set_fault(Fault.RESET)  # the open POST dies...
-        await trio.sleep(0.05)
-        rig.proxy.set_fault(Fault.REFUSE)  # ...and nothing gets through for 6 s (3 fragments)
+        rig.proxy.set_fault(Fault.DOWN)  # the open POST dies and nothing gets through for 6 s (3 fragments)
 
     rig, healed_at = await run_fault(tmp_path, inject, outage=6.0)
     # Back within 1 s plus the current backoff step (capped at 1 s here) of the heal.
@@ -113,9 +111,7 @@ async def test_endpoint_answering_an_error_status(tmp_path, status):
 async def test_outage_longer_than_the_backlog_bound_drops_oldest_and_counts_them(tmp_path):
     async with fault_rig(tmp_path, backlog_seconds=4) as rig:
         await rig.wait_fragments("primary", 2)
-        rig.proxy.set_fault(Fault.RESET)
-        await trio.sleep(0.05)
-        rig.proxy.set_fault(Fault.REFUSE)
+        rig.proxy.set_fault(Fault.DOWN)
         await trio.sleep(9.0)  # ~4 fragments produced, only ~2 fit in the bound
         rig.proxy.heal()
         await rig.wait_caught_up()

@@ -62,7 +62,7 @@ async def measure(fault: str, outage: float, settings: PublisherSettings) -> dic
             publisher = next(p for p in rig.running.publishers if p.group == "primary" and p.stream_id == "video")
             if fault == "reset":
                 # The endpoint is reachable again the instant after the reset.
-                posts_before = {p["id"] for p in rig.posts("primary")}
+                posts_before = dict.fromkeys((p["id"] for p in rig.posts("primary")), 1 << 62)
                 reachable = time.monotonic()
                 await inject(rig, fault)
                 backoff = 0.0
@@ -72,13 +72,17 @@ async def measure(fault: str, outage: float, settings: PublisherSettings) -> dic
                 backoff = publisher.retry_delay
                 # Fragments of POSTs open at the heal do not count (a black-holed POST's show up
                 # when the heal resets it): wait for a fragment on a POST opened after it.
-                posts_before = {p["id"] for p in rig.posts("primary")}
+                # Except after close_after: the heal lifts the byte budget of the open POSTs, which
+                # carry on, so any new fragment counts.
+                posts_before = {p["id"]: len(p["fragments"]) for p in rig.posts("primary")}
+                if fault != "close_after":
+                    posts_before = dict.fromkeys(posts_before, 1 << 62)
                 reachable = time.monotonic()
                 rig.app.fail_with = None
                 rig.proxy.heal()
             with trio.fail_after(60):
                 # Polling on purpose: the receiver signals nothing; 10 ms is the measurement's resolution.
-                while not any(p["fragments"] for p in rig.posts("primary") if p["id"] not in posts_before):  # noqa: ASYNC110
+                while not any(len(p["fragments"]) > posts_before.get(p["id"], 0) for p in rig.posts("primary")):  # noqa: ASYNC110
                     await trio.sleep(0.01)
             recovery = time.monotonic() - reachable
             await rig.wait_caught_up(timeout=60)

@@ -56,6 +56,9 @@ class Sink:
     def fragment(self, fragment: EncodedFragment) -> None:
         raise NotImplementedError
 
+    def instance_started(self, pid: int) -> None:
+        """A process backend reports the process it started (for logs, status and drills)."""
+
 
 InstanceRunner = Callable[[int, Sink], Awaitable[None]]
 """Runs one encoder instance from fragment index ``first_index`` until cancelled or failed."""
@@ -158,6 +161,7 @@ class GroupEncoder(Sink):
         self._state_dirty = trio.Event()
         self._held: list[EncodedFragment] = []
         self._flush_lock = trio.Lock()
+        self.instance_pid: int | None = None  # the running instance's process, for a process backend
 
     # --- the sink ---------------------------------------------------------------------------
 
@@ -211,6 +215,10 @@ class GroupEncoder(Sink):
                     "publisher.backlog.dropped group=%s stream=%s endpoint=%s index=%d track=%d reason=backlog_full",
                     self.group, fragment.stream_id, output.publisher.endpoint, lost.index, lost.track_id)  # fmt: skip
 
+    def instance_started(self, pid: int) -> None:
+        self.instance_pid = pid
+        log.info("encoder.instance group=%s pid=%d", self.group, pid)
+
     # --- supervision ------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -263,6 +271,7 @@ class GroupEncoder(Sink):
                     log.error("encoder.failed group=%s reason=%s detail=%s", self.group, reason, detail,
                               exc_info=reason == "crashed")  # fmt: skip
             self._instance_scope = None
+            self.instance_pid = None
             self.metrics.encoder_up.labels(self.group).set(0)
             if self._stopping:
                 return

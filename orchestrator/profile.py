@@ -271,7 +271,79 @@ class SyntheticEncoder(_Model):
     backend: Literal["synthetic"]
 
 
-Encoder = Annotated[SyntheticEncoder, Field(discriminator="backend")]
+class PatternSource(_Model):
+    """ffmpeg's lavfi ``testsrc2`` picture and a ``sine`` tone, paced in real time. With
+    ``burn_in_clock`` the picture carries the shared-clock time of each frame, to the
+    millisecond, so a person can put primary and backup side by side and see them match."""
+
+    kind: Literal["testpattern"]
+    tone_hz: int = Field(default=1000, ge=20, le=20000)
+    burn_in_clock: bool = True
+
+
+class FileSource(_Model):
+    """A media file, looped forever and read in real time."""
+
+    kind: Literal["file"]
+    path: Path
+
+
+_LIVE_SCHEMES = ("udp", "srt", "rtmp", "rtmps", "rtp", "rtsp", "http", "https")
+
+
+class LiveSource(_Model):
+    """A live input ffmpeg reads as it arrives (udp, srt, rtmp, rtsp ...). A URL that carries a
+    secret (an SRT passphrase, a stream key) goes in an environment variable: ``url_env``."""
+
+    kind: Literal["live"]
+    url: str | None = None
+    url_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_url(self) -> LiveSource:
+        if (self.url is None) == (self.url_env is None):
+            raise ValueError("give exactly one of url, url_env")
+        if self.url is not None:
+            parts = urlsplit(self.url)
+            if parts.scheme not in _LIVE_SCHEMES:
+                raise ValueError(f"{self.url!r}: the scheme must be one of {', '.join(_LIVE_SCHEMES)}")
+            if parts.password or "passphrase=" in parts.query or "streamid=" in parts.query:
+                raise ValueError("this URL carries a secret; put the whole URL in an environment variable (url_env)")
+        return self
+
+    def resolve(self, environ: dict[str, str] | None = None) -> str:
+        """The URL, read from the environment if so configured (never logged)."""
+        if self.url is not None:
+            return self.url
+        environ = dict(os.environ) if environ is None else environ
+        assert self.url_env is not None
+        value = environ.get(self.url_env, "")
+        if not value:
+            raise ValueError(f"environment variable {self.url_env} is not set or empty")
+        return value
+
+
+Source = Annotated[PatternSource | FileSource | LiveSource, Field(discriminator="kind")]
+
+
+class FfmpegEncoder(_Model):
+    """Real encoding by ffmpeg (libx264, AAC), supervised and re-cut onto the shared clock."""
+
+    backend: Literal["ffmpeg"]
+    path: Path | None = Field(
+        default=None,
+        description="the ffmpeg executable; default: ffmpeg on PATH, else the imageio-ffmpeg wheel "
+        "(pip install 'orchestrator[ffmpeg]')",
+    )
+    source: Source = Field(default_factory=lambda: PatternSource(kind="testpattern"))
+    preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = "veryfast"
+    fallback: Literal["none", "synthetic"] = Field(
+        default="none",
+        description="what to do when no ffmpeg is found: fail (none) or run the synthetic backend (synthetic)",
+    )
+
+
+Encoder = Annotated[SyntheticEncoder | FfmpegEncoder, Field(discriminator="backend")]
 
 
 class BacklogBound(_Model):

@@ -35,10 +35,11 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator.continuity import ClockIdentity, decode_state
 from orchestrator.encoder import EncoderState, GroupEncoder, InstanceRunner, Output, Sink, run_synthetic_encoder
-from orchestrator.errors import ProfileError
+from orchestrator.errors import EncoderError, ProfileError
+from orchestrator.ffmpeg import HOW_TO_GET_FFMPEG, FfmpegPlan, find_ffmpeg, plan_ffmpeg, run_ffmpeg_encoder
 from orchestrator.metrics import Metrics, serve_metrics
 from orchestrator.outbox import OutboxLimits
-from orchestrator.profile import Profile, parse_listen
+from orchestrator.profile import FfmpegEncoder, Profile, parse_listen
 from orchestrator.publisher import EndpointOutbox, HeaderBoard, Publisher, PublisherSettings, PublisherState, auth_for
 from orchestrator.statefile import read_state, state_path
 from orchestrator.status import StatusView
@@ -86,12 +87,19 @@ class _Planned:
             raise ProfileError(options.profile_path, [("groups", f"no group named {', '.join(unknown)} "
                                                                   f"(the profile has: {known})")])  # fmt: skip
         self.groups = selected
-        for stream in profile.streams:  # the synthetic clips must cover every track: fail now, not live
-            SyntheticStream(profile, stream)
+        self.ffmpeg: dict[str, FfmpegPlan | None] = {}
+        problems: list[tuple[str, str]] = []
+        for group_name in selected:
+            try:
+                self.ffmpeg[group_name] = self._plan_ffmpeg(group_name)
+            except (ValueError, EncoderError) as exc:
+                problems.append((f"groups.{group_name}.encoder", str(exc)))
+        if any(plan is None for plan in self.ffmpeg.values()):
+            for stream in profile.streams:  # the synthetic clips must cover every track: fail now, not live
+                SyntheticStream(profile, stream)
         self.settings = options.publisher_settings or PublisherSettings.for_fragment_duration(
             float(profile.presentation.fragment_duration))  # fmt: skip
         self.auth: dict[tuple[str, int], httpx.Auth | None] = {}
-        problems = []
         for group_name in selected:
             for i, endpoint in enumerate(profile.groups[group_name].endpoints):
                 key_path = f"groups.{group_name}.endpoints[{i}]"
@@ -130,13 +138,34 @@ class _Planned:
                  ",".join(f"{s}:{max(i)}" for s, i in sorted(restored.items())))  # fmt: skip
         return restored
 
+    def _plan_ffmpeg(self, group: str) -> FfmpegPlan | None:
+        """The group's ffmpeg plan; None for the synthetic backend (chosen, or the fallback)."""
+        config = self.profile.groups[group].encoder
+        if not isinstance(config, FfmpegEncoder):
+            return None
+        executable = find_ffmpeg(config.path)
+        if executable is None:
+            if config.fallback == "synthetic":
+                log.warning("supervisor.ffmpeg.missing group=%s fallback=synthetic how=%r", group, HOW_TO_GET_FFMPEG)
+                return None
+            raise EncoderError(f"no ffmpeg found on PATH; {HOW_TO_GET_FFMPEG}")
+        plan = plan_ffmpeg(config, executable)
+        log.info("supervisor.ffmpeg group=%s executable=%s burn_in=%s", group, executable, plan.burn_in)
+        return plan
+
     def runner(self, group: str, wall: WallClock) -> InstanceRunner:
-        profile = self.profile
+        profile, metrics, ffmpeg = self.profile, self.metrics, self.ffmpeg.get(group)
 
         async def synthetic(first_index: int, sink: Sink) -> None:
             await run_synthetic_encoder(profile, first_index, sink, wall=wall)
 
-        return synthetic
+        if ffmpeg is None:
+            return synthetic
+
+        async def real(first_index: int, sink: Sink) -> None:
+            await run_ffmpeg_encoder(profile, ffmpeg, first_index, sink, group=group, wall=wall, metrics=metrics)
+
+        return real
 
     def local_ingest_addresses(self) -> list[tuple[str, int]]:
         addresses: set[tuple[str, int]] = set()

@@ -14,6 +14,8 @@ PURE_CORE = [
     "stream",
     "outbox",
     "continuity",
+    "recut",
+    "ffmpeg_command",
     "reconnect",
     "receiver",
     "errors",

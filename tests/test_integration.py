@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -83,6 +84,9 @@ def profile_for(tmp_path: Path, ports: list[int], metrics_port: int) -> Path:
     text = DEMO.read_text()
     text = text.replace("127.0.0.1:18081", f"127.0.0.1:{ports[0]}").replace("127.0.0.1:18082", f"127.0.0.1:{ports[1]}")
     text = text.replace('listen = "127.0.0.1:9464"', f'listen = "127.0.0.1:{metrics_port}"')
+    # The skeleton's end-to-end path, on the synthetic encoder (tests/test_ffmpeg.py runs ffmpeg).
+    text, swapped = re.subn(r"^encoder = .*$", 'encoder = { backend = "synthetic" }', text, flags=re.MULTILINE)
+    assert swapped == 2
     path = tmp_path / "event.toml"
     path.write_text(text)
     return path

@@ -118,7 +118,8 @@ def test_group_with_empty_endpoints() -> None:
 
 
 def test_missing_backup_group() -> None:
-    error = problem('[groups.backup]\nencoder = { backend = "synthetic" }\n' + BACKUP_ENDPOINTS, "")
+    backup = next(line for line in DEMO_TEXT.splitlines() if line.startswith("encoder = ")) + "\n"
+    error = problem("[groups.backup]\n" + backup + BACKUP_ENDPOINTS, "")
     assert str(error) == "demo.toml: groups: must include primary and backup; missing: backup"
 
 

@@ -1,0 +1,307 @@
+"""ffmpeg encoder instances: find ffmpeg, run it, and re-cut its output onto the shared clock.
+
+A thin trio shell around :mod:`orchestrator.ffmpeg_command` (the argv) and
+:mod:`orchestrator.recut` (the timing). :func:`run_ffmpeg_encoder` is an instance runner for
+:class:`~orchestrator.encoder.GroupEncoder`, which restarts it when it ends, fails or stalls:
+
+* ffmpeg is started with an argv list (never a shell) and its stdout read incrementally by
+  :class:`~orchestrator.fmp4_reader.StreamReader`; the first moov gives every stream's header;
+* each access unit goes to its track's recutter; each completed fragment is checked (a video
+  fragment must open with a keyframe, else it is rejected, logged and counted) and handed to
+  the group encoder once per stream that carries the track;
+* stderr goes to the log, at most ``STDERR_BURST`` lines per ``STDERR_PERIOD`` seconds, and the
+  last lines are kept for the error raised when ffmpeg exits: :class:`FfmpegExited` carries the
+  exit code (negative: killed by that signal), which the group encoder logs and exports;
+* an instance whose fragments fall more than ``2 x D + 1 s`` behind the shared clock (an
+  overloaded host, a source slower than real time) raises, so the restart re-aligns it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from orchestrator import fmp4
+from orchestrator.clock import NS_PER_SECOND
+from orchestrator.encoder import Sink
+from orchestrator.errors import EncoderError
+from orchestrator.ffmpeg_command import Encode, build_argv, plan_encodes, priming_frames
+from orchestrator.fmp4_reader import NEED_DATA, Fragment, Header, StreamReader
+from orchestrator.metrics import Metrics
+from orchestrator.profile import FfmpegEncoder, FileSource, LiveSource, PatternSource, Profile
+from orchestrator.recut import Cut, TrackRecutter, anchor_frame, start_index
+from orchestrator.stream import EncodedFragment, build_header
+from orchestrator.wallclock import WallClock
+
+log = logging.getLogger(__name__)
+
+HOW_TO_GET_FFMPEG = (
+    "install ffmpeg with libx264 (Debian/Ubuntu: apt-get install ffmpeg), "
+    "or pip install 'orchestrator[ffmpeg]' for a static build, or set encoder.path"
+)
+STDERR_BURST = 20
+STDERR_PERIOD = 10.0
+STDERR_TAIL = 20
+TERMINATE_GRACE = 2.0
+READ_SIZE = 256 * 1024
+
+
+class FfmpegExited(EncoderError):
+    """ffmpeg ended. ``exit_code`` is negative when a signal killed it."""
+
+    def __init__(self, exit_code: int, stderr_tail: Sequence[str]) -> None:
+        self.exit_code = exit_code
+        self.stderr_tail = list(stderr_tail)
+        how = f"killed by {_signal_name(-exit_code)}" if exit_code < 0 else f"exited with code {exit_code}"
+        last = " | ".join(self.stderr_tail[-5:]) or "(nothing on stderr)"
+        super().__init__(f"ffmpeg {how}; last stderr: {last}")
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def find_ffmpeg(configured: Path | None) -> str | None:
+    """The ffmpeg to run: ``configured`` (which must exist), else ``ffmpeg`` on PATH, else the
+    executable shipped by the optional ``imageio-ffmpeg`` wheel; None when there is none."""
+    if configured is not None:
+        if not (configured.is_file() and os.access(configured, os.X_OK)):
+            raise EncoderError(f"{configured} is not an executable file")
+        return str(configured)
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg  # type: ignore[import-not-found,unused-ignore]  # optional extra
+    except ImportError:
+        return None
+    try:
+        return str(imageio_ffmpeg.get_ffmpeg_exe())
+    except RuntimeError:
+        return None
+
+
+@functools.cache
+def supports_burn_in(executable: str) -> bool:
+    """Whether this ffmpeg can draw text (drawtext needs libfreetype and a font). Asked once, at
+    planning time, by drawing on one tiny frame."""
+    argv = [executable, "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+            "color=size=64x64:duration=0.04", "-vf", "drawtext=text=0", "-frames:v", "1",
+            "-f", "null", "-"]  # fmt: skip
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@dataclass(frozen=True)
+class FfmpegPlan:
+    """What a group's ffmpeg instances need, resolved before going live."""
+
+    executable: str
+    config: FfmpegEncoder
+    burn_in: bool
+    live_url: str | None = None
+
+
+class _StderrLog:
+    """ffmpeg's stderr into the log, rate-limited, keeping the last lines for the exit error."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+        self._window_start = -STDERR_PERIOD
+        self._in_window = 0
+        self._suppressed = 0
+
+    def line(self, text: str) -> None:
+        self.tail.append(text)
+        now = trio.current_time()
+        if now - self._window_start >= STDERR_PERIOD:
+            if self._suppressed:
+                log.warning("ffmpeg.stderr.suppressed group=%s lines=%d", self.group, self._suppressed)
+            self._window_start, self._in_window, self._suppressed = now, 0, 0
+        if self._in_window < STDERR_BURST:
+            self._in_window += 1
+            log.warning("ffmpeg.stderr group=%s line=%r", self.group, text)
+        else:
+            self._suppressed += 1
+
+    async def pump(self, stream: trio.abc.ReceiveStream) -> None:
+        """Read stderr to its end. Cancellation: stops reading."""
+        pending = b""
+        while chunk := await stream.receive_some(READ_SIZE):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                text = raw.decode("utf-8", "replace").rstrip("\r")
+                if text:
+                    self.line(text)
+        if pending.strip():
+            self.line(pending.decode("utf-8", "replace"))
+
+
+class _Recut:
+    """The instance's output side: header once, then fragments per stream (see module doc)."""
+
+    def __init__(self, profile: Profile, encodes: list[Encode], recutters: list[TrackRecutter], sink: Sink,
+                 *, group: str, wall: WallClock, metrics: Metrics | None) -> None:  # fmt: skip
+        self.profile = profile
+        self.encodes = encodes
+        self.recutters = recutters
+        self.sink = sink
+        self.group = group
+        self.wall = wall
+        self.metrics = metrics
+        self.header_seen = False
+        d = profile.presentation.fragment_duration
+        self.max_lag_ns = 2 * d.numerator * NS_PER_SECOND // d.denominator + NS_PER_SECOND
+
+    def header(self, event: Header) -> None:
+        if self.header_seen:
+            return
+        if len(event.tracks) != len(self.encodes):
+            raise EncoderError(f"ffmpeg wrote {len(event.tracks)} tracks, {len(self.encodes)} were asked for")
+        entries = {}
+        for encode, track in zip(self.encodes, event.tracks, strict=True):
+            for stream_id, track_id in encode.destinations:
+                entries[(stream_id, track_id)] = track.sample_entry
+        for stream in self.profile.streams:
+            sample_entries = [entries[(stream.id, i)] for i in range(1, len(stream.tracks) + 1)]
+            self.sink.header(build_header(self.profile, stream, sample_entries))
+        self.header_seen = True
+
+    def fragment(self, event: Fragment) -> None:
+        if not self.header_seen:
+            raise EncoderError("ffmpeg wrote a fragment before its moov")
+        for traf in event.parsed.trafs:
+            if not 1 <= traf.track_id <= len(self.encodes):
+                raise EncoderError(f"ffmpeg wrote track {traf.track_id}, which was not asked for")
+            encode = self.encodes[traf.track_id - 1]
+            recutter = self.recutters[traf.track_id - 1]
+            for sample in traf.samples:
+                cut = recutter.push(sample)
+                if cut is not None:
+                    self._emit(encode, cut)
+
+    def _emit(self, encode: Encode, cut: Cut) -> None:
+        if encode.is_video and not cut.starts_with_keyframe:
+            log.error("encoder.fragment.rejected group=%s track=%s index=%d reason=no_keyframe "
+                      "detail='ffmpeg did not put a keyframe on the fragment boundary'",
+                      self.group, encode.track.name, cut.index)  # fmt: skip
+            if self.metrics is not None:
+                for stream_id, _ in encode.destinations:
+                    self.metrics.encoder_rejected.labels(stream_id, self.group, "no_keyframe").inc()
+            return
+        tfxd_version = self.profile.presentation.tfxd_version
+        for stream_id, track_id in encode.destinations:
+            run = fmp4.TrackRun(track_id, cut.start, cut.samples, cut.index)
+            data = fmp4.write_fragment(cut.index, [run], tfxd_version)
+            self.sink.fragment(EncodedFragment(stream_id, track_id, cut.index, cut.start, cut.duration,
+                                               encode.clock.timescale, data))  # fmt: skip
+        lag_ns = self.wall.now_ns() - encode.clock.end_ns(cut.index)
+        if lag_ns > self.max_lag_ns:
+            behind = lag_ns / NS_PER_SECOND
+            raise EncoderError(f"ffmpeg is {behind:.1f} s behind the shared clock (track {encode.track.name}, "
+                               f"fragment {cut.index}); restarting re-aligns it")  # fmt: skip
+
+
+async def run_ffmpeg_encoder(
+    profile: Profile,
+    plan: FfmpegPlan,
+    first_index: int,
+    sink: Sink,
+    *,
+    group: str,
+    wall: WallClock,
+    metrics: Metrics | None = None,
+) -> None:
+    """Run one ffmpeg instance for ``group`` until it exits (raises :class:`FfmpegExited`),
+    misbehaves (raises :class:`EncoderError`) or is cancelled.
+
+    Cancellation: ffmpeg gets SIGTERM, then SIGKILL after ``TERMINATE_GRACE`` seconds, and is
+    reaped before this returns; a fragment not yet complete is dropped.
+    """
+    encodes = plan_encodes(profile)
+    now_ns = wall.now_ns()
+    anchors = [anchor_frame(e.clock, now_ns) for e in encodes]
+    first = start_index([e.clock for e in encodes], anchors, first_index)
+    recutters = [TrackRecutter(e.clock, anchor=a, first_index=first, priming_frames=priming_frames(e))
+                 for e, a in zip(encodes, anchors, strict=True)]  # fmt: skip
+    source = plan.config.source
+    argv = build_argv(plan.executable, profile, source, encodes, anchors, preset=plan.config.preset,
+                      burn_in=plan.burn_in, live_url=plan.live_url)  # fmt: skip
+    secret = plan.live_url if isinstance(source, LiveSource) and source.url_env else None
+    shown = [f"<${source.url_env}>" if secret is not None and a == secret else a for a in argv]  # type: ignore[union-attr]
+    log.info("ffmpeg.starting group=%s first_index=%d argv=%s", group, first, " ".join(shown))
+    output = _Recut(profile, encodes, recutters, sink, group=group, wall=wall, metrics=metrics)
+    stderr = _StderrLog(group)
+    process = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                               stderr=subprocess.PIPE)  # fmt: skip
+    sink.instance_started(process.pid)
+    assert process.stdout is not None
+    assert process.stderr is not None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stderr.pump, process.stderr)
+            reader = StreamReader()
+            while chunk := await process.stdout.receive_some(READ_SIZE):
+                reader.feed(bytes(chunk))
+                while (event := reader.next_event()) is not NEED_DATA:
+                    if isinstance(event, Header):
+                        output.header(event)
+                    elif isinstance(event, Fragment):
+                        output.fragment(event)
+            # stdout closed: ffmpeg is ending. Give it a moment to exit by itself.
+            with trio.move_on_after(TERMINATE_GRACE):
+                await process.wait()
+        code = await _stop(process)
+    finally:
+        with trio.CancelScope(shield=True):
+            await _stop(process)
+            await process.stdout.aclose()
+            await process.stderr.aclose()
+    raise FfmpegExited(code, stderr.tail)
+
+
+async def _stop(process: trio.Process) -> int:
+    """SIGTERM, then SIGKILL after a grace period; returns the exit code."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        with trio.move_on_after(TERMINATE_GRACE):
+            await process.wait()
+    if process.returncode is None:
+        log.warning("ffmpeg.kill pid=%d reason='no exit %g s after SIGTERM'", process.pid, TERMINATE_GRACE)
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    return await process.wait()
+
+
+def plan_ffmpeg(config: FfmpegEncoder, executable: str) -> FfmpegPlan:
+    """Resolve what can be resolved before going live (raises ValueError with a reason)."""
+    burn_in = False
+    if isinstance(config.source, PatternSource) and config.source.burn_in_clock:
+        burn_in = supports_burn_in(executable)
+        if not burn_in:
+            log.warning("ffmpeg.burn_in.unavailable executable=%s reason='drawtext failed: no libfreetype or no "
+                        "font'; the test pattern runs without the clock", executable)  # fmt: skip
+    live_url = config.source.resolve() if isinstance(config.source, LiveSource) else None
+    if isinstance(config.source, FileSource) and not config.source.path.is_file():
+        raise ValueError(f"source file {config.source.path} does not exist")
+    return FfmpegPlan(executable, config, burn_in, live_url)

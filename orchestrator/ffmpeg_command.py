@@ -1,0 +1,191 @@
+"""The ffmpeg command line for one encoder instance: an argv list, never a shell string.
+
+Theory of operation
+-------------------
+One ffmpeg process serves a whole group. The profile's tracks are first reduced to *encodes*
+(:func:`plan_encodes`): a track that appears in several streams with identical settings (the
+redundant audio of spec section 11, or audio bundled with the lowest video rendition and also
+sent alone) is encoded once and its fragments go to every stream that carries it.
+
+The source is decoded once and split in a filter graph: each video encode gets its own frame
+rate (``fps``, constant frame rate) and size; each audio encode its own sample rate and channel
+layout. Everything goes to a single fragmented MP4 on stdout, a fragment per access unit or
+two (``-frag_duration 1``), so :mod:`orchestrator.recut` sees every access unit as soon as it is
+encoded and cuts the real fragments itself.
+
+Video is H.264 without B-frames (decode order = presentation order: nothing to re-time) and with
+a keyframe forced, as an IDR, exactly on every shared-clock fragment boundary. ffmpeg's
+``force_key_frames`` expression sees the output frame number ``n``, which the recutter maps to
+shared frame ``anchor + n``; frame N opens a fragment iff ``floor(N*p/q) > floor((N-1)*p/q)``
+with p/q = F/D (:func:`orchestrator.recut.keyframe_boundary`). Shifting N by q adds exactly p to
+both floors, so the anchor enters the expression modulo q and the numbers stay small.
+
+The test pattern burns in the shared-clock time of each frame (``drawtext``, UTC time of day to
+the millisecond): primary and backup show the same time on the same fragment and frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from orchestrator.clock import TrackClock
+from orchestrator.profile import AudioTrack, FileSource, LiveSource, PatternSource, Profile, VideoTrack
+from orchestrator.recut import keyframe_boundary
+
+AAC_PRIMING_FRAMES = 1
+"""ffmpeg's native AAC encoder delays its output by 1024 samples: one frame, dropped by the
+recutter (tests/test_ffmpeg.py asks the installed ffmpeg and checks this)."""
+
+SECONDS_PER_DAY = 86400
+
+
+@dataclass(frozen=True)
+class Encode:
+    """One track as ffmpeg encodes it, and every (stream id, track id) that carries it."""
+
+    track: VideoTrack | AudioTrack
+    clock: TrackClock
+    destinations: tuple[tuple[str, int], ...]
+
+    @property
+    def is_video(self) -> bool:
+        return isinstance(self.track, VideoTrack)
+
+
+def _encode_key(track: VideoTrack | AudioTrack) -> str:
+    return track.model_dump_json()
+
+
+def plan_encodes(profile: Profile) -> list[Encode]:
+    """The distinct encodes of the presentation: video first, then audio, in profile order."""
+    found: dict[str, tuple[VideoTrack | AudioTrack, list[tuple[str, int]]]] = {}
+    for stream in profile.streams:
+        for track_id, track in enumerate(stream.tracks, start=1):
+            found.setdefault(_encode_key(track), (track, []))[1].append((stream.id, track_id))
+    encodes = [Encode(track, profile.track_clock(track), tuple(dest)) for track, dest in found.values()]
+    return [e for e in encodes if e.is_video] + [e for e in encodes if not e.is_video]
+
+
+def keyframe_expression(clock: TrackClock, anchor: int) -> str:
+    """``force_key_frames`` expression: true on output frame n iff shared frame anchor+n opens a fragment."""
+    ratio = keyframe_boundary(clock)
+    p, q = ratio.numerator, ratio.denominator
+    a = anchor % q
+    return f"expr:gt(floor((n+{a})*{p}/{q}),floor((n+{a}-1)*{p}/{q}))"
+
+
+def _rate(value: Fraction) -> str:
+    return f"{value.numerator}/{value.denominator}"
+
+
+def _clock_text(clock: TrackClock, anchor: int) -> str:
+    """drawtext filter showing the shared-clock UTC time of day of each frame (ms)."""
+    wall_ns = clock.wall_ns(clock.frame_time(anchor))
+    of_day_ms = (wall_ns // 1_000_000) % (SECONDS_PER_DAY * 1000)
+    offset = f"{of_day_ms // 1000}.{of_day_ms % 1000:03d}"
+    # Filter-graph escaping: ':' inside the option value is escaped, the value is quoted.
+    text = f"%{{pts\\:hms\\:{offset}}} UTC"
+    return (f"drawtext=text='{text}':fontsize=h/10:fontcolor=white:box=1:boxcolor=black@0.6:"
+            "boxborderw=8:x=(w-tw)/2:y=h-th-h/20")  # fmt: skip
+
+
+def _inputs(source: PatternSource | FileSource | LiveSource, encodes: Sequence[Encode], url: str | None) -> list[str]:
+    video = [e for e in encodes if e.is_video]
+    audio = [e for e in encodes if not e.is_video]
+    if isinstance(source, PatternSource):
+        args: list[str] = []
+        if video:
+            biggest = max(video, key=lambda e: e.track.width * e.track.height)  # type: ignore[union-attr]
+            track = biggest.track
+            assert isinstance(track, VideoTrack)
+            args += ["-re", "-f", "lavfi", "-i",
+                     f"testsrc2=size={track.width}x{track.height}:rate={_rate(track.frame_rate)}"]  # fmt: skip
+        if audio:
+            rate = audio[0].track.sample_rate  # type: ignore[union-attr]
+            args += ["-re", "-f", "lavfi", "-i", f"sine=frequency={source.tone_hz}:sample_rate={rate}"]
+        return args
+    if isinstance(source, FileSource):
+        return ["-re", "-stream_loop", "-1", "-i", str(source.path)]
+    assert url is not None
+    # Live input: stamp packets with the wall clock, so constant-frame-rate conversion keeps
+    # one output frame per frame period of *our* clock even if the sender's clock drifts.
+    return ["-use_wallclock_as_timestamps", "1", "-i", url]
+
+
+def build_argv(
+    executable: str | Path,
+    profile: Profile,
+    source: PatternSource | FileSource | LiveSource,
+    encodes: Sequence[Encode],
+    anchors: Sequence[int],
+    *,
+    preset: str,
+    burn_in: bool,
+    live_url: str | None = None,
+) -> list[str]:
+    """The whole argv. ``anchors[i]`` is the shared frame that encode i's first output frame is."""
+    video = [(e, a) for e, a in zip(encodes, anchors, strict=True) if e.is_video]
+    audio = [(e, a) for e, a in zip(encodes, anchors, strict=True) if not e.is_video]
+    pattern = isinstance(source, PatternSource)
+    video_input = "0:v:0"
+    audio_input = ("1:a:0" if video else "0:a:0") if pattern else "0:a:0"
+
+    graph: list[str] = []
+    if video:
+        first = video[0][0].clock
+        pre = _clock_text(first, video[0][1]) + "," if isinstance(source, PatternSource) and burn_in else ""
+        labels = "".join(f"[vsrc{i}]" for i in range(len(video)))
+        graph.append(f"[{video_input}]{pre}split={len(video)}{labels}")
+        for i, (e, _) in enumerate(video):
+            t = e.track
+            assert isinstance(t, VideoTrack)
+            graph.append(f"[vsrc{i}]fps={_rate(t.frame_rate)},scale={t.width}:{t.height},format=yuv420p[v{i}]")
+    if audio:
+        labels = "".join(f"[asrc{i}]" for i in range(len(audio)))
+        graph.append(f"[{audio_input}]asplit={len(audio)}{labels}")
+        for i, (e, _) in enumerate(audio):
+            t = e.track
+            assert isinstance(t, AudioTrack)
+            resample = "aresample=async=1:first_pts=0," if isinstance(source, LiveSource) else ""
+            graph.append(f"[asrc{i}]{resample}aresample={t.sample_rate},"
+                         f"aformat=sample_fmts=fltp:channel_layouts={'mono' if t.channels == 1 else 'stereo'}"
+                         f"[a{i}]")  # fmt: skip
+
+    argv = [str(executable), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+warning"]
+    argv += _inputs(source, encodes, live_url)
+    argv += ["-filter_complex", ";".join(graph)]
+    for i in range(len(video)):
+        argv += ["-map", f"[v{i}]"]
+    for i in range(len(audio)):
+        argv += ["-map", f"[a{i}]"]
+    if video:
+        argv += ["-c:v", "libx264", "-preset", preset, "-tune", "zerolatency", "-bf", "0", "-forced-idr", "1",
+                 "-x264-params", "scenecut=0:open-gop=0"]  # fmt: skip
+    for i, (e, anchor) in enumerate(video):
+        t = e.track
+        assert isinstance(t, VideoTrack)
+        per_fragment = e.clock.frame_count(0) + 1
+        argv += [f"-b:v:{i}", str(t.bitrate), f"-maxrate:v:{i}", str(t.bitrate), f"-bufsize:v:{i}", str(t.bitrate),
+                 f"-g:v:{i}", str(2 * per_fragment),
+                 f"-force_key_frames:v:{i}", keyframe_expression(e.clock, anchor)]  # fmt: skip
+    if audio:
+        argv += ["-c:a", "aac"]
+    for i, (e, _) in enumerate(audio):
+        argv += [f"-b:a:{i}", str(e.track.bitrate)]
+    # A fragment as soon as it holds 1 microsecond of media: every access unit goes out at once.
+    # (frag_every_frame does the same but warns about every packet, flooding the log.)
+    argv += ["-f", "mp4", "-movflags", "empty_moov+default_base_moof+skip_trailer", "-frag_duration", "1",
+             "-flush_packets", "1", "pipe:1"]  # fmt: skip
+    return argv
+
+
+def priming_frames(encode: Encode) -> int:
+    return 0 if encode.is_video else AAC_PRIMING_FRAMES
+
+
+def anchor_wall_ns(clock: TrackClock, anchor: int) -> int:
+    """When the anchor frame starts, in wall-clock ns (for logs)."""
+    return clock.wall_ns(clock.frame_time(anchor))

@@ -1,0 +1,211 @@
+"""Real ffmpeg encoders on the shared clock, into a real local publishing point on loopback.
+
+A two-rendition, one-audio presentation in three streams (the 360p video alone; the 180p video
+with the audio bundled; the same audio alone again, spec section 11) is encoded by one ffmpeg
+per group, primary and backup, for about 10 fragments. In the middle, the primary's ffmpeg is
+killed with SIGKILL. Then, at the receiver:
+
+* primary and backup fragments have identical indices, timestamps and durations, all on the
+  shared clock; the merged timeline has no gap, no conflict, no header mismatch;
+* the killed instance was restarted, counted as ``killed`` with its exit code, and its next
+  fragment continues the index (higher than any before the kill, on the clock);
+* ffprobe decodes every archived track: a keyframe on every fragment boundary and nowhere
+  else, no timestamp gap, and the expected duration.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from orchestrator.ffmpeg_command import AAC_PRIMING_FRAMES
+from orchestrator.ingest import IngestApp, serve_app
+from orchestrator.profile import parse_profile
+from orchestrator.supervisor import UpOptions, run_up
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
+                       reason="needs ffmpeg and ffprobe: apt-get install ffmpeg (see README)"),
+]  # fmt: skip
+
+PROFILE = """
+[presentation]
+name = "ladder"
+fragment_duration = 2
+epoch = 2026-01-01T00:00:00Z
+
+[[streams]]
+id = "hi"
+  [[streams.tracks]]
+  kind = "video"
+  name = "video_360p"
+  bitrate = 500_000
+  width = 640
+  height = 360
+  frame_rate = "30000/1001"
+
+[[streams]]
+id = "lo"
+  [[streams.tracks]]
+  kind = "video"
+  name = "video_180p"
+  bitrate = 150_000
+  width = 320
+  height = 180
+  frame_rate = "30000/1001"
+  [[streams.tracks]]
+  kind = "audio"
+  name = "audio_eng"
+  bitrate = 96_000
+  sample_rate = 48000
+  channels = 2
+
+[[streams]]
+id = "audio"
+  [[streams.tracks]]
+  kind = "audio"
+  name = "audio_eng"
+  bitrate = 96_000
+  sample_rate = 48000
+  channels = 2
+
+[groups.primary]
+encoder = {{ backend = "ffmpeg", preset = "ultrafast" }}
+  [[groups.primary.endpoints]]
+  name = "region-a"
+  region = "eu-west"
+  url = "http://127.0.0.1:{port}/live/ladder.isml"
+
+[groups.backup]
+encoder = {{ backend = "ffmpeg", preset = "ultrafast" }}
+  [[groups.backup.endpoints]]
+  name = "region-a"
+  region = "eu-west"
+  url = "http://127.0.0.1:{port}/live/ladder.isml"
+
+[metrics]
+enabled = false
+"""
+
+TRACKS = [("hi", 1, 3003), ("lo", 1, 3003), ("lo", 2, 1024), ("audio", 1, 1024)]  # stream, track, frame ticks
+
+
+def test_aac_priming_is_what_the_recutter_drops():
+    """Ask the installed ffmpeg: its AAC encoder's first packet starts one frame early."""
+    out = subprocess.run(
+        ["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-f", "lavfi", "-i",
+         "sine=frequency=1000:sample_rate=48000", "-t", "0.2", "-c:a", "aac", "-f", "framecrc", "-"],
+        check=True, capture_output=True, text=True)  # fmt: skip
+    first = next(line for line in out.stdout.splitlines() if not line.startswith("#"))
+    assert int(first.split(",")[1]) == -1024 * AAC_PRIMING_FRAMES
+
+
+def ffprobe_packets(path: Path) -> list[tuple[int, bool]]:
+    """(pts, keyframe) of every packet, in the track's timescale, after decoding every frame."""
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-f", "null", "-"], check=True)
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "0", "-show_entries", "packet=pts,flags",
+         "-of", "json", str(path)],
+        check=True, capture_output=True, text=True)  # fmt: skip
+    return [(int(p["pts"]), "K" in p["flags"]) for p in json.loads(out.stdout)["packets"]]
+
+
+async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path):
+    registry = CollectorRegistry()
+    async with trio.open_nursery() as servers:
+        app = IngestApp(tmp_path / "archive")
+        _, port = await servers.start(serve_app, app, "127.0.0.1", 0)
+        profile = parse_profile(PROFILE.format(port=port), "ladder.toml")
+        options = UpOptions(status="off", handle_signals=False, shutdown_grace=8.0)
+        async with trio.open_nursery() as up:  # ends when run_up returns after its graceful stop
+            running = await up.start(lambda task_status: run_up(profile, options, registry=registry,
+                                                                task_status=task_status))  # fmt: skip
+
+            def seen(group: str) -> dict[tuple[str, int], dict[int, tuple[int, int]]]:
+                out: dict[tuple[str, int], dict[int, tuple[int, int]]] = defaultdict(dict)
+                for post in app.point.status(posts=True)["post_log"]:
+                    if post["encoder_group"] == group:
+                        for f in post["fragments"]:
+                            out[(post["stream"], f["track"])][f["index"]] = (f["time"], f["duration"])
+                return out
+
+            async def wait_for(group: str, count: int, timeout: float) -> None:
+                with trio.fail_after(timeout):
+                    while not all(len(seen(group).get((s, t), ())) >= count for s, t, _ in TRACKS):
+                        await trio.sleep(0.1)
+
+            await wait_for("primary", 4, 40)
+            await wait_for("backup", 4, 10)
+            primary = next(g for g in running.group_encoders if g.group == "primary")
+            pid = primary.instance_pid
+            assert pid is not None
+            before_kill = max(max(seen("primary")[(s, t)]) for s, t, _ in TRACKS)
+            os.kill(pid, signal.SIGKILL)
+            with trio.fail_after(10):
+                while primary.instance_pid in (None, pid):
+                    await trio.sleep(0.05)
+            after = {key: len(v) for key, v in seen("primary").items()}
+            with trio.fail_after(30):
+                while not all(len(seen("primary").get(key, ())) >= n + 4 for key, n in after.items()):
+                    await trio.sleep(0.1)
+            running.stop.set()
+        servers.cancel_scope.cancel()
+    metric = registry.get_sample_value
+
+    # The kill was noticed, counted as such, with the exit code, and the instance restarted.
+    assert metric("orchestrator_encoder_restarts_total", {"group": "primary", "reason": "killed"}) == 1
+    assert metric("orchestrator_encoder_last_exit_code", {"group": "primary"}) == -signal.SIGKILL
+    assert not metric("orchestrator_encoder_restarts_total", {"group": "backup", "reason": "killed"})
+
+    status = app.point.status(posts=True)
+    for stream_id, stream in status["publishing_points"]["live/ladder"]["streams"].items():
+        assert stream["header_mismatches"] == 0, stream_id  # the groups' ffmpeg headers are identical
+        for track_id, track in stream["tracks"].items():
+            assert (track["gaps"], track["conflicts"], track["rejected"]) == (0, 0, 0), (stream_id, track_id, track)
+
+    clocks = {s.id: [profile.track_clock(t) for t in s.tracks] for s in profile.streams}
+    primary_seen, backup_seen = seen("primary"), seen("backup")
+    for stream_id, track_id, _ in TRACKS:
+        clock = clocks[stream_id][track_id - 1]
+        p, b = primary_seen[(stream_id, track_id)], backup_seen[(stream_id, track_id)]
+        for k, (time, duration) in itertools.chain(p.items(), b.items()):
+            assert (time, duration) == (clock.start(k), clock.duration(k)), f"{stream_id}/{track_id} #{k} off clock"
+        common = set(p) & set(b)
+        assert len(common) >= 6
+        assert all(p[k] == b[k] for k in common)
+        # After the kill the primary continued the index: higher than before, never reused.
+        resumed = sorted(k for k in p if k > before_kill)
+        assert resumed, f"{stream_id}/{track_id}: nothing after the kill"
+        assert resumed == list(range(resumed[0], resumed[-1] + 1))
+        assert resumed[0] - before_kill <= 3, "the restart skipped more than the fragments in flight"
+
+    # The archive (both groups merged) of every track decodes; keyframes exactly on the
+    # fragment boundaries; timestamps continuous; duration as the clock says.
+    archive = tmp_path / "archive"
+    for stream_id, track_id, frame in TRACKS:
+        track = status["publishing_points"]["live/ladder"]["streams"][stream_id]["tracks"][str(track_id)]
+        packets = ffprobe_packets(archive / track["file"])
+        clock = clocks[stream_id][track_id - 1]
+        steps = {b[0] - a[0] for a, b in itertools.pairwise(packets)}
+        assert steps == {frame}, f"{stream_id}/{track_id}: timestamp steps {sorted(steps)}"
+        first_k = clock.index_of_tick(packets[0][0])
+        assert packets[0][0] == clock.start(first_k)
+        end = packets[-1][0] + frame
+        last_k = clock.index_of_tick(end - 1)
+        assert end == clock.start(last_k + 1), "the archive ends on a fragment boundary"
+        assert last_k - first_k + 1 >= 9
+        if frame == 3003:  # video: a keyframe on every fragment boundary and nowhere else
+            boundaries = {clock.start(k) for k in range(first_k, last_k + 1)}
+            keyframes = {pts for pts, key in packets if key}
+            assert keyframes == boundaries

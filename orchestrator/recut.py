@@ -37,7 +37,7 @@ from orchestrator.clock import TrackClock
 
 
 def anchor_frame(clock: TrackClock, now_ns: int) -> int:
-    """The first frame of ``clock`` that starts at or after wall-clock ``now_ns``."""
+    """The first frame of ``clock`` that starts at or after the media tick of wall-clock ``now_ns``."""
     tick = clock.tick_at(now_ns)
     f = clock.frame_duration
     # frame_time(n) = floor(n*F*T) >= tick  <=>  n*F*T >= tick (tick is an integer)

@@ -1,0 +1,192 @@
+"""The ffmpeg argv, the encode plan, the ffmpeg profile keys and the shell's small pieces."""
+
+from __future__ import annotations
+
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+
+from orchestrator.errors import EncoderError, ProfileError
+from orchestrator.ffmpeg import FfmpegExited, find_ffmpeg
+from orchestrator.ffmpeg_command import build_argv, keyframe_expression, plan_encodes
+from orchestrator.profile import FileSource, LiveSource, PatternSource, load_profile, parse_profile
+
+LADDER = """
+[presentation]
+name = "ladder"
+fragment_duration = 2
+epoch = 2026-01-01T00:00:00Z
+
+[[streams]]
+id = "hi"
+  [[streams.tracks]]
+  kind = "video"
+  name = "v360"
+  bitrate = 500_000
+  width = 640
+  height = 360
+  frame_rate = "30000/1001"
+
+[[streams]]
+id = "lo"
+  [[streams.tracks]]
+  kind = "video"
+  name = "v180"
+  bitrate = 150_000
+  width = 320
+  height = 180
+  frame_rate = "30000/1001"
+  [[streams.tracks]]
+  kind = "audio"
+  name = "aac"
+  bitrate = 96_000
+  sample_rate = 48000
+
+[[streams]]
+id = "audio"
+  [[streams.tracks]]
+  kind = "audio"
+  name = "aac"
+  bitrate = 96_000
+  sample_rate = 48000
+
+[groups.primary]
+encoder = {{ backend = "ffmpeg"{extra} }}
+  [[groups.primary.endpoints]]
+  name = "a"
+  region = "r"
+  url = "http://127.0.0.1:1/live/ladder.isml"
+
+[groups.backup]
+encoder = {{ backend = "ffmpeg" }}
+  [[groups.backup.endpoints]]
+  name = "a"
+  region = "r"
+  url = "http://127.0.0.1:1/live/ladder.isml"
+"""
+
+
+def ladder(extra: str = ""):
+    return parse_profile(LADDER.format(extra=extra), "ladder.toml")
+
+
+def test_identical_tracks_are_encoded_once_for_every_stream_that_carries_them():
+    encodes = plan_encodes(ladder())
+    assert [(e.track.name, e.destinations) for e in encodes] == [
+        ("v360", (("hi", 1),)),
+        ("v180", (("lo", 1),)),
+        ("aac", (("lo", 2), ("audio", 1))),
+    ]
+
+
+def test_keyframe_expression_reduces_the_anchor_modulo_the_ratio_denominator():
+    clock = plan_encodes(ladder())[0].clock  # F/D = 1001/60000
+    assert keyframe_expression(clock, 60000 * 7 + 42) == "expr:gt(floor((n+42)*1001/60000),floor((n+42-1)*1001/60000))"
+
+
+def test_argv_for_the_test_pattern():
+    profile = ladder()
+    encodes = plan_encodes(profile)
+    source = profile.groups["primary"].encoder.source
+    argv = build_argv("/opt/ffmpeg", profile, source, encodes, [100, 100, 200], preset="veryfast", burn_in=False)
+    assert argv[0] == "/opt/ffmpeg"
+    assert all(isinstance(a, str) for a in argv)
+    assert argv[argv.index("-i") + 1] == "testsrc2=size=640x360:rate=30000/1001"
+    assert "sine=frequency=1000:sample_rate=48000" in argv
+    graph = argv[argv.index("-filter_complex") + 1]
+    assert graph == (
+        "[0:v:0]split=2[vsrc0][vsrc1];"
+        "[vsrc0]fps=30000/1001,scale=640:360,format=yuv420p[v0];"
+        "[vsrc1]fps=30000/1001,scale=320:180,format=yuv420p[v1];"
+        "[1:a:0]asplit=1[asrc0];"
+        "[asrc0]aresample=48000,aformat=sample_fmts=fltp:channel_layouts=stereo[a0]"
+    )
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-map"] == ["[v0]", "[v1]", "[a0]"]
+    assert argv[argv.index("-b:v:1") + 1] == "150000"
+    assert argv[argv.index("-b:a:0") + 1] == "96000"
+    assert argv[argv.index("-bf") + 1] == "0"
+    assert argv[argv.index("-force_key_frames:v:0") + 1] == keyframe_expression(encodes[0].clock, 100)
+    assert argv[-1] == "pipe:1"
+    assert "drawtext" not in graph
+
+
+def test_burn_in_shows_the_shared_clock_time_of_the_anchor_frame():
+    profile = ladder()
+    encodes = plan_encodes(profile)
+    clock = encodes[0].clock
+    anchor = clock.first_frame(1000)  # frame 59941: 2000.0314 s after midnight UTC, 2026-01-01
+    argv = build_argv("ffmpeg", profile, PatternSource(kind="testpattern"), encodes, [anchor, anchor, 0],
+                      preset="veryfast", burn_in=True)  # fmt: skip
+    graph = argv[argv.index("-filter_complex") + 1]
+    assert graph.startswith("[0:v:0]drawtext=text='%{pts\\:hms\\:2000.031} UTC':")
+
+
+def test_file_and_live_sources():
+    profile = ladder()
+    encodes = plan_encodes(profile)
+    argv = build_argv("ffmpeg", profile, FileSource(kind="file", path=Path("in.mp4")), encodes, [0, 0, 0],
+                      preset="fast", burn_in=True)  # fmt: skip
+    assert argv[argv.index("-i") - 3 : argv.index("-i") + 2] == ["-re", "-stream_loop", "-1", "-i", "in.mp4"]
+    assert "[0:a:0]asplit=1[asrc0]" in argv[argv.index("-filter_complex") + 1]
+    live = LiveSource(kind="live", url="srt://127.0.0.1:9000?mode=caller")
+    argv = build_argv("ffmpeg", profile, live, encodes, [0, 0, 0], preset="fast", burn_in=True,
+                      live_url=live.resolve())  # fmt: skip
+    assert argv[argv.index("-i") - 2 : argv.index("-i") + 2] == [
+        "-use_wallclock_as_timestamps", "1", "-i", "srt://127.0.0.1:9000?mode=caller"]  # fmt: skip
+    assert "aresample=async=1" in argv[argv.index("-filter_complex") + 1]
+
+
+def test_profile_keys_for_ffmpeg():
+    encoder = ladder(', preset = "fast", source = { kind = "file", path = "clip.mp4" }').groups["primary"].encoder
+    assert encoder.backend == "ffmpeg"
+    assert encoder.preset == "fast"
+    assert encoder.source == FileSource(kind="file", path=Path("clip.mp4"))
+    assert ladder().groups["backup"].encoder.source == PatternSource(kind="testpattern")
+    with pytest.raises(ProfileError) as error:
+        ladder(', preset = "placebo"')
+    assert str(error.value).startswith("ladder.toml: groups.primary.encoder.ffmpeg.preset: ")
+
+
+def test_a_live_url_with_a_secret_must_come_from_the_environment():
+    with pytest.raises(ProfileError) as error:
+        ladder(', source = { kind = "live", url = "srt://h:9000?passphrase=hunter22hunter22" }')
+    assert "environment variable" in str(error.value)
+    assert "hunter22" not in str(error.value).split("input_value")[0]
+    source = ladder(', source = { kind = "live", url_env = "CAMERA_URL" }').groups["primary"].encoder.source
+    assert isinstance(source, LiveSource)
+    assert source.resolve({"CAMERA_URL": "srt://h:9000?passphrase=x"}) == "srt://h:9000?passphrase=x"
+    with pytest.raises(ValueError, match="CAMERA_URL is not set"):
+        source.resolve({})
+
+
+def test_find_ffmpeg_takes_the_configured_path_or_says_why_not(tmp_path):
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\n")
+    with pytest.raises(EncoderError, match="is not an executable file"):
+        find_ffmpeg(fake)
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    assert find_ffmpeg(fake) == str(fake)
+    with pytest.raises(EncoderError, match="is not an executable file"):
+        find_ffmpeg(tmp_path / "missing")
+
+
+def test_find_ffmpeg_returns_none_when_there_is_none(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setitem(__import__("sys").modules, "imageio_ffmpeg", None)  # the extra is not installed
+    assert find_ffmpeg(None) is None
+
+
+def test_exit_error_names_the_signal_and_the_last_stderr_lines():
+    error = FfmpegExited(-signal.SIGKILL, ["a", "b"])
+    assert error.exit_code == -9
+    assert str(error) == "ffmpeg killed by SIGKILL; last stderr: a | b"
+    assert str(FfmpegExited(1, [])) == "ffmpeg exited with code 1; last stderr: (nothing on stderr)"
+
+
+def test_demo_profile_runs_ffmpeg_with_the_synthetic_fallback():
+    demo = load_profile(Path(__file__).resolve().parent.parent / "profiles" / "demo.toml")
+    for group in demo.groups.values():
+        assert group.encoder.backend == "ffmpeg"
+        assert group.encoder.fallback == "synthetic"

@@ -1,0 +1,113 @@
+"""CPU cost of the orchestrator itself per stream, next to ffmpeg's encoding cost.
+
+Runs ``orchestrator up`` (primary and backup groups) as a subprocess against a separate
+``orchestrator ingest`` process on loopback, with the presentation of tests/test_ffmpeg.py (two
+video renditions, 360p and 180p at 29.97 fps, one AAC track; three streams, the audio carried
+twice), first on the ffmpeg backend and then, as the baseline in the same run, on the synthetic
+backend (no encoding at all: what remains is the orchestrator's own work: gating, state,
+outboxes, HTTP). After a warm-up it reads the CPU time (user + system, from /proc) of the ``up``
+process and of its ffmpeg children over a measurement window and prints it as a percentage of
+one core.
+
+    .venv/bin/python bench/encoder_cpu.py [--seconds 20]
+
+Linux only (/proc). Needs ffmpeg. The machine is shared and noisy: compare the columns of one
+run, not runs with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from test_ffmpeg import PROFILE  # noqa: E402  the same presentation as the integration test
+
+TICKS = os.sysconf("SC_CLK_TCK")
+STREAMS = 3
+GROUPS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def measure(backend: str, seconds: float, workdir: Path) -> tuple[float, float]:
+    port = free_port()
+    text = PROFILE.format(port=port)
+    if backend == "synthetic":
+        text = text.replace('{ backend = "ffmpeg", preset = "ultrafast" }', '{ backend = "synthetic" }')
+    profile = workdir / f"{backend}.toml"
+    profile.write_text(text)
+    exe = [sys.executable, "-m", "orchestrator"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    ingest = subprocess.Popen([*exe, "ingest", "--listen", f"127.0.0.1:{port}", "--archive",
+                               str(workdir / f"archive-{backend}")], **quiet)  # fmt: skip
+    time.sleep(1.5)
+    up = subprocess.Popen([*exe, "up", str(profile), "--status", "off"], **quiet)
+    try:
+        time.sleep(8.0)  # start-up, first fragments, connections open
+        kids = children(up.pid)
+        up0, kids0 = cpu_seconds(up.pid), sum(cpu_seconds(k) for k in kids)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        up1, kids1 = cpu_seconds(up.pid), sum(cpu_seconds(k) for k in kids)
+        elapsed = time.monotonic() - t0
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(30)
+        ingest.send_signal(signal.SIGTERM)
+        ingest.wait(30)
+    return 100 * (up1 - up0) / elapsed, 100 * (kids1 - kids0) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="measurement window (default 20)")
+    args = parser.parse_args()
+    if shutil.which("ffmpeg") is None:
+        sys.exit("needs ffmpeg: apt-get install ffmpeg")
+    print(f"# {GROUPS} groups x {STREAMS} streams (360p + 180p H.264, AAC), {args.seconds:g} s window, % of one core")
+    print(f"{'backend':10} {'orchestrator':>12} {'per_stream':>10} {'ffmpeg':>8} {'ffmpeg/orch':>11}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in ("ffmpeg", "synthetic"):
+            orch, ffmpeg = measure(backend, args.seconds, Path(tmp))
+            ratio = f"{ffmpeg / orch:.1f}" if orch > 0 and ffmpeg > 0 else "-"
+            print(f"{backend:10} {orch:12.1f} {orch / (STREAMS * GROUPS):10.2f} {ffmpeg:8.1f} {ratio:>11}")
+
+
+if __name__ == "__main__":
+    main()

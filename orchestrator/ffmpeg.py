@@ -270,12 +270,14 @@ async def run_ffmpeg_encoder(
             # stdout closed: ffmpeg is ending. Give it a moment to exit by itself.
             with trio.move_on_after(TERMINATE_GRACE):
                 await process.wait()
-        code = await _stop(process)
     finally:
         with trio.CancelScope(shield=True):
-            await _stop(process)
+            code = await _stop(process)
             await process.stdout.aclose()
             await process.stderr.aclose()
+        log.info("ffmpeg.exited group=%s pid=%d exit_code=%d", group, process.pid, code)
+        if metrics is not None:
+            metrics.encoder_last_exit_code.labels(group).set(code)
     raise FfmpegExited(code, stderr.tail)
 
 

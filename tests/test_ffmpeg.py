@@ -2,13 +2,15 @@
 
 A two-rendition, one-audio presentation in three streams (the 360p video alone; the 180p video
 with the audio bundled; the same audio alone again, spec section 11) is encoded by one ffmpeg
-per group, primary and backup, for about 10 fragments. In the middle, the primary's ffmpeg is
-killed with SIGKILL. Then, at the receiver:
+per group, primary and backup, for about 15 fragments. In the middle, the primary's ffmpeg is
+killed with SIGKILL; later the backup's is frozen with SIGSTOP (it stops producing). Then:
 
 * primary and backup fragments have identical indices, timestamps and durations, all on the
   shared clock; the merged timeline has no gap, no conflict, no header mismatch;
 * the killed instance was restarted, counted as ``killed`` with its exit code, and its next
   fragment continues the index (higher than any before the kill, on the clock);
+* the frozen one was noticed by the stall watchdog, ignored SIGTERM, was SIGKILLed, counted as
+  ``stalled`` and restarted;
 * ffprobe decodes every archived track: a keyframe on every fragment boundary and nowhere
   else, no timestamp gap, and the expected duration.
 """
@@ -89,6 +91,7 @@ encoder = {{ backend = "ffmpeg", preset = "ultrafast" }}
 
 [groups.backup]
 encoder = {{ backend = "ffmpeg", preset = "ultrafast" }}
+stall_fragments = 2
   [[groups.backup.endpoints]]
   name = "region-a"
   region = "eu-west"
@@ -155,18 +158,31 @@ async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path):
             with trio.fail_after(10):
                 while primary.instance_pid in (None, pid):
                     await trio.sleep(0.05)
+            assert registry.get_sample_value("orchestrator_encoder_last_exit_code", {"group": "primary"}) == -9
             after = {key: len(v) for key, v in seen("primary").items()}
             with trio.fail_after(30):
                 while not all(len(seen("primary").get(key, ())) >= n + 4 for key, n in after.items()):
+                    await trio.sleep(0.1)
+
+            backup = next(g for g in running.group_encoders if g.group == "backup")
+            frozen = backup.instance_pid
+            assert frozen is not None
+            os.kill(frozen, signal.SIGSTOP)
+            with trio.fail_after(20):  # stall window 4 s, then SIGTERM, and SIGKILL 2 s later
+                while backup.instance_pid in (None, frozen):
+                    await trio.sleep(0.05)
+            assert registry.get_sample_value("orchestrator_encoder_last_exit_code", {"group": "backup"}) == -9
+            after = {key: len(v) for key, v in seen("backup").items()}
+            with trio.fail_after(30):
+                while not all(len(seen("backup").get(key, ())) >= n + 2 for key, n in after.items()):
                     await trio.sleep(0.1)
             running.stop.set()
         servers.cancel_scope.cancel()
     metric = registry.get_sample_value
 
-    # The kill was noticed, counted as such, with the exit code, and the instance restarted.
+    # The kill and the freeze were noticed and counted as such; both instances restarted.
     assert metric("orchestrator_encoder_restarts_total", {"group": "primary", "reason": "killed"}) == 1
-    assert metric("orchestrator_encoder_last_exit_code", {"group": "primary"}) == -signal.SIGKILL
-    assert not metric("orchestrator_encoder_restarts_total", {"group": "backup", "reason": "killed"})
+    assert metric("orchestrator_encoder_restarts_total", {"group": "backup", "reason": "stalled"}) == 1
 
     status = app.point.status(posts=True)
     for stream_id, stream in status["publishing_points"]["live/ladder"]["streams"].items():

@@ -13,6 +13,8 @@ killed with SIGKILL; later the backup's is frozen with SIGSTOP (it stops produci
   ``stalled`` and restarted;
 * ffprobe decodes every archived track: a keyframe on every fragment boundary and nowhere
   else, no timestamp gap, and the expected duration.
+
+A second run checks the file and live (UDP) sources against each other.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -124,6 +127,30 @@ def ffprobe_packets(path: Path) -> list[tuple[int, bool]]:
     return [(int(p["pts"]), "K" in p["flags"]) for p in json.loads(out.stdout)["packets"]]
 
 
+def fragments_from(app: IngestApp, group: str) -> dict[tuple[str, int], dict[int, tuple[int, int]]]:
+    """(stream, track) -> {index: (time, duration)} of what the receiver got from ``group``."""
+    out: dict[tuple[str, int], dict[int, tuple[int, int]]] = defaultdict(dict)
+    for post in app.point.status(posts=True)["post_log"]:
+        if post["encoder_group"] == group:
+            for f in post["fragments"]:
+                out[(post["stream"], f["track"])][f["index"]] = (f["time"], f["duration"])
+    return out
+
+
+async def wait_for_fragments(app: IngestApp, group: str, count: int, timeout: float) -> None:
+    with trio.fail_after(timeout):
+        while not all(len(fragments_from(app, group).get((s, t), ())) >= count for s, t, _ in TRACKS):
+            await trio.sleep(0.1)
+
+
+def assert_merged_timeline_whole(app: IngestApp) -> None:
+    status = app.point.status()
+    for stream_id, stream in status["publishing_points"]["live/ladder"]["streams"].items():
+        assert stream["header_mismatches"] == 0, stream_id  # the groups' ffmpeg headers are identical
+        for track_id, track in stream["tracks"].items():
+            assert (track["gaps"], track["conflicts"], track["rejected"]) == (0, 0, 0), (stream_id, track_id, track)
+
+
 async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path):
     registry = CollectorRegistry()
     async with trio.open_nursery() as servers:
@@ -136,17 +163,10 @@ async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path):
                                                                 task_status=task_status))  # fmt: skip
 
             def seen(group: str) -> dict[tuple[str, int], dict[int, tuple[int, int]]]:
-                out: dict[tuple[str, int], dict[int, tuple[int, int]]] = defaultdict(dict)
-                for post in app.point.status(posts=True)["post_log"]:
-                    if post["encoder_group"] == group:
-                        for f in post["fragments"]:
-                            out[(post["stream"], f["track"])][f["index"]] = (f["time"], f["duration"])
-                return out
+                return fragments_from(app, group)
 
             async def wait_for(group: str, count: int, timeout: float) -> None:
-                with trio.fail_after(timeout):
-                    while not all(len(seen(group).get((s, t), ())) >= count for s, t, _ in TRACKS):
-                        await trio.sleep(0.1)
+                await wait_for_fragments(app, group, count, timeout)
 
             await wait_for("primary", 4, 40)
             await wait_for("backup", 4, 10)
@@ -184,11 +204,8 @@ async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path):
     assert metric("orchestrator_encoder_restarts_total", {"group": "primary", "reason": "killed"}) == 1
     assert metric("orchestrator_encoder_restarts_total", {"group": "backup", "reason": "stalled"}) == 1
 
-    status = app.point.status(posts=True)
-    for stream_id, stream in status["publishing_points"]["live/ladder"]["streams"].items():
-        assert stream["header_mismatches"] == 0, stream_id  # the groups' ffmpeg headers are identical
-        for track_id, track in stream["tracks"].items():
-            assert (track["gaps"], track["conflicts"], track["rejected"]) == (0, 0, 0), (stream_id, track_id, track)
+    assert_merged_timeline_whole(app)
+    status = app.point.status()
 
     clocks = {s.id: [profile.track_clock(t) for t in s.tracks] for s in profile.streams}
     primary_seen, backup_seen = seen("primary"), seen("backup")
@@ -225,3 +242,56 @@ async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path):
             boundaries = {clock.start(k) for k in range(first_k, last_k + 1)}
             keyframes = {pts for pts, key in packets if key}
             assert keyframes == boundaries
+
+
+async def test_a_looped_file_and_a_live_udp_input_land_on_the_same_clock(tmp_path):
+    """Primary reads a file in a loop; backup reads the same clip as live MPEG-TS over UDP from
+    a sender ffmpeg. Different sources, different frame rate (25 fps in, 29.97 out) and sample
+    rate (44.1 kHz in, 48 kHz out): the fragments still agree exactly."""
+    clip = tmp_path / "clip.mp4"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25", "-f", "lavfi",
+         "-i", "sine=frequency=440:sample_rate=44100", "-t", "3", "-c:v", "libx264", "-preset", "ultrafast",
+         "-g", "25", "-c:a", "aac", "-shortest", str(clip)],
+        check=True)  # fmt: skip
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        udp_port = s.getsockname()[1]
+    sender = subprocess.Popen(
+        ["ffmpeg", "-v", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i", str(clip), "-c", "copy",
+         "-f", "mpegts", f"udp://127.0.0.1:{udp_port}?pkt_size=1316"])  # fmt: skip
+    try:
+        registry = CollectorRegistry()
+        async with trio.open_nursery() as servers:
+            app = IngestApp(tmp_path / "archive")
+            _, port = await servers.start(serve_app, app, "127.0.0.1", 0)
+            file_source = f'source = {{ kind = "file", path = "{clip}" }}'
+            live_source = f'source = {{ kind = "live", url = "udp://127.0.0.1:{udp_port}?overrun_nonfatal=1" }}'
+            text = PROFILE.format(port=port)
+            text = text.replace('preset = "ultrafast" }', f'preset = "ultrafast", {file_source} }}', 1)  # primary
+            text = text.replace('preset = "ultrafast" }', f'preset = "ultrafast", {live_source} }}', 1)  # backup
+            profile = parse_profile(text, "sources.toml")
+            options = UpOptions(status="off", handle_signals=False, shutdown_grace=8.0)
+            async with trio.open_nursery() as up:
+                running = await up.start(lambda task_status: run_up(profile, options, registry=registry,
+                                                                    task_status=task_status))  # fmt: skip
+                await wait_for_fragments(app, "primary", 4, 40)
+                await wait_for_fragments(app, "backup", 4, 20)
+                running.stop.set()
+            servers.cancel_scope.cancel()
+    finally:
+        sender.terminate()
+        sender.wait(10)
+
+    assert not registry.get_sample_value(
+        "orchestrator_encoder_restarts_total", {"group": "backup", "reason": "crashed"}
+    )
+    assert_merged_timeline_whole(app)
+    primary_seen, backup_seen = fragments_from(app, "primary"), fragments_from(app, "backup")
+    for stream_id, track_id, _ in TRACKS:
+        p, b = primary_seen[(stream_id, track_id)], backup_seen[(stream_id, track_id)]
+        common = set(p) & set(b)
+        assert len(common) >= 3
+        assert all(p[k] == b[k] for k in common)
+        clock = profile.track_clock(profile.stream(stream_id).tracks[track_id - 1])
+        assert all(p[k] == (clock.start(k), clock.duration(k)) for k in p)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import stat
 from pathlib import Path
 
 import pytest
+import trio
 
 from orchestrator.errors import EncoderError, ProfileError
-from orchestrator.ffmpeg import FfmpegExited, find_ffmpeg
+from orchestrator.ffmpeg import STDERR_BURST, STDERR_PERIOD, FfmpegExited, _StderrLog, find_ffmpeg
 from orchestrator.ffmpeg_command import build_argv, keyframe_expression, plan_encodes
 from orchestrator.profile import FileSource, LiveSource, PatternSource, load_profile, parse_profile
 
@@ -190,3 +192,18 @@ def test_demo_profile_runs_ffmpeg_with_the_synthetic_fallback():
     for group in demo.groups.values():
         assert group.encoder.backend == "ffmpeg"
         assert group.encoder.fallback == "synthetic"
+
+
+async def test_stderr_is_logged_at_most_a_burst_per_period_and_the_tail_kept(autojump_clock, caplog):
+    caplog.set_level(logging.INFO, logger="orchestrator.ffmpeg")
+    log = _StderrLog("primary")
+    for i in range(STDERR_BURST + 30):
+        log.line(f"line {i}")
+    logged = [r.getMessage() for r in caplog.records if "ffmpeg.stderr " in r.getMessage()]
+    assert len(logged) == STDERR_BURST
+    assert list(log.tail)[-1] == f"line {STDERR_BURST + 29}"
+    await trio.sleep(STDERR_PERIOD)
+    log.line("after the period")
+    messages = [r.getMessage() for r in caplog.records]
+    assert "ffmpeg.stderr.suppressed group=primary lines=30" in messages
+    assert messages[-1] == "ffmpeg.stderr group=primary line='after the period'"

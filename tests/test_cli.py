@@ -13,9 +13,10 @@ import pytest
 DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
 
 
-def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
+        pre: list[str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, *(pre or ["-m", "orchestrator"]), *args], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})})  # fmt: skip
 
 
@@ -110,3 +111,23 @@ def test_port_in_use_is_a_clear_error_not_a_traceback(tmp_path):
         assert result.returncode == 1
         assert "Address already in use" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_up_with_no_ffmpeg_and_no_fallback_says_how_to_get_it(tmp_path):
+    path = write_variant(tmp_path, ', fallback = "synthetic" }', " }")
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    # No ffmpeg on PATH (python itself is run by its full path); the optional wheel hidden too.
+    result = run("up", str(path), "--duration", "1", env={"PATH": str(empty)},
+                 pre=["-c", "import sys; sys.modules['imageio_ffmpeg'] = None; "
+                            "from orchestrator.cli import main; sys.argv[0] = 'orchestrator'; main()"])  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert "event.toml: groups.primary.encoder: no ffmpeg found on PATH; install ffmpeg" in result.stderr
+    assert "pip install 'orchestrator[ffmpeg]'" in result.stderr
+
+
+def test_up_with_a_wrong_ffmpeg_path_names_it(tmp_path):
+    path = write_variant(tmp_path, ', fallback = "synthetic" }', ', path = "/nonexistent/ffmpeg" }')
+    result = run("up", str(path), "--duration", "1")
+    assert result.returncode == 2, result.stderr
+    assert "groups.primary.encoder: /nonexistent/ffmpeg is not an executable file" in result.stderr

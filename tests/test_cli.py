@@ -14,10 +14,14 @@ DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
-        pre: list[str] | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        pre: list[str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
     return subprocess.run(
         [sys.executable, *(pre or ["-m", "orchestrator"]), *args], capture_output=True, text=True, timeout=timeout,
-        env={**os.environ, **(env or {})})  # fmt: skip
+        env={**os.environ, **(env or {})}, cwd=cwd)  # fmt: skip
+
+
+# Runs the CLI as if the optional imageio-ffmpeg wheel were not installed.
+HIDE_FFMPEG_WHEEL = "import sys; sys.modules['imageio_ffmpeg'] = None; from orchestrator.cli import main; main()"
 
 
 def write_variant(tmp_path: Path, old: str, new: str) -> Path:
@@ -119,8 +123,7 @@ def test_up_with_no_ffmpeg_and_no_fallback_says_how_to_get_it(tmp_path):
     empty.mkdir()
     # No ffmpeg on PATH (python itself is run by its full path); the optional wheel hidden too.
     result = run("up", str(path), "--duration", "1", env={"PATH": str(empty)},
-                 pre=["-c", "import sys; sys.modules['imageio_ffmpeg'] = None; "
-                            "from orchestrator.cli import main; sys.argv[0] = 'orchestrator'; main()"])  # fmt: skip
+                 pre=["-c", HIDE_FFMPEG_WHEEL])  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert "event.toml: groups.primary.encoder: no ffmpeg found on PATH; install ffmpeg" in result.stderr
     assert "pip install 'orchestrator[ffmpeg]'" in result.stderr
@@ -131,3 +134,14 @@ def test_up_with_a_wrong_ffmpeg_path_names_it(tmp_path):
     result = run("up", str(path), "--duration", "1")
     assert result.returncode == 2, result.stderr
     assert "groups.primary.encoder: /nonexistent/ffmpeg is not an executable file" in result.stderr
+
+
+def test_demo_without_ffmpeg_falls_back_to_the_synthetic_encoder_and_says_so(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    result = run("up", str(DEMO), "--local-ingest", str(tmp_path / "archive"), "--duration", "3", "--status", "off",
+                 env={"PATH": str(empty)}, pre=["-c", HIDE_FFMPEG_WHEEL], cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "supervisor.ffmpeg.missing group=primary fallback=synthetic" in result.stderr
+    assert "apt-get install ffmpeg" in result.stderr
+    assert "encoder.started group=primary" in result.stderr

@@ -62,9 +62,19 @@ class Continuity:
     """Per encoder group: the last fragment index emitted on every track of every stream."""
 
     def __init__(
-        self, clocks: Mapping[str, Sequence[TrackClock]], restored: Mapping[str, Sequence[int]] | None = None
+        self,
+        clocks: Mapping[str, Sequence[TrackClock]],
+        restored: Mapping[str, Sequence[int]] | None = None,
+        track_ids: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
+        """``clocks`` and ``track_ids`` (default 1, 2, ...) per stream, in track order; the state
+        (``restored``, :meth:`snapshot`) is a list per stream in that same order."""
         self.clocks = {stream: list(c) for stream, c in clocks.items()}
+        track_ids = track_ids or {}
+        self._positions = {
+            stream: {track_id: i for i, track_id in enumerate(track_ids.get(stream, range(1, len(c) + 1)))}
+            for stream, c in self.clocks.items()
+        }
         restored = restored or {}
         self._last: dict[str, list[int | None]] = {}
         for stream, c in self.clocks.items():
@@ -75,8 +85,8 @@ class Continuity:
     def judge(self, fragment: EncodedFragment) -> Judgement:
         """Decide whether ``fragment`` may go to the publishers; records it if accepted."""
         tracks = self._last.get(fragment.stream_id)
-        position = fragment.track_id - 1
-        if tracks is None or not 0 <= position < len(tracks):
+        position = self._positions.get(fragment.stream_id, {}).get(fragment.track_id, -1)
+        if tracks is None or position < 0:
             return Judgement(Verdict.UNKNOWN_TRACK, f"no track {fragment.track_id} in stream {fragment.stream_id}")
         clock = self.clocks[fragment.stream_id][position]
         k = fragment.index

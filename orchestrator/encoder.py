@@ -142,7 +142,8 @@ class GroupEncoder(Sink):
         self.clocks: dict[str, list[TrackClock]] = {
             s.id: [profile.track_clock(t) for t in s.tracks] for s in profile.streams
         }
-        self.continuity = Continuity(self.clocks, restored)
+        self.track_ids = {s.id: profile.track_ids(s) for s in profile.streams}
+        self.continuity = Continuity(self.clocks, restored, self.track_ids)
         self.state_dir = state_dir
         self.state_name = f"{profile.presentation.name}.{group}"
         self.fragment_seconds = float(profile.presentation.fragment_duration)
@@ -186,7 +187,7 @@ class GroupEncoder(Sink):
         if judgement.skipped:
             log.warning("encoder.fragments.skipped group=%s stream=%s track=%d count=%d next_index=%d",
                         self.group, stream_id, fragment.track_id, judgement.skipped, fragment.index)  # fmt: skip
-            if fragment.track_id == 1:
+            if fragment.track_id == self.track_ids[stream_id][0]:  # once per stream, not per track
                 self.metrics.encoder_skipped.labels(stream_id, self.group).inc(judgement.skipped)
         if self.state_dir is None:
             self._release(fragment)

@@ -86,7 +86,7 @@ def find_ffmpeg(configured: Path | None) -> str | None:
     if found:
         return found
     try:
-        import imageio_ffmpeg  # type: ignore[import-not-found,unused-ignore]  # optional extra
+        import imageio_ffmpeg  # type: ignore[import-not-found,import-untyped,unused-ignore]  # optional extra
     except ImportError:
         return None
     try:
@@ -182,7 +182,7 @@ class _Recut:
             for stream_id, track_id in encode.destinations:
                 entries[(stream_id, track_id)] = track.sample_entry
         for stream in self.profile.streams:
-            sample_entries = [entries[(stream.id, i)] for i in range(1, len(stream.tracks) + 1)]
+            sample_entries = [entries[(stream.id, i)] for i in self.profile.track_ids(stream)]
             self.sink.header(build_header(self.profile, stream, sample_entries))
         self.header_seen = True
 

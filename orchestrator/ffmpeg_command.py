@@ -63,7 +63,7 @@ def plan_encodes(profile: Profile) -> list[Encode]:
     """The distinct encodes of the presentation: video first, then audio, in profile order."""
     found: dict[str, tuple[VideoTrack | AudioTrack, list[tuple[str, int]]]] = {}
     for stream in profile.streams:
-        for track_id, track in enumerate(stream.tracks, start=1):
+        for track_id, track in zip(profile.track_ids(stream), stream.tracks, strict=True):
             found.setdefault(_encode_key(track), (track, []))[1].append((stream.id, track_id))
     encodes = [Encode(track, profile.track_clock(track), tuple(dest)) for track, dest in found.values()]
     return [e for e in encodes if e.is_video] + [e for e in encodes if not e.is_video]

@@ -43,8 +43,9 @@ def _param(name: str, value: str | int) -> str:
     return f'    <param name={quoteattr(name)} value={quoteattr(str(value))} valuetype="data" />\n'
 
 
-def live_server_manifest(stream_id: str, tracks: Sequence[ManifestTrack]) -> str:
-    """The SMIL text for one stream (``Streams(<stream_id>)``)."""
+def live_server_manifest(tracks: Sequence[ManifestTrack]) -> str:
+    """The SMIL text for one stream. Nothing in it names the stream: a track carried by several
+    streams (redundant audio, spec section 11) gets the very same entry in each."""
     lines = [
         '<?xml version="1.0" encoding="utf-8"?>\n',
         '<smil xmlns="http://www.w3.org/2001/SMIL20/Language">\n',
@@ -55,7 +56,7 @@ def live_server_manifest(stream_id: str, tracks: Sequence[ManifestTrack]) -> str
         "<switch>\n",
     ]
     for track in tracks:
-        attributes = f"src={quoteattr(f'Streams({stream_id})')} systemBitrate={quoteattr(str(track.bitrate))}"
+        attributes = f"src={quoteattr(track.name)} systemBitrate={quoteattr(str(track.bitrate))}"
         if track.kind == "audio":
             attributes += f" systemLanguage={quoteattr(track.language)}"
         lines.append(f"  <{track.kind} {attributes}>\n")

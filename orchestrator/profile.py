@@ -436,6 +436,15 @@ class Profile(_Model):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"stream ids must be unique: {', '.join(duplicates)}")
+        # A track name is one track of the presentation: the same name in two streams must mean
+        # the same settings (a redundant copy), or clients would see two tracks as one.
+        seen: dict[str, tuple[str, Track]] = {}
+        for stream in streams:
+            for track in stream.tracks:
+                first = seen.setdefault(track.name, (stream.id, track))
+                if first[1] != track:
+                    raise ValueError(f"track {track.name!r} differs between streams {first[0]} and {stream.id}; "
+                                     "a track carried by several streams must be identical in each")  # fmt: skip
         return streams
 
     @field_validator("groups")
@@ -459,6 +468,25 @@ class Profile(_Model):
             timescale = track.sample_rate
             frame = Fraction(AAC_FRAME_SAMPLES, track.sample_rate)
         return TrackClock(p.epoch_ns, p.fragment_duration, timescale, frame)
+
+    def track_ids(self, stream: Stream) -> list[int]:
+        """The track IDs of ``stream``'s tracks. IDs are numbered over the whole presentation, one
+        per distinct track, in order of first appearance: a track carried by several streams (the
+        redundant audio of spec section 11) has the same ID, hence the same Live Server Manifest
+        entry and byte-identical fragments, in each of them."""
+        ids: dict[str, int] = {}
+        for s in self.streams:
+            for t in s.tracks:
+                ids.setdefault(t.model_dump_json(), len(ids) + 1)
+        return [ids[t.model_dump_json()] for t in stream.tracks]
+
+    def track(self, stream_id: str, track_id: int) -> VideoTrack | AudioTrack:
+        """The track with ID ``track_id`` in stream ``stream_id`` (KeyError if there is none)."""
+        stream = self.stream(stream_id)
+        ids = self.track_ids(stream)
+        if track_id not in ids:
+            raise KeyError(f"{stream_id}/{track_id}")
+        return stream.tracks[ids.index(track_id)]
 
     def stream(self, stream_id: str) -> Stream:
         for s in self.streams:

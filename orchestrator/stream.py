@@ -48,7 +48,7 @@ def build_header(profile: Profile, stream: Stream, sample_entries: Sequence[byte
         raise ValueError("one sample entry per track is needed")
     headers: list[fmp4.TrackHeader] = []
     manifest_tracks: list[ManifestTrack] = []
-    for track_id, (track, entry) in enumerate(zip(stream.tracks, sample_entries, strict=True), start=1):
+    for track_id, track, entry in zip(profile.track_ids(stream), stream.tracks, sample_entries, strict=True):
         timescale = profile.track_clock(track).timescale
         codec = entry[4:8].decode("latin-1")
         if isinstance(track, VideoTrack):
@@ -61,6 +61,6 @@ def build_header(profile: Profile, stream: Stream, sample_entries: Sequence[byte
             manifest_tracks.append(ManifestTrack("audio", track_id, track.name, track.bitrate, timescale, codec,
                                                  language=track.language, sample_rate=track.sample_rate,
                                                  channels=track.channels))  # fmt: skip
-    smil = live_server_manifest(stream.id, manifest_tracks)
+    smil = live_server_manifest(manifest_tracks)
     data = fmp4.write_ftyp() + fmp4.write_live_server_manifest(smil) + fmp4.write_moov(headers)
     return StreamHeader(stream.id, tuple(headers), data)

@@ -96,11 +96,12 @@ class SyntheticStream:
         self.clips = [clip_for(track) for track in stream.tracks]
         self.clocks: list[TrackClock] = [profile.track_clock(track) for track in stream.tracks]
         self.header: StreamHeader = build_header(profile, stream, [c.sample_entry for c in self.clips])
+        self.track_ids = profile.track_ids(stream)
 
     def fragment(self, k: int) -> list[EncodedFragment]:
         """Fragment k of every track of the stream, in track order."""
         out = []
-        for track_id, (clip, clock) in enumerate(zip(self.clips, self.clocks, strict=True), start=1):
+        for track_id, clip, clock in zip(self.track_ids, self.clips, self.clocks, strict=True):
             first = clock.first_frame(k)
             durations = clock.sample_durations(k)
             samples = [

@@ -108,7 +108,10 @@ class Rig:
         return out
 
     def last_index(self, group: str, stream: str = "video") -> int:
-        return max(self.seen(group).get((stream, 1), {-1}))
+        return max(self.seen(group).get((stream, self.first_track(stream)), {-1}))
+
+    def first_track(self, stream: str) -> int:
+        return self.profile.track_ids(self.profile.stream(stream))[0]
 
     async def wait_until(self, predicate, timeout: float, what: str) -> None:
         with trio.move_on_after(timeout) as scope:
@@ -118,8 +121,11 @@ class Rig:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
     async def wait_fragments(self, group: str, count: int, timeout: float = 20.0) -> None:
-        await self.wait_until(lambda: all(len(self.seen(group).get((s, 1), ())) >= count for s in ("video", "audio")),
-                              timeout, f"{count} fragments per stream from {group}")  # fmt: skip
+        def enough() -> bool:
+            seen = self.seen(group)
+            return all(len(seen.get((s, self.first_track(s)), ())) >= count for s in ("video", "audio"))
+
+        await self.wait_until(enough, timeout, f"{count} fragments per stream from {group}")
 
     async def wait_caught_up(self, timeout: float = 20.0) -> None:
         """Until the primary has sent everything the backup has, plus one more fragment."""
@@ -176,13 +182,12 @@ def assert_merged_timeline_whole(rig: Rig) -> None:
 
 def assert_group_timeline_whole(rig: Rig, group: str) -> None:
     """The group's own fragments, over all its POSTs, have no gap, and sit on the shared clock."""
-    clocks = {s.id: [rig.profile.track_clock(t) for t in s.tracks] for s in rig.profile.streams}
     for (stream_id, track_id), indices in rig.seen(group).items():
         expected = set(range(min(indices), max(indices) + 1))
         assert indices == expected, f"{group} {stream_id}/{track_id} is missing {sorted(expected - indices)}"
     for post in rig.posts(group):
         for f in post["fragments"]:
-            clock = clocks[post["stream"]][f["track"] - 1]
+            clock = rig.profile.track_clock(rig.profile.track(post["stream"], f["track"]))
             assert (f["time"], f["duration"]) == (clock.start(f["index"]), clock.duration(f["index"]))
 
 

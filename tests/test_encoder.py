@@ -314,7 +314,8 @@ async def test_with_a_state_dir_no_fragment_reaches_a_publisher_before_the_state
     for kind, what in events:
         if kind == "state":
             for stream, indices in what.items():
-                for track, index in enumerate(indices, start=1):
+                ids = rig.profile.track_ids(rig.profile.stream(stream))  # the state lists tracks in order
+                for track, index in zip(ids, indices, strict=True):
                     covered[(stream, track)] = index
         else:
             pushes += 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from orchestrator.ffmpeg_command import AAC_PRIMING_FRAMES
 from orchestrator.ingest import IngestApp, serve_app
 from orchestrator.profile import parse_profile
+from orchestrator.publisher import EndpointOutbox
 from orchestrator.supervisor import UpOptions, run_up
 
 pytestmark = [
@@ -104,7 +106,9 @@ stall_fragments = 2
 enabled = false
 """
 
-TRACKS = [("hi", 1, 3003), ("lo", 1, 3003), ("lo", 2, 1024), ("audio", 1, 1024)]  # stream, track, frame ticks
+# (stream, track ID, frame ticks). Track IDs are presentation-wide: the audio is track 3 in both
+# streams that carry it.
+TRACKS = [("hi", 1, 3003), ("lo", 2, 3003), ("lo", 3, 1024), ("audio", 3, 1024)]
 
 
 def test_aac_priming_is_what_the_recutter_drops():
@@ -151,8 +155,19 @@ def assert_merged_timeline_whole(app: IngestApp) -> None:
             assert (track["gaps"], track["conflicts"], track["rejected"]) == (0, 0, 0), (stream_id, track_id, track)
 
 
-async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path):
+AUDIO_ENTRY = re.compile(rb"<audio .*?</audio>", re.DOTALL)
+
+
+async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path, monkeypatch):
     registry = CollectorRegistry()
+    pushed: dict[int, dict[tuple[int, int], bytes]] = defaultdict(dict)  # outbox -> (track, index) -> bytes
+    real_push = EndpointOutbox.push
+
+    def recording_push(self, fragment):
+        pushed[id(self)][(fragment.track_id, fragment.index)] = fragment.data
+        return real_push(self, fragment)
+
+    monkeypatch.setattr(EndpointOutbox, "push", recording_push)
     async with trio.open_nursery() as servers:
         app = IngestApp(tmp_path / "archive")
         _, port = await servers.start(serve_app, app, "127.0.0.1", 0)
@@ -207,10 +222,9 @@ async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path):
     assert_merged_timeline_whole(app)
     status = app.point.status()
 
-    clocks = {s.id: [profile.track_clock(t) for t in s.tracks] for s in profile.streams}
     primary_seen, backup_seen = seen("primary"), seen("backup")
     for stream_id, track_id, _ in TRACKS:
-        clock = clocks[stream_id][track_id - 1]
+        clock = profile.track_clock(profile.track(stream_id, track_id))
         p, b = primary_seen[(stream_id, track_id)], backup_seen[(stream_id, track_id)]
         for k, (time, duration) in itertools.chain(p.items(), b.items()):
             assert (time, duration) == (clock.start(k), clock.duration(k)), f"{stream_id}/{track_id} #{k} off clock"
@@ -223,13 +237,25 @@ async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path):
         assert resumed == list(range(resumed[0], resumed[-1] + 1))
         assert resumed[0] - before_kill <= 3, "the restart skipped more than the fragments in flight"
 
+    # Redundant audio (spec 11): in each group, the two streams that carry the audio got the same
+    # fragment bytes for every index, and their headers the same manifest entry for it.
+    for encoder in running.group_encoders:
+        lo, alone = (pushed[id(encoder.outputs[s][0].outbox)] for s in ("lo", "audio"))
+        common = {k for (track, k) in lo if track == 3} & {k for (_, k) in alone}
+        assert len(common) >= 6
+        assert all(lo[(3, k)] == alone[(3, k)] for k in common)
+        entries = [AUDIO_ENTRY.search(encoder.headers[s].header.data) for s in ("lo", "audio")]  # type: ignore[union-attr]
+        assert entries[0] is not None
+        assert entries[1] is not None
+        assert entries[0].group() == entries[1].group()
+
     # The archive (both groups merged) of every track decodes; keyframes exactly on the
     # fragment boundaries; timestamps continuous; duration as the clock says.
     archive = tmp_path / "archive"
     for stream_id, track_id, frame in TRACKS:
         track = status["publishing_points"]["live/ladder"]["streams"][stream_id]["tracks"][str(track_id)]
         packets = ffprobe_packets(archive / track["file"])
-        clock = clocks[stream_id][track_id - 1]
+        clock = profile.track_clock(profile.track(stream_id, track_id))
         steps = {b[0] - a[0] for a, b in itertools.pairwise(packets)}
         assert steps == {frame}, f"{stream_id}/{track_id}: timestamp steps {sorted(steps)}"
         first_k = clock.index_of_tick(packets[0][0])
@@ -293,5 +319,5 @@ async def test_a_looped_file_and_a_live_udp_input_land_on_the_same_clock(tmp_pat
         common = set(p) & set(b)
         assert len(common) >= 3
         assert all(p[k] == b[k] for k in common)
-        clock = profile.track_clock(profile.stream(stream_id).tracks[track_id - 1])
+        clock = profile.track_clock(profile.track(stream_id, track_id))
         assert all(p[k] == (clock.start(k), clock.duration(k)) for k in p)

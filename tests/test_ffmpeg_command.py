@@ -78,8 +78,8 @@ def test_identical_tracks_are_encoded_once_for_every_stream_that_carries_them():
     encodes = plan_encodes(ladder())
     assert [(e.track.name, e.destinations) for e in encodes] == [
         ("v360", (("hi", 1),)),
-        ("v180", (("lo", 1),)),
-        ("aac", (("lo", 2), ("audio", 1))),
+        ("v180", (("lo", 2),)),
+        ("aac", (("lo", 3), ("audio", 3))),  # one track of the presentation: one ID everywhere
     ]
 
 

@@ -51,9 +51,7 @@ class Media:
 def media() -> Media:
     clip = load_clip("video.mp4")
     track = fmp4.TrackHeader(1, b"vide", 90000, clip.sample_entry, 192, 108)
-    smil = live_server_manifest(
-        "video", [ManifestTrack("video", 1, "video", 200_000, 90000, "avc1", width=192, height=108)]
-    )
+    smil = live_server_manifest([ManifestTrack("video", 1, "video", 200_000, 90000, "avc1", width=192, height=108)])
     header = fmp4.write_ftyp() + fmp4.write_live_server_manifest(smil) + fmp4.write_moov([track])
     fragments = []
     for k in range(FRAGMENTS):

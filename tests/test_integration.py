@@ -77,7 +77,8 @@ def get_status(port: int, posts: bool = False) -> dict | None:
 
 
 def track_status(status: dict, stream: str) -> dict:
-    return status["publishing_points"]["live/demo"]["streams"][stream]["tracks"]["1"]
+    (track,) = status["publishing_points"]["live/demo"]["streams"][stream]["tracks"].values()  # one per stream
+    return track
 
 
 def profile_for(tmp_path: Path, ports: list[int], metrics_port: int) -> Path:

@@ -307,3 +307,21 @@ def test_empty_secret_file_is_an_error_like_an_empty_variable(tmp_path: Path) ->
     empty.write_text("\n")
     with pytest.raises(ValueError, match=f"^secret file {re.escape(str(empty))} is empty$"):
         Credentials(token_file=empty).authorization({})
+
+
+def test_track_ids_are_presentation_wide_so_a_redundant_track_keeps_its_id() -> None:
+    audio = '  [[streams.tracks]]\n  kind = "audio"\n  name = "audio_eng"\n  bitrate = 128_000\n  sample_rate = 48000\n'
+    text = edited('[[streams]]\nid = "audio"', '[[streams]]\nid = "lo"\n' + audio + '\n[[streams]]\nid = "audio"')
+    profile = parse_profile(text.replace('  channels = 2\n  language = "eng"\n', ""), "demo.toml")
+    assert [profile.track_ids(s) for s in profile.streams] == [[1], [2], [2]]
+    assert profile.track("audio", 2) == profile.track("lo", 2)
+    with pytest.raises(KeyError):
+        profile.track("audio", 1)
+
+
+def test_one_track_name_for_two_different_tracks_is_an_error() -> None:
+    error = problem('name = "audio_eng"\n  bitrate = 128_000', 'name = "video_360p"\n  bitrate = 128_000')
+    assert str(error) == (
+        "demo.toml: streams: track 'video_360p' differs between streams video and audio; "
+        "a track carried by several streams must be identical in each"
+    )

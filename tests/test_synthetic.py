@@ -74,7 +74,8 @@ def test_header_reads_back(profile):
     assert isinstance(header, Header)
     assert header.data == source.header.data
     (track,) = header.tracks
-    assert (track.track_id, track.handler, track.timescale, track.codec) == (1, b"soun", 48000, "mp4a")
+    # Track IDs are presentation-wide: the audio stream's only track is the presentation's second.
+    assert (track.track_id, track.handler, track.timescale, track.codec) == (2, b"soun", 48000, "mp4a")
     assert 'trackName" value="audio_eng"' in header.smil
 
 

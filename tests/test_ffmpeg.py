@@ -185,32 +185,27 @@ async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path, monkeyp
 
             await wait_for("primary", 4, 40)
             await wait_for("backup", 4, 10)
-            primary = next(g for g in running.group_encoders if g.group == "primary")
-            pid = primary.instance_pid
-            assert pid is not None
-            before_kill = max(max(seen("primary")[(s, t)]) for s, t, _ in TRACKS)
-            os.kill(pid, signal.SIGKILL)
-            with trio.fail_after(10):
-                while primary.instance_pid in (None, pid):
-                    await trio.sleep(0.05)
-            assert registry.get_sample_value("orchestrator_encoder_last_exit_code", {"group": "primary"}) == -9
-            after = {key: len(v) for key, v in seen("primary").items()}
-            with trio.fail_after(30):
-                while not all(len(seen("primary").get(key, ())) >= n + 4 for key, n in after.items()):
-                    await trio.sleep(0.1)
 
-            backup = next(g for g in running.group_encoders if g.group == "backup")
-            frozen = backup.instance_pid
-            assert frozen is not None
-            os.kill(frozen, signal.SIGSTOP)
-            with trio.fail_after(20):  # stall window 4 s, then SIGTERM, and SIGKILL 2 s later
-                while backup.instance_pid in (None, frozen):
-                    await trio.sleep(0.05)
-            assert registry.get_sample_value("orchestrator_encoder_last_exit_code", {"group": "backup"}) == -9
-            after = {key: len(v) for key, v in seen("backup").items()}
-            with trio.fail_after(30):
-                while not all(len(seen("backup").get(key, ())) >= n + 2 for key, n in after.items()):
-                    await trio.sleep(0.1)
+            async def signal_instance(group: str, signum: int, timeout: float, then: int) -> None:
+                """Send ``signum`` to the group's ffmpeg, wait for the restarted instance, check the
+                exit code it left, then wait for ``then`` more fragments on every track."""
+                encoder = next(g for g in running.group_encoders if g.group == group)
+                pid = encoder.instance_pid
+                assert pid is not None
+                os.kill(pid, signum)
+                with trio.fail_after(timeout):
+                    while encoder.instance_pid in (None, pid):
+                        await trio.sleep(0.05)
+                assert registry.get_sample_value("orchestrator_encoder_last_exit_code", {"group": group}) == -9
+                after = {key: len(v) for key, v in seen(group).items()}
+                with trio.fail_after(30):
+                    while not all(len(seen(group).get(key, ())) >= n + then for key, n in after.items()):
+                        await trio.sleep(0.1)
+
+            before_kill = max(max(seen("primary")[(s, t)]) for s, t, _ in TRACKS)
+            await signal_instance("primary", signal.SIGKILL, 10, then=4)
+            # Frozen: the stall window (4 s) passes, SIGTERM is ignored, SIGKILL follows 2 s later.
+            await signal_instance("backup", signal.SIGSTOP, 20, then=2)
             running.stop.set()
         servers.cancel_scope.cancel()
     metric = registry.get_sample_value

@@ -9,77 +9,28 @@ from pathlib import Path
 
 import pytest
 import trio
+from test_ffmpeg import PROFILE
 
 from orchestrator.errors import EncoderError, ProfileError
 from orchestrator.ffmpeg import STDERR_BURST, STDERR_PERIOD, FfmpegExited, _StderrLog, find_ffmpeg
 from orchestrator.ffmpeg_command import build_argv, keyframe_expression, plan_encodes
 from orchestrator.profile import FileSource, LiveSource, PatternSource, load_profile, parse_profile
 
-LADDER = """
-[presentation]
-name = "ladder"
-fragment_duration = 2
-epoch = 2026-01-01T00:00:00Z
-
-[[streams]]
-id = "hi"
-  [[streams.tracks]]
-  kind = "video"
-  name = "v360"
-  bitrate = 500_000
-  width = 640
-  height = 360
-  frame_rate = "30000/1001"
-
-[[streams]]
-id = "lo"
-  [[streams.tracks]]
-  kind = "video"
-  name = "v180"
-  bitrate = 150_000
-  width = 320
-  height = 180
-  frame_rate = "30000/1001"
-  [[streams.tracks]]
-  kind = "audio"
-  name = "aac"
-  bitrate = 96_000
-  sample_rate = 48000
-
-[[streams]]
-id = "audio"
-  [[streams.tracks]]
-  kind = "audio"
-  name = "aac"
-  bitrate = 96_000
-  sample_rate = 48000
-
-[groups.primary]
-encoder = {{ backend = "ffmpeg"{extra} }}
-  [[groups.primary.endpoints]]
-  name = "a"
-  region = "r"
-  url = "http://127.0.0.1:1/live/ladder.isml"
-
-[groups.backup]
-encoder = {{ backend = "ffmpeg" }}
-  [[groups.backup.endpoints]]
-  name = "a"
-  region = "r"
-  url = "http://127.0.0.1:1/live/ladder.isml"
-"""
-
 
 def ladder(extra: str = ""):
-    return parse_profile(LADDER.format(extra=extra), "ladder.toml")
+    """The presentation of tests/test_ffmpeg.py; ``extra`` replaces the primary's encoder options."""
+    text = PROFILE.format(port=1)
+    if extra:
+        text = text.replace('backend = "ffmpeg", preset = "ultrafast" }', f'backend = "ffmpeg"{extra} }}', 1)
+    return parse_profile(text, "ladder.toml")
 
 
 def test_identical_tracks_are_encoded_once_for_every_stream_that_carries_them():
     encodes = plan_encodes(ladder())
     assert [(e.track.name, e.destinations) for e in encodes] == [
-        ("v360", (("hi", 1),)),
-        ("v180", (("lo", 2),)),
-        ("aac", (("lo", 3), ("audio", 3))),  # one track of the presentation: one ID everywhere
+        ("video_360p", (("hi", 1),)),
+        ("video_180p", (("lo", 2),)),
+        ("audio_eng", (("lo", 3), ("audio", 3))),  # one track of the presentation: one ID everywhere
     ]
 
 

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import ipaddress
 import logging
 import socket
 import struct
 from dataclasses import dataclass, field
 
 import trio
+
+from orchestrator.profile import is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +65,6 @@ class _Connection:
     budget: int | None = None  # client-to-server bytes left before a reset (CLOSE_AFTER)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _abort(stream: trio.SocketStream | None) -> None:
     """Close with an RST."""
     if stream is None:
@@ -85,7 +77,7 @@ def _abort(stream: trio.SocketStream | None) -> None:
 class FaultProxy:
     def __init__(self, upstream: tuple[str, int], listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         for host, _ in (upstream, listen):
-            if not _is_loopback(host):
+            if not is_loopback_host(host):
                 raise ValueError(f"the fault proxy works on loopback only, not {host!r}")
         self.upstream = upstream
         self.listen = listen

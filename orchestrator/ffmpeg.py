@@ -177,12 +177,10 @@ class _Recut:
             return
         if len(event.tracks) != len(self.encodes):
             raise EncoderError(f"ffmpeg wrote {len(event.tracks)} tracks, {len(self.encodes)} were asked for")
-        entries = {}
-        for encode, track in zip(self.encodes, event.tracks, strict=True):
-            for stream_id, track_id in encode.destinations:
-                entries[(stream_id, track_id)] = track.sample_entry
+        pairs = zip(self.encodes, event.tracks, strict=True)
+        entries = {encode.track_id: track.sample_entry for encode, track in pairs}  # by presentation-wide ID
         for stream in self.profile.streams:
-            sample_entries = [entries[(stream.id, i)] for i in self.profile.track_ids(stream)]
+            sample_entries = [entries[i] for i in self.profile.track_ids(stream)]
             self.sink.header(build_header(self.profile, stream, sample_entries))
         self.header_seen = True
 
@@ -205,14 +203,14 @@ class _Recut:
                       "detail='ffmpeg did not put a keyframe on the fragment boundary'",
                       self.group, encode.track.name, cut.index)  # fmt: skip
             if self.metrics is not None:
-                for stream_id, _ in encode.destinations:
+                for stream_id in encode.stream_ids:
                     self.metrics.encoder_rejected.labels(stream_id, self.group, "no_keyframe").inc()
             return
-        tfxd_version = self.profile.presentation.tfxd_version
-        for stream_id, track_id in encode.destinations:
-            run = fmp4.TrackRun(track_id, cut.start, cut.samples, cut.index)
-            data = fmp4.write_fragment(cut.index, [run], tfxd_version)
-            self.sink.fragment(EncodedFragment(stream_id, track_id, cut.index, cut.start, cut.duration,
+        # One track ID in every stream that carries the track: the same bytes go to each.
+        run = fmp4.TrackRun(encode.track_id, cut.start, cut.samples, cut.index)
+        data = fmp4.write_fragment(cut.index, [run], self.profile.presentation.tfxd_version)
+        for stream_id in encode.stream_ids:
+            self.sink.fragment(EncodedFragment(stream_id, encode.track_id, cut.index, cut.start, cut.duration,
                                                encode.clock.timescale, data))  # fmt: skip
         lag_ns = self.wall.now_ns() - encode.clock.end_ns(cut.index)
         if lag_ns > self.max_lag_ns:

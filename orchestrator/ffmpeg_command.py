@@ -44,28 +44,31 @@ SECONDS_PER_DAY = 86400
 
 @dataclass(frozen=True)
 class Encode:
-    """One track as ffmpeg encodes it, and every (stream id, track id) that carries it."""
+    """One track as ffmpeg encodes it: its presentation-wide track ID and every stream that carries it."""
 
     track: VideoTrack | AudioTrack
     clock: TrackClock
-    destinations: tuple[tuple[str, int], ...]
+    track_id: int
+    stream_ids: tuple[str, ...]
 
     @property
     def is_video(self) -> bool:
         return isinstance(self.track, VideoTrack)
 
-
-def _encode_key(track: VideoTrack | AudioTrack) -> str:
-    return track.model_dump_json()
+    @property
+    def destinations(self) -> tuple[tuple[str, int], ...]:
+        return tuple((stream_id, self.track_id) for stream_id in self.stream_ids)
 
 
 def plan_encodes(profile: Profile) -> list[Encode]:
-    """The distinct encodes of the presentation: video first, then audio, in profile order."""
-    found: dict[str, tuple[VideoTrack | AudioTrack, list[tuple[str, int]]]] = {}
+    """The distinct encodes of the presentation (one per track ID): video first, then audio,
+    in profile order."""
+    found: dict[int, tuple[VideoTrack | AudioTrack, list[str]]] = {}
     for stream in profile.streams:
         for track_id, track in zip(profile.track_ids(stream), stream.tracks, strict=True):
-            found.setdefault(_encode_key(track), (track, []))[1].append((stream.id, track_id))
-    encodes = [Encode(track, profile.track_clock(track), tuple(dest)) for track, dest in found.values()]
+            found.setdefault(track_id, (track, []))[1].append(stream.id)
+    encodes = [Encode(track, profile.track_clock(track), track_id, tuple(streams))
+               for track_id, (track, streams) in found.items()]  # fmt: skip
     return [e for e in encodes if e.is_video] + [e for e in encodes if not e.is_video]
 
 
@@ -129,9 +132,8 @@ def build_argv(
     """The whole argv. ``anchors[i]`` is the shared frame that encode i's first output frame is."""
     video = [(e, a) for e, a in zip(encodes, anchors, strict=True) if e.is_video]
     audio = [(e, a) for e, a in zip(encodes, anchors, strict=True) if not e.is_video]
-    pattern = isinstance(source, PatternSource)
     video_input = "0:v:0"
-    audio_input = ("1:a:0" if video else "0:a:0") if pattern else "0:a:0"
+    audio_input = "1:a:0" if isinstance(source, PatternSource) and video else "0:a:0"
 
     graph: list[str] = []
     if video:
@@ -184,8 +186,3 @@ def build_argv(
 
 def priming_frames(encode: Encode) -> int:
     return 0 if encode.is_video else AAC_PRIMING_FRAMES
-
-
-def anchor_wall_ns(clock: TrackClock, anchor: int) -> int:
-    """When the anchor frame starts, in wall-clock ns (for logs)."""
-    return clock.wall_ns(clock.frame_time(anchor))

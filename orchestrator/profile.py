@@ -256,13 +256,7 @@ class Endpoint(_Model):
 
     @property
     def is_loopback(self) -> bool:
-        host = urlsplit(self.url).hostname or ""
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(urlsplit(self.url).hostname or "")
 
 
 class SyntheticEncoder(_Model):
@@ -396,6 +390,16 @@ class Group(_Model):
         if len(set(names)) != len(names):
             raise ValueError("endpoint names must be unique within a group")
         return self
+
+
+def is_loopback_host(host: str) -> bool:
+    """``localhost`` or a loopback IP address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

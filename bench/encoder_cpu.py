@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "encode"))
 
 from test_ffmpeg import PROFILE  # noqa: E402  the same presentation as the integration test
 

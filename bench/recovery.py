@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the
 
 from faultkit import TEST_SETTINGS, fault_rig
 
-from orchestrator.faultproxy import Fault
-from orchestrator.publisher import PublisherSettings
+from orchestrator.push.publisher import PublisherSettings
+from orchestrator.testing.faultproxy import Fault
 
 FAULTS = ["reset", "refuse", "blackhole", "drip", "close_after", "http_503", "http_401"]
 

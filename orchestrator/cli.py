@@ -127,7 +127,7 @@ def schema() -> None:
               metavar="DIR", help="Write one fragmented MP4 per track here.")  # fmt: skip
 def ingest(listen: str, archive: Path) -> None:
     """Run a local publishing point: accept live ingest POSTs, check, de-duplicate, archive."""
-    from orchestrator.ingest import run_ingest_server
+    from orchestrator.ingest.server import run_ingest_server
 
     try:
         run_ingest_server(listen, archive)

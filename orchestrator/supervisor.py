@@ -33,17 +33,19 @@ import httpx
 import trio
 from prometheus_client import CollectorRegistry
 
-from orchestrator.continuity import ClockIdentity, decode_state
-from orchestrator.encoder import EncoderState, GroupEncoder, InstanceRunner, Output, Sink, run_synthetic_encoder
+from orchestrator.encode.continuity import ClockIdentity, decode_state
+from orchestrator.encode.ffmpeg import HOW_TO_GET_FFMPEG, FfmpegPlan, find_ffmpeg, plan_ffmpeg, run_ffmpeg_encoder
+from orchestrator.encode.group import GroupEncoder, InstanceRunner, Output, Sink, run_synthetic_encoder
+from orchestrator.encode.statefile import read_state, state_path
+from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.errors import EncoderError, ProfileError
-from orchestrator.ffmpeg import HOW_TO_GET_FFMPEG, FfmpegPlan, find_ffmpeg, plan_ffmpeg, run_ffmpeg_encoder
-from orchestrator.metrics import Metrics, serve_metrics
-from orchestrator.outbox import OutboxLimits
+from orchestrator.ops.metrics import Metrics, serve_metrics
+from orchestrator.ops.state import EncoderState, LiveState
+from orchestrator.ops.view import StatusView
 from orchestrator.profile import FfmpegEncoder, Profile, parse_listen
-from orchestrator.publisher import EndpointOutbox, HeaderBoard, Publisher, PublisherSettings, PublisherState, auth_for
-from orchestrator.statefile import read_state, state_path
-from orchestrator.status import StatusView
-from orchestrator.synthetic import SyntheticStream
+from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
+from orchestrator.push.outbox import OutboxLimits
+from orchestrator.push.publisher import Publisher, PublisherSettings, auth_for
 from orchestrator.wallclock import SystemWallClock, WallClock
 
 log = logging.getLogger(__name__)
@@ -63,11 +65,9 @@ class UpOptions:
 
 
 @dataclass
-class Running:
-    """Handles on a running ``up``, for the status view and for tests."""
+class Running(LiveState):
+    """Handles on a running ``up``, for tests; the status view sees only its :class:`LiveState`."""
 
-    publishers: list[PublisherState] = field(default_factory=list)
-    encoders: list[EncoderState] = field(default_factory=list)
     group_encoders: list[GroupEncoder] = field(default_factory=list)
     metrics_address: tuple[str, int] | None = None
     ingest_addresses: list[tuple[str, int]] = field(default_factory=list)
@@ -197,7 +197,7 @@ async def run_up(
 
     async with trio.open_nursery() as services:
         if options.local_ingest is not None:
-            from orchestrator.ingest import serve_ingest
+            from orchestrator.ingest.server import serve_ingest
 
             for host, port in plan.local_ingest_addresses():
                 # One archive per server (per region), as separate ingest services would keep.

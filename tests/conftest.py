@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.fmp4 import Sample, TrackHeader
-from orchestrator.fmp4_reader import NEED_DATA, Fragment, Header, StreamReader
+from orchestrator.fmp4.boxes import Sample, TrackHeader
+from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
 
-MEDIA = Path(__file__).parent.parent / "orchestrator" / "media"
+MEDIA = Path(__file__).resolve().parent.parent / "orchestrator" / "encode" / "media"
 
 Clip = tuple[TrackHeader, tuple[Sample, ...]]
 """The one track of a packaged clip: its header as ffmpeg wrote it, and its samples."""

@@ -1,7 +1,7 @@
 """A fault-injection rig for tests and benchmarks, all on loopback, all real sockets.
 
 One ingest server (the local publishing point) archives what arrives. The primary group pushes
-to it through a :class:`~orchestrator.faultproxy.FaultProxy`; the backup group pushes to it
+to it through a :class:`~orchestrator.testing.faultproxy.FaultProxy`; the backup group pushes to it
 directly, so it stays healthy while faults hit the primary. ``orchestrator up`` runs in-process
 (``run_up``), with the synthetic encoder, two streams (29.97 fps video; 48 kHz stereo AAC) and
 2-second fragments.
@@ -22,12 +22,12 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry
 
-from orchestrator.faultproxy import FaultProxy
-from orchestrator.ingest import IngestApp, serve_app
+from orchestrator.ingest.server import IngestApp, serve_app
 from orchestrator.profile import Profile, parse_profile
-from orchestrator.publisher import PublisherSettings
-from orchestrator.reconnect import RetryPolicy
+from orchestrator.push.publisher import PublisherSettings
+from orchestrator.push.reconnect import RetryPolicy
 from orchestrator.supervisor import Running, UpOptions, run_up
+from orchestrator.testing.faultproxy import FaultProxy
 
 PROFILE = """
 [presentation]

@@ -1,4 +1,11 @@
-"""House style, enforced: the pure core never imports I/O; the shells do the I/O."""
+"""House style, enforced: the layering between the sub-packages is data, here; the pure core
+never imports I/O; there is no import cycle.
+
+Layers, lowest first. ``core`` is the package's top-level foundation (clock, errors, profile,
+wall clock); ``app`` is what wires everything together (the supervisor and the CLI).
+"""
+
+from __future__ import annotations
 
 import ast
 from pathlib import Path
@@ -6,37 +13,140 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "orchestrator"
+
+CORE_MODULES = {"clock", "errors", "profile", "wallclock", "__init__"}
+APP_MODULES = {"cli", "supervisor", "__main__"}
+
+# Which area may import which (besides itself). Anything not listed is a layering violation.
+MAY_IMPORT: dict[str, set[str]] = {
+    "core": set(),
+    "fmp4": {"core"},
+    "ops": {"core"},
+    "push": {"core", "fmp4", "ops"},
+    "encode": {"core", "fmp4", "ops", "push"},
+    "ingest": {"core", "fmp4", "ops"},
+    "testing": {"core"},
+    "app": {"core", "fmp4", "ops", "push", "encode", "ingest"},
+}
+
+# Pure modules: bytes, integers and `now` in, bytes and decisions out.
 PURE_CORE = [
     "clock",
-    "fmp4",
-    "fmp4_reader",
-    "manifest",
-    "stream",
-    "outbox",
-    "continuity",
-    "recut",
-    "ffmpeg_command",
-    "reconnect",
-    "receiver",
     "errors",
+    "fmp4/boxes",
+    "fmp4/reader",
+    "fmp4/manifest",
+    "fmp4/stream",
+    "push/outbox",
+    "push/reconnect",
+    "encode/continuity",
+    "encode/recut",
+    "encode/ffmpeg_command",
+    "ingest/receiver",
+    "ops/state",
 ]
 IO_MODULES = {"trio", "httpx", "httpcore", "hypercorn", "anyio", "subprocess", "socket", "asyncio", "os", "shutil",
               "prometheus_client", "rich", "click", "time", "orchestrator.wallclock"}  # fmt: skip
 
 
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+MODULES = all_modules()
+
+
 def imported_modules(path: Path) -> set[str]:
+    """Every module the file imports, resolved: ``from orchestrator.fmp4 import boxes`` names
+    ``orchestrator.fmp4.boxes`` when that is a module."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            for alias in node.names:
+                candidate = f"{node.module}.{alias.name}"
+                if candidate in MODULES:
+                    names.add(candidate)
     return names
+
+
+def area_of(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "core"
+    if len(parts) == 2 and parts[1] in CORE_MODULES:
+        return "core"
+    if len(parts) == 2 and parts[1] in APP_MODULES:
+        return "app"
+    return parts[1]
+
+
+def test_every_module_belongs_to_a_known_area():
+    unknown = {m: area_of(m) for m in MODULES if area_of(m) not in MAY_IMPORT}
+    assert not unknown, f"modules in no declared area (add the area to MAY_IMPORT): {unknown}"
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_layering(module):
+    area = area_of(module)
+    allowed = MAY_IMPORT[area] | {area}
+    violations = []
+    for imported in sorted(imported_modules(MODULES[module])):
+        if imported == "orchestrator" or not imported.startswith("orchestrator."):
+            continue
+        target = area_of(imported)
+        if target not in allowed:
+            violations.append(f"{imported} ({target})")
+    path = MODULES[module].relative_to(PACKAGE.parent)
+    assert not violations, f"{path} ({area}) may import only {sorted(allowed)}, but imports {violations}"
+
+
+def test_no_import_cycle():
+    graph = {
+        m: {i for i in imported_modules(p) if i in MODULES and i != m and MODULES[i].name != "__init__.py"}
+        for m, p in MODULES.items()
+    }
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return [*path[path.index(nxt) :], nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+def test_layering_check_names_the_file_and_the_import(tmp_path, monkeypatch):
+    """The check itself: a planted violation is reported with the file and the import."""
+    planted = PACKAGE / "fmp4" / "_planted.py"  # relative_to(PACKAGE) must hold for the message
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "from orchestrator.push.outbox import Outbox\n")
+    monkeypatch.setitem(MODULES, "orchestrator.fmp4.boxes", planted)
+    expected = r"orchestrator/fmp4/_planted\.py \(fmp4\).*orchestrator\.push\.outbox \(push\)"
+    with pytest.raises(AssertionError, match=expected):
+        test_layering("orchestrator.fmp4.boxes")
 
 
 @pytest.mark.parametrize("module", PURE_CORE)
 def test_pure_core_module_imports_no_io(module):
-    imported = imported_modules(PACKAGE / f"{module}.py")
+    path = PACKAGE / f"{module}.py"
+    imported = imported_modules(path)
     offending = {name for name in imported if name in IO_MODULES or name.split(".")[0] in IO_MODULES}
     assert not offending, f"{module}.py is pure core but imports {sorted(offending)}"
 
@@ -46,5 +156,13 @@ def test_pure_core_module_opens_with_a_theory_of_operation(module):
     docstring = ast.get_docstring(ast.parse((PACKAGE / f"{module}.py").read_text())) or ""
     if module == "errors":
         assert "OrchestratorError" in docstring  # the exception tree is drawn at the top instead
+    elif module == "ops/state":
+        assert "plain data" in docstring  # data types only: nothing to operate
     else:
         assert "Theory of operation" in docstring
+
+
+@pytest.mark.parametrize("package", ["fmp4", "encode", "push", "ingest", "ops", "testing"])
+def test_sub_package_says_what_lives_there_and_what_it_may_import(package):
+    docstring = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text())) or ""
+    assert "import" in docstring, f"orchestrator/{package}/__init__.py must say what it may import"

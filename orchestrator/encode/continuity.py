@@ -27,7 +27,7 @@ publisher, so a restarted process never sends again an index it already sent.
 :func:`encode_state` and :func:`decode_state` turn it into JSON bytes and back, together with
 the facts that give those integers their meaning (presentation name, epoch, fragment duration);
 a state file from another presentation or another clock is refused, not misread. Writing the
-file atomically is the shell's job (:mod:`orchestrator.statefile`).
+file atomically is the shell's job (:mod:`orchestrator.encode.statefile`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from orchestrator.clock import TrackClock
-from orchestrator.stream import EncodedFragment
+from orchestrator.fmp4.stream import EncodedFragment
 
 STATE_FORMAT = 1
 

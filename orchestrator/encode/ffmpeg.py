@@ -1,11 +1,11 @@
 """ffmpeg encoder instances: find ffmpeg, run it, and re-cut its output onto the shared clock.
 
-A thin trio shell around :mod:`orchestrator.ffmpeg_command` (the argv) and
-:mod:`orchestrator.recut` (the timing). :func:`run_ffmpeg_encoder` is an instance runner for
-:class:`~orchestrator.encoder.GroupEncoder`, which restarts it when it ends, fails or stalls:
+A thin trio shell around :mod:`orchestrator.encode.ffmpeg_command` (the argv) and
+:mod:`orchestrator.encode.recut` (the timing). :func:`run_ffmpeg_encoder` is an instance runner for
+:class:`~orchestrator.encode.group.GroupEncoder`, which restarts it when it ends, fails or stalls:
 
 * ffmpeg is started with an argv list (never a shell) and its stdout read incrementally by
-  :class:`~orchestrator.fmp4_reader.StreamReader`; the first moov gives every stream's header;
+  :class:`~orchestrator.fmp4.reader.StreamReader`; the first moov gives every stream's header;
 * each access unit goes to its track's recutter; each completed fragment is checked (a video
   fragment must open with a keyframe, else it is rejected, logged and counted) and handed to
   the group encoder once per stream that carries the track;
@@ -32,16 +32,16 @@ from pathlib import Path
 
 import trio
 
-from orchestrator import fmp4
 from orchestrator.clock import NS_PER_SECOND
-from orchestrator.encoder import Sink
+from orchestrator.encode.ffmpeg_command import Encode, build_argv, plan_encodes, priming_frames
+from orchestrator.encode.group import Sink
+from orchestrator.encode.recut import Cut, TrackRecutter, anchor_frame, start_index
 from orchestrator.errors import EncoderError
-from orchestrator.ffmpeg_command import Encode, build_argv, plan_encodes, priming_frames
-from orchestrator.fmp4_reader import NEED_DATA, Fragment, Header, StreamReader
-from orchestrator.metrics import Metrics
+from orchestrator.fmp4 import boxes
+from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
+from orchestrator.fmp4.stream import EncodedFragment, build_header
+from orchestrator.ops.metrics import Metrics
 from orchestrator.profile import FfmpegEncoder, FileSource, LiveSource, PatternSource, Profile
-from orchestrator.recut import Cut, TrackRecutter, anchor_frame, start_index
-from orchestrator.stream import EncodedFragment, build_header
 from orchestrator.wallclock import WallClock
 
 log = logging.getLogger(__name__)
@@ -207,8 +207,8 @@ class _Recut:
                     self.metrics.encoder_rejected.labels(stream_id, self.group, "no_keyframe").inc()
             return
         # One track ID in every stream that carries the track: the same bytes go to each.
-        run = fmp4.TrackRun(encode.track_id, cut.start, cut.samples, cut.index)
-        data = fmp4.write_fragment(cut.index, [run], self.profile.presentation.tfxd_version)
+        run = boxes.TrackRun(encode.track_id, cut.start, cut.samples, cut.index)
+        data = boxes.write_fragment(cut.index, [run], self.profile.presentation.tfxd_version)
         for stream_id in encode.stream_ids:
             self.sink.fragment(EncodedFragment(stream_id, encode.track_id, cut.index, cut.start, cut.duration,
                                                encode.clock.timescale, data))  # fmt: skip

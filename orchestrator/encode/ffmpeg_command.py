@@ -10,14 +10,14 @@ sent alone) is encoded once and its fragments go to every stream that carries it
 The source is decoded once and split in a filter graph: each video encode gets its own frame
 rate (``fps``, constant frame rate) and size; each audio encode its own sample rate and channel
 layout. Everything goes to a single fragmented MP4 on stdout, a fragment per access unit or
-two (``-frag_duration 1``), so :mod:`orchestrator.recut` sees every access unit as soon as it is
+two (``-frag_duration 1``), so :mod:`orchestrator.encode.recut` sees every access unit as soon as it is
 encoded and cuts the real fragments itself.
 
 Video is H.264 without B-frames (decode order = presentation order: nothing to re-time) and with
 a keyframe forced, as an IDR, exactly on every shared-clock fragment boundary. ffmpeg's
 ``force_key_frames`` expression sees the output frame number ``n``, which the recutter maps to
 shared frame ``anchor + n``; frame N opens a fragment iff ``floor(N*p/q) > floor((N-1)*p/q)``
-with p/q = F/D (:func:`orchestrator.recut.keyframe_boundary`). Shifting N by q adds exactly p to
+with p/q = F/D (:func:`orchestrator.encode.recut.keyframe_boundary`). Shifting N by q adds exactly p to
 both floors, so the anchor enters the expression modulo q and the numbers stay small.
 
 The test pattern burns in the shared-clock time of each frame (``drawtext``, UTC time of day to
@@ -32,8 +32,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from orchestrator.clock import TrackClock
+from orchestrator.encode.recut import keyframe_boundary
 from orchestrator.profile import AudioTrack, FileSource, LiveSource, PatternSource, Profile, VideoTrack
-from orchestrator.recut import keyframe_boundary
 
 AAC_PRIMING_FRAMES = 1
 """ffmpeg's native AAC encoder delays its output by 1024 samples: one frame, dropped by the

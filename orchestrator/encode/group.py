@@ -3,12 +3,12 @@
 An *encoder instance* serves one group: it encodes every stream of the presentation and hands
 each stream's header and per-track fragments to a sink, starting at a fragment index it is
 given. Two backends exist: :func:`run_synthetic_encoder` (below, no dependencies) and
-:func:`orchestrator.ffmpeg.run_ffmpeg_encoder`. Index and timestamps come only from the shared
+:func:`orchestrator.encode.ffmpeg.run_ffmpeg_encoder`. Index and timestamps come only from the shared
 clock, never from a counter of the instance's own.
 
 :class:`GroupEncoder` supervises the group's instance and is its sink:
 
-* every fragment passes the group's :class:`~orchestrator.continuity.Continuity` gate (on the
+* every fragment passes the group's :class:`~orchestrator.encode.continuity.Continuity` gate (on the
   shared clock, never an index twice, never backwards) before it is pushed, without waiting, to
   the outbox of every endpoint of its stream; a full outbox drops its oldest fragment, counted
   and logged;
@@ -35,13 +35,14 @@ from pathlib import Path
 import trio
 
 from orchestrator.clock import TrackClock, fragment_due_ns, live_index
-from orchestrator.continuity import ClockIdentity, Continuity, Verdict, encode_state
-from orchestrator.metrics import Metrics
+from orchestrator.encode.continuity import ClockIdentity, Continuity, Verdict, encode_state
+from orchestrator.encode.statefile import write_state
+from orchestrator.encode.synthetic import SyntheticStream
+from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
+from orchestrator.ops.metrics import Metrics
+from orchestrator.ops.state import EncoderState, PublisherState
 from orchestrator.profile import Profile
-from orchestrator.publisher import EndpointOutbox, HeaderBoard, PublisherState
-from orchestrator.statefile import write_state
-from orchestrator.stream import EncodedFragment, StreamHeader
-from orchestrator.synthetic import SyntheticStream
+from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.wallclock import WallClock
 
 log = logging.getLogger(__name__)
@@ -81,16 +82,6 @@ async def run_synthetic_encoder(profile: Profile, first_index: int, sink: Sink, 
             for fragment in source.fragment(k):
                 sink.fragment(fragment)
         k += 1
-
-
-@dataclass
-class EncoderState:
-    """What the status view shows for one (group, stream)."""
-
-    group: str
-    stream_id: str
-    last_index: int | None = None
-    fragments: int = 0
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from orchestrator import fmp4
 from orchestrator.clock import TrackClock
+from orchestrator.fmp4 import boxes
 
 
 def anchor_frame(clock: TrackClock, now_ns: int) -> int:
@@ -77,7 +77,7 @@ class Cut:
 
     index: int
     start: int
-    samples: tuple[fmp4.Sample, ...]
+    samples: tuple[boxes.Sample, ...]
     starts_with_keyframe: bool
 
     @property
@@ -97,7 +97,7 @@ class TrackRecutter:
         self._to_drop = priming_frames
         self._fragment_first = clock.first_frame(first_index)
         self._fragment_end = clock.first_frame(first_index + 1)
-        self._samples: list[fmp4.Sample] = []
+        self._samples: list[boxes.Sample] = []
         self.discarded = 0
 
     @property
@@ -105,7 +105,7 @@ class TrackRecutter:
         """The shared frame number the next content sample will be."""
         return self._next_frame
 
-    def push(self, sample: fmp4.Sample) -> Cut | None:
+    def push(self, sample: boxes.Sample) -> Cut | None:
         """Take the encoder's next sample; returns the fragment it completes, if any."""
         if self._to_drop:
             self._to_drop -= 1
@@ -119,7 +119,7 @@ class TrackRecutter:
         duration = self.clock.frame_time(n + 1) - self.clock.frame_time(n)
         # Composition offsets are dropped: the encoder is run without B-frames, so presentation
         # order is decode order and every offset is zero.
-        self._samples.append(fmp4.Sample(sample.data, duration, sample.is_sync))
+        self._samples.append(boxes.Sample(sample.data, duration, sample.is_sync))
         if n + 1 < self._fragment_end:
             return None
         cut = Cut(self.index, self.clock.start(self.index), tuple(self._samples), self._samples[0].is_sync)

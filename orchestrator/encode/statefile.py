@@ -1,7 +1,7 @@
 """The state directory: where each group's continuity state survives a process or pod restart.
 
 One small JSON file per presentation and group, ``<dir>/<presentation>.<group>.json`` (its
-content: :mod:`orchestrator.continuity`). Written atomically: a temporary file in the same
+content: :mod:`orchestrator.encode.continuity`). Written atomically: a temporary file in the same
 directory, flushed to disk, renamed over the old one, and the directory flushed, so a crash at
 any instant leaves either the old state or the new one, never half of one. These functions
 block; callers run them in a worker thread.

@@ -10,7 +10,7 @@ the backup group produce byte-identical fragments, which is what redundant inges
 
 Timing comes entirely from :mod:`orchestrator.clock`: sample durations, the fragment's start
 time (tfdt, tfxd) and its index (mfhd, tfxd v2). This module is pure; the trio task that
-releases one fragment per clock period lives in :mod:`orchestrator.encoder`.
+releases one fragment per clock period lives in :mod:`orchestrator.encode.group`.
 
 The clips were made once with ffmpeg 5.1 (kept small on purpose)::
 
@@ -31,12 +31,12 @@ import functools
 from dataclasses import dataclass
 from importlib import resources
 
-from orchestrator import fmp4
 from orchestrator.clock import TrackClock
 from orchestrator.errors import EncoderError
-from orchestrator.fmp4_reader import NEED_DATA, Fragment, Header, StreamReader
+from orchestrator.fmp4 import boxes
+from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
+from orchestrator.fmp4.stream import EncodedFragment, StreamHeader, build_header
 from orchestrator.profile import AudioTrack, Profile, Stream, VideoTrack
-from orchestrator.stream import EncodedFragment, StreamHeader, build_header
 
 SUPPORTED_AUDIO = frozenset({(44100, 1), (44100, 2), (48000, 1), (48000, 2)})
 
@@ -70,7 +70,7 @@ def parse_clip(data: bytes) -> Clip:
 def load_clip(name: str) -> Clip:
     """Load one of the packaged clips (``video.mp4``, ``audio_48000_2.mp4`` ...)."""
     try:
-        data = resources.files("orchestrator.media").joinpath(name).read_bytes()
+        data = resources.files("orchestrator.encode.media").joinpath(name).read_bytes()
     except FileNotFoundError:
         raise EncoderError(f"synthetic clip {name} is not packaged") from None
     return parse_clip(data)
@@ -105,11 +105,11 @@ class SyntheticStream:
             first = clock.first_frame(k)
             durations = clock.sample_durations(k)
             samples = [
-                fmp4.Sample(clip.samples[(first + i) % len(clip.samples)], duration, is_sync=True)
+                boxes.Sample(clip.samples[(first + i) % len(clip.samples)], duration, is_sync=True)
                 for i, duration in enumerate(durations)
             ]
             start = clock.start(k)
-            run = fmp4.TrackRun(track_id, start, samples, k)
-            data = fmp4.write_fragment(k, [run], self.tfxd_version)
+            run = boxes.TrackRun(track_id, start, samples, k)
+            data = boxes.write_fragment(k, [run], self.tfxd_version)
             out.append(EncodedFragment(self.stream.id, track_id, k, start, run.duration, clock.timescale, data))
         return out

@@ -15,7 +15,7 @@ Writing: :func:`write_ftyp`, :func:`write_live_server_manifest`, :func:`write_mo
 Parsing: :func:`parse_boxes` splits a byte string into boxes; :func:`parse_moov` and
 :func:`parse_fragment` read back what the writers produce (and what ffmpeg produces), raising
 :class:`~orchestrator.errors.BoxError` on anything malformed. The incremental, feed-bytes reader
-lives in :mod:`orchestrator.fmp4_reader`.
+lives in :mod:`orchestrator.fmp4.reader`.
 
 ``tfxd`` versions (MS-SSTR 2.2.4.4 documents 0 and 1):
   * version 0: 32-bit fragment_absolute_time, 32-bit fragment_duration;

@@ -31,7 +31,7 @@ import enum
 from dataclasses import dataclass, field
 
 from orchestrator.errors import MediaError
-from orchestrator.fmp4 import (
+from orchestrator.fmp4.boxes import (
     LIVE_SERVER_MANIFEST_UUID,
     ParsedFragment,
     TrackDefaults,

@@ -17,15 +17,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from orchestrator import fmp4
-from orchestrator.manifest import ManifestTrack, live_server_manifest
+from orchestrator.fmp4 import boxes
+from orchestrator.fmp4.manifest import ManifestTrack, live_server_manifest
 from orchestrator.profile import AudioTrack, Profile, Stream, VideoTrack
 
 
 @dataclass(frozen=True)
 class StreamHeader:
     stream_id: str
-    tracks: tuple[fmp4.TrackHeader, ...]
+    tracks: tuple[boxes.TrackHeader, ...]
     data: bytes = field(repr=False)
 
 
@@ -46,21 +46,21 @@ def build_header(profile: Profile, stream: Stream, sample_entries: Sequence[byte
     """The header of ``stream``, given one sample entry box per track (in profile order)."""
     if len(sample_entries) != len(stream.tracks):
         raise ValueError("one sample entry per track is needed")
-    headers: list[fmp4.TrackHeader] = []
+    headers: list[boxes.TrackHeader] = []
     manifest_tracks: list[ManifestTrack] = []
     for track_id, track, entry in zip(profile.track_ids(stream), stream.tracks, sample_entries, strict=True):
         timescale = profile.track_clock(track).timescale
         codec = entry[4:8].decode("latin-1")
         if isinstance(track, VideoTrack):
-            headers.append(fmp4.TrackHeader(track_id, b"vide", timescale, entry, track.width, track.height))
+            headers.append(boxes.TrackHeader(track_id, b"vide", timescale, entry, track.width, track.height))
             manifest_tracks.append(ManifestTrack("video", track_id, track.name, track.bitrate, timescale, codec,
                                                  width=track.width, height=track.height))  # fmt: skip
         else:
             assert isinstance(track, AudioTrack)
-            headers.append(fmp4.TrackHeader(track_id, b"soun", timescale, entry, language=track.language))
+            headers.append(boxes.TrackHeader(track_id, b"soun", timescale, entry, language=track.language))
             manifest_tracks.append(ManifestTrack("audio", track_id, track.name, track.bitrate, timescale, codec,
                                                  language=track.language, sample_rate=track.sample_rate,
                                                  channels=track.channels))  # fmt: skip
     smil = live_server_manifest(manifest_tracks)
-    data = fmp4.write_ftyp() + fmp4.write_live_server_manifest(smil) + fmp4.write_moov(headers)
+    data = boxes.write_ftyp() + boxes.write_live_server_manifest(smil) + boxes.write_moov(headers)
     return StreamHeader(stream.id, tuple(headers), data)

@@ -3,11 +3,11 @@ what goes into the archive.
 
 Theory of operation
 -------------------
-The ingest server (:mod:`orchestrator.ingest`) is a thin shell around three pieces of this
+The ingest server (:mod:`orchestrator.ingest.server`) is a thin shell around three pieces of this
 module. None of them touches a socket, a file or a clock; time comes in as ``now``.
 
 * :class:`PostChecker` checks one POST body, bytes in, events out. It wraps
-  :class:`~orchestrator.fmp4_reader.StreamReader` with ``require_manifest=True``, so every POST
+  :class:`~orchestrator.fmp4.reader.StreamReader` with ``require_manifest=True``, so every POST
   must open with ``ftyp``, the Live Server Manifest box and ``moov``, in that order (spec 3.1,
   4.3). Then it checks each fragment: every ``traf`` carries a ``tfxd`` (3.3), and per track
   within the POST the fragment time (tfxd ``fragment_absolute_time``, else tfdt) and the fragment
@@ -36,7 +36,7 @@ The archive holds one file per (stream, track), ``<point path>/<stream id>/<trac
 a single-track init segment (``ftyp`` + ``moov``), written with the track's first archived
 fragment, then that track's fragments in arrival order. A fragment carrying only that track is
 archived as the exact bytes received; one carrying several tracks is rebuilt per track with
-:func:`~orchestrator.fmp4.write_fragment` (samples, durations, composition offsets and the
+:func:`~orchestrator.fmp4.boxes.write_fragment` (samples, durations, composition offsets and the
 sync flag survive; other sample flags do not; tfdt is set to the tfxd time).
 
 Memory: the per-POST log keeps the last 200 POSTs and the last 1000 fragments of each. The
@@ -52,9 +52,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator import fmp4
 from orchestrator.errors import MediaError
-from orchestrator.fmp4_reader import NEED_DATA, Fragment, Header, NeedData, StreamReader
+from orchestrator.fmp4 import boxes
+from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, NeedData, StreamReader
 
 Outcome = Literal["archived", "duplicate", "rejected"]
 PostStatus = Literal["active", "ok", "error", "disconnected", "cancelled"]
@@ -154,7 +154,7 @@ class CheckedFragment:
     rejected: str | None
 
 
-def _fragment_info(traf: fmp4.ParsedTraf, sequence_number: int) -> FragmentInfo:
+def _fragment_info(traf: boxes.ParsedTraf, sequence_number: int) -> FragmentInfo:
     tfxd = traf.tfxd
     if tfxd is None:
         return FragmentInfo(traf.track_id, sequence_number, traf.base_time, traf.duration)
@@ -165,7 +165,7 @@ def _fragment_info(traf: fmp4.ParsedTraf, sequence_number: int) -> FragmentInfo:
 class PostChecker:
     """Checks one POST body. ``feed`` bytes, then call ``next_event`` until ``NEED_DATA``.
 
-    ``next_event`` returns the :class:`~orchestrator.fmp4_reader.Header` once, then a
+    ``next_event`` returns the :class:`~orchestrator.fmp4.reader.Header` once, then a
     :class:`CheckedFragment` per fragment; other top-level boxes after the header (``mfra``,
     ``free`` ...) are skipped, as the service ignores them (spec 3.2, 3.5). It raises
     MediaError for a stream that cannot go on; the checker is then unusable.
@@ -388,7 +388,7 @@ class PublishingPoint:
             if name in taken:
                 name = f"{name}-{track.track_id}"
             file = (*path.point, path.stream_id, f"{name}.mp4")
-            init = fmp4.write_ftyp() + fmp4.write_moov([track])
+            init = boxes.write_ftyp() + boxes.write_moov([track])
             stream.tracks[track.track_id] = _Track(track.track_id, name, file, track.timescale, init)
 
     def _decide(self, record: _PostRecord, stream: _Stream, checked: CheckedFragment) -> list[Decision]:
@@ -449,15 +449,15 @@ def _track_json(track: _Track) -> dict[str, Any]:
     }
 
 
-def _single_track_fragment(parsed: fmp4.ParsedFragment, traf: fmp4.ParsedTraf, info: FragmentInfo) -> bytes:
+def _single_track_fragment(parsed: boxes.ParsedFragment, traf: boxes.ParsedTraf, info: FragmentInfo) -> bytes:
     """The ``moof`` + ``mdat`` of one track of ``parsed``: the received bytes if it is the only
     track, else rebuilt with the same index, time, tfxd version and samples."""
     if len(parsed.trafs) == 1:
         return parsed.data
     tfxd = traf.tfxd
     assert tfxd is not None  # accepted fragments carry a tfxd
-    run = fmp4.TrackRun(traf.track_id, tfxd.absolute_time, traf.samples, info.index)
-    return fmp4.write_fragment(parsed.sequence_number, [run], tfxd.version)
+    run = boxes.TrackRun(traf.track_id, tfxd.absolute_time, traf.samples, info.index)
+    return boxes.write_fragment(parsed.sequence_number, [run], tfxd.version)
 
 
 class Post:

@@ -1,5 +1,5 @@
-"""The local publishing point: the I/O shell around :mod:`orchestrator.receiver`, a plain ASGI
-app served on trio by hypercorn through :mod:`orchestrator.httpserve`.
+"""The local publishing point: the I/O shell around :mod:`orchestrator.ingest.receiver`, a plain ASGI
+app served on trio by hypercorn through :mod:`orchestrator.ops.httpserve`.
 
 Routes:
   * ``POST /<publishing point path>.isml/Streams(<stream id>)``: live ingest (spec section 4).
@@ -33,10 +33,10 @@ from urllib.parse import parse_qs
 import trio
 
 from orchestrator.errors import MediaError
-from orchestrator.fmp4_reader import NEED_DATA
-from orchestrator.httpserve import Receive, Scope, Send, serve_asgi
+from orchestrator.fmp4.reader import NEED_DATA
+from orchestrator.ingest.receiver import ArchiveWrite, Decision, Post, PostStatus, PublishingPoint, parse_stream_path
+from orchestrator.ops.httpserve import Receive, Scope, Send, serve_asgi
 from orchestrator.profile import parse_listen
-from orchestrator.receiver import ArchiveWrite, Decision, Post, PostStatus, PublishingPoint, parse_stream_path
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 class ArchiveFiles:
     """The open track files under one archive directory.
 
-    Each :class:`~orchestrator.receiver.ArchiveWrite` is one ``write`` and one ``flush``; an
+    Each :class:`~orchestrator.ingest.receiver.ArchiveWrite` is one ``write`` and one ``flush``; an
     init segment (``new_file``) starts the file. A file left by an earlier run is never
     truncated: it is renamed aside (``<name>.<n>.mp4``) first, so restarting the server loses
     nothing. A file holds whole fragments only, unless the OS fails mid-write.

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, make_asgi_app
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from orchestrator.httpserve import serve_asgi
+from orchestrator.ops.httpserve import serve_asgi
 
 _ENDPOINT = ("stream", "group", "endpoint", "region")
 

@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING
 
 import trio
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from orchestrator.ops.state import LiveState
 from orchestrator.profile import Profile
-
-if TYPE_CHECKING:
-    from orchestrator.supervisor import Running
 
 log = logging.getLogger(__name__)
 
 
 class StatusView:
-    def __init__(self, running: Running, profile: Profile, *, mode: str = "auto") -> None:
+    def __init__(self, running: LiveState, profile: Profile, *, mode: str = "auto") -> None:
         if mode == "auto":
             mode = "live" if sys.stdout.isatty() else "log"
         self.mode = mode

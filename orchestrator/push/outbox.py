@@ -28,7 +28,7 @@ one to its long-running POST. Three rules make this lossless:
   on the new POST continue from where the receiver last saw them.
 
 ``close()`` ends the stream: what is pending is still handed out, then ``finished`` is true.
-Pure: no clock, no I/O. The trio wake-up lives in :mod:`orchestrator.publisher`.
+Pure: no clock, no I/O. The trio wake-up lives in :mod:`orchestrator.push.publisher`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from fractions import Fraction
 
-from orchestrator.stream import EncodedFragment
+from orchestrator.fmp4.stream import EncodedFragment
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ Any failure ends the POST. Each chunk (a fragment) must be written within ``send
 is not moving data at a rate commensurate with the fragment duration (a slow drip, a black
 hole). The outbox is rewound (its forward buffer, at least the last two fragments of every
 track, goes back to the head of the queue: spec 4.7, 7.3, 7.5.d), the publisher waits as
-:class:`~orchestrator.reconnect.RetryPolicy` says (first retry immediate, then capped
+:class:`~orchestrator.push.reconnect.RetryPolicy` says (first retry immediate, then capped
 exponential backoff with jitter, forever) and starts again with a new probe and a new POST.
 Fragments produced meanwhile wait in the outbox's bounded backlog and go out as fast as the
 connection allows once the endpoint is back.
@@ -47,101 +47,17 @@ from orchestrator.errors import (
     EndpointRejected,
     EndpointUnauthorized,
 )
-from orchestrator.metrics import Metrics
-from orchestrator.outbox import Outbox, OutboxLimits, Taken
+from orchestrator.fmp4.stream import StreamHeader
+from orchestrator.ops.metrics import Metrics
+from orchestrator.ops.state import PublisherState
 from orchestrator.profile import Endpoint
-from orchestrator.reconnect import Failure, RetryPolicy, classify_status
-from orchestrator.stream import EncodedFragment, StreamHeader
+from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
+from orchestrator.push.outbox import Taken
+from orchestrator.push.reconnect import Failure, RetryPolicy, classify_status
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "orchestrator"
-
-
-class EndpointOutbox:
-    """An :class:`~orchestrator.outbox.Outbox` with a trio wake-up: the encoder pushes without
-    ever waiting, the publisher waits for the next fragment."""
-
-    def __init__(self, limits: OutboxLimits) -> None:
-        self.outbox = Outbox(limits)
-        self._changed = trio.Event()
-
-    def push(self, fragment: EncodedFragment) -> list[EncodedFragment]:
-        dropped = self.outbox.push(fragment)
-        self._changed.set()
-        return dropped
-
-    def close(self) -> None:
-        self.outbox.close()
-        self._changed.set()
-
-    async def wait_for_work(self) -> bool:
-        """Wait until a fragment is pending (True) or the outbox is finished (False)."""
-        while not len(self.outbox):
-            if self.outbox.finished:
-                return False
-            self._changed = trio.Event()
-            await self._changed.wait()
-        return True
-
-    async def take(self, idle_timeout: float) -> Taken | Literal["idle"] | None:
-        """The next fragment; None once closed and drained; "idle" after ``idle_timeout``
-        seconds with nothing to send."""
-        with trio.move_on_after(idle_timeout):
-            if not await self.wait_for_work():
-                return None
-            return self.outbox.take()
-        return "idle"
-
-
-class HeaderBoard:
-    """The stream header of one (group, stream), as the encoder instance last announced it.
-
-    Every POST opens with it. An instance restarted with identical settings announces identical
-    bytes; if they ever differ (an ffmpeg upgrade, a changed source), the open POSTs end and the
-    next ones carry the new header, and the change is logged: receivers treat a different header
-    on the same stream as a mismatch (spec 7.5.c, 8.3).
-    """
-
-    def __init__(self, group: str, stream_id: str) -> None:
-        self.group = group
-        self.stream_id = stream_id
-        self.header: StreamHeader | None = None
-        self.version = 0
-        self._changed = trio.Event()
-
-    def announce(self, header: StreamHeader) -> None:
-        if self.header is not None and header.data == self.header.data:
-            return
-        if self.header is not None:
-            log.warning("encoder.header_changed group=%s stream=%s bytes=%d->%d", self.group, self.stream_id,
-                        len(self.header.data), len(header.data))  # fmt: skip
-        self.header = header
-        self.version += 1
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait(self) -> StreamHeader:
-        while self.header is None:
-            await self._changed.wait()
-        return self.header
-
-
-@dataclass
-class PublisherState:
-    """What the status view shows for one publisher."""
-
-    group: str
-    stream_id: str
-    endpoint: str
-    connected: bool = False
-    last_index: int | None = None
-    last_push_monotonic: float | None = None
-    failures: int = 0
-    last_error: str | None = None
-    fragments_pushed: int = 0
-    reconnects: int = 0
-    retry_delay: float = 0.0  # the backoff step being waited out now (0 while connected)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from fractions import Fraction
 import pytest
 
 from orchestrator.clock import TrackClock
-from orchestrator.continuity import (
+from orchestrator.encode.continuity import (
     ClockIdentity,
     Continuity,
     StateMismatch,
@@ -13,7 +13,7 @@ from orchestrator.continuity import (
     decode_state,
     encode_state,
 )
-from orchestrator.stream import EncodedFragment
+from orchestrator.fmp4.stream import EncodedFragment
 
 EPOCH = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
 VIDEO = TrackClock(EPOCH, Fraction(2), 90000, Fraction(1001, 30000))

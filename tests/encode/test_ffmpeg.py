@@ -34,10 +34,10 @@ import pytest
 import trio
 from prometheus_client import CollectorRegistry
 
-from orchestrator.ffmpeg_command import AAC_PRIMING_FRAMES
-from orchestrator.ingest import IngestApp, serve_app
+from orchestrator.encode.ffmpeg_command import AAC_PRIMING_FRAMES
+from orchestrator.ingest.server import IngestApp, serve_app
 from orchestrator.profile import parse_profile
-from orchestrator.publisher import EndpointOutbox
+from orchestrator.push.handoff import EndpointOutbox
 from orchestrator.supervisor import UpOptions, run_up
 
 pytestmark = [

@@ -11,9 +11,9 @@ import pytest
 import trio
 from test_ffmpeg import PROFILE
 
+from orchestrator.encode.ffmpeg import STDERR_BURST, STDERR_PERIOD, FfmpegExited, _StderrLog, find_ffmpeg
+from orchestrator.encode.ffmpeg_command import build_argv, keyframe_expression, plan_encodes
 from orchestrator.errors import EncoderError, ProfileError
-from orchestrator.ffmpeg import STDERR_BURST, STDERR_PERIOD, FfmpegExited, _StderrLog, find_ffmpeg
-from orchestrator.ffmpeg_command import build_argv, keyframe_expression, plan_encodes
 from orchestrator.profile import FileSource, LiveSource, PatternSource, load_profile, parse_profile
 
 
@@ -139,14 +139,14 @@ def test_exit_error_names_the_signal_and_the_last_stderr_lines():
 
 
 def test_demo_profile_runs_ffmpeg_with_the_synthetic_fallback():
-    demo = load_profile(Path(__file__).resolve().parent.parent / "profiles" / "demo.toml")
+    demo = load_profile(Path(__file__).resolve().parents[2] / "profiles" / "demo.toml")
     for group in demo.groups.values():
         assert group.encoder.backend == "ffmpeg"
         assert group.encoder.fallback == "synthetic"
 
 
 async def test_stderr_is_logged_at_most_a_burst_per_period_and_the_tail_kept(autojump_clock, caplog):
-    caplog.set_level(logging.INFO, logger="orchestrator.ffmpeg")
+    caplog.set_level(logging.INFO, logger="orchestrator.encode.ffmpeg")
     log = _StderrLog("primary")
     for i in range(STDERR_BURST + 30):
         log.line(f"line {i}")

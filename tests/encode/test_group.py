@@ -12,18 +12,19 @@ import pytest
 import trio
 
 from orchestrator.clock import fragment_due_ns, live_index
-from orchestrator.continuity import ClockIdentity, decode_state
-from orchestrator.encoder import EncoderState, GroupEncoder, Output, RestartPolicy, Sink, run_synthetic_encoder
+from orchestrator.encode.continuity import ClockIdentity, decode_state
+from orchestrator.encode.group import GroupEncoder, Output, RestartPolicy, Sink, run_synthetic_encoder
+from orchestrator.encode.statefile import read_state
 from orchestrator.errors import EncoderError
-from orchestrator.metrics import Metrics
-from orchestrator.outbox import OutboxLimits
+from orchestrator.fmp4.stream import EncodedFragment
+from orchestrator.ops.metrics import Metrics
+from orchestrator.ops.state import EncoderState, PublisherState
 from orchestrator.profile import load_profile
-from orchestrator.publisher import EndpointOutbox, HeaderBoard, PublisherState
-from orchestrator.statefile import read_state
-from orchestrator.stream import EncodedFragment
+from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
+from orchestrator.push.outbox import OutboxLimits
 from orchestrator.wallclock import TrioWallClock
 
-DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
 START_NS = 1_795_000_000_123_456_789  # 2026-11-18, mid-fragment
 BIG = OutboxLimits(max_seconds=Fraction(3600), max_bytes=10**9)
 
@@ -172,7 +173,7 @@ async def test_a_stalled_instance_is_restarted_after_the_stall_window(autojump_c
 
 
 def _header(rig, stream_id):
-    from orchestrator.synthetic import SyntheticStream
+    from orchestrator.encode.synthetic import SyntheticStream
 
     return SyntheticStream(rig.profile, rig.profile.stream(stream_id)).header
 
@@ -289,7 +290,7 @@ async def test_with_a_state_dir_no_fragment_reaches_a_publisher_before_the_state
     # Jump only after 50 ms of real idleness, so the state writes (worker threads) finish first.
     mock_clock.autojump_threshold = 0.05
 
-    import orchestrator.encoder as encoder_module
+    import orchestrator.encode.group as encoder_module
 
     events = []
     real_write = encoder_module.write_state

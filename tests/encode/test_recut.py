@@ -9,8 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from orchestrator.clock import NS_PER_SECOND, TrackClock
-from orchestrator.fmp4 import Sample
-from orchestrator.recut import (
+from orchestrator.encode.recut import (
     TrackRecutter,
     anchor_frame,
     first_fragment_from,
@@ -18,6 +17,7 @@ from orchestrator.recut import (
     opens_fragment,
     start_index,
 )
+from orchestrator.fmp4.boxes import Sample
 
 EPOCH = 1_767_225_600 * NS_PER_SECOND
 NTSC = TrackClock(EPOCH, Fraction(2), 90000, Fraction(1001, 30000))  # 59.94 frames per fragment

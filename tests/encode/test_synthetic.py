@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import fmp4
+from orchestrator.encode.synthetic import SyntheticStream, clip_for
 from orchestrator.errors import EncoderError
-from orchestrator.fmp4_reader import NEED_DATA, Fragment, Header, StreamReader
+from orchestrator.fmp4 import boxes
+from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
 from orchestrator.profile import load_profile, parse_profile
-from orchestrator.synthetic import SyntheticStream, clip_for
 
-DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
 K = 14_080_000  # a fragment index in late 2026 for the demo's 2 s fragments
 
 
@@ -35,11 +35,11 @@ def test_fragment_is_stamped_from_the_shared_clock(profile):
         (clock,) = source.clocks
         (fragment,) = source.fragment(K)
         assert (fragment.index, fragment.start, fragment.duration) == (K, clock.start(K), clock.duration(K))
-        parsed = fmp4.parse_fragment(fragment.data)
+        parsed = boxes.parse_fragment(fragment.data)
         assert parsed.sequence_number == K
         (traf,) = parsed.trafs
         assert traf.base_time == clock.start(K)
-        assert traf.tfxd == fmp4.Tfxd(1, clock.start(K), clock.duration(K), None)
+        assert traf.tfxd == boxes.Tfxd(1, clock.start(K), clock.duration(K), None)
         assert [s.duration for s in traf.samples] == clock.sample_durations(K)
         assert all(s.is_sync for s in traf.samples)
 
@@ -48,7 +48,7 @@ def test_tfxd_version_2_carries_the_index(profile):
     text = DEMO.read_text().replace("tfxd_version = 1", "tfxd_version = 2")
     v2 = parse_profile(text, "v2.toml")
     (fragment,) = SyntheticStream(v2, v2.streams[0]).fragment(K)
-    assert fmp4.parse_fragment(fragment.data).trafs[0].tfxd.fragment_index == K
+    assert boxes.parse_fragment(fragment.data).trafs[0].tfxd.fragment_index == K
 
 
 def test_consecutive_fragments_are_contiguous(profile):

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from orchestrator.errors import BoxError
-from orchestrator.fmp4 import (
+from orchestrator.fmp4.boxes import (
     Box,
     ParsedFragment,
     ParsedTraf,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.errors import BoxError, MediaError
-from orchestrator.fmp4 import (
+from orchestrator.fmp4.boxes import (
     Sample,
     TrackHeader,
     TrackRun,
@@ -20,9 +20,9 @@ from orchestrator.fmp4 import (
     write_live_server_manifest,
     write_moov,
 )
-from orchestrator.fmp4_reader import NEED_DATA, Event, Fragment, Header, OtherBox, StreamReader
+from orchestrator.fmp4.reader import NEED_DATA, Event, Fragment, Header, OtherBox, StreamReader
 
-MEDIA = Path(__file__).parent.parent / "orchestrator" / "media"
+MEDIA = Path(__file__).resolve().parents[2] / "orchestrator" / "encode" / "media"
 SMIL = '<smil xmlns="http://www.w3.org/2001/SMIL20/Language"><body><switch/></body></smil>'
 TRACKS = [
     TrackHeader(1, b"vide", 90000, box(b"avc1", bytes(8))),

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from orchestrator import fmp4
 from orchestrator.errors import BoxError, MediaError
-from orchestrator.fmp4_reader import NEED_DATA, Header
-from orchestrator.receiver import (
+from orchestrator.fmp4 import boxes
+from orchestrator.fmp4.reader import NEED_DATA, Header
+from orchestrator.ingest.receiver import (
     FRAGMENT_LOG_SIZE,
     POST_LOG_SIZE,
     CheckedFragment,
@@ -24,10 +24,10 @@ from orchestrator.receiver import (
     track_names,
 )
 
-AVC1 = fmp4.box(b"avc1", bytes(78))
-MP4A = fmp4.box(b"mp4a", bytes(28))
-VIDEO = fmp4.TrackHeader(1, b"vide", 90000, AVC1, 192, 108)
-AUDIO = fmp4.TrackHeader(2, b"soun", 48000, MP4A)
+AVC1 = boxes.box(b"avc1", bytes(78))
+MP4A = boxes.box(b"mp4a", bytes(28))
+VIDEO = boxes.TrackHeader(1, b"vide", 90000, AVC1, 192, 108)
+AUDIO = boxes.TrackHeader(2, b"soun", 48000, MP4A)
 PATH = StreamPath(("live", "demo"), "video")
 FRAME = 3000  # ticks per video sample
 
@@ -44,34 +44,34 @@ def smil(names: dict[int, str], creator: str = "test") -> str:
     )
 
 
-def header(tracks: tuple[fmp4.TrackHeader, ...] = (VIDEO,), manifest: str | None = None) -> bytes:
+def header(tracks: tuple[boxes.TrackHeader, ...] = (VIDEO,), manifest: str | None = None) -> bytes:
     manifest = smil({1: "video", 2: "audio"}) if manifest is None else manifest
-    return fmp4.write_ftyp() + fmp4.write_live_server_manifest(manifest) + fmp4.write_moov(tracks)
+    return boxes.write_ftyp() + boxes.write_live_server_manifest(manifest) + boxes.write_moov(tracks)
 
 
-def run(index: int, track_id: int = 1, time: int | None = None, duration: int = FRAME) -> fmp4.TrackRun:
+def run(index: int, track_id: int = 1, time: int | None = None, duration: int = FRAME) -> boxes.TrackRun:
     """Track ``track_id``'s part of fragment ``index``: one sample, time index * duration unless given."""
-    samples = [fmp4.Sample(bytes([track_id, index % 256]) * 8, duration)]
-    return fmp4.TrackRun(track_id, index * duration if time is None else time, samples, index)
+    samples = [boxes.Sample(bytes([track_id, index % 256]) * 8, duration)]
+    return boxes.TrackRun(track_id, index * duration if time is None else time, samples, index)
 
 
 def fragment(index: int, time: int | None = None, duration: int = FRAME, tfxd_version: int = 1) -> bytes:
-    return fmp4.write_fragment(index, [run(index, 1, time, duration)], tfxd_version)
+    return boxes.write_fragment(index, [run(index, 1, time, duration)], tfxd_version)
 
 
 def fragment_without_tfxd(index: int, time: int) -> bytes:
     """moof (mfhd, traf(tfhd, tfdt, trun)) + mdat, with no tfxd: fmp4 never writes one like this."""
     payload = b"no tfxd!"
-    mfhd = fmp4.full_box(b"mfhd", 0, 0, struct.pack(">I", index))
-    tfhd = fmp4.full_box(b"tfhd", 0, fmp4.TFHD_DEFAULT_BASE_IS_MOOF, struct.pack(">I", 1))
-    tfdt = fmp4.full_box(b"tfdt", 1, 0, struct.pack(">Q", time))
+    mfhd = boxes.full_box(b"mfhd", 0, 0, struct.pack(">I", index))
+    tfhd = boxes.full_box(b"tfhd", 0, boxes.TFHD_DEFAULT_BASE_IS_MOOF, struct.pack(">I", 1))
+    tfdt = boxes.full_box(b"tfdt", 1, 0, struct.pack(">Q", time))
 
     def moof(data_offset: int) -> bytes:
-        flags = fmp4.TRUN_DATA_OFFSET | fmp4.TRUN_SAMPLE_DURATION | fmp4.TRUN_SAMPLE_SIZE
-        trun = fmp4.full_box(b"trun", 0, flags, struct.pack(">IiII", 1, data_offset, FRAME, len(payload)))
-        return fmp4.box(b"moof", mfhd, fmp4.box(b"traf", tfhd, tfdt, trun))
+        flags = boxes.TRUN_DATA_OFFSET | boxes.TRUN_SAMPLE_DURATION | boxes.TRUN_SAMPLE_SIZE
+        trun = boxes.full_box(b"trun", 0, flags, struct.pack(">IiII", 1, data_offset, FRAME, len(payload)))
+        return boxes.box(b"moof", mfhd, boxes.box(b"traf", tfhd, tfdt, trun))
 
-    return moof(len(moof(0)) + 8) + fmp4.box(b"mdat", payload)
+    return moof(len(moof(0)) + 8) + boxes.box(b"mdat", payload)
 
 
 def drain(post: Post, *chunks: bytes) -> list[Decision]:
@@ -103,8 +103,8 @@ def archived_bytes(decisions: list[Decision], name: str = "video.mp4") -> bytes:
     return b"".join(w.data for d in decisions for w in d.writes if w.path[-1] == name)
 
 
-def init(track: fmp4.TrackHeader) -> bytes:
-    return fmp4.write_ftyp() + fmp4.write_moov([track])
+def init(track: boxes.TrackHeader) -> bytes:
+    return boxes.write_ftyp() + boxes.write_moov([track])
 
 
 # --- one POST, byte by byte ---------------------------------------------------------------
@@ -176,7 +176,7 @@ def test_every_split_point_gives_the_same_decisions() -> None:
 
 def test_checker_alone_yields_header_then_checked_fragments() -> None:
     checker = PostChecker()
-    checker.feed(header() + fragment(5, tfxd_version=2) + fmp4.box(b"free", b"ignored") + fragment(6))
+    checker.feed(header() + fragment(5, tfxd_version=2) + boxes.box(b"free", b"ignored") + fragment(6))
     first = checker.next_event()
     assert isinstance(first, Header)
     assert checker.header is first
@@ -212,8 +212,8 @@ def test_duplicate_with_another_index_or_duration_is_a_conflict() -> None:
     point = PublishingPoint()
     whole_post(point, header(), fragment(0), fragment(1), group="A")
     # Group B is misaligned: the same time with another index; group C: another duration.
-    other_index = fmp4.write_fragment(7, [run(7, time=0)])
-    other_duration = fmp4.write_fragment(1, [run(1, time=FRAME, duration=FRAME + 1)])
+    other_index = boxes.write_fragment(7, [run(7, time=0)])
+    other_duration = boxes.write_fragment(1, [run(1, time=FRAME, duration=FRAME + 1)])
     decisions = whole_post(point, header(), other_index, group="B")
     decisions += whole_post(point, header(), other_duration, fragment(2), group="C")
 
@@ -281,8 +281,8 @@ def test_time_or_index_going_backwards_within_a_post_is_rejected() -> None:
         header(),
         fragment(0),
         fragment(1),
-        fmp4.write_fragment(2, [run(2, time=FRAME // 2)]),  # time goes back
-        fmp4.write_fragment(1, [run(1, time=5 * FRAME)]),  # index repeats
+        boxes.write_fragment(2, [run(2, time=FRAME // 2)]),  # time goes back
+        boxes.write_fragment(1, [run(1, time=5 * FRAME)]),  # index repeats
         fragment(3),  # continues from the last accepted fragment
     )
 
@@ -294,8 +294,8 @@ def test_time_or_index_going_backwards_within_a_post_is_rejected() -> None:
 
 def test_fragment_index_comes_from_tfxd_v2_before_mfhd() -> None:
     checker = PostChecker()
-    tfxd_v2 = fmp4.write_fragment(9, [fmp4.TrackRun(1, 0, [fmp4.Sample(b"x", FRAME)], 42)], tfxd_version=2)
-    tfxd_v1 = fmp4.write_fragment(9, [fmp4.TrackRun(1, FRAME, [fmp4.Sample(b"x", FRAME)], 42)], tfxd_version=1)
+    tfxd_v2 = boxes.write_fragment(9, [boxes.TrackRun(1, 0, [boxes.Sample(b"x", FRAME)], 42)], tfxd_version=2)
+    tfxd_v1 = boxes.write_fragment(9, [boxes.TrackRun(1, FRAME, [boxes.Sample(b"x", FRAME)], 42)], tfxd_version=1)
     checker.feed(header() + tfxd_v2 + tfxd_v1)
     checker.next_event()
     first, second = checker.next_event(), checker.next_event()
@@ -310,8 +310,8 @@ def test_fragment_index_comes_from_tfxd_v2_before_mfhd() -> None:
 def test_moov_before_manifest_ends_the_post() -> None:
     point = PublishingPoint()
     post = point.open_post(PATH, "A", 0.0)
-    manifest = fmp4.write_live_server_manifest(smil({1: "video"}))
-    post.feed(fmp4.write_ftyp() + fmp4.write_moov([VIDEO]) + manifest)
+    manifest = boxes.write_live_server_manifest(smil({1: "video"}))
+    post.feed(boxes.write_ftyp() + boxes.write_moov([VIDEO]) + manifest)
     with pytest.raises(MediaError, match="before the Live Server Manifest"):
         post.next_decision()
     post.close(1.0, "error", "moov before manifest")
@@ -328,7 +328,7 @@ def test_malformed_box_ends_the_post() -> None:
 
 def test_fragment_for_an_undeclared_track_ends_the_post() -> None:
     post = PublishingPoint().open_post(PATH, None, 0.0)
-    post.feed(header() + fmp4.write_fragment(0, [run(0, track_id=2)]))
+    post.feed(header() + boxes.write_fragment(0, [run(0, track_id=2)]))
     with pytest.raises(MediaError, match="track 2, which the moov does not declare"):
         post.next_decision()
 
@@ -359,7 +359,7 @@ def test_empty_body_is_fine() -> None:
 def test_two_track_fragment_is_archived_per_track() -> None:
     point = PublishingPoint()
     both = (VIDEO, AUDIO)
-    frags = [fmp4.write_fragment(k, [run(k, 1), run(k, 2, duration=1024)], tfxd_version=2) for k in range(2)]
+    frags = [boxes.write_fragment(k, [run(k, 1), run(k, 2, duration=1024)], tfxd_version=2) for k in range(2)]
     decisions = whole_post(point, header(both, smil({1: "video_hi", 2: "audio_en"})), *frags)
 
     assert [(d.fragment.track_id, d.fragment.index, d.outcome) for d in decisions] == [
@@ -369,10 +369,10 @@ def test_two_track_fragment_is_archived_per_track() -> None:
         (2, 1, "archived"),
     ]
     assert archived_bytes(decisions, "video_hi.mp4") == init(VIDEO) + b"".join(
-        fmp4.write_fragment(k, [run(k, 1)], tfxd_version=2) for k in range(2)
+        boxes.write_fragment(k, [run(k, 1)], tfxd_version=2) for k in range(2)
     )
     assert archived_bytes(decisions, "audio_en.mp4") == init(AUDIO) + b"".join(
-        fmp4.write_fragment(k, [run(k, 2, duration=1024)], tfxd_version=2) for k in range(2)
+        boxes.write_fragment(k, [run(k, 2, duration=1024)], tfxd_version=2) for k in range(2)
     )
     tracks = point.status()["publishing_points"]["live/demo"]["streams"]["video"]["tracks"]
     assert {k: (t["name"], t["timescale"], t["last_timestamp"]) for k, t in tracks.items()} == {
@@ -383,7 +383,7 @@ def test_two_track_fragment_is_archived_per_track() -> None:
 
 def test_rejection_of_a_two_track_fragment_counts_on_both_tracks() -> None:
     point = PublishingPoint()
-    frag = fmp4.write_fragment(0, [run(0, 1), run(0, 2)])
+    frag = boxes.write_fragment(0, [run(0, 1), run(0, 2)])
     decisions = whole_post(point, header((VIDEO, AUDIO)), frag, frag)
     assert [d.outcome for d in decisions] == ["archived", "archived", "rejected", "rejected"]
     tracks = point.status()["publishing_points"]["live/demo"]["streams"]["video"]["tracks"]
@@ -401,7 +401,7 @@ def test_rejection_of_a_two_track_fragment_counts_on_both_tracks() -> None:
 )
 def test_track_file_names_are_safe_and_distinct(names: dict[int, str], expected: list[str]) -> None:
     point = PublishingPoint()
-    decisions = whole_post(point, header((VIDEO, AUDIO), smil(names)), fmp4.write_fragment(0, [run(0, 1), run(0, 2)]))
+    decisions = whole_post(point, header((VIDEO, AUDIO), smil(names)), boxes.write_fragment(0, [run(0, 1), run(0, 2)]))
     assert [d.writes[-1].path[-1] for d in decisions] == expected
 
 

@@ -22,10 +22,10 @@ import httpx
 import pytest
 import trio
 
-from orchestrator import fmp4
-from orchestrator.ingest import IngestApp, run_ingest_server, serve_app, serve_ingest
-from orchestrator.manifest import ManifestTrack, live_server_manifest
-from orchestrator.synthetic import load_clip
+from orchestrator.encode.synthetic import load_clip
+from orchestrator.fmp4 import boxes
+from orchestrator.fmp4.manifest import ManifestTrack, live_server_manifest
+from orchestrator.ingest.server import IngestApp, run_ingest_server, serve_app, serve_ingest
 
 INGEST = "/live/demo.isml/Streams(video)"
 FRAMES_PER_FRAGMENT = 5
@@ -38,27 +38,27 @@ A_STOPS = 6  # group A sends fragments 0..5 only
 class Media:
     """A one-track stream of the packaged H.264 clip (50 intra frames), re-stamped at 90 kHz."""
 
-    track: fmp4.TrackHeader
+    track: boxes.TrackHeader
     header: bytes
     fragments: tuple[bytes, ...]
 
     @property
     def init(self) -> bytes:
-        return fmp4.write_ftyp() + fmp4.write_moov([self.track])
+        return boxes.write_ftyp() + boxes.write_moov([self.track])
 
 
 @pytest.fixture(scope="module")
 def media() -> Media:
     clip = load_clip("video.mp4")
-    track = fmp4.TrackHeader(1, b"vide", 90000, clip.sample_entry, 192, 108)
+    track = boxes.TrackHeader(1, b"vide", 90000, clip.sample_entry, 192, 108)
     smil = live_server_manifest([ManifestTrack("video", 1, "video", 200_000, 90000, "avc1", width=192, height=108)])
-    header = fmp4.write_ftyp() + fmp4.write_live_server_manifest(smil) + fmp4.write_moov([track])
+    header = boxes.write_ftyp() + boxes.write_live_server_manifest(smil) + boxes.write_moov([track])
     fragments = []
     for k in range(FRAGMENTS):
         frames = clip.samples[k * FRAMES_PER_FRAGMENT : (k + 1) * FRAMES_PER_FRAGMENT]
-        samples = [fmp4.Sample(data, FRAME, is_sync=True) for data in frames]
-        run = fmp4.TrackRun(1, k * FRAMES_PER_FRAGMENT * FRAME, samples, k)
-        fragments.append(fmp4.write_fragment(k, [run], tfxd_version=2))
+        samples = [boxes.Sample(data, FRAME, is_sync=True) for data in frames]
+        run = boxes.TrackRun(1, k * FRAMES_PER_FRAGMENT * FRAME, samples, k)
+        fragments.append(boxes.write_fragment(k, [run], tfxd_version=2))
     return Media(track, header, tuple(fragments))
 
 
@@ -245,7 +245,7 @@ async def test_client_gone_mid_body_keeps_what_was_archived(server: Server, medi
 
 
 async def test_broken_header_answers_400_with_the_reason(server: Server, media: Media) -> None:
-    moov_first = fmp4.write_ftyp() + fmp4.write_moov([media.track])
+    moov_first = boxes.write_ftyp() + boxes.write_moov([media.track])
     async with httpx.AsyncClient() as client:
         response = await client.post(server.url + INGEST, content=chunks(moov_first, *media.fragments[:2]))
         assert response.status_code == 400
@@ -269,10 +269,10 @@ async def test_other_routes(server: Server) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 async def test_run_ingest_server_exits_0_on_a_signal(tmp_path: Path, signum: signal.Signals) -> None:
     code = (
-        "import logging, sys; from pathlib import Path; from orchestrator.ingest import run_ingest_server; "
+        "import logging, sys; from pathlib import Path; from orchestrator.ingest.server import run_ingest_server; "
         "logging.basicConfig(level=logging.INFO); run_ingest_server('127.0.0.1:0', Path(sys.argv[1]))"
     )
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     argv = [sys.executable, "-c", code, str(tmp_path)]
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
@@ -308,8 +308,8 @@ def test_run_ingest_server_refuses_a_bad_listen_address(tmp_path: Path) -> None:
 
 
 def test_archive_from_an_earlier_run_is_moved_aside_never_truncated(tmp_path):
-    from orchestrator.ingest import ArchiveFiles
-    from orchestrator.receiver import ArchiveWrite
+    from orchestrator.ingest.receiver import ArchiveWrite
+    from orchestrator.ingest.server import ArchiveFiles
 
     path = tmp_path / "live" / "demo" / "video" / "v.mp4"
     path.parent.mkdir(parents=True)

@@ -2,18 +2,16 @@ from pathlib import Path
 
 import trio
 
-from orchestrator.encoder import EncoderState
+from orchestrator.ops.state import EncoderState, LiveState, PublisherState
+from orchestrator.ops.view import StatusView
 from orchestrator.profile import load_profile
-from orchestrator.publisher import PublisherState
-from orchestrator.status import StatusView
-from orchestrator.supervisor import Running
 
-DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
 
 
 async def test_one_line_per_stream_with_each_group(autojump_clock):
     profile = load_profile(DEMO)
-    running = Running()
+    running = LiveState()
     running.encoders += [EncoderState("primary", "video", last_index=41), EncoderState("backup", "video", 42)]
     a = PublisherState("primary", "video", "region-a", connected=True, last_push_monotonic=trio.current_time())
     b = PublisherState("primary", "video", "region-b", connected=False)

@@ -26,7 +26,7 @@ from faultkit import (
     now,
 )
 
-from orchestrator.faultproxy import Fault
+from orchestrator.testing.faultproxy import Fault
 
 pytestmark = pytest.mark.integration
 

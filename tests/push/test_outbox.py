@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.outbox import Outbox, OutboxLimits
-from orchestrator.stream import EncodedFragment
+from orchestrator.fmp4.stream import EncodedFragment
+from orchestrator.push.outbox import Outbox, OutboxLimits
 
 VIDEO, AUDIO = 1, 2
 

@@ -15,15 +15,16 @@ import httpx
 import pytest
 import trio
 
-from orchestrator.httpserve import serve_asgi
-from orchestrator.metrics import Metrics
-from orchestrator.outbox import OutboxLimits
+from orchestrator.encode.synthetic import SyntheticStream
+from orchestrator.ops.httpserve import serve_asgi
+from orchestrator.ops.metrics import Metrics
 from orchestrator.profile import Endpoint, load_profile
-from orchestrator.publisher import EndpointOutbox, HeaderBoard, Publisher, PublisherSettings
-from orchestrator.reconnect import RetryPolicy
-from orchestrator.synthetic import SyntheticStream
+from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
+from orchestrator.push.outbox import OutboxLimits
+from orchestrator.push.publisher import Publisher, PublisherSettings
+from orchestrator.push.reconnect import RetryPolicy
 
-DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
+DEMO = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
 K = 14_080_000
 LIMITS = OutboxLimits(max_seconds=Fraction(60), max_bytes=64 * 1024 * 1024)
 
@@ -149,7 +150,7 @@ async def test_probe_then_chunked_post_with_header_then_fragments(profile):
     (503, "server", "publisher.post.failed"),
 ])  # fmt: skip
 async def test_refusing_endpoint_is_named_counted_and_retried(profile, caplog, status, reason, message):
-    caplog.set_level(logging.INFO, logger="orchestrator.publisher")
+    caplog.set_level(logging.INFO, logger="orchestrator.push.publisher")
     recorder = Recorder()
     recorder.status = status
     metrics = Metrics()

@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.reconnect import Failure, RetryPolicy, classify_status
+from orchestrator.push.reconnect import Failure, RetryPolicy, classify_status
 
 
 def test_first_retry_is_immediate_then_exponential_capped():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from orchestrator.faultproxy import Fault, FaultProxy
+from orchestrator.testing.faultproxy import Fault, FaultProxy
 
 
 async def sink_server(received: list[bytes], *, task_status=trio.TASK_STATUS_IGNORED):

@@ -39,8 +39,9 @@ from orchestrator.encode.group import GroupEncoder, InstanceRunner, Output, Sink
 from orchestrator.encode.statefile import read_state, state_path
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.errors import EncoderError, ProfileError
-from orchestrator.ops.metrics import Metrics, serve_metrics
-from orchestrator.ops.state import EncoderState, LiveState
+from orchestrator.ops.listener import serve_listener
+from orchestrator.ops.metrics import Metrics
+from orchestrator.ops.state import EncoderState, GroupState, LiveState
 from orchestrator.ops.view import StatusView
 from orchestrator.profile import FfmpegEncoder, Profile, parse_listen
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
@@ -193,7 +194,8 @@ async def run_up(
     wall = wall or SystemWallClock()
     metrics = Metrics(registry)
     plan = _Planned(profile, options, metrics)
-    running = Running()
+    running = Running(presentation=profile.presentation.name,
+                      fragment_duration=float(profile.presentation.fragment_duration))  # fmt: skip
 
     async with trio.open_nursery() as services:
         if options.local_ingest is not None:
@@ -206,7 +208,8 @@ async def run_up(
                 running.ingest_addresses.append(bound)
         if profile.metrics.enabled:
             host, port = parse_listen(profile.metrics.listen)
-            running.metrics_address = await services.start(serve_metrics, metrics.registry, host, port)
+            # /metrics, /healthz, /readyz, /status; ``running`` is filled in as the groups are built.
+            running.metrics_address = await services.start(serve_listener, metrics.registry, running, host, port)
         if options.handle_signals:
             services.start_soon(_watch_signals, running.stop, services.cancel_scope)
         if options.duration is not None:
@@ -240,6 +243,8 @@ async def _run_groups(
         outputs: dict[str, list[Output]] = {}
         headers: dict[str, HeaderBoard] = {}
         states: dict[str, EncoderState] = {}
+        group_state = GroupState(group_name)
+        running.groups.append(group_state)
         for stream in profile.streams:
             headers[stream.id] = HeaderBoard(group_name, stream.id)
             states[stream.id] = EncoderState(group_name, stream.id)
@@ -258,7 +263,7 @@ async def _run_groups(
         encoder = GroupEncoder(
             group=group_name, profile=profile, runner=plan.runner(group_name, wall), outputs=outputs,
             headers=headers, states=states, metrics=metrics, wall=wall, restored=plan.restored[group_name],
-            state_dir=profile.state.dir, stall_after=options.stall_after)  # fmt: skip
+            state_dir=profile.state.dir, stall_after=options.stall_after, group_state=group_state)  # fmt: skip
         encoders.append(encoder)
         running.group_encoders.append(encoder)
 

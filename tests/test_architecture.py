@@ -44,6 +44,7 @@ PURE_CORE = [
     "encode/ffmpeg_command",
     "ingest/receiver",
     "ops/state",
+    "ops/status",
 ]
 IO_MODULES = {"trio", "httpx", "httpcore", "hypercorn", "anyio", "subprocess", "socket", "asyncio", "os", "shutil",
               "prometheus_client", "rich", "click", "time", "orchestrator.wallclock"}  # fmt: skip

@@ -28,6 +28,7 @@ clock, never from a counter of the instance's own.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from orchestrator.encode.statefile import write_state
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.ops.metrics import Metrics
-from orchestrator.ops.state import EncoderState, PublisherState
+from orchestrator.ops.state import EncoderState, GroupState, PublisherState
 from orchestrator.profile import Profile
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.wallclock import WallClock
@@ -121,6 +122,7 @@ class GroupEncoder(Sink):
         state_dir: Path | None = None,
         stall_after: float | None = None,
         restart: RestartPolicy | None = None,
+        group_state: GroupState | None = None,
     ) -> None:
         self.group = group
         self.profile = profile
@@ -143,6 +145,7 @@ class GroupEncoder(Sink):
         self.stall_after = stall_after
         self.restart = restart or RestartPolicy()
         self.restarts = 0
+        self.group_state = group_state or GroupState(group)  # what /status and the view show
         self._identity = ClockIdentity(profile.presentation.name, profile.presentation.epoch_ns,
                                        profile.presentation.fragment_duration)  # fmt: skip
         self._instance_scope: trio.CancelScope | None = None
@@ -203,6 +206,7 @@ class GroupEncoder(Sink):
         for output in self.outputs.get(fragment.stream_id, ()):
             for lost in output.outbox.push(fragment):
                 self.metrics.dropped_fragments.labels(*output.labels).inc()
+                output.publisher.dropped += 1
                 log.warning(
                     "publisher.backlog.dropped group=%s stream=%s endpoint=%s index=%d track=%d reason=backlog_full",
                     self.group, fragment.stream_id, output.publisher.endpoint, lost.index, lost.track_id)  # fmt: skip
@@ -255,6 +259,7 @@ class GroupEncoder(Sink):
             with trio.CancelScope() as scope:
                 self._instance_scope = scope
                 self.metrics.encoder_up.labels(self.group).set(1)
+                self.group_state.set_up(True, time.time())
                 log.info("encoder.started group=%s first_index=%d restarts=%d", self.group, first, self.restarts)
                 try:
                     await self.runner(first, self)
@@ -265,6 +270,7 @@ class GroupEncoder(Sink):
             self._instance_scope = None
             self.instance_pid = None
             self.metrics.encoder_up.labels(self.group).set(0)
+            self.group_state.set_up(False, time.time())
             if self._stopping:
                 return
             if scope.cancelled_caught:
@@ -273,6 +279,8 @@ class GroupEncoder(Sink):
             consecutive = 1 if ran_for >= self.restart.healthy_after else consecutive + 1
             delay = self.restart.delay(consecutive)
             self.restarts += 1
+            self.group_state.restarts = self.restarts
+            self.group_state.record_failure(f"{reason}: {detail}", None, time.time())
             self.metrics.encoder_restarts.labels(self.group, reason).inc()
             log.warning("encoder.restarting group=%s reason=%s detail=%s ran_seconds=%.1f in_seconds=%.1f",
                         self.group, reason, detail, ran_for, delay)  # fmt: skip
@@ -282,6 +290,7 @@ class GroupEncoder(Sink):
         exit_code = getattr(exc, "exit_code", None)
         if isinstance(exit_code, int):
             self.metrics.encoder_last_exit_code.labels(self.group).set(exit_code)
+            self.group_state.last_exit_code = exit_code
             return ("killed" if exit_code < 0 else "exited"), str(exc)
         return "crashed", f"{type(exc).__name__}: {exc}"
 

@@ -1,19 +1,17 @@
 """Prometheus metrics of the orchestrator, created against an injectable registry.
 
 Labels: ``stream`` (stream id), ``group`` (encoder group), ``endpoint`` (endpoint name),
-``region``. No label or value ever holds a URL's credentials or a secret.
+``region``. No label or value ever holds a URL's credentials or a secret. They are served, with
+the health and status routes, by :mod:`orchestrator.ops.listener`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import trio
-from prometheus_client import CollectorRegistry, Counter, Gauge, make_asgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-from orchestrator.ops.httpserve import serve_asgi
 
 _ENDPOINT = ("stream", "group", "endpoint", "region")
 
@@ -117,18 +115,3 @@ class _SecondsSincePush(Collector):
             if value is not None:
                 family.add_metric(labels, value)
         yield family
-
-
-async def serve_metrics(
-    registry: CollectorRegistry,
-    host: str,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``/metrics`` over HTTP until cancelled; reports the bound (host, port).
-
-    Cancellation: the listener closes; scrapes in flight are cut off.
-    """
-    app = make_asgi_app(registry)
-    await serve_asgi(app, host, port, name="metrics", task_status=task_status)

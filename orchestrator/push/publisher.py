@@ -100,7 +100,7 @@ class Publisher:
         self.settings = settings
         self.auth = auth
         labels = (stream_id, group, endpoint.name, endpoint.region)
-        self.state = PublisherState(group, stream_id, endpoint.name)
+        self.state = PublisherState(group, stream_id, endpoint.name, endpoint.region, since_wall=time.time())
         self.labels = labels
         self._headers = {"User-Agent": USER_AGENT, "X-Encoder-Group": group, **(extra_headers or {})}
         self._timeout = httpx.Timeout(
@@ -156,8 +156,7 @@ class Publisher:
                      min(f.index for f in again))  # fmt: skip
 
     def _record_failure(self, failure: Failure, exc: EndpointError) -> None:
-        self.state.failures += 1
-        self.state.last_error = str(exc)
+        self.state.record_failure(failure.value, str(exc), time.time())
         self.metrics.post_failures.labels(*self.labels, failure.value).inc()
         fields = f"{self._log_fields()} status={exc.status_code} url={self.url}"
         if isinstance(exc, EndpointUnauthorized):
@@ -213,7 +212,6 @@ class Publisher:
         yield header.data
         self.metrics.bytes_pushed.labels(*self.labels).inc(len(header.data))
         self._set_connected(True)
-        self.state.retry_delay = 0.0
         while True:
             if self.header.version != header_version:
                 log.info("publisher.post.ending %s reason=header_changed", self._log_fields())
@@ -275,9 +273,7 @@ class Publisher:
         self.metrics.last_pushed_index.labels(*labels).set(fragment.index)
         self.metrics.last_pushed_timestamp.labels(*labels).set(fragment.start / fragment.timescale)
         self.metrics.last_push_time.labels(*labels).set(time.time())
-        self.state.last_index = fragment.index
-        self.state.last_push_monotonic = trio.current_time()
-        self.state.fragments_pushed += 1
+        self.state.record_push(fragment.index, item.resend, trio.current_time())
 
     def _seconds_since_push(self) -> float | None:
         last = self.state.last_push_monotonic
@@ -291,9 +287,10 @@ class Publisher:
         self.metrics.backlog_fragments.labels(*labels).set(len(outbox))
         self.metrics.backlog_bytes.labels(*labels).set(outbox.pending_bytes)
         self.metrics.backlog_seconds.labels(*labels).set(float(outbox.pending_seconds))
+        self.state.set_backlog(len(outbox), outbox.pending_bytes, float(outbox.pending_seconds))
 
     def _set_connected(self, connected: bool) -> None:
-        self.state.connected = connected
+        self.state.set_connected(connected, time.time())
         self.metrics.endpoint_up.labels(*self.labels).set(1 if connected else 0)
 
 

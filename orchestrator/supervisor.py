@@ -196,6 +196,8 @@ async def run_up(
     plan = _Planned(profile, options, metrics)
     running = Running(presentation=profile.presentation.name,
                       fragment_duration=float(profile.presentation.fragment_duration))  # fmt: skip
+    metrics.fragment_duration.set(running.fragment_duration)
+    metrics.endpoint_state.watch(running)
 
     async with trio.open_nursery() as services:
         if options.local_ingest is not None:
@@ -240,6 +242,9 @@ async def _run_groups(
     for group_name in plan.groups:
         group = profile.groups[group_name]
         limits = OutboxLimits(group.max_backlog.seconds, int(group.max_backlog.bytes))
+        metrics.backlog_limit_seconds.labels(group_name).set(float(group.max_backlog.seconds))
+        metrics.backlog_limit_bytes.labels(group_name).set(int(group.max_backlog.bytes))
+        metrics.initialise_group(group_name, [stream.id for stream in profile.streams])
         outputs: dict[str, list[Output]] = {}
         headers: dict[str, HeaderBoard] = {}
         states: dict[str, EncoderState] = {}
@@ -258,6 +263,7 @@ async def _run_groups(
                     header=headers[stream.id], outbox=outbox, metrics=metrics, settings=plan.settings,
                     auth=plan.auth[(group_name, i)])  # fmt: skip
                 publishers.append(publisher)
+                metrics.initialise_endpoint(publisher.labels)
                 running.publishers.append(publisher.state)
                 outputs.setdefault(stream.id, []).append(Output(outbox, publisher.state, publisher.labels))
         encoder = GroupEncoder(

@@ -13,6 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from orchestrator.ops.state import LiveState
+from orchestrator.ops.status import STATES, endpoint_state
+
 _ENDPOINT = ("stream", "group", "endpoint", "region")
 
 
@@ -91,7 +94,60 @@ class Metrics:
             "orchestrator_state_write_failures_total",
             "Failed writes of the group's continuity state file (a restart may then repeat an index)",
             ("group",), registry=r)  # fmt: skip
+        self.fragment_duration = Gauge(
+            "orchestrator_fragment_duration_seconds",
+            "The presentation's fragment duration (the alert rules count stalls in fragment durations)",
+            registry=r)  # fmt: skip
+        self.backlog_limit_seconds = Gauge(
+            "orchestrator_backlog_limit_seconds", "The group's max_backlog.seconds: beyond it, fragments are dropped",
+            ("group",), registry=r)  # fmt: skip
+        self.backlog_limit_bytes = Gauge(
+            "orchestrator_backlog_limit_bytes", "The group's max_backlog.bytes: beyond it, fragments are dropped",
+            ("group",), registry=r)  # fmt: skip
         self.seconds_since_push = _SecondsSincePush(r)
+        self.endpoint_state = _EndpointState(r)
+
+    def initialise_endpoint(self, labels: tuple[str, str, str, str]) -> None:
+        """Export the endpoint's counters at 0 from the start, so that ``increase()`` in the
+        alert rules sees their first increment (a series born at 1 has no increase)."""
+        for counter in (self.fragments_pushed, self.bytes_pushed, self.posts_opened, self.reconnects,
+                        self.resent_fragments, self.dropped_fragments):  # fmt: skip
+            counter.labels(*labels)
+
+    def initialise_group(self, group: str, stream_ids: list[str]) -> None:
+        """The group's counters at 0 from the start (see :meth:`initialise_endpoint`)."""
+        for reason in RESTART_REASONS:
+            self.encoder_restarts.labels(group, reason)
+        self.state_write_failures.labels(group)
+        for stream_id in stream_ids:
+            self.fragments_encoded.labels(stream_id, group)
+            self.encoder_skipped.labels(stream_id, group)
+
+
+# GroupEncoder's restart reasons.
+RESTART_REASONS = ("exited", "killed", "crashed", "stalled")
+
+
+class _EndpointState(Collector):
+    """``orchestrator_endpoint_state{state}``: 1 for the endpoint's current state (see
+    :func:`orchestrator.ops.status.endpoint_state`), 0 for the others, read at scrape time."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._live: LiveState | None = None
+        registry.register(self)
+
+    def watch(self, live: LiveState) -> None:
+        self._live = live
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "orchestrator_endpoint_state",
+            "1 for the endpoint's current state: " + ", ".join(STATES), labels=(*_ENDPOINT, "state"))  # fmt: skip
+        for p in self._live.publishers if self._live is not None else ():
+            current = endpoint_state(p)
+            for state in STATES:
+                family.add_metric((p.stream_id, p.group, p.endpoint, p.region, state), 1 if state == current else 0)
+        yield family
 
 
 class _SecondsSincePush(Collector):

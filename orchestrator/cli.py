@@ -1,7 +1,8 @@
-"""Command line: ``orchestrator up | validate | schema | ingest``.
+"""Command line: ``orchestrator up | status | validate | schema | ingest``.
 
 Exit codes: 0 success (including a stop by SIGINT/SIGTERM), 2 a profile or usage error (the
 message names the file, the key path and the reason), 1 anything else that went wrong.
+``orchestrator status``: 0 everything streaming, 1 something down, 3 the status could not be read.
 """
 
 from __future__ import annotations
@@ -30,11 +31,18 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(_CurrentStderr())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+def _setup_logging(level: str, log_file: Path | None = None) -> None:
+    from orchestrator.ops.view import ConsoleLogHandler
+
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    handler = ConsoleLogHandler(_CurrentStderr())
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    if log_file is not None:  # everything, even while the live table keeps the console to warnings
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setFormatter(formatter)
+        root.addHandler(to_file)
     root.setLevel(level.upper())
     # Hypercorn logs every connection error at INFO; keep ours readable.
     logging.getLogger("hypercorn").setLevel(logging.WARNING)
@@ -60,9 +68,11 @@ def _os_error_in(group: BaseExceptionGroup[BaseException]) -> OSError | None:
 @click.version_option(__version__, prog_name="orchestrator")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))  # fmt: skip
-def main(log_level: str) -> None:
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Also append the whole log to FILE (the live table keeps the console to warnings).")  # fmt: skip
+def main(log_level: str, log_file: Path | None) -> None:
     """Multi-encoder redundancy orchestrator for fragmented-MP4 (Smooth Streaming) live ingest."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_file)
 
 
 @main.command()
@@ -96,6 +106,33 @@ def up(profile: Path, groups: tuple[str, ...], local_ingest: Path | None, durati
         if (os_error := _os_error_in(group)) is None:
             raise
         _fail(os_error, 1)
+
+
+@main.command()
+@click.option("--url", metavar="URL",
+              help="A running up's metrics listener, e.g. http://127.0.0.1:9464 "
+                   "(default: the --profile's metrics.listen, else 127.0.0.1:9464).")  # fmt: skip
+@click.option("--profile", type=click.Path(dir_okay=False, path_type=Path), help="Take the address from this profile.")
+@click.option("--watch", is_flag=True, help="Redraw until Ctrl-C (exit code: the last state seen).")
+@click.option("--interval", type=click.FloatRange(min=0.2), default=2.0, show_default=True, metavar="SECONDS",
+              help="With --watch, seconds between reads.")  # fmt: skip
+def status(url: str | None, profile: Path | None, watch: bool, interval: float) -> None:
+    """Show a running up's streams, groups and endpoints (from its /status).
+
+    Exit 0 when every encoder is up and every endpoint streaming, 1 when something is down
+    (listed below the table), 3 when the status cannot be read.
+    """
+    from orchestrator.ops.statuscli import show_status
+
+    if url is None:
+        listen = "127.0.0.1:9464"
+        if profile is not None:
+            try:
+                listen = load_profile(profile).metrics.listen
+            except ProfileError as exc:
+                _fail(exc, 2)
+        url = f"http://{listen}"
+    sys.exit(show_status(url, watch=watch, interval=interval))
 
 
 @main.command()

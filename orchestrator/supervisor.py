@@ -273,7 +273,7 @@ async def _run_groups(
         encoders.append(encoder)
         running.group_encoders.append(encoder)
 
-    view = StatusView(running, profile, mode=options.status)
+    view = StatusView(running, interval=float(profile.presentation.fragment_duration), mode=options.status)
     log.info("supervisor.started profile=%s groups=%s streams=%d publishers=%d", profile.presentation.name,
              ",".join(plan.groups), len(profile.streams), len(publishers))  # fmt: skip
     async with trio.open_nursery() as publishers_nursery:

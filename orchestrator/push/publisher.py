@@ -156,7 +156,8 @@ class Publisher:
                      min(f.index for f in again))  # fmt: skip
 
     def _record_failure(self, failure: Failure, exc: EndpointError) -> None:
-        self.state.record_failure(failure.value, str(exc), time.time())
+        # The status names the endpoint, not its URL (which a profile may make long or sensitive).
+        self.state.record_failure(failure.value, str(exc).removeprefix(f"{exc.url}: "), time.time())
         self.metrics.post_failures.labels(*self.labels, failure.value).inc()
         fields = f"{self._log_fields()} status={exc.status_code} url={self.url}"
         if isinstance(exc, EndpointUnauthorized):

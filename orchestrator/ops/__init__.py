@@ -1,4 +1,5 @@
-"""Operations: metrics, the process's live state as plain data, the HTTP seam that serves
-metrics (and the ingest server), the terminal status view. May import only the top-level core:
-every other concern reports into it, never the other way round.
+"""Operations: metrics, the process's live state as plain data, the /status document and
+readiness, the metrics listener (/metrics /healthz /readyz /status) on the HTTP seam that also
+serves the ingest server, the operator's view (live table, ``orchestrator status``). May import
+only the top-level core: every other concern reports into it, never the other way round.
 """

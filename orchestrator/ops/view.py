@@ -146,9 +146,8 @@ def lines(document: dict[str, Any]) -> list[str]:
     now = document["time"]
     out = []
     for row in rows(document):
-        parts = [f"stream={row['stream_id']}", f"group={row['group']}",
-                 f"index={'-' if row['group_index'] is None else row['group_index']}",
-                 f"encoder={'down' if row['encoder_up'] is False else 'up'}"]  # fmt: skip
+        parts = [f"stream={row['stream_id']}", f"index={'-' if row['group_index'] is None else row['group_index']}",
+                 f"group={row['group']}", f"encoder={'down' if row['encoder_up'] is False else 'up'}"]  # fmt: skip
         for e in row["endpoints"]:
             detail = e["state"]
             if e["state"] not in ("streaming", "waiting") and e["since"] is not None:

@@ -20,10 +20,10 @@ def document(state=None):
 
 def test_log_lines_name_each_endpoint_region_state_and_error() -> None:
     assert lines(document()) == [
-        "stream=video group=primary index=41 encoder=up region-a/eu-west=streaming "
+        "stream=video index=41 group=primary encoder=up region-a/eu-west=streaming "
         "region-b/us-east=reconnecting_for_30s,backlog_28s restarts=2 dropped=0 "
         "last_error='07:59:58 (2s ago) region-b: connection failed: ConnectError'",
-        "stream=video group=backup index=42 encoder=up region-a/eu-west=streaming restarts=0 dropped=0",
+        "stream=video index=42 group=backup encoder=up region-a/eu-west=streaming restarts=0 dropped=0",
     ]
 
 

@@ -305,3 +305,8 @@ async def run_scenario(api: httpx.AsyncClient, proxies: dict[str, FaultProxy], u
         if not body["data"]["result"]:
             empty.append(f"{title}: {sent}")
     assert empty == [], "dashboard queries returning nothing:\n" + "\n".join(empty)
+    # The job variable: Grafana's label_values(metric, job) is the label-values API with a match.
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "job"]
+    metric, label = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]).groups()
+    response = await api.get(f"/api/v1/label/{label}/values", params={"match[]": metric})
+    assert response.json()["data"] == ["orchestrator"]

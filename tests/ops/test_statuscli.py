@@ -4,6 +4,7 @@ loopback: the view, and its exit code: 0 all streaming, 1 an endpoint down, 3 un
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +56,19 @@ async def test_status_view_and_exit_codes(tmp_path: Path) -> None:
             ["", "", "", "region-b", "us-east", "streaming"],
             ["", "", "backup", "region-a", "eu-west", "streaming"],
         ]  # fmt: skip
+
+        # --watch redraws until Ctrl-C, then exits with the last state seen.
+        env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+        watch = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "orchestrator", "status", "--url", base_url, "--watch", "--interval", "0.2"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        await trio.sleep(3)
+        watch.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            assert await watch.wait() == 0
+        assert watch.stdout is not None
+        watched = (await watch.stdout.receive_some(1 << 20)).decode()
+        assert "region-b" in watched
 
         proxy.set_fault(Fault.DOWN)
 

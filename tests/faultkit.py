@@ -67,7 +67,7 @@ encoder = {{ backend = "synthetic" }}
   [[groups.backup.endpoints]]
   name = "region-a"
   region = "eu-west"
-  url = "http://127.0.0.1:{ingest_port}/live/faults.isml"
+  url = "http://127.0.0.1:{backup_port}/live/faults.isml"
 
 [metrics]
 enabled = false
@@ -139,14 +139,20 @@ class Rig:
 
 @asynccontextmanager
 async def fault_rig(tmp_path: Path, *, backlog_seconds: int = 120, groups=("primary", "backup"),
-                    settings: PublisherSettings = TEST_SETTINGS):  # fmt: skip
-    """Start the ingest server, the proxy and ``up``; stop ``up`` gracefully on exit."""
+                    settings: PublisherSettings = TEST_SETTINGS, backup_through_proxy: bool = False,
+                    proxy_receive_buffer: int | None = 4096):  # fmt: skip
+    """Start the ingest server, the proxy and ``up``; stop ``up`` gracefully on exit.
+
+    ``backup_through_proxy``: both groups' endpoints sit behind the proxy (a fault hits both).
+    ``proxy_receive_buffer``: the proxy's SO_RCVBUF (small by default, so a black hole stalls a
+    sender quickly); None keeps the kernel's default buffers, as a real receiver has them."""
     async with trio.open_nursery() as nursery:
         app = IngestApp(tmp_path / "archive")
         _, ingest_port = await nursery.start(serve_app, app, "127.0.0.1", 0)
-        proxy = FaultProxy(("127.0.0.1", ingest_port))
+        proxy = FaultProxy(("127.0.0.1", ingest_port), receive_buffer=proxy_receive_buffer)
         _, proxy_port = await nursery.start(proxy.run)
-        text = PROFILE.format(proxy_port=proxy_port, ingest_port=ingest_port, backlog_seconds=backlog_seconds,
+        backup_port = proxy_port if backup_through_proxy else ingest_port
+        text = PROFILE.format(proxy_port=proxy_port, backup_port=backup_port, backlog_seconds=backlog_seconds,
                               state_dir=tmp_path / "state")  # fmt: skip
         profile = parse_profile(text, "faults.toml")
         registry = CollectorRegistry()

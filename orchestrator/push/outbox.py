@@ -17,12 +17,32 @@ one to its long-running POST. Three rules make this lossless:
   ``sent``. When a POST fails, ``rewind`` puts back at the head of ``pending`` (flagged as
   resends) the fragment that was being written, the last ``resend_per_track`` fragments of every
   track written completely before it (``written``), *and* every fragment whose bytes are within
-  the last ``unconfirmed_bytes`` taken. The second part goes beyond the spec on
-  purpose: an HTTP POST body has no acknowledgement, and a fragment "written" may still sit in
-  our socket buffer, a middlebox, or the peer's receive buffer when the connection dies (a black
-  hole keeps accepting bytes for a while). The receiver drops duplicates by (stream, track,
-  time) (spec 8.6, 9), so sending a fragment twice costs only bandwidth; not sending it costs the
-  viewers a gap.
+  the *unconfirmed window*: the last ``unconfirmed_bytes + unacked`` bytes taken, where
+  ``unacked`` is the most the shell saw in the failed connection's own send queue, not yet
+  acknowledged by the peer (``observe_unacked``, Linux ``SIOCOUTQ``), and ``unconfirmed_bytes``
+  stands for what lies beyond it: bytes the peer's kernel acknowledged but its application never
+  read (its receive buffer, a proxy's buffers). This goes beyond the spec on purpose: an HTTP
+  POST body has no acknowledgement, and a fragment "written" may still sit in our socket
+  buffer, a proxy, or the peer's receive buffer when the connection dies. A receiver that stops reading (a hung ingest
+  process, a request-buffering proxy) keeps accepting bytes until those buffers are full, which
+  at a low bitrate can take longer than any stall, so no send timeout fires and the whole
+  window is unconfirmed when the reset comes: the window is therefore never cut by how much the
+  failed POST carried. The receiver drops duplicates by (stream, track, time) (spec 8.6, 9), so
+  sending a fragment twice costs only bandwidth; not sending it costs the viewers a gap.
+
+* **Progress across consecutive POSTs.** A path that resets every connection after N bytes
+  (N smaller than the window) would, with the rule above alone, resend the same window on every
+  POST and never advance. So each fragment counts how many rewinds *in a row* put it back; the
+  window puts back a fragment at most ``max_put_back`` times (the fragment in flight and the
+  spec's last fragments of each track always go back). A fragment written completely on
+  ``max_put_back + 1`` consecutive POSTs that all broke is not sent again: such a path advances
+  by at least N / (max_put_back + 1) bytes per POST, while a single failure after a working POST
+  (a stall, a reset) always resends the whole window.
+
+  Memory per (stream, endpoint): the fragments taken within the unconfirmed window (1 MiB by
+  default, plus what the send queue holds), the last ``resend_per_track`` fragments of each
+  track and the one in flight; the fragment bytes are shared with the stream's other endpoints
+  (one object per fragment).
 
 * **Order.** Resends and pending fragments leave in the order they were produced, so timestamps
   on the new POST continue from where the receiver last saw them.
@@ -46,9 +66,11 @@ class OutboxLimits:
     max_bytes: int  # bytes pending
     resend_per_track: int = 2  # spec 4.7: the last two fragments of every track
     unconfirmed_bytes: int = 1024 * 1024  # also resend anything within this many bytes of the end
+    max_put_back: int = 2  # ...at most this many rewinds in a row (progress on a path cut every N bytes)
 
     def __post_init__(self) -> None:
-        if self.max_seconds <= 0 or self.max_bytes <= 0 or self.resend_per_track < 0 or self.unconfirmed_bytes < 0:
+        if (self.max_seconds <= 0 or self.max_bytes <= 0 or self.resend_per_track < 0 or self.unconfirmed_bytes < 0
+                or self.max_put_back < 0):  # fmt: skip
             raise ValueError("outbox limits must be positive")
 
 
@@ -58,12 +80,14 @@ class Taken:
 
     fragment: EncodedFragment
     resend: bool
+    put_back: int = 0  # how many rewinds in a row put this fragment back
 
 
 @dataclass(frozen=True)
 class _Sent:
     fragment: EncodedFragment
     end_offset: int  # bytes taken (over the outbox's life) up to and including this fragment
+    put_back: int
 
 
 class Outbox:
@@ -75,7 +99,7 @@ class Outbox:
         self._timescales: dict[int, int] = {}
         self._sent: deque[_Sent] = deque()
         self._taken_bytes = 0
-        self._rewound_at = 0  # _taken_bytes at the last rewind
+        self._unacked = 0  # the most the open connection's send queue held unacknowledged
         self._in_flight: _Sent | None = None  # taken, not yet reported written
         self.closed = False
         self.dropped = 0
@@ -104,7 +128,7 @@ class Outbox:
         self._pending_bytes -= len(fragment.data)
         self._pending_ticks[fragment.track_id] -= fragment.duration
         self._taken_bytes += len(fragment.data)
-        self._sent.append(_Sent(fragment, self._taken_bytes))
+        self._sent.append(_Sent(fragment, self._taken_bytes, item.put_back))
         self._in_flight = self._sent[-1]
         self._trim_sent()
         if item.resend:
@@ -116,26 +140,33 @@ class Outbox:
         flight*: a rewind always sends it again, on top of the last fragments written."""
         self._in_flight = None
 
+    def observe_unacked(self, unacked_bytes: int) -> None:
+        """The shell measured ``unacked_bytes`` in the open connection's send queue, not yet
+        acknowledged by the peer; the unconfirmed window grows by the most seen on it."""
+        self._unacked = max(self._unacked, unacked_bytes)
+
     def rewind(self) -> list[EncodedFragment]:
         """The POST failed: put the forward buffer back at the head of the queue, flagged as
-        resends, and return what will be sent again (oldest first).
-
-        The unconfirmed byte window is capped at half of what was taken since the previous
-        rewind, so a path that resets every connection after a fixed number of bytes still
-        advances: each new POST spends at most half of its bytes on resends (plus the last
-        fragments of each track, which the spec requires), never all of them."""
-        again = self.forward_buffer
-        self._rewound_at = self._taken_bytes
+        resends, and return what will be sent again (oldest first). See the module docstring
+        for which fragments that is, and why a path cut every N bytes still advances."""
+        again = self._select(self._window)
+        self._unacked = 0  # the next connection starts with an empty send queue
         self._sent.clear()
         self._in_flight = None
-        for fragment in reversed(again):
-            self._pending.appendleft(Taken(fragment, resend=True))
+        for fragment, put_back in reversed(again):
+            self._pending.appendleft(Taken(fragment, resend=True, put_back=put_back + 1))
             self._pending_bytes += len(fragment.data)
             self._pending_ticks[fragment.track_id] += fragment.duration
         # Over the bound, the oldest resends give way first; they were sent once already, so they
         # are not counted as dropped.
         self._enforce_bound()
         return [item.fragment for item in self._pending if item.resend]
+
+    @property
+    def unconfirmed_window(self) -> int:
+        """Bytes the next rewind treats as unconfirmed: ``unconfirmed_bytes`` plus the most the
+        open connection's send queue held unacknowledged."""
+        return self._window
 
     @property
     def finished(self) -> bool:
@@ -162,7 +193,11 @@ class Outbox:
     @property
     def forward_buffer(self) -> list[EncodedFragment]:
         """What a rewind would send again now (oldest first)."""
-        return self._select(min(self.limits.unconfirmed_bytes, (self._taken_bytes - self._rewound_at) // 2))
+        return [fragment for fragment, _ in self._select(self._window)]
+
+    @property
+    def _window(self) -> int:
+        return self.limits.unconfirmed_bytes + self._unacked
 
     # --- internals --------------------------------------------------------------------------
 
@@ -207,25 +242,27 @@ class Outbox:
         self.dropped += len(dropped)
         return dropped
 
-    def _select(self, window: int) -> list[EncodedFragment]:
-        """Sent fragments among the last ``resend_per_track`` of their track or ending within the
-        last ``window`` bytes taken, oldest first. (A track that stops producing must not pin
-        the others.)"""
-        keep: list[EncodedFragment] = []
+    def _select(self, window: int) -> list[tuple[EncodedFragment, int]]:
+        """(fragment, put_back) of the sent fragments a rewind puts back, oldest first: the one in
+        flight; the last ``resend_per_track`` of each track; and those ending within the last
+        ``window`` bytes taken that were put back fewer than ``max_put_back`` times in a row.
+        (A track that stops producing must not pin the others.)"""
+        keep: list[tuple[EncodedFragment, int]] = []
         rank: Counter[int] = Counter()
         for sent in reversed(self._sent):
             if sent is self._in_flight:
-                keep.append(sent.fragment)
+                keep.append((sent.fragment, sent.put_back))
                 continue
             track = sent.fragment.track_id
             rank[track] += 1
-            if rank[track] <= self.limits.resend_per_track or self._taken_bytes - sent.end_offset < window:
-                keep.append(sent.fragment)
+            unconfirmed = self._taken_bytes - sent.end_offset < window and sent.put_back < self.limits.max_put_back
+            if rank[track] <= self.limits.resend_per_track or unconfirmed:
+                keep.append((sent.fragment, sent.put_back))
         keep.reverse()
         return keep
 
     def _trim_sent(self) -> None:
         """Forget what a rewind could no longer select."""
-        keep = set(map(id, self._select(self.limits.unconfirmed_bytes)))
+        keep = {id(fragment) for fragment, _ in self._select(self._window)}
         if len(keep) != len(self._sent):
             self._sent = deque(s for s in self._sent if id(s.fragment) in keep)

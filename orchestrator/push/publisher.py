@@ -31,8 +31,11 @@ httpx errors are converted to :mod:`orchestrator.errors` types at this boundary.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import random
+import struct
+import termios
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -225,6 +228,8 @@ class Publisher:
                 log.info("publisher.post.ending %s reason=idle seconds=%g", self._log_fields(),
                          self.settings.idle_timeout)  # fmt: skip
                 return
+            if self._post_socket is not None:
+                self.outbox.outbox.observe_unacked(_unacked_bytes(self._post_socket))
             yield item.fragment.data
             self.outbox.outbox.written()
             self._on_pushed(item)
@@ -308,6 +313,15 @@ class _ChunkedBody(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         await self._chunks.aclose()
+
+
+def _unacked_bytes(sock: Any) -> int:
+    """Bytes in the socket's send queue the peer has not acknowledged (Linux ``SIOCOUTQ``, the
+    same ioctl number as ``TIOCOUTQ``); 0 where unsupported or once the socket is gone."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return 0
 
 
 def _raise_for_status(url: str, response: httpx.Response) -> None:

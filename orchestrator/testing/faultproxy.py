@@ -15,11 +15,16 @@ under one cancel scope. :meth:`FaultProxy.set_fault` switches the behaviour at a
   as a dead link or a firewall that drops packets does. The listening socket has a small
   receive buffer (inherited by accepted sockets), so a sender's writes stall after a few
   kilobytes instead of disappearing into megabytes of kernel buffer;
+* ``STALL``: connections, open and new, stop being read while staying open, as a hung ingest
+  process or a request-buffering L7 proxy does. Unlike ``BLACKHOLE`` this is meant for a proxy
+  built with the kernel's default buffers (``receive_buffer=None``): the sender's writes keep
+  landing in its send buffer and the proxy's receive buffer, hundreds of kilobytes on loopback,
+  so a sender's write timeout never fires; only a later ``RESET`` (or ``heal``) ends them;
 * ``DRIP``: client-to-server bytes are forwarded at ``drip_bytes_per_second`` at most;
 * ``CLOSE_AFTER``: each connection is reset after ``close_after_bytes`` more client-to-server
   bytes (a middlebox that kills long connections).
 
-:meth:`FaultProxy.heal` returns to ``PASS`` and resets black-holed connections: to their
+:meth:`FaultProxy.heal` returns to ``PASS`` and resets black-holed and stalled connections: to their
 client they are dead anyway, and the next connection must be a clean one.
 
 A reset is an RST (``SO_LINGER`` on, timeout 0, then close), not a FIN: a clean FIN in the
@@ -51,6 +56,7 @@ class Fault(enum.Enum):
     RESET = "reset"
     DOWN = "down"
     BLACKHOLE = "blackhole"
+    STALL = "stall"
     DRIP = "drip"
     CLOSE_AFTER = "close_after"
 
@@ -75,12 +81,16 @@ def _abort(stream: trio.SocketStream | None) -> None:
 
 
 class FaultProxy:
-    def __init__(self, upstream: tuple[str, int], listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+    def __init__(self, upstream: tuple[str, int], listen: tuple[str, int] = ("127.0.0.1", 0), *,
+                 receive_buffer: int | None = _BLACKHOLE_RCVBUF) -> None:  # fmt: skip
+        """``receive_buffer``: SO_RCVBUF of the accepted sockets (small, so a black hole stalls a
+        sender within kilobytes); None keeps the kernel's default and its autotuning."""
         for host, _ in (upstream, listen):
             if not is_loopback_host(host):
                 raise ValueError(f"the fault proxy works on loopback only, not {host!r}")
         self.upstream = upstream
         self.listen = listen
+        self.receive_buffer = receive_buffer
         self._address: tuple[str, int] | None = None
         self._fault = Fault.PASS
         self._drip_rate = 1000
@@ -115,7 +125,7 @@ class FaultProxy:
             for connection in list(self._connections):
                 self._reset(connection)
             fault = Fault.PASS if fault is Fault.RESET else Fault.DOWN
-        elif fault is Fault.BLACKHOLE:
+        elif fault in (Fault.BLACKHOLE, Fault.STALL):
             for connection in self._connections:
                 connection.frozen = True
         elif fault is Fault.CLOSE_AFTER:
@@ -143,8 +153,9 @@ class FaultProxy:
         """
         host, port = self.listen
         listeners = await trio.open_tcp_listeners(port, host=host)
-        for listener in listeners:
-            listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BLACKHOLE_RCVBUF)
+        if self.receive_buffer is not None:
+            for listener in listeners:
+                listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.receive_buffer)
         bound = listeners[0].socket.getsockname()
         self._address = (bound[0], bound[1])
         async with trio.open_nursery() as nursery:
@@ -158,7 +169,7 @@ class FaultProxy:
             self.connections_refused += 1
             _abort(client)
             return
-        connection = _Connection(client, frozen=self._fault is Fault.BLACKHOLE)
+        connection = _Connection(client, frozen=self._fault in (Fault.BLACKHOLE, Fault.STALL))
         if self._fault is Fault.CLOSE_AFTER:
             connection.budget = self._close_after
         self._connections.add(connection)
@@ -193,8 +204,10 @@ class FaultProxy:
         try:
             while True:
                 while connection.frozen:
-                    await self._changed.wait()  # only heal() (a reset) ends a black hole
+                    await self._changed.wait()  # only heal() (a reset) ends a black hole or a stall
                 data = await source.receive_some(_CHUNK)
+                while connection.frozen:  # frozen while this read was pending: hold what it got
+                    await self._changed.wait()
                 if not data:
                     await sink.send_eof()
                     return

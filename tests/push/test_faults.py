@@ -137,3 +137,32 @@ async def test_a_reset_of_an_idle_post_is_noticed_at_once_not_at_the_next_fragme
                              5, "new POSTs for both streams")  # fmt: skip
         reopened = min(p["started"] for p in rig.posts("primary") if p["id"] not in posts_before)
     assert reopened - reset_at < 1.0
+
+
+async def test_both_groups_behind_a_stalled_receiver_then_reset_lose_nothing(tmp_path):
+    """A receiver (or a request-buffering proxy) that stops reading for 20 s while keeping the
+    connections open, then resets them all. With the kernel's default buffers the writes of the
+    low-bitrate audio stream (~16 kB/s) keep fitting in socket buffers for the whole stall, so no
+    send timeout fires and hundreds of kilobytes sit unconfirmed when the reset comes. Both groups
+    are behind it, so the backup cannot cover what the primary's resend misses: every track's
+    merged timeline must still be whole."""
+    async with fault_rig(tmp_path, backup_through_proxy=True, proxy_receive_buffer=None) as rig:
+        await rig.wait_fragments("primary", 2)
+        await rig.wait_fragments("backup", 2)
+        rig.proxy.set_fault(Fault.STALL)
+        await trio.sleep(20.0)
+        rig.proxy.set_fault(Fault.RESET)
+        pairs = [(g, s) for g in ("primary", "backup") for s in ("video", "audio")]
+        target = max(rig.last_index(g, s) for g, s in pairs) + 2
+        await rig.wait_until(lambda: all(rig.last_index(g, s) >= target for g, s in pairs), 30,
+                             f"both groups to reach index {target}")  # fmt: skip
+    assert_merged_timeline_whole(rig)
+    for group in ("primary", "backup"):
+        assert_group_timeline_whole(rig, group)
+        assert assert_resend_on_every_reconnect(rig, group) >= 2  # both streams reconnected
+    status = rig.status()["publishing_points"]["live/faults"]["streams"]
+    assert set(status) == {"video", "audio"}
+    for stream in status.values():
+        for track in stream["tracks"].values():
+            assert track["fragments_archived"] >= 12, track  # 2 before, 10 during the stall, then more
+            assert track["fragments_archived"] == track["last_index"] - track["first_index"] + 1, track

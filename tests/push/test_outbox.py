@@ -91,7 +91,7 @@ def test_rewind_also_resends_everything_within_the_unconfirmed_byte_window():
 
 def test_connections_reset_after_a_fixed_byte_count_still_make_progress():
     # A middlebox resets every connection after 1000 bytes; the unconfirmed window (5000 bytes)
-    # is larger than that, yet every new POST spends at most half its bytes on resends.
+    # is larger than that, yet a fragment goes back at most twice in a row, so the POSTs advance.
     outbox = Outbox(limits(max_seconds=Fraction(3600), unconfirmed_bytes=5000, resend_per_track=1))
     for k in range(40):
         outbox.push(frag(k, size=100))
@@ -174,3 +174,70 @@ def test_the_fragment_being_written_when_the_post_broke_is_resent_on_top_of_the_
         outbox.written()
     outbox.take()  # fragment 4: the write fails, written() is never called
     assert [f.index for f in outbox.rewind()] == [2, 3, 4]
+
+
+def test_a_stalled_receiver_gets_the_whole_window_again_however_little_the_post_carried():
+    """The observation of issue 13: a POST carried 16 audio fragments of 32,000 bytes (512,000),
+    and ~330,000 bytes sat in buffers of a receiver that had stopped reading when it was reset.
+    The old rule capped the window at half of what the POST carried (256,000: fragments 8-15, so
+    fragment 5..7 were lost); the window is now the whole 400,000 bytes: every fragment ending
+    within it (ends at 128,000..512,000: fragments 3-15)."""
+    outbox = Outbox(limits(max_seconds=Fraction(3600), unconfirmed_bytes=400_000))
+    for k in range(16):
+        outbox.push(frag(k, AUDIO, size=32_000))
+    drain(outbox)
+    assert outbox.unconfirmed_window == 400_000
+    assert [f.index for f in outbox.rewind()] == list(range(3, 16))
+
+
+def test_what_our_send_queue_held_unacknowledged_widens_the_window_for_that_connection_only():
+    outbox = Outbox(limits(max_seconds=Fraction(3600), unconfirmed_bytes=250))
+    for k in range(10):
+        outbox.push(frag(k, size=100))
+    outbox.take()
+    outbox.written()
+    outbox.observe_unacked(300)
+    outbox.observe_unacked(200)  # the most seen counts
+    drain(outbox)
+    assert outbox.unconfirmed_window == 550
+    # Ends at 100..1000; within 550 of the end: ends 500..1000, fragments 4..9.
+    assert [f.index for f in outbox.rewind()] == [4, 5, 6, 7, 8, 9]
+    assert outbox.unconfirmed_window == 250  # the next connection starts with an empty send queue
+
+
+def test_a_fragment_goes_back_at_most_max_put_back_times_in_a_row():
+    outbox = Outbox(limits(max_seconds=Fraction(3600), unconfirmed_bytes=10_000, resend_per_track=1,
+                           max_put_back=2))  # fmt: skip
+    for k in range(5):
+        outbox.push(frag(k, size=100))
+    rounds = []
+    for _ in range(4):  # every POST writes everything pending completely, then breaks
+        taken = []
+        while (item := outbox.take()) is not None:
+            outbox.written()
+            taken.append((item.fragment.index, item.put_back))
+        rounds.append(taken)
+        outbox.rewind()
+    assert rounds == [
+        [(0, 0), (1, 0), (2, 0), (3, 0), (4, 0)],
+        [(0, 1), (1, 1), (2, 1), (3, 1), (4, 1)],
+        [(0, 2), (1, 2), (2, 2), (3, 2), (4, 2)],
+        [(4, 3)],  # put back twice in a row: only the spec's last fragment of the track goes again
+    ]
+
+
+def test_a_path_cut_every_n_bytes_advances_at_least_n_over_three_per_post():
+    """Window (5,000) five times the cut (1,000 bytes, ten 100-byte fragments): each fragment is
+    carried by at most three consecutive POSTs, so 30 POSTs deliver at least 100 fragments."""
+    outbox = Outbox(limits(max_seconds=Fraction(3600), unconfirmed_bytes=5000, resend_per_track=1))
+    for k in range(100):
+        outbox.push(frag(k, size=100))
+    delivered: set[int] = set()
+    for _ in range(30):
+        sent = 0
+        while sent < 1000 and (item := outbox.take()) is not None:
+            outbox.written()
+            delivered.add(item.fragment.index)
+            sent += 100
+        outbox.rewind()
+    assert delivered == set(range(100))

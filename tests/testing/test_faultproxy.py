@@ -24,10 +24,10 @@ async def sink_server(received: list[bytes], *, task_status=trio.TASK_STATUS_IGN
     await trio.serve_listeners(handle, listeners)
 
 
-async def start(nursery) -> tuple[FaultProxy, list[bytes]]:
+async def start(nursery, **options) -> tuple[FaultProxy, list[bytes]]:
     received: list[bytes] = []
     port = await nursery.start(sink_server, received)
-    proxy = FaultProxy(("127.0.0.1", port))
+    proxy = FaultProxy(("127.0.0.1", port), **options)
     await nursery.start(proxy.run)
     return proxy, received
 
@@ -144,6 +144,39 @@ async def test_black_hole_stalls_the_sender_and_heal_resets_it():
         fresh = await connect(proxy)
         await fresh.send_all(b"q")
         assert await fresh.receive_some(100) == b"ok"
+        nursery.cancel_scope.cancel()
+
+
+async def test_stall_stops_reading_keeps_connections_open_and_buffers_absorb_writes():
+    async with trio.open_nursery() as nursery:
+        proxy, received = await start(nursery, receive_buffer=None)  # the kernel's default buffers
+        client = await connect(proxy)
+        await client.send_all(b"a")
+        assert await client.receive_some(100) == b"ok"
+        proxy.set_fault(Fault.STALL)
+        # What a hung receiver does: the writes still complete (socket buffers take them)...
+        with trio.fail_after(5):
+            await client.send_all(b"s" * 100_000)
+        # ...but nothing reaches the server, and the connection is neither closed nor reset.
+        await trio.sleep(1.0)
+        assert b"".join(received) == b"a"
+        assert (proxy.open_connections, proxy.connections_reset) == (1, 0)
+        # A new connection during the stall is accepted and not read either.
+        fresh = await connect(proxy)
+        await fresh.send_all(b"new")
+        await trio.sleep(0.3)
+        assert b"".join(received) == b"a"
+        # Writes eventually block: the buffers are finite.
+        with trio.move_on_after(2) as blocked:
+            await client.send_all(b"z" * 50_000_000)
+        assert blocked.cancelled_caught
+        proxy.set_fault(Fault.RESET)  # the stall ends with a reset of every connection
+        with pytest.raises(trio.BrokenResourceError):
+            await use_until_broken(client)
+        assert proxy.connections_reset == 2
+        again = await connect(proxy)
+        await again.send_all(b"y")
+        assert await again.receive_some(100) == b"ok"
         nursery.cancel_scope.cancel()
 
 

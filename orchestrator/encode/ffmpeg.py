@@ -4,7 +4,9 @@ A thin trio shell around :mod:`orchestrator.encode.ffmpeg_command` (the argv) an
 :mod:`orchestrator.encode.recut` (the timing). :func:`run_ffmpeg_encoder` is an instance runner for
 :class:`~orchestrator.encode.group.GroupEncoder`, which restarts it when it ends, fails or stalls:
 
-* ffmpeg is started with an argv list (never a shell) and its stdout read incrementally by
+* ffmpeg is started with an argv list (never a shell), in its own session and process group
+  (so only the orchestrator stops it, never a Ctrl-C aimed at the terminal's foreground group),
+  and its stdout read incrementally by
   :class:`~orchestrator.fmp4.reader.StreamReader`; the first moov gives every stream's header;
 * each access unit goes to its track's recutter; each completed fragment is checked (a video
   fragment must open with a keyframe, else it is rejected, logged and counted) and handed to
@@ -249,8 +251,11 @@ async def run_ffmpeg_encoder(
     log.info("ffmpeg.starting group=%s first_index=%d argv=%s", group, first, " ".join(shown))
     output = _Recut(profile, encodes, recutters, sink, group=group, wall=wall, metrics=metrics)
     stderr = _StderrLog(group)
+    # Its own session (setsid): a terminal's Ctrl-C (SIGINT to the foreground process group) and
+    # a SIGHUP reach the orchestrator only, which finishes the fragment in flight and then stops
+    # ffmpeg itself; ffmpeg is never killed behind its back.
     process = await trio.lowlevel.open_process(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                               stderr=subprocess.PIPE)  # fmt: skip
+                                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     sink.instance_started(process.pid)
     assert process.stdout is not None
     assert process.stderr is not None

@@ -7,6 +7,7 @@ message names the file, the key path and the reason), 1 anything else that went 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -17,7 +18,7 @@ import click
 import trio
 
 from orchestrator import __version__
-from orchestrator.errors import OrchestratorError, ProfileError
+from orchestrator.errors import ListenError, OrchestratorError, ProfileError
 from orchestrator.profile import json_schema, load_profile
 
 
@@ -54,12 +55,13 @@ def _fail(exc: Exception, code: int) -> None:
     sys.exit(code)
 
 
-def _os_error_in(group: BaseExceptionGroup[BaseException]) -> OSError | None:
-    """The OSError (a port in use, an unwritable archive) inside nested trio exception groups."""
+def _error_in(group: BaseExceptionGroup[BaseException]) -> Exception | None:
+    """Our own error (a group already running, an address in use) or an OSError (an unwritable
+    archive) inside nested trio exception groups."""
     for exc in group.exceptions:
-        if isinstance(exc, OSError):
+        if isinstance(exc, OrchestratorError | OSError):
             return exc
-        if isinstance(exc, BaseExceptionGroup) and (found := _os_error_in(exc)) is not None:
+        if isinstance(exc, BaseExceptionGroup) and (found := _error_in(exc)) is not None:
             return found
     return None
 
@@ -103,9 +105,9 @@ def up(profile: Path, groups: tuple[str, ...], local_ingest: Path | None, durati
     except OSError as exc:
         _fail(exc, 1)
     except BaseExceptionGroup as group:
-        if (os_error := _os_error_in(group)) is None:
+        if (error := _error_in(group)) is None:
             raise
-        _fail(os_error, 1)
+        _fail(error, 2 if isinstance(error, ProfileError) else 1)
 
 
 @main.command()
@@ -171,4 +173,6 @@ def ingest(listen: str, archive: Path) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
     except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            _fail(ListenError(f"cannot listen on {listen} (set by ingest --listen): {exc.strerror or exc}"), 1)
         _fail(exc, 1)

@@ -5,6 +5,8 @@
     ├── MediaError              bytes that are not the fragmented MP4 we expect
     │   └── BoxError            a box that is truncated, oversized or malformed
     ├── EncoderError            one of our encoder instances misbehaved
+    ├── InstanceLocked          another instance of the same group holds the state directory
+    ├── ListenError             an address to listen on is taken: names it and who set it
     └── EndpointError           the remote ingest endpoint refused or failed
         ├── EndpointUnauthorized    401 / 403: credentials are wrong or missing
         ├── EndpointNotFound        404: the publishing point does not exist
@@ -41,6 +43,14 @@ class BoxError(MediaError):
 
 class EncoderError(OrchestratorError):
     """An encoder instance failed: it exited, produced bad output, or could not start."""
+
+
+class InstanceLocked(OrchestratorError):
+    """Another ``orchestrator up`` already runs this group with this state directory."""
+
+
+class ListenError(OrchestratorError):
+    """We could not listen on an address; the message names it and the key or option that set it."""
 
 
 class EndpointError(OrchestratorError):

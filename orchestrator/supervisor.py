@@ -20,11 +20,14 @@ returns normally (the CLI exits 0).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import logging
 import signal
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,9 +39,9 @@ from prometheus_client import CollectorRegistry
 from orchestrator.encode.continuity import ClockIdentity, decode_state
 from orchestrator.encode.ffmpeg import HOW_TO_GET_FFMPEG, FfmpegPlan, find_ffmpeg, plan_ffmpeg, run_ffmpeg_encoder
 from orchestrator.encode.group import GroupEncoder, InstanceRunner, Output, Sink, run_synthetic_encoder
-from orchestrator.encode.statefile import read_state, state_path
+from orchestrator.encode.statefile import hold_group_lock, read_state, state_path
 from orchestrator.encode.synthetic import SyntheticStream
-from orchestrator.errors import EncoderError, ProfileError
+from orchestrator.errors import EncoderError, ListenError, ProfileError
 from orchestrator.ops.listener import serve_listener
 from orchestrator.ops.metrics import Metrics
 from orchestrator.ops.state import EncoderState, GroupState, LiveState
@@ -168,14 +171,28 @@ class _Planned:
 
         return real
 
-    def local_ingest_addresses(self) -> list[tuple[str, int]]:
-        addresses: set[tuple[str, int]] = set()
+    def local_ingest_addresses(self) -> dict[tuple[str, int], str]:
+        """Each address the local ingest servers listen on -> the first endpoint key that set it."""
+        addresses: dict[tuple[str, int], str] = {}
         for group_name in self.groups:
-            for endpoint in self.profile.groups[group_name].endpoints:
+            for i, endpoint in enumerate(self.profile.groups[group_name].endpoints):
                 parts = urlsplit(endpoint.url)
                 host = parts.hostname or "127.0.0.1"
-                addresses.add(("127.0.0.1" if host == "localhost" else host, parts.port or 80))
-        return sorted(addresses)
+                address = ("127.0.0.1" if host == "localhost" else host, parts.port or 80)
+                addresses.setdefault(address, f"groups.{group_name}.endpoints[{i}].url")
+        return dict(sorted(addresses.items()))
+
+    def lock_groups(self, stack: contextlib.ExitStack) -> None:
+        """One instance per (profile, group): hold each group's lock in the state directory.
+        Without a state directory there is nothing on disk two instances would corrupt, and no
+        shared place to look for the other one; say so once."""
+        directory = self.profile.state.dir
+        for group in self.groups:
+            if directory is None:
+                log.warning("supervisor.lock.none group=%s reason='no [state] dir: a second instance of this "
+                            "group would go unnoticed'", group)  # fmt: skip
+                continue
+            stack.enter_context(hold_group_lock(directory, f"{self.profile.presentation.name}.{group}", group))
 
 
 async def run_up(
@@ -199,19 +216,59 @@ async def run_up(
     metrics.fragment_duration.set(running.fragment_duration)
     metrics.endpoint_state.watch(running)
 
+    with contextlib.ExitStack() as locks:
+        plan.lock_groups(locks)
+        await _run_services(plan, options, running, wall, task_status)
+    log.info("supervisor.stopped")
+
+
+async def _listen(
+    services: trio.Nursery, what: str, host: str, port: int, serve: Callable[..., Awaitable[None]]
+) -> tuple[str, int]:
+    """Start ``serve(host, port)`` as a listener; an address in use (or any bind error) names the
+    address and ``what`` set it, instead of a bare ``[Errno 98] Address already in use``."""
+    try:
+        bound: tuple[str, int] = await services.start(serve, host, port)
+    except (OSError, BaseExceptionGroup) as exc:
+        error = _os_error(exc)
+        if error is None:
+            raise
+        hint = (
+            "; another process (or another `orchestrator up`) listens there" if error.errno == errno.EADDRINUSE else ""
+        )
+        raise ListenError(f"cannot listen on {host}:{port} (set by {what}): {error.strerror or error}{hint}") from exc
+    return bound
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := _os_error(inner)) is not None:
+                return found
+    return None
+
+
+async def _run_services(
+    plan: _Planned, options: UpOptions, running: Running, wall: WallClock, task_status: trio.TaskStatus[Running]
+) -> None:
+    profile, metrics = plan.profile, plan.metrics
     async with trio.open_nursery() as services:
         if options.local_ingest is not None:
             from orchestrator.ingest.server import serve_ingest
 
-            for host, port in plan.local_ingest_addresses():
+            for (host, port), key in plan.local_ingest_addresses().items():
                 # One archive per server (per region), as separate ingest services would keep.
                 archive = options.local_ingest / f"{host}-{port}"
-                bound = await services.start(serve_ingest, host, port, archive)
+                bound = await _listen(services, f"{key} with --local-ingest", host, port,
+                                      functools.partial(serve_ingest, archive_dir=archive))  # fmt: skip
                 running.ingest_addresses.append(bound)
         if profile.metrics.enabled:
             host, port = parse_listen(profile.metrics.listen)
             # /metrics, /healthz, /readyz, /status; ``running`` is filled in as the groups are built.
-            running.metrics_address = await services.start(serve_listener, metrics.registry, running, host, port)
+            serve = functools.partial(serve_listener, metrics.registry, running)
+            running.metrics_address = await _listen(services, "the profile's metrics.listen", host, port, serve)
         if options.handle_signals:
             services.start_soon(_watch_signals, running.stop, services.cancel_scope)
         if options.duration is not None:
@@ -225,7 +282,6 @@ async def run_up(
                 with trio.CancelScope(shield=True):
                     await client.aclose()
         services.cancel_scope.cancel()
-    log.info("supervisor.stopped")
 
 
 async def _run_groups(

@@ -158,3 +158,53 @@ async def test_stderr_is_logged_at_most_a_burst_per_period_and_the_tail_kept(aut
     messages = [r.getMessage() for r in caplog.records]
     assert "ffmpeg.stderr.suppressed group=primary lines=30" in messages
     assert messages[-1] == "ffmpeg.stderr group=primary line='after the period'"
+
+
+class _Collecting:
+    def __init__(self):
+        self.fragments = []
+
+    def header(self, header):
+        pass
+
+    def fragment(self, fragment):
+        self.fragments.append(fragment)
+
+
+@pytest.mark.parametrize("keyframe", [True, False])
+def test_a_video_fragment_that_does_not_open_with_a_keyframe_is_rejected_counted_and_not_sent(keyframe, caplog):
+    """The ffmpeg shell's check (the recutter only flags the cut): a rejected fragment reaches no
+    stream, is logged as ``reason=no_keyframe`` and counted per stream that carries the track."""
+    from orchestrator.encode.ffmpeg import _Recut
+    from orchestrator.encode.recut import Cut
+    from orchestrator.fmp4.boxes import Sample
+    from orchestrator.ops.metrics import Metrics
+
+    profile = ladder()
+    encodes = plan_encodes(profile)
+    video = encodes[1]  # video_180p, carried by stream "lo"
+    assert video.is_video
+    assert video.stream_ids == ("lo",)
+    sink, metrics = _Collecting(), Metrics()
+    frames = tuple(Sample(b"x", 3003, is_sync=(i == 0 and keyframe)) for i in range(60))
+    index = 10
+    cut = Cut(index, video.clock.start(index), frames, starts_with_keyframe=keyframe)
+
+    # Wall time at the fragment's end: not behind the clock.
+    class AtFragmentEnd:
+        def now_ns(self):
+            return video.clock.end_ns(index)
+
+    recut = _Recut(profile, encodes, [], sink, group="primary", wall=AtFragmentEnd(), metrics=metrics)
+    with caplog.at_level(logging.ERROR):
+        recut._emit(video, cut)
+    rejected = metrics.registry.get_sample_value(
+        "orchestrator_encoder_rejected_fragments_total", {"stream": "lo", "group": "primary", "reason": "no_keyframe"}
+    )
+    if keyframe:
+        assert [(f.stream_id, f.index) for f in sink.fragments] == [("lo", index)]
+        assert not rejected
+    else:
+        assert sink.fragments == []
+        assert rejected == 1
+        assert any("reason=no_keyframe" in r.getMessage() for r in caplog.records)

@@ -322,3 +322,31 @@ async def test_with_a_state_dir_no_fragment_reaches_a_publisher_before_the_state
             pushes += 1
             assert what.index <= covered.get((what.stream_id, what.track_id), -1), what
     assert pushes >= 8
+
+
+async def test_an_instance_that_ran_healthy_for_30_s_restarts_at_once_every_time(autojump_clock):
+    """RestartPolicy.healthy_after: an instance that ran 30 s or more resets the backoff, so a
+    crash every 35 s is restarted at once every time; one that fails after 5 s backs off."""
+    starts = []
+
+    def healthy_then_crashing(seconds):
+        def factory(rig):
+            async def run(first_index, sink):
+                starts.append(trio.current_time())
+                with trio.move_on_after(seconds):
+                    await rig.synthetic(first_index, sink)
+                raise EncoderError(f"crashed after {seconds} s")
+
+            return run
+
+        return factory
+
+    rig = Rig(healthy_then_crashing(35.0))
+    await rig.run_for(35 * 4 + 1)
+    assert [round(b - a, 3) for a, b in itertools.pairwise(starts)] == [35.0, 35.0, 35.0, 35.0]
+    assert rig.metric("orchestrator_encoder_restarts_total", group="primary", reason="crashed") == 4
+
+    starts.clear()
+    rig = Rig(healthy_then_crashing(5.0))
+    await rig.run_for(5 * 4 + 0.5 + 1.0 + 2.0 + 0.1)
+    assert [round(b - a, 3) for a, b in itertools.pairwise(starts)] == [5.0, 5.5, 6.0, 7.0]

@@ -198,3 +198,40 @@ async def test_unreachable_endpoint_is_retried_until_it_appears(profile):
     )
     assert transport >= 3
     assert metrics.registry.get_sample_value("orchestrator_fragments_pushed_total", labels()) == 1
+
+
+async def test_a_broken_post_that_carried_new_fragments_is_retried_at_once_even_after_failures(profile):
+    """Two failed attempts have built up a backoff (1.5 s); then a POST works and carries a new
+    fragment before the connection is reset: that was a working connection, so the publisher
+    reconnects at once instead of waiting out the backoff."""
+    from orchestrator.testing.faultproxy import Fault, FaultProxy
+
+    recorder = Recorder()
+    recorder.status = 503
+    metrics = Metrics()
+    queue = EndpointOutbox(LIMITS)
+    backoff = RetryPolicy(base=1.5, cap=1.5, jitter=0.0)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+        _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
+        proxy = FaultProxy(("127.0.0.1", port))
+        _, proxy_port = await nursery.start(proxy.run)
+        publisher, source = make_publisher(profile, client, proxy_port, queue, metrics, retry=backoff)
+        fragment = source.fragment(K)[0]
+        queue.push(fragment)
+        nursery.start_soon(publisher.run)
+        await recorder.wait_for(lambda: len(recorder.requests) >= 2)  # two refused probes
+        recorder.status = 200
+        whole = len(source.header.data) + len(fragment.data)
+        await recorder.wait_for(
+            lambda: len(recorder.requests) >= 4 and sum(map(len, recorder.requests[3]["chunks"])) >= whole
+        )
+        await trio.sleep(0.1)  # the publisher counts it pushed once httpx asks for the next chunk
+        assert publisher.state.failures == 2
+        seen = len(recorder.requests)
+        reset_at = trio.current_time()
+        proxy.set_fault(Fault.RESET)
+        await recorder.wait_for(lambda: len(recorder.requests) > seen, timeout=5)
+        retried_after = trio.current_time() - reset_at
+        nursery.cancel_scope.cancel()
+    assert publisher.state.failures == 3
+    assert retried_after < 0.75, f"retried {retried_after:.2f} s after a working POST broke (backoff is 1.5 s)"

@@ -1,4 +1,5 @@
-"""Shared fixtures: the packaged ffmpeg clips, read once per session."""
+"""Shared fixtures: the packaged ffmpeg clips, read once per session. Plugins: ``ci_skips`` (under
+``CI=true`` a skipped test fails the run)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 
 from orchestrator.fmp4.boxes import Sample, TrackHeader
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
+
+pytest_plugins = ["ci_skips"]
 
 MEDIA = Path(__file__).resolve().parent.parent / "orchestrator" / "encode" / "media"
 

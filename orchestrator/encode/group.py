@@ -267,10 +267,11 @@ class GroupEncoder(Sink):
                     reason, detail = self._classify(exc)
                     log.error("encoder.failed group=%s reason=%s detail=%s", self.group, reason, detail,
                               exc_info=reason == "crashed")  # fmt: skip
+                finally:  # also when run() itself is cancelled
+                    self.metrics.encoder_up.labels(self.group).set(0)
+                    self.group_state.set_up(False, time.time())
             self._instance_scope = None
             self.instance_pid = None
-            self.metrics.encoder_up.labels(self.group).set(0)
-            self.group_state.set_up(False, time.time())
             if self._stopping:
                 return
             if scope.cancelled_caught:

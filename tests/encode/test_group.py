@@ -350,3 +350,97 @@ async def test_an_instance_that_ran_healthy_for_30_s_restarts_at_once_every_time
     rig = Rig(healthy_then_crashing(5.0))
     await rig.run_for(5 * 4 + 0.5 + 1.0 + 2.0 + 0.1)
     assert [round(b - a, 3) for a, b in itertools.pairwise(starts)] == [5.0, 5.5, 6.0, 7.0]
+
+
+def test_the_state_write_is_atomic_a_failure_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import os
+
+    from orchestrator.encode.statefile import write_state
+
+    write_state(tmp_path, "demo.primary", b"old")
+    assert read_state(tmp_path, "demo.primary") == b"old"
+
+    def crash(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="No space left"):
+        write_state(tmp_path, "demo.primary", b"new")
+    assert read_state(tmp_path, "demo.primary") == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.primary.json"]
+    monkeypatch.undo()
+    write_state(tmp_path, "demo.primary", b"new")
+    assert read_state(tmp_path, "demo.primary") == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.primary.json"]
+
+
+async def test_a_state_write_failure_is_counted_logged_and_fragments_still_go_out(mock_clock, tmp_path, caplog):
+    mock_clock.autojump_threshold = 0.05  # the state writes run in worker threads
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    rig = Rig(synthetic, state_dir=not_a_directory / "state")
+    await rig.run_for(7)
+    assert rig.metric("orchestrator_state_write_failures_total", group="primary") >= 3
+    assert any("encoder.state.write_failed group=primary" in r.getMessage() for r in caplog.records)
+    assert len(rig.sent()) >= 3  # sending live matters more than the state file
+
+
+async def test_encoder_up_is_1_while_the_instance_runs_and_0_between_instances(autojump_clock):
+    seen = []
+
+    def crash_once(rig):
+        async def run(first_index, sink):
+            seen.append(rig.metric("orchestrator_encoder_up", group="primary"))
+            if len(seen) == 1:
+                raise EncoderError("first instance dies")
+            await rig.synthetic(first_index, sink)
+
+        return run
+
+    rig = Rig(crash_once)
+    encoder_up = []
+
+    async def watch():
+        while True:
+            encoder_up.append(rig.metric("orchestrator_encoder_up", group="primary"))
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await rig.run_for(5)
+        nursery.cancel_scope.cancel()
+    assert seen == [1, 1]
+    assert encoder_up[-1] == 1
+    assert rig.metric("orchestrator_encoder_up", group="primary") == 0  # run() ended: no instance
+
+
+async def test_indices_skipped_by_a_restarted_instance_are_counted_once_per_stream(autojump_clock, caplog):
+    starts = []
+
+    def skipping(rig):
+        async def run(first_index, sink):
+            starts.append(first_index)
+            if len(starts) == 1:
+                emitted = []
+
+                class CrashAfterTwo(Sink):
+                    def header(self, header):
+                        sink.header(header)
+
+                    def fragment(self, fragment):
+                        sink.fragment(fragment)
+                        emitted.append(fragment)
+                        if len(emitted) == 4:  # 2 fragments x 2 streams
+                            raise EncoderError("crash")
+
+                await rig.synthetic(first_index, CrashAfterTwo())
+            await rig.synthetic(first_index + 3, sink)  # comes back three fragments later
+
+        return run
+
+    rig = Rig(skipping)
+    await rig.run_for(20)
+    video = [f.index for f in rig.sent()]
+    assert video[:3] == [starts[0], starts[0] + 1, starts[1] + 3]
+    for stream in ("video", "audio"):
+        assert rig.metric("orchestrator_encoder_skipped_fragments_total", stream=stream, group="primary") == 3

@@ -92,13 +92,14 @@ def labels(group="primary"):
     return {"stream": "video", "group": group, "endpoint": "local", "region": "test"}
 
 
-def make_publisher(profile, client, port, queue, metrics, retry=None):
+def make_publisher(profile, client, port, queue, metrics, retry=None, settings=None):
     source = SyntheticStream(profile, profile.streams[0])
     board = HeaderBoard("primary", "video")
     board.announce(source.header)
     publisher = Publisher(
         client=client, group="primary", stream_id="video", endpoint=endpoint_at(port), header=board,
-        outbox=queue, metrics=metrics, settings=PublisherSettings(retry=retry or RetryPolicy()))  # fmt: skip
+        outbox=queue, metrics=metrics,
+        settings=settings or PublisherSettings(retry=retry or RetryPolicy()))  # fmt: skip
     return publisher, source
 
 
@@ -126,6 +127,8 @@ async def test_probe_then_chunked_post_with_header_then_fragments(profile):
         nursery.cancel_scope.cancel()
 
     probe, post = recorder.requests
+    assert probe["headers"].get(b"connection") == b"close"  # so the POST always opens a new connection
+    assert post["headers"].get(b"connection") != b"close"
     assert probe["method"] == "POST"
     assert probe["path"] == "/live/demo.isml/Streams(video)"
     assert probe["chunks"] == []
@@ -235,3 +238,84 @@ async def test_a_broken_post_that_carried_new_fragments_is_retried_at_once_even_
         nursery.cancel_scope.cancel()
     assert publisher.state.failures == 3
     assert retried_after < 0.75, f"retried {retried_after:.2f} s after a working POST broke (backoff is 1.5 s)"
+
+
+@pytest.mark.parametrize(("seconds", "send", "idle"), [(2, 3.0, 6.0), (6, 9.0, 18.0)])
+def test_production_timeouts_are_derived_from_the_fragment_duration(profile, seconds, send, idle):
+    """What ``up`` runs with when no test overrides it (spec 7.1, 7.2, 7.6): connect 10 s, send
+    1.5 x D, idle 3 x D, the final response 10 s; and the httpx timeouts a publisher uses."""
+    from orchestrator.supervisor import UpOptions, _Planned
+
+    settings = PublisherSettings.for_fragment_duration(seconds)
+    assert (settings.connect_timeout, settings.send_timeout, settings.idle_timeout, settings.response_timeout) == (
+        10.0, send, idle, 10.0)  # fmt: skip
+    assert settings.retry == RetryPolicy()
+    text = DEMO.read_text().replace("fragment_duration = 2 ", f"fragment_duration = {seconds} ")
+    from orchestrator.profile import parse_profile
+
+    planned = _Planned(parse_profile(text, "demo.toml"), UpOptions(), Metrics())
+    assert planned.settings == settings
+    publisher, _ = make_publisher(profile, None, 1, EndpointOutbox(LIMITS), Metrics(), settings=settings)
+    timeout = publisher._timeout
+    assert (timeout.connect, timeout.write, timeout.read, timeout.pool) == (10.0, send, 10.0, 10.0)
+
+
+async def test_publisher_connections_carry_tcp_user_timeout_equal_to_the_send_timeout():
+    """A real connection made by the client ``up`` builds: the kernel drops it when sent data
+    stays unacknowledged for the send timeout (how a real black hole surfaces)."""
+    import socket
+
+    from orchestrator.supervisor import _make_client
+
+    recorder = Recorder()
+    sockets = []
+
+    async def trace(event, info):
+        if event == "connection.connect_tcp.complete":
+            sockets.append(info["return_value"].get_extra_info("socket"))
+
+    client = _make_client(None, PublisherSettings.for_fragment_duration(2))
+    async with trio.open_nursery() as nursery, client:
+        _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
+        await client.post(f"http://127.0.0.1:{port}/x", content=b"", extensions={"trace": trace})
+        (sock,) = sockets
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3000
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_post_with_nothing_to_send_is_ended_cleanly_and_the_next_fragment_opens_a_new_one(profile, caplog):
+    """Spec 7.6: after ``idle_timeout`` with nothing to send, the body is finished (zero-length
+    chunk) and the response awaited; the next fragment opens a new probe and POST with the header.
+    Not a failure: nothing counted, nothing resent."""
+    caplog.set_level(logging.INFO, logger="orchestrator.push.publisher")
+    recorder = Recorder()
+    metrics = Metrics()
+    queue = EndpointOutbox(LIMITS)
+    settings = PublisherSettings(idle_timeout=0.5)
+    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+        _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
+        publisher, source = make_publisher(profile, client, port, queue, metrics, settings=settings)
+        first, second = source.fragment(K)[0], source.fragment(K + 1)[0]
+        queue.push(first)
+        nursery.start_soon(publisher.run)
+        await recorder.wait_for(lambda: len(recorder.requests) == 2 and recorder.requests[1]["complete"], timeout=5)
+        assert b"".join(recorder.requests[1]["chunks"]) == source.header.data + first.data
+        with trio.fail_after(5):
+            while publisher.state.connected:
+                await trio.sleep(0.01)
+        queue.push(second)
+        await recorder.wait_for(lambda: len(recorder.requests) == 4 and recorder.requests[3]["chunks"])
+        queue.close()
+        await recorder.wait_for(lambda: recorder.requests[3]["complete"])
+        nursery.cancel_scope.cancel()
+    probe, post = recorder.requests[2:]
+    assert probe["chunks"] == []
+    assert b"".join(post["chunks"]) == source.header.data + second.data
+    assert any("publisher.post.ending" in r.getMessage() and "reason=idle" in r.getMessage() for r in caplog.records)
+    value = metrics.registry.get_sample_value
+    assert value("orchestrator_posts_opened_total", labels()) == 2
+    assert value("orchestrator_post_failures_total", {**labels(), "reason": "transport"}) is None
+    assert value("orchestrator_resent_fragments_total", labels()) is None
+    assert value("orchestrator_reconnects_total", labels()) is None
+    assert publisher.state.failures == 0

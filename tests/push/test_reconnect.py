@@ -30,3 +30,14 @@ def test_operator_fixable_failures_retry_slowly_but_forever(failure):
 )  # fmt: skip
 def test_classify_status(status, failure):
     assert classify_status(status) is failure
+
+
+def test_production_defaults():
+    """What ``up`` runs with (PublisherSettings' default RetryPolicy): first retry immediate,
+    then 0.5 s doubling to an 8 s cap, 15 s for failures a person must fix, jitter +/- 25 %."""
+    policy = RetryPolicy()
+    assert (policy.base, policy.cap, policy.slow, policy.jitter) == (0.5, 8.0, 15.0, 0.25)
+    assert [policy.delay(n, Failure.TRANSPORT) for n in range(1, 8)] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert policy.delay(2, Failure.SERVER, 0.0) == 0.375
+    assert policy.delay(6, Failure.SERVER, 1.0) == 10.0
+    assert policy.delay(1, Failure.UNAUTHORIZED, 0.0) == 11.25

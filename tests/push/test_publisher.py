@@ -319,3 +319,26 @@ async def test_a_post_with_nothing_to_send_is_ended_cleanly_and_the_next_fragmen
     assert value("orchestrator_resent_fragments_total", labels()) is None
     assert value("orchestrator_reconnects_total", labels()) is None
     assert publisher.state.failures == 0
+
+
+def test_unacked_bytes_reads_what_the_send_queue_holds_for_a_peer_that_does_not_read():
+    """The measure the publisher feeds to the outbox's unconfirmed window (Linux SIOCOUTQ)."""
+    import socket
+
+    from orchestrator.push.publisher import _unacked_bytes
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        sender = socket.create_connection(server.getsockname())
+        peer, _ = server.accept()
+        with sender, peer:
+            assert _unacked_bytes(sender) == 0
+            sender.setblocking(False)
+            written = 0
+            try:
+                while written < 50_000_000:
+                    written += sender.send(b"x" * 65536)
+            except BlockingIOError:
+                pass  # the peer's receive buffer and our send queue are full
+            queued = _unacked_bytes(sender)
+            assert 0 < queued < written  # the rest sits, acknowledged, in the peer's receive buffer
+        assert _unacked_bytes(sender) == 0  # closed: nothing to measure

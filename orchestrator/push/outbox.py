@@ -5,7 +5,7 @@ Theory of operation
 -------------------
 The encoder appends every fragment of a stream to the outbox of every endpoint of that stream
 and never waits (``push``). The publisher takes fragments in order (``take``) and writes each
-one to its long-running POST. Three rules make this lossless:
+one to its long-running POST. Four rules make this lossless:
 
 * **Catch-up backlog.** While an endpoint is slow or unreachable, fragments pile up in
   ``pending`` and are sent in order, as fast as the connection allows, once it is back. The
@@ -23,12 +23,13 @@ one to its long-running POST. Three rules make this lossless:
   stands for what lies beyond it: bytes the peer's kernel acknowledged but its application never
   read (its receive buffer, a proxy's buffers). This goes beyond the spec on purpose: an HTTP
   POST body has no acknowledgement, and a fragment "written" may still sit in our socket
-  buffer, a proxy, or the peer's receive buffer when the connection dies. A receiver that stops reading (a hung ingest
-  process, a request-buffering proxy) keeps accepting bytes until those buffers are full, which
-  at a low bitrate can take longer than any stall, so no send timeout fires and the whole
-  window is unconfirmed when the reset comes: the window is therefore never cut by how much the
-  failed POST carried. The receiver drops duplicates by (stream, track, time) (spec 8.6, 9), so
-  sending a fragment twice costs only bandwidth; not sending it costs the viewers a gap.
+  buffer, a proxy, or the peer's receive buffer when the connection dies. A receiver that
+  stops reading (a hung ingest process, a request-buffering proxy) keeps accepting bytes until
+  those buffers are full, which at a low bitrate can take longer than any stall, so no send
+  timeout fires and the whole window is unconfirmed when the reset comes: the window is
+  therefore never cut by how much the failed POST carried. The receiver drops duplicates by
+  (stream, track, time) (spec 8.6, 9), so sending a fragment twice costs only bandwidth; not
+  sending it costs the viewers a gap.
 
 * **Progress across consecutive POSTs.** A path that resets every connection after N bytes
   (N smaller than the window) would, with the rule above alone, resend the same window on every
@@ -36,8 +37,8 @@ one to its long-running POST. Three rules make this lossless:
   window puts back a fragment at most ``max_put_back`` times (the fragment in flight and the
   spec's last fragments of each track always go back). A fragment written completely on
   ``max_put_back + 1`` consecutive POSTs that all broke is not sent again: such a path advances
-  by at least N / (max_put_back + 1) bytes per POST, while a single failure after a working POST
-  (a stall, a reset) always resends the whole window.
+  by about N / (max_put_back + 1) bytes per POST (less the fragments that always go back), while
+  a single failure after a working POST (a stall, a reset) always resends the whole window.
 
   Memory per (stream, endpoint): the fragments taken within the unconfirmed window (1 MiB by
   default, plus what the send queue holds), the last ``resend_per_track`` fragments of each

@@ -61,6 +61,10 @@ class UpOptions:
     local_ingest: Path | None = None  # serve the loopback endpoints in-process, archiving here
     duration: float | None = None  # stop by itself after this many seconds
     status: str = "auto"  # "auto" | "live" | "log" | "off"
+    # The graceful-stop bound: SIGTERM to exit (the encoder's finish, ffmpeg's own stop and the final
+    # responses all fit in it). Kubernetes kills the pod terminationGracePeriodSeconds after SIGTERM,
+    # so deploy/kubernetes/base/statefulset.yaml keeps that above this bound:
+    # terminationGracePeriodSeconds: 30 (tests/deploy checks the relation).
     shutdown_grace: float = 10.0
     handle_signals: bool = True
     profile_path: str = "<profile>"

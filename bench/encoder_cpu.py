@@ -7,7 +7,8 @@ twice), first on the ffmpeg backend and then, as the baseline in the same run, o
 backend (no encoding at all: what remains is the orchestrator's own work: gating, state,
 outboxes, HTTP). After a warm-up it reads the CPU time (user + system, from /proc) of the ``up``
 process and of its ffmpeg children over a measurement window and prints it as a percentage of
-one core.
+one core, and the peak resident memory (VmHWM) of the ``up`` process and of the largest ffmpeg
+instance (one per group), which deploy/kubernetes sizes its pods from.
 
     .venv/bin/python bench/encoder_cpu.py [--seconds 20]
 
@@ -52,6 +53,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set size (VmHWM), MiB; 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0.0
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -65,7 +77,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def measure(backend: str, seconds: float, workdir: Path) -> tuple[float, float]:
+def measure(backend: str, seconds: float, workdir: Path) -> tuple[float, float, float, float]:
     port = free_port()
     text = PROFILE.format(port=port)
     if backend == "synthetic":
@@ -86,12 +98,13 @@ def measure(backend: str, seconds: float, workdir: Path) -> tuple[float, float]:
         time.sleep(seconds)
         up1, kids1 = cpu_seconds(up.pid), sum(cpu_seconds(k) for k in kids)
         elapsed = time.monotonic() - t0
+        up_rss, kid_rss = peak_rss_mib(up.pid), max((peak_rss_mib(k) for k in kids), default=0.0)
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(30)
         ingest.send_signal(signal.SIGTERM)
         ingest.wait(30)
-    return 100 * (up1 - up0) / elapsed, 100 * (kids1 - kids0) / elapsed
+    return 100 * (up1 - up0) / elapsed, 100 * (kids1 - kids0) / elapsed, up_rss, kid_rss
 
 
 def main() -> None:
@@ -101,12 +114,14 @@ def main() -> None:
     if shutil.which("ffmpeg") is None:
         sys.exit("needs ffmpeg: apt-get install ffmpeg")
     print(f"# {GROUPS} groups x {STREAMS} streams (360p + 180p H.264, AAC), {args.seconds:g} s window, % of one core")
-    print(f"{'backend':10} {'orchestrator':>12} {'per_stream':>10} {'ffmpeg':>8} {'ffmpeg/orch':>11}")
+    print(f"{'backend':10} {'orchestrator':>12} {'per_stream':>10} {'ffmpeg':>8} {'ffmpeg/orch':>11}"
+          f" {'orch_MiB':>9} {'ffmpeg_MiB':>10}")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for backend in ("ffmpeg", "synthetic"):
-            orch, ffmpeg = measure(backend, args.seconds, Path(tmp))
+            orch, ffmpeg, orch_rss, ffmpeg_rss = measure(backend, args.seconds, Path(tmp))
             ratio = f"{ffmpeg / orch:.1f}" if orch > 0 and ffmpeg > 0 else "-"
-            print(f"{backend:10} {orch:12.1f} {orch / (STREAMS * GROUPS):10.2f} {ffmpeg:8.1f} {ratio:>11}")
+            print(f"{backend:10} {orch:12.1f} {orch / (STREAMS * GROUPS):10.2f} {ffmpeg:8.1f} {ratio:>11}"
+                  f" {orch_rss:9.0f} {ffmpeg_rss:10.0f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,10 +12,14 @@ are read only when the publisher starts.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import ipaddress
 import os
 import re
+import ssl
+import time
 import tomllib
+import typing
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +33,8 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    StrictBool,
+    StrictInt,
     ValidationError,
     WithJsonSchema,
     field_validator,
@@ -41,6 +47,16 @@ from orchestrator.errors import ProfileError
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 AAC_FRAME_SAMPLES = 1024
 
+# Bounds checked before any arithmetic, so that no value can make validation slow: a number
+# written as text has at most this many characters, and a decimal exponent at most this magnitude.
+MAX_NUMBER_TEXT = 40
+MAX_DECIMAL_EXPONENT = 12
+# Wire-format limits that `up` must be able to honour for the life of an event.
+UINT32_MAX = 2**32 - 1  # mfhd.sequence_number, mdhd.timescale (ISO/IEC 14496-12, 8.8.5, 8.4.2)
+UINT64_MAX = 2**64 - 1  # tfxd v1 fragment_absolute_time (MS-SSTR 2.2.4.4), tfdt v1
+MAX_BACKLOG_BYTES = 64 * 1024**3
+RUN_YEARS = 100  # an epoch must leave this many years of fragment indices and times
+
 
 def _to_fraction(value: Any, *, what: str, allow_decimal: bool) -> Fraction:
     if isinstance(value, Fraction):
@@ -48,6 +64,8 @@ def _to_fraction(value: Any, *, what: str, allow_decimal: bool) -> Fraction:
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a number, not a boolean")
     if isinstance(value, int):
+        if abs(value) > 10**MAX_DECIMAL_EXPONENT:
+            raise ValueError(f"{what} {value} is out of range")
         return Fraction(value)
     if isinstance(value, float):
         if not allow_decimal:
@@ -55,16 +73,22 @@ def _to_fraction(value: Any, *, what: str, allow_decimal: bool) -> Fraction:
         value = repr(value)  # the decimal the user wrote, never the binary float
     if isinstance(value, str):
         text = value.strip()
+        if len(text) > MAX_NUMBER_TEXT:
+            raise ValueError(f"{what} is {len(text)} characters long; at most {MAX_NUMBER_TEXT} are accepted")
         try:
             if "/" in text:
                 num, den = text.split("/", 1)
-                result = Fraction(int(num), int(den))
-            elif allow_decimal:
-                result = Fraction(Decimal(text))
-            else:
-                result = Fraction(int(text))
-        except (ValueError, ZeroDivisionError, OverflowError, InvalidOperation):  # Overflow: "inf"
+                return Fraction(int(num), int(den))
+            if not allow_decimal:
+                return Fraction(int(text))
+            number = Decimal(text)
+        except (ValueError, ZeroDivisionError, InvalidOperation):
             raise ValueError(f'{what} {value!r} is not a number or a ratio such as "30000/1001"') from None
+        # Checked before Fraction(), which would compute 10**exponent: "1e-999999999" is refused
+        # at once, not after minutes of arithmetic.
+        if not number.is_finite() or abs(number.adjusted()) > MAX_DECIMAL_EXPONENT:
+            raise ValueError(f"{what} {value!r} is out of range")
+        result = Fraction(number)
         return result
     raise ValueError(f"{what} must be a number or a ratio string, got {type(value).__name__}")
 
@@ -98,11 +122,13 @@ class VideoTrack(_Model):
 
     kind: Literal["video"]
     name: str = Field(pattern=NAME_PATTERN)
-    bitrate: int = Field(gt=0, description="bits per second")
-    width: int = Field(ge=16, le=7680)
-    height: int = Field(ge=16, le=4320)
+    bitrate: StrictInt = Field(gt=0, le=UINT32_MAX, description="bits per second")
+    width: StrictInt = Field(ge=16, le=7680)
+    height: StrictInt = Field(ge=16, le=4320)
     frame_rate: FrameRate
-    timescale: int | None = Field(default=None, gt=0, description="default: presentation.video_timescale")
+    timescale: StrictInt | None = Field(
+        default=None, gt=0, le=UINT32_MAX, description="default: presentation.video_timescale"
+    )
     codec: Literal["h264"] = "h264"
 
     @field_validator("frame_rate")
@@ -118,9 +144,9 @@ class AudioTrack(_Model):
 
     kind: Literal["audio"]
     name: str = Field(pattern=NAME_PATTERN)
-    bitrate: int = Field(gt=0, description="bits per second")
-    sample_rate: int = Field(ge=8000, le=96000)
-    channels: int = Field(default=2, ge=1, le=8)
+    bitrate: StrictInt = Field(gt=0, le=UINT32_MAX, description="bits per second")
+    sample_rate: StrictInt = Field(ge=8000, le=96000)
+    channels: StrictInt = Field(default=2, ge=1, le=8)
     language: str = Field(default="und", pattern=r"^[a-z]{3}$", description="ISO 639-2/T code")
     codec: Literal["aac"] = "aac"
 
@@ -147,7 +173,7 @@ class Presentation(_Model):
     name: str = Field(pattern=NAME_PATTERN)
     fragment_duration: Seconds = Field(description="seconds, 2 to 6")
     epoch: dt.datetime = Field(description="shared-clock epoch, an RFC 3339 UTC instant; same in every group")
-    video_timescale: int = Field(default=90000, gt=0)
+    video_timescale: StrictInt = Field(default=90000, gt=0, le=UINT32_MAX, description="mdhd timescale: 32 bits")
     tfxd_version: Literal[1, 2] = Field(
         default=1,
         description="1: MS-SSTR tfxd (time, duration). 2: ASSUMED layout, v1 fields + 64-bit fragment index",
@@ -228,7 +254,10 @@ class Endpoint(_Model):
     url: str
     region: str = Field(pattern=NAME_PATTERN)
     credentials: Credentials | None = None
-    ca_file: Path | None = Field(default=None, description="extra CA bundle; TLS verification stays on")
+    ca_file: Path | None = Field(
+        default=None,
+        description="extra CA bundle (PEM), trusted in addition to the default ones; TLS verification stays on",
+    )
 
     @field_validator("url")
     @classmethod
@@ -251,6 +280,29 @@ class Endpoint(_Model):
             raise ValueError(f"{value!r} has an invalid port") from None
         return value.rstrip("/")
 
+    @field_validator("ca_file")
+    @classmethod
+    def _readable_bundle(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=value)
+            except OSError as exc:
+                raise ValueError(f"cannot read CA bundle {value}: {exc.strerror}") from None
+            except ssl.SSLError:
+                raise ValueError(f"{value} holds no PEM certificate") from None
+        return value
+
+    @model_validator(mode="after")
+    def _no_secret_in_clear(self) -> Endpoint:
+        # An error, not a warning: Basic auth sends the password itself, and a bearer token is as
+        # good as one; over http:// both cross every network hop in clear text, and a warning in a
+        # log nobody reads at 3 a.m. would not take them back. Loopback stays allowed (tests, a
+        # local relay), and TLS is the fix anywhere else.
+        if self.credentials is not None and urlsplit(self.url).scheme == "http" and not self.is_loopback:
+            raise ValueError("credentials over plain http:// to a non-loopback host would send the secret in clear "
+                             "text; use https://")  # fmt: skip
+        return self
+
     def stream_url(self, stream_id: str) -> str:
         return f"{self.url}/Streams({stream_id})"
 
@@ -271,8 +323,8 @@ class PatternSource(_Model):
     millisecond, so a person can put primary and backup side by side and see them match."""
 
     kind: Literal["testpattern"]
-    tone_hz: int = Field(default=1000, ge=20, le=20000)
-    burn_in_clock: bool = True
+    tone_hz: StrictInt = Field(default=1000, ge=20, le=20000)
+    burn_in_clock: StrictBool = True
 
 
 class FileSource(_Model):
@@ -358,6 +410,8 @@ class BacklogBound(_Model):
     def _enough_bytes(cls, value: ByteSize) -> ByteSize:
         if value < 1024 * 1024:
             raise ValueError(f"{value} bytes is below 1 MiB: not even a fragment would fit")
+        if value > MAX_BACKLOG_BYTES:
+            raise ValueError(f"{value} bytes is over {MAX_BACKLOG_BYTES} (64 GiB)")
         return value
 
 
@@ -380,7 +434,7 @@ class Group(_Model):
         default_factory=lambda: BacklogBound(),
         description="how much an unreachable endpoint may fall behind before its oldest fragments are dropped",
     )
-    stall_fragments: int = Field(
+    stall_fragments: StrictInt = Field(
         default=3, ge=2, le=30, description="an encoder instance silent for this many fragment durations is restarted"
     )
 
@@ -416,7 +470,7 @@ def _listen_address(value: str) -> str:
 
 
 class Metrics(_Model):
-    enabled: bool = True
+    enabled: StrictBool = True
     listen: Annotated[str, BeforeValidator(lambda v: _listen_address(str(v)))] = Field(
         default="127.0.0.1:9464", description="host:port of /metrics; loopback unless you mean otherwise"
     )
@@ -526,31 +580,142 @@ def problems_from(error: ValidationError) -> list[tuple[str, str]]:
         reason = _REASONS.get(item["type"], item["msg"])
         if item["type"] == "too_short" and item["loc"] and item["loc"][-1] in ("endpoints", "streams", "tracks"):
             reason = f"needs at least one entry ({item['msg']})"
+        if item["type"] == "extra_forbidden" and item["loc"] and isinstance(item["loc"][-1], str):
+            close = difflib.get_close_matches(item["loc"][-1], _keys_at(item["loc"][:-1]), n=1)
+            if close:
+                reason += f"; did you mean {close[0]!r}?"
         reason = reason.removeprefix("Value error, ")
         problems.append((_key_path(item["loc"]), reason))
     return problems
 
 
-def parse_profile(text: str, path: str = "<profile>") -> Profile:
-    """Validate profile text; raises ProfileError naming ``path``, the key path and the reason."""
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The models an annotation can hold (through Annotated, unions, lists and dicts)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    models: list[type[BaseModel]] = []
+    for arg in typing.get_args(annotation):
+        models += _models_in(arg)
+    return models
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The keys allowed at ``loc`` (a pydantic error location), for a "did you mean"."""
+    models: list[type[BaseModel]] = [Profile]
+    for item in loc:
+        if isinstance(item, int):
+            continue  # a list index
+        fields = [m.model_fields[item] for m in models if item in m.model_fields]
+        if fields:
+            models = [m for f in fields for m in _models_in(f.annotation)]
+            continue
+        # A discriminator tag ("video", "ffmpeg") or a dict key (a group name): narrow or keep.
+        tagged = [m for m in models if any(item in typing.get_args(f.annotation) for f in m.model_fields.values())]
+        models = tagged or models
+    return sorted({key for model in models for key in model.model_fields})
+
+
+def runnable_problems(profile: Profile, now_ns: int) -> list[tuple[str, str]]:
+    """What ``up`` could not run although every value is well-formed: the epoch against the
+    wall clock ``now_ns`` and the wire format's field widths over the next RUN_YEARS years.
+
+    The fragment index goes into ``mfhd.sequence_number`` (32 bits) and the fragment time, in
+    each track's timescale, into ``tfxd``/``tfdt`` (64 bits). A negative index (an epoch in the
+    future) cannot be sent at all.
+    """
+    p = profile.presentation
+    problems: list[tuple[str, str]] = []
+    if p.epoch_ns > now_ns:
+        problems.append(
+            (
+                "presentation.epoch",
+                f"{p.epoch.isoformat()} is in the future; the shared clock "
+                "must already run when the encoders start (use a past instant, the same in every group)",
+            )
+        )
+        return problems
+    horizon_ns = now_ns + RUN_YEARS * 365_25 * 864 * 10**9  # RUN_YEARS Julian years
+    span = Fraction(horizon_ns - p.epoch_ns, 10**9)
+    last_index = span / p.fragment_duration
+    if last_index > UINT32_MAX:
+        problems.append(
+            (
+                "presentation.epoch",
+                f"{p.epoch.isoformat()} is too far in the past: fragment "
+                f"indices within {RUN_YEARS} years from now would exceed mfhd.sequence_number "
+                f"(32 bits, {UINT32_MAX})",
+            )
+        )
+    for i, stream in enumerate(profile.streams):
+        for j, track in enumerate(stream.tracks):
+            timescale = track.sample_rate if isinstance(track, AudioTrack) else track.timescale or p.video_timescale
+            if span * timescale > UINT64_MAX:
+                key = (
+                    f"streams[{i}].tracks[{j}].timescale"
+                    if isinstance(track, VideoTrack) and track.timescale
+                    else "presentation.video_timescale"
+                    if isinstance(track, VideoTrack)
+                    else "presentation.epoch"
+                )
+                problems.append(
+                    (
+                        key,
+                        f"with the epoch {p.epoch.isoformat()}, track {track.name!r}'s fragment "
+                        f"times within {RUN_YEARS} years from now would exceed tfxd's 64 bits",
+                    )
+                )
+    return problems
+
+
+_DIGITS = re.compile(r"\d[\d_]{4299,}")
+
+
+def _toml_value_error(text: str, exc: ValueError) -> tuple[str, str]:
+    """A ValueError out of tomllib (an integer over Python's 4300-digit limit) as (key, reason),
+    with the key read from the line that holds the long number."""
+    match = _DIGITS.search(text)
+    if match is None:
+        return "", f"not valid TOML: {exc}"
+    line_no = text.count("\n", 0, match.start()) + 1
+    line = text.splitlines()[line_no - 1]
+    table = ""
+    for previous in text.splitlines()[: line_no - 1]:
+        if header := re.fullmatch(r"\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?", previous):
+            table = header[1]
+    key = line.split("=", 1)[0].strip() if "=" in line else ""
+    digits = len(match[0].replace("_", ""))
+    return ".".join(k for k in (table, key) if k), f"line {line_no}: a number with {digits} digits is out of range"
+
+
+def parse_profile(text: str, path: str = "<profile>", *, now_ns: int | None = None) -> Profile:
+    """Validate profile text; raises ProfileError naming ``path``, the key path and the reason.
+
+    ``now_ns`` (default: the system clock) is the wall clock that the epoch is checked against:
+    see :func:`runnable_problems`."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(path, [("", f"not valid TOML: {exc}")]) from None
+    except ValueError as exc:  # an integer over 4300 digits
+        raise ProfileError(path, [_toml_value_error(text, exc)]) from None
     try:
-        return Profile.model_validate(data)
+        profile = Profile.model_validate(data)
     except ValidationError as exc:
         raise ProfileError(path, problems_from(exc)) from None
+    problems = runnable_problems(profile, time.time_ns() if now_ns is None else now_ns)
+    if problems:
+        raise ProfileError(path, problems)
+    return profile
 
 
-def load_profile(path: str | os.PathLike[str]) -> Profile:
-    """Read and validate a profile file."""
+def load_profile(path: str | os.PathLike[str], *, now_ns: int | None = None) -> Profile:
+    """Read and validate a profile file (see :func:`parse_profile`)."""
     name = os.fspath(path)
     try:
         text = Path(name).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(name, [("", f"cannot read the profile: {exc}")]) from None
-    return parse_profile(text, name)
+    return parse_profile(text, name, now_ns=now_ns)
 
 
 def json_schema() -> dict[str, Any]:

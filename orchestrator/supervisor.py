@@ -358,9 +358,18 @@ async def _run_groups(
         publishers_nursery.cancel_scope.deadline = deadline
 
 
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The client TLS context: httpx's default trust (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` if set,
+    else certifi's bundle) plus, if given, the endpoint's ``ca_file`` as an *extra* bundle.
+    Verification is always on; a profile can only add CAs to trust, never replace or disable them."""
+    context = httpx.create_ssl_context()
+    if ca_file is not None:
+        context.load_verify_locations(cafile=ca_file)
+    return context
+
+
 def _make_client(ca_file: Path | None, settings: PublisherSettings) -> httpx.AsyncClient:
-    # TLS verification is always on; a profile may only add a CA bundle to trust.
-    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+    verify = tls_context(ca_file)
     transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=_socket_options(settings))
     return httpx.AsyncClient(transport=transport, limits=httpx.Limits(max_connections=None))
 

@@ -114,9 +114,9 @@ def test_clock_from_profile_text_equals_clock_built_directly(
         video_timescale=video_timescale,
         sample_rate=sample_rate,
     )
-    profile = parse_profile(text, "generated.toml")
-    video, audio = profile.streams[0].tracks[0], profile.streams[1].tracks[0]
     epoch_ns = seconds * NS_PER_SECOND + micros * 1000
+    profile = parse_profile(text, "generated.toml", now_ns=epoch_ns)  # an epoch up to now is runnable
+    video, audio = profile.streams[0].tracks[0], profile.streams[1].tracks[0]
     pairs = [
         (profile.track_clock(video), TrackClock(epoch_ns, fragment, video_timescale, 1 / rate)),
         (profile.track_clock(audio), TrackClock(epoch_ns, fragment, sample_rate, Fraction(1024, sample_rate))),

@@ -130,7 +130,9 @@ def test_password_inline_is_an_unknown_key() -> None:
 
 def test_password_inline_in_credentials_is_an_unknown_key() -> None:
     error = problem(REGION_A_URL, REGION_A_URL + '  credentials = { username = "bob", password = "hunter2" }\n')
-    assert str(error) == "demo.toml: groups.primary.endpoints[0].credentials.password: unknown key"
+    assert str(error) == (
+        "demo.toml: groups.primary.endpoints[0].credentials.password: unknown key; did you mean 'password_env'?"
+    )
 
 
 def test_credentials_need_exactly_one_secret_source() -> None:

@@ -72,3 +72,19 @@ class EndpointNotFound(EndpointError):
 
 class EndpointRejected(EndpointError):
     """Any other non-2xx answer."""
+
+
+def reason_of(exc: BaseException) -> str:
+    """The first non-empty message along ``exc``'s chain of causes, for a log line.
+
+    httpx/httpcore wrap a TLS verification failure as ``ConnectError('')`` whose cause is an
+    empty ``trio.BrokenResourceError`` whose cause is the ``ssl.SSLCertVerificationError`` that
+    says what is wrong; this returns that message instead of nothing."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if str(current):
+            return str(current) if current is exc else f"{type(current).__name__}: {current}"
+        current = current.__cause__ or current.__context__
+    return "no reason given"

@@ -286,10 +286,10 @@ class Endpoint(_Model):
         if value is not None:
             try:
                 ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=value)
+            except ssl.SSLError:  # before OSError, of which it is a subclass
+                raise ValueError(f"{value} holds no PEM certificate") from None
             except OSError as exc:
                 raise ValueError(f"cannot read CA bundle {value}: {exc.strerror}") from None
-            except ssl.SSLError:
-                raise ValueError(f"{value} holds no PEM certificate") from None
         return value
 
     @model_validator(mode="after")

@@ -49,6 +49,7 @@ from orchestrator.errors import (
     EndpointNotFound,
     EndpointRejected,
     EndpointUnauthorized,
+    reason_of,
 )
 from orchestrator.fmp4.stream import StreamHeader
 from orchestrator.ops.metrics import Metrics
@@ -205,7 +206,7 @@ class Publisher:
         except httpx.TimeoutException as exc:
             raise EndpointError(self.url, f"timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
-            raise EndpointError(self.url, f"connection failed: {type(exc).__name__}: {exc}") from exc
+            raise EndpointError(self.url, f"connection failed: {type(exc).__name__}: {reason_of(exc)}") from exc
         finally:
             if not isinstance(content, bytes):
                 await content.aclose()

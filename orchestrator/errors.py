@@ -4,6 +4,7 @@
     ├── ProfileError            the user's profile: file, key path and reason
     ├── MediaError              bytes that are not the fragmented MP4 we expect
     │   └── BoxError            a box that is truncated, oversized or malformed
+    ├── IngestOverloaded        the ingest server's memory budget is used up: retry later
     ├── EncoderError            one of our encoder instances misbehaved
     ├── InstanceLocked          another instance of the same group holds the state directory
     ├── ListenError             an address to listen on is taken: names it and who set it
@@ -39,6 +40,11 @@ class MediaError(OrchestratorError):
 
 class BoxError(MediaError):
     """A single ISO BMFF box is malformed (bad size, truncated payload, unknown version)."""
+
+
+class IngestOverloaded(OrchestratorError):
+    """The ingest server cannot take more bytes now (its memory budget across POSTs is in use):
+    not the client's fault, and worth a retry."""
 
 
 class EncoderError(OrchestratorError):

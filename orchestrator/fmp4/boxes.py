@@ -58,6 +58,13 @@ TRUN_SAMPLE_COMPOSITION_TIME_OFFSET = 0x000800
 
 # A box larger than this is taken as a corrupt size field rather than buffered.
 MAX_BOX_SIZE = 256 * 1024 * 1024
+# Work per fragment is bounded by the bytes that carry it (issue 13: a thousand truns over the same
+# mdat bytes, or a trun of zero-size samples, made a 1 MiB POST allocate 1 GiB). A fragment may
+# hold at most MAX_TRUNS_PER_TRAF truns per traf and MAX_SAMPLES_PER_FRAGMENT samples in all (6 s
+# of 120 fps video is 720), at most one sample per mdat byte, and its samples may not reference
+# more bytes in all than the mdat holds (no two samples share bytes).
+MAX_TRUNS_PER_TRAF = 16
+MAX_SAMPLES_PER_FRAGMENT = 10_000
 
 _UNITY_MATRIX = struct.pack(">9I", 0x00010000, 0, 0, 0, 0x00010000, 0, 0, 0, 0x40000000)
 
@@ -100,9 +107,11 @@ class Box:
         return self.payload[:16] if self.type == b"uuid" else None
 
 
-def read_box_header(data: bytes | bytearray, offset: int) -> tuple[bytes, int, int] | None:
+def read_box_header(data: bytes | bytearray, offset: int, base: int = 0) -> tuple[bytes, int, int] | None:
     """Read the header of the box at ``offset``: (type, total size, header size), or None if
-    more bytes are needed to know. Raises BoxError for a size that cannot be right."""
+    more bytes are needed to know. Raises BoxError for a size that cannot be right, naming the
+    offset as ``base + offset`` (``base``: where ``data`` starts in the stream)."""
+    at = base + offset
     if len(data) - offset < 8:
         return None
     size, box_type = struct.unpack_from(">I4s", data, offset)
@@ -113,11 +122,11 @@ def read_box_header(data: bytes | bytearray, offset: int) -> tuple[bytes, int, i
         (size,) = struct.unpack_from(">Q", data, offset + 8)
         header_size = 16
     elif size == 0:
-        raise BoxError(f"box {box_type!r} at offset {offset} has size 0 (to end of file), not allowed live")
+        raise BoxError(f"box {box_type!r} at offset {at} has size 0 (to end of file), not allowed live")
     if size < header_size:
-        raise BoxError(f"box {box_type!r} at offset {offset} declares size {size}, smaller than its header")
+        raise BoxError(f"box {box_type!r} at offset {at} declares size {size}, smaller than its header")
     if size > MAX_BOX_SIZE:
-        raise BoxError(f"box {box_type!r} at offset {offset} declares size {size}, over {MAX_BOX_SIZE}")
+        raise BoxError(f"box {box_type!r} at offset {at} declares size {size}, over the limit of {MAX_BOX_SIZE}")
     return box_type, size, header_size
 
 
@@ -125,7 +134,7 @@ def parse_boxes(data: bytes, base_offset: int = 0) -> Iterator[Box]:
     """Split ``data`` (a whole number of boxes) into boxes. Raises BoxError if it is not."""
     offset = 0
     while offset < len(data):
-        header = read_box_header(data, offset)
+        header = read_box_header(data, offset, base_offset)
         if header is None:
             raise BoxError(f"truncated box header at offset {base_offset + offset}")
         box_type, size, header_size = header
@@ -211,7 +220,10 @@ def _language_code(language: str) -> int:
 
 
 def _language_name(code: int) -> str:
-    return "".join(chr(((code >> shift) & 0x1F) + 0x60) for shift in (10, 5, 0))
+    """The ISO-639-2/T code packed in mdhd, or "und" for a value that packs no three letters
+    (0, as some muxers write, would otherwise read back as "```")."""
+    name = "".join(chr(((code >> shift) & 0x1F) + 0x60) for shift in (10, 5, 0))
+    return name if name.isalpha() and name.islower() else "und"
 
 
 def _write_trak(track: TrackHeader) -> bytes:
@@ -255,7 +267,8 @@ def write_moov(tracks: Sequence[TrackHeader]) -> bytes:
     8.2, 8.3, 8.8.1, 8.8.3), describing a fragmented presentation of unknown duration."""
     if not tracks:
         raise ValueError("a moov needs at least one track")
-    next_track_id = max(t.track_id for t in tracks) + 1
+    # 8.2.2: next_track_ID all ones means "search for an unused one" when max + 1 does not fit.
+    next_track_id = min(max(t.track_id for t in tracks) + 1, 0xFFFFFFFF)
     # 8.2.2: mvhd version 0, timescale 1000, duration 0, rate 1.0, volume 1.0.
     mvhd = full_box(
         b"mvhd", 0, 0,
@@ -279,6 +292,10 @@ def parse_moov(payload: bytes) -> list[TrackHeader]:
         if len(tkhd) < id_offset + 4:
             raise BoxError("tkhd is truncated")
         (track_id,) = struct.unpack_from(">I", tkhd, id_offset)
+        if track_id == 0:
+            raise BoxError("tkhd track_ID is 0, which ISO/IEC 14496-12 8.3.2 does not allow")
+        if any(t.track_id == track_id for t in tracks):
+            raise BoxError(f"moov declares track {track_id} twice")
         width = struct.unpack_from(">I", tkhd, len(tkhd) - 8)[0] >> 16
         height = struct.unpack_from(">I", tkhd, len(tkhd) - 4)[0] >> 16
         mdia = _children(_one(trak_children, b"mdia", "trak").payload)
@@ -493,6 +510,9 @@ def parse_fragment(
     (sequence_number,) = struct.unpack_from(">I", mfhd, 4)
     trafs: list[ParsedTraf] = []
     next_base = 0  # the implicit base offset for a traf with neither flag: end of previous data
+    # Samples this fragment may still declare: one per mdat byte at most, and the overall cap.
+    sample_budget = [min(MAX_SAMPLES_PER_FRAGMENT, max(1, mdat_end - mdat_start))]
+    referenced = 0  # sample bytes referenced so far, over all trafs
     for traf in children.get(b"traf", []):
         traf_children = _children(traf.payload)
         tfhd = _one(traf_children, b"tfhd", "traf").payload
@@ -538,11 +558,18 @@ def parse_fragment(
                 tfxd = parse_tfxd(uuid_child.payload)
         samples: list[Sample] = []
         data_end = base
-        for trun_box in traf_children.get(b"trun", []):
+        truns = traf_children.get(b"trun", [])
+        if len(truns) > MAX_TRUNS_PER_TRAF:
+            raise BoxError(f"traf of track {track_id} has {len(truns)} truns, over the limit of {MAX_TRUNS_PER_TRAF}")
+        for trun_box in truns:
             run_samples, data_end = _parse_trun(
                 trun_box.payload, data, base, data_end,
-                (default_duration, default_size, default_flags), (mdat_start, mdat_end))  # fmt: skip
+                (default_duration, default_size, default_flags), (mdat_start, mdat_end), sample_budget)  # fmt: skip
             samples.extend(run_samples)
+            referenced += sum(len(sample.data) for sample in run_samples)
+            if referenced > mdat_end - mdat_start:
+                raise BoxError(f"the samples reference {referenced} bytes, more than the mdat's "
+                               f"{mdat_end - mdat_start}: samples may not share bytes")  # fmt: skip
         next_base = data_end
         trafs.append(ParsedTraf(track_id, base_time, tuple(samples), tfxd))
     if not trafs:
@@ -557,6 +584,7 @@ def _parse_trun(
     previous_end: int,
     defaults: tuple[int, int, int],
     mdat_span: tuple[int, int],
+    sample_budget: list[int],
 ) -> tuple[list[Sample], int]:
     version, flags = _version_flags(trun, "trun")
     default_duration, default_size, default_flags = defaults
@@ -581,6 +609,11 @@ def _parse_trun(
             raise BoxError(f"trun declares {count} samples but holds entries for {(len(trun) - pos) // entry_size}")
         if count > max(1, mdat_span[1] - mdat_span[0]):
             raise BoxError(f"trun declares {count} samples, more than the mdat has bytes")
+        if count > sample_budget[0]:
+            limit = min(MAX_SAMPLES_PER_FRAGMENT, max(1, mdat_span[1] - mdat_span[0]))
+            raise BoxError(f"the fragment declares more than {limit} samples, over the limit (one per mdat byte, "
+                           f"{MAX_SAMPLES_PER_FRAGMENT} in all)")  # fmt: skip
+        sample_budget[0] -= count
         samples = []
         for i in range(count):
             duration, size, sample_flags, cto = default_duration, default_size, default_flags, 0
@@ -598,6 +631,8 @@ def _parse_trun(
             if flags & TRUN_SAMPLE_COMPOSITION_TIME_OFFSET:
                 (cto,) = struct.unpack_from(">i" if version == 1 else ">I", trun, pos)
                 pos += 4
+                if cto > 0x7FFFFFFF:  # only version 0 is unsigned; no writer can carry it on as signed
+                    raise BoxError(f"trun sample {i} has composition offset {cto}, over the limit of {0x7FFFFFFF}")
             if position < mdat_span[0] or position + size > mdat_span[1]:
                 raise BoxError(f"trun sample {i} ({size} bytes at {position}) lies outside the mdat")
             samples.append(Sample(data[position : position + size], duration, _is_sync(sample_flags), cto))

@@ -22,7 +22,12 @@ malformed box raises :class:`~orchestrator.errors.BoxError`. After an error the 
 unusable: the caller drops the stream (or the POST) it was reading.
 
 A box is only ever handed out whole, so memory is bounded by the largest box
-(``fmp4.MAX_BOX_SIZE``).
+(``fmp4.MAX_BOX_SIZE``); a box of the header (``ftyp``, the manifest, ``moov``) may not exceed
+``MAX_HEADER_BOX_SIZE``, and that limit is checked as soon as the box's size field arrives.
+:attr:`StreamReader.reserved` says how many bytes the reader holds or is about to hold (the
+declared size of the box it is receiving), for a caller that keeps a memory budget.
+
+Every offset in an error message counts from the start of the stream.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from orchestrator.errors import MediaError
+from orchestrator.errors import BoxError, MediaError
 from orchestrator.fmp4.boxes import (
     LIVE_SERVER_MANIFEST_UUID,
     ParsedFragment,
@@ -42,6 +47,10 @@ from orchestrator.fmp4.boxes import (
     parse_trex,
     read_box_header,
 )
+
+# The header boxes are small (a moov with a few sample entries is a few kilobytes); a 40 MB
+# manifest of empty elements cost 1.1 GiB to parse before this limit (issue 13).
+MAX_HEADER_BOX_SIZE = 1024 * 1024
 
 
 class NeedData(enum.Enum):
@@ -110,6 +119,13 @@ class StreamReader:
         return self._consumed + len(self._buffer)
 
     @property
+    def reserved(self) -> int:
+        """Bytes held, or about to be held: at least the declared size of the box being received."""
+        pending = len(self._pending_moof[0]) if self._pending_moof else 0
+        header = read_box_header(self._buffer, 0, self._consumed)
+        return pending + max(len(self._buffer), header[1] if header else 0)
+
+    @property
     def buffered(self) -> int:
         """Bytes held that do not yet make a whole event."""
         pending = len(self._pending_moof[0]) if self._pending_moof else 0
@@ -129,10 +145,13 @@ class StreamReader:
                 return event
 
     def _take_box(self) -> tuple[bytes, bytes, int] | None:
-        header = read_box_header(self._buffer, 0)
+        header = read_box_header(self._buffer, 0, self._consumed)
         if header is None:
             return None
         box_type, size, _ = header
+        if self.header is None and size > MAX_HEADER_BOX_SIZE:
+            raise BoxError(f"{_name(box_type)} at offset {self._consumed} declares {size} bytes, over the limit of "
+                           f"{MAX_HEADER_BOX_SIZE} for a box of the header")  # fmt: skip
         if len(self._buffer) < size:
             return None
         data = bytes(self._buffer[:size])
@@ -149,7 +168,10 @@ class StreamReader:
             self._pending_moof = None
             if box_type != b"mdat":
                 raise MediaError(f"moof at offset {moof_offset} is followed by {_name(box_type)}, not mdat")
-            parsed = parse_fragment(moof + data, moof_offset, self.header.defaults)
+            try:
+                parsed = parse_fragment(moof + data, moof_offset, self.header.defaults)
+            except BoxError as exc:
+                raise BoxError(f"fragment at offset {moof_offset}: {exc}") from None
             return Fragment(parsed, moof_offset)
         if box_type == b"moof":
             self._pending_moof = (data, offset)
@@ -175,9 +197,13 @@ class StreamReader:
             if self._require_manifest and self._manifest is None:
                 raise MediaError("moov arrived before the Live Server Manifest box (ftyp, manifest, moov)")
             moov = _payload(data)
-            tracks = parse_moov(moov)
-            smil = parse_live_server_manifest(_payload(self._manifest)) if self._manifest else None
-            self.header = Header(self._ftyp, self._manifest, data, tuple(tracks), smil, parse_trex(moov))
+            try:
+                tracks = parse_moov(moov)
+                defaults = parse_trex(moov)
+                smil = parse_live_server_manifest(_payload(self._manifest)) if self._manifest else None
+            except BoxError as exc:
+                raise BoxError(f"moov at offset {offset}: {exc}") from None
+            self.header = Header(self._ftyp, self._manifest, data, tuple(tracks), smil, defaults)
             return self.header
         if box_type in (b"free", b"skip") or box_type == b"uuid":
             # free/skip are padding; another uuid box here is the deprecated StreamManifestBox

@@ -29,8 +29,31 @@ module. None of them touches a socket, a file or a clock; time comes in as ``now
       post.feed(chunk)                      # as often as bytes arrive
       while (decision := post.next_decision()) is not NEED_DATA:
           for write in decision.writes: ... # append to the archive
+          post.written(decision)            # only now is the fragment archived
+      for notice in post.take_notices(): ...  # things worth a log line (a track redefined)
       post.end_of_body()                    # the body ended: anything left over is an error
       post.close(now, "ok")                 # or "error" / "disconnected" / "cancelled"
+
+  A decision to archive changes the publishing point only when the caller says its writes
+  succeeded (:meth:`Post.written`): a failed write leaves the fragment acceptable again, so the
+  encoder's resend is archived rather than dropped as a duplicate.
+
+Limits, all checked on bytes as they arrive, so the work per POST is bounded by the bytes
+received (see also :mod:`orchestrator.fmp4.boxes` and :mod:`orchestrator.fmp4.reader`): a header
+box (the manifest included) of at most 1 MiB, a manifest of at most ``MAX_MANIFEST_ELEMENTS``
+elements, at most 16 truns per traf and 10,000 samples per fragment, one per mdat byte at
+most, no two samples sharing bytes. The :class:`PublishingPoint` keeps a *memory budget* over
+all POSTs: each POST reserves the bytes its reader holds or is about to hold (the declared
+size of the box it is receiving); a POST that would exceed the budget raises
+:class:`~orchestrator.errors.IngestOverloaded` and ends. Any other exception while reading a
+POST (a bug of ours, a field no writer can carry) ends that POST with a MediaError naming it;
+the publishing point's state is unchanged by it, so the stream is never poisoned.
+
+A stream's header is compared by digest (32 bytes kept, not the header); a track's init segment
+is dropped once written. A later header that defines a known track ID differently (another
+timescale, codec configuration, handler, size or language) starts a new track file,
+``<track name>-<n>.mp4``, with its own de-duplication index, and says so in a notice: two track
+definitions never share a file.
 
 The archive holds one file per (stream, track), ``<point path>/<stream id>/<track name>.mp4``:
 a single-track init segment (``ftyp`` + ``moov``), written with the track's first archived
@@ -46,13 +69,15 @@ a few dozen bytes per fragment, for the life of the process.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import xml.etree.ElementTree as ElementTree
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator.errors import MediaError
+from orchestrator.errors import IngestOverloaded, MediaError
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, NeedData, StreamReader
 
@@ -61,6 +86,8 @@ PostStatus = Literal["active", "ok", "error", "disconnected", "cancelled"]
 
 POST_LOG_SIZE = 200
 FRAGMENT_LOG_SIZE = 1000
+MAX_MANIFEST_ELEMENTS = 1000
+DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
 
 # --- addresses and names ------------------------------------------------------------------
 
@@ -106,17 +133,36 @@ def parse_stream_path(path: str) -> StreamPath | None:
     for part in (*parts, stream_id):
         if not is_safe_name(part):
             raise ValueError(f"unsafe name {part!r} in ingest path {path!r}")
+        # Directories are named after these parts and track files end in .mp4: a part ending in
+        # .mp4 could name another stream's track file as a directory.
+        if part.lower().endswith(".mp4"):
+            raise ValueError(f"{part!r} in ingest path {path!r} ends in .mp4, which names track files in the archive")
     return StreamPath(parts, stream_id)
 
 
 def track_names(smil: str | None) -> dict[int, str]:
     """trackID -> trackName, from the ``<param>`` children of the Live Server Manifest's track
-    elements (MS-SSTR 2.2.7.3). A manifest that is not XML names no tracks."""
+    elements (MS-SSTR 2.2.7.3). A manifest that is not XML names no tracks. Raises MediaError
+    for one of more than ``MAX_MANIFEST_ELEMENTS`` elements, counted while parsing."""
     if not smil:
         return {}
+    parser: ElementTree.XMLPullParser[ElementTree.Element] = ElementTree.XMLPullParser(events=("start",))
+    root: ElementTree.Element | None = None
+    elements = 0
     try:
-        root = ElementTree.fromstring(smil)
+        for start in range(0, len(smil), 16384):
+            parser.feed(smil[start : start + 16384])
+            events: Iterator[Any] = parser.read_events()  # ("start", element) only, as asked
+            for _name, element in events:
+                root = element if root is None else root
+                elements += 1
+                if elements > MAX_MANIFEST_ELEMENTS:
+                    raise MediaError(f"the Live Server Manifest has more than {MAX_MANIFEST_ELEMENTS} elements, "
+                                     "the limit")  # fmt: skip
+        parser.close()
     except ElementTree.ParseError:
+        return {}
+    if root is None:
         return {}
     names: dict[int, str] = {}
     for element in root.iter():
@@ -126,7 +172,8 @@ def track_names(smil: str | None) -> dict[int, str]:
             if child.tag.rsplit("}", 1)[-1] == "param"
         }
         track_id, name = params.get("trackid", ""), params.get("trackname", "")
-        if track_id.isascii() and track_id.isdigit() and name:
+        # At most 10 digits: a trackID is 32 bits, and int() of 5,000 digits raises.
+        if track_id.isascii() and track_id.isdigit() and len(track_id) <= 10 and name:
             names[int(track_id)] = name
     return names
 
@@ -178,6 +225,11 @@ class PostChecker:
     @property
     def header(self) -> Header | None:
         return self._reader.header
+
+    @property
+    def reserved(self) -> int:
+        """See :attr:`orchestrator.fmp4.reader.StreamReader.reserved`."""
+        return self._reader.reserved
 
     def feed(self, data: bytes) -> None:
         self._reader.feed(data)
@@ -243,7 +295,8 @@ class ArchiveWrite:
 
 @dataclass(frozen=True)
 class Decision:
-    """What the publishing point did with one track's part of a fragment."""
+    """What the publishing point did with one track's part of a fragment. An ``archived`` one
+    takes effect when the caller confirms its writes with :meth:`Post.written`."""
 
     post_id: int
     stream: StreamPath
@@ -260,7 +313,8 @@ class _Track:
     name: str
     file: tuple[str, ...]  # the archive file, relative to the archive directory
     timescale: int
-    init: bytes = field(repr=False)
+    init: bytes = field(repr=False)  # dropped (b"") once written
+    key: str = ""  # in /status: the track ID, and "<id>-<n>" for a later definition of it
     init_written: bool = False
     received: int = 0
     archived: int = 0
@@ -290,10 +344,21 @@ class _Track:
 
 @dataclass
 class _Stream:
-    header: bytes | None = field(default=None, repr=False)  # ftyp + manifest + moov of the first POST
+    header_digest: bytes | None = field(default=None, repr=False)  # sha256 of the first POST's header
     posts: int = 0
     header_mismatches: int = 0
-    tracks: dict[int, _Track] = field(default_factory=dict)
+    # (track ID, sha256 of its init segment) -> track: one entry per definition of a track ID.
+    tracks: dict[tuple[int, bytes], _Track] = field(default_factory=dict)
+    files: set[str] = field(default_factory=set)  # track file names in use
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """An archived decision not yet confirmed by :meth:`Post.written`."""
+
+    decision: Decision
+    track: _Track
+    time: int
 
 
 @dataclass
@@ -329,14 +394,25 @@ class _PostRecord:
 
 
 class PublishingPoint:
-    """Every stream of every publishing point path, shared by all POSTs. See the module docstring."""
+    """Every stream of every publishing point path, shared by all POSTs. See the module docstring.
 
-    def __init__(self) -> None:
+    ``memory_budget``: bytes that all POSTs together may hold in their readers (buffered, or
+    declared by the box being received)."""
+
+    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
         self._streams: dict[StreamPath, _Stream] = {}
         self._log: deque[_PostRecord] = deque(maxlen=POST_LOG_SIZE)
         self._next_post_id = 1
         self._active = 0
         self.probes = 0
+        self.memory_budget = memory_budget
+        self._reserved: dict[int, int] = {}  # post id -> bytes reserved
+        self.memory_refusals = 0
+
+    @property
+    def memory_reserved(self) -> int:
+        """Bytes reserved by all open POSTs, never above ``memory_budget``."""
+        return sum(self._reserved.values())
 
     def record_probe(self) -> None:
         """An empty-body POST (the encoder's probe, spec 4 requirement 1)."""
@@ -361,47 +437,103 @@ class PublishingPoint:
             streams[path.stream_id] = {
                 "posts": stream.posts,
                 "header_mismatches": stream.header_mismatches,
-                "tracks": {str(track_id): _track_json(track) for track_id, track in stream.tracks.items()},
+                "tracks": {track.key: _track_json(track) for track in stream.tracks.values()},
             }
         out: dict[str, Any] = {
             "posts": {"total": self._next_post_id - 1, "active": self._active},
             "probes": self.probes,
+            "memory": {
+                "budget": self.memory_budget,
+                "reserved": self.memory_reserved,
+                "refusals": self.memory_refusals,
+            },
             "publishing_points": points,
         }
         if posts:
             out["post_log"] = [record.as_json() for record in self._log]
         return out
 
-    def _on_header(self, path: StreamPath, stream: _Stream, header: Header) -> None:
-        if stream.header is None:
-            stream.header = header.data
-        elif stream.header != header.data:
-            stream.header_mismatches += 1
-        names = track_names(header.smil)
-        for track in header.tracks:
-            if track.track_id in stream.tracks:
-                continue  # a later header's idea of a known track is only compared, above
-            taken = {t.name for t in stream.tracks.values()}
-            name = names.get(track.track_id, "")
-            if not is_safe_name(name):
-                name = f"track{track.track_id}"
-            if name in taken:
-                name = f"{name}-{track.track_id}"
-            file = (*path.point, path.stream_id, f"{name}.mp4")
-            init = boxes.write_ftyp() + boxes.write_moov([track])
-            stream.tracks[track.track_id] = _Track(track.track_id, name, file, track.timescale, init)
+    def _reserve(self, post_id: int, size: int) -> None:
+        others = self.memory_reserved - self._reserved.get(post_id, 0)
+        if others + size > self.memory_budget:
+            self.memory_refusals += 1
+            self._reserved.pop(post_id, None)
+            raise IngestOverloaded(
+                f"this POST needs {size} bytes in memory and other POSTs hold {others}: over the ingest "
+                f"memory budget of {self.memory_budget} bytes; retry later"
+            )
+        self._reserved[post_id] = size
 
-    def _decide(self, record: _PostRecord, stream: _Stream, checked: CheckedFragment) -> list[Decision]:
-        decisions = []
+    def _on_header(self, path: StreamPath, stream: _Stream, header: Header) -> tuple[dict[int, _Track], list[str]]:
+        """The tracks a POST with ``header`` writes to, and notices. Computes everything before it
+        changes anything, so a header that fails half-way leaves the stream as it was."""
+        digest = hashlib.sha256(header.data).digest()
+        names = track_names(header.smil)
+        files = set(stream.files)
+        chosen: dict[int, _Track] = {}
+        created: list[tuple[tuple[int, bytes], _Track]] = []
+        notices = []
+        for track in header.tracks:
+            init = boxes.write_ftyp() + boxes.write_moov([track])
+            definition = (track.track_id, hashlib.sha256(init).digest())
+            known = stream.tracks.get(definition)
+            if known is not None:
+                chosen[track.track_id] = known
+                continue
+            earlier = [t for (track_id, _), t in stream.tracks.items() if track_id == track.track_id]
+            name = names.get(track.track_id, "")
+            if not is_safe_name(name) or name.lower().endswith(".mp4"):
+                name = f"track{track.track_id}"
+            if earlier:
+                name = earlier[0].name
+            stem, n = name, len(earlier) + 1
+            while f"{stem}.mp4" in files:
+                stem = f"{name}-{n}" if n > 1 else f"{name}-{track.track_id}"
+                n += 1
+            files.add(f"{stem}.mp4")
+            key = str(track.track_id) if not earlier else f"{track.track_id}-{len(earlier) + 1}"
+            new = _Track(track.track_id, stem, (*path.point, path.stream_id, f"{stem}.mp4"), track.timescale, init,
+                         key=key)  # fmt: skip
+            chosen[track.track_id] = new
+            created.append((definition, new))
+            if earlier:
+                old = earlier[-1]
+                notices.append(f"ingest.track.redefined stream={path} track={track.track_id} "
+                               f"old_file={'/'.join(old.file)} new_file={'/'.join(new.file)} "
+                               f"timescale={old.timescale}->{track.timescale}")  # fmt: skip
+        # Commit.
+        if stream.header_digest is None:
+            stream.header_digest = digest
+        elif stream.header_digest != digest:
+            stream.header_mismatches += 1
+        stream.tracks.update(created)
+        stream.files = files
+        return chosen, notices
+
+    def _decide(
+        self, record: _PostRecord, tracks: dict[int, _Track], checked: CheckedFragment
+    ) -> list[_Pending | Decision]:
+        """Decide about each traf. Everything that can fail (the per-track rebuild) runs before
+        any counter changes; an archived decision is only pending until :meth:`Post.written`."""
         parsed = checked.fragment.parsed
+        planned: list[tuple[_Track, FragmentInfo, tuple[ArchiveWrite, ...] | None]] = []
         for traf, info in zip(parsed.trafs, checked.tracks, strict=True):
-            track = stream.tracks[info.track_id]
+            track = tracks[info.track_id]
+            writes = None
+            if checked.rejected is None and info.time not in track.by_time:
+                data = _single_track_fragment(parsed, traf, info)
+                init = () if track.init_written else (ArchiveWrite(track.file, track.init, new_file=True),)
+                writes = (*init, ArchiveWrite(track.file, data))
+            planned.append((track, info, writes))
+        out: list[_Pending | Decision] = []
+        for track, info, writes in planned:
             track.received += 1
             if checked.rejected is not None:
                 track.rejected += 1
                 decision = Decision(record.id, record.stream, info, "rejected", checked.rejected)
-            elif info.time in track.by_time:
+            elif writes is None:
                 track.duplicates += 1
+                assert info.time is not None
                 index, duration = track.by_time[info.time]
                 reason = None
                 if (index, duration) != (info.index, info.duration):
@@ -413,19 +545,15 @@ class PublishingPoint:
                 decision = Decision(record.id, record.stream, info, "duplicate", reason, reason is not None)
             else:
                 assert info.time is not None  # accepted fragments carry a tfxd
-                track.archive(info.index, info.time, info.duration)
-                writes = []
-                if not track.init_written:
-                    track.init_written = True
-                    writes.append(ArchiveWrite(track.file, track.init, new_file=True))
-                writes.append(ArchiveWrite(track.file, _single_track_fragment(parsed, traf, info)))
-                decision = Decision(record.id, record.stream, info, "archived", writes=tuple(writes))
+                decision = Decision(record.id, record.stream, info, "archived", writes=writes)
             record.fragments_seen += 1
             record.fragments.append((info, decision.outcome))
-            decisions.append(decision)
-        return decisions
+            out.append(_Pending(decision, track, info.time) if writes is not None and info.time is not None
+                       else decision)  # fmt: skip
+        return out
 
     def _close(self, record: _PostRecord, now: float, status: PostStatus, reason: str | None) -> None:
+        self._reserved.pop(record.id, None)
         if record.status != "active":
             return
         record.ended, record.status, record.reason = now, status, reason
@@ -451,13 +579,13 @@ def _track_json(track: _Track) -> dict[str, Any]:
 
 def _single_track_fragment(parsed: boxes.ParsedFragment, traf: boxes.ParsedTraf, info: FragmentInfo) -> bytes:
     """The ``moof`` + ``mdat`` of one track of ``parsed``: the received bytes if it is the only
-    track, else rebuilt with the same index, time, tfxd version and samples."""
+    track, else rebuilt with the same index, time, tfxd version (at least 1) and samples."""
     if len(parsed.trafs) == 1:
         return parsed.data
     tfxd = traf.tfxd
     assert tfxd is not None  # accepted fragments carry a tfxd
     run = boxes.TrackRun(traf.track_id, tfxd.absolute_time, traf.samples, info.index)
-    return boxes.write_fragment(parsed.sequence_number, [run], tfxd.version)
+    return boxes.write_fragment(parsed.sequence_number, [run], max(1, tfxd.version))
 
 
 class Post:
@@ -468,7 +596,10 @@ class Post:
         self._record = record
         self._stream = stream
         self._checker = PostChecker()
-        self._pending: deque[Decision] = deque()
+        self._tracks: dict[int, _Track] = {}
+        self._queue: deque[_Pending | Decision] = deque()
+        self._unconfirmed: _Pending | None = None
+        self._notices: list[str] = []
 
     @property
     def id(self) -> int:
@@ -487,26 +618,63 @@ class Post:
         return self._record.status
 
     def feed(self, data: bytes) -> None:
+        """Take bytes of the body. Raises IngestOverloaded if holding them (or the box they
+        start) would exceed the publishing point's memory budget: the POST must end."""
         self._checker.feed(data)
         self._record.bytes_received += len(data)
+        self._point._reserve(self._record.id, self._checker.reserved)
 
     def next_decision(self) -> Decision | NeedData:
-        """The next decision, or NEED_DATA. The publishing point's state changes as decisions
-        are handed out. Raises MediaError if the stream cannot go on."""
-        while not self._pending:
-            event = self._checker.next_event()
-            if event is NEED_DATA:
-                return NEED_DATA
-            if isinstance(event, Header):
-                self._point._on_header(self._record.stream, self._stream, event)
-            else:
-                self._pending.extend(self._point._decide(self._record, self._stream, event))
-        return self._pending.popleft()
+        """The next decision, or NEED_DATA. Raises MediaError if the stream cannot go on; the
+        publishing point is then unchanged by this POST's unfinished fragment."""
+        if self._unconfirmed is not None:
+            raise RuntimeError("the previous archived decision was neither confirmed (written) nor the POST closed")
+        try:
+            while not self._queue:
+                event = self._checker.next_event()
+                if event is NEED_DATA:
+                    self._point._reserve(self._record.id, self._checker.reserved)
+                    return NEED_DATA
+                if isinstance(event, Header):
+                    self._tracks, notices = self._point._on_header(self._record.stream, self._stream, event)
+                    self._notices += notices
+                else:
+                    self._queue.extend(self._point._decide(self._record, self._tracks, event))
+        except (MediaError, IngestOverloaded):
+            raise
+        except Exception as exc:  # a field no writer can carry, or a bug of ours: this POST only
+            raise MediaError(f"cannot process this stream: {type(exc).__name__}: {exc}") from exc
+        item = self._queue.popleft()
+        if isinstance(item, _Pending):
+            self._unconfirmed = item
+            return item.decision
+        return item
+
+    def written(self, decision: Decision) -> None:
+        """The writes of ``decision`` (an archived one) succeeded: the fragment is archived now."""
+        pending = self._unconfirmed
+        if pending is None or pending.decision is not decision:
+            raise RuntimeError("written() takes the archived decision just handed out")
+        self._unconfirmed = None
+        track, info = pending.track, decision.fragment
+        track.archive(info.index, pending.time, info.duration)
+        if not track.init_written:
+            track.init_written, track.init = True, b""
+
+    def take_notices(self) -> list[str]:
+        """Log lines about this POST's stream (a track redefined), once each."""
+        notices, self._notices = self._notices, []
+        return notices
 
     def end_of_body(self) -> None:
         """See :meth:`PostChecker.end_of_body`."""
+        if self._unconfirmed is not None:
+            raise RuntimeError("the last archived decision was not confirmed")
         self._checker.end_of_body()
 
     def close(self, now: float, status: PostStatus, reason: str | None = None) -> None:
-        """Record how the POST ended. Only the first call counts."""
+        """Record how the POST ended (only the first call counts) and release its memory. An
+        archived decision not confirmed by then is dropped: its fragment stays acceptable."""
+        self._unconfirmed = None
+        self._queue.clear()
         self._point._close(self._record, now, status, reason)

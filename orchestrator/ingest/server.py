@@ -6,7 +6,10 @@ Routes:
     An empty body (``Content-Length: 0``, the encoder's probe) answers 200 at once. Otherwise
     the chunked body is fed to the receiver as it arrives and every archived fragment is
     appended to ``<archive>/<point path>/<stream id>/<track name>.mp4``. 200 when the body ends
-    cleanly, 400 with a one-line reason for a stream that cannot go on or an unsafe path.
+    cleanly, 400 with a one-line reason for a stream that cannot go on, an unsafe path or a
+    limit exceeded (the reason names the limit), 408 when no body bytes arrive for
+    ``body_timeout`` seconds, 503 with ``Retry-After`` when the memory budget across POSTs is
+    used up, 500 when an archive write fails (the reason names no absolute path).
   * ``GET /status``: the receiver's counters as JSON; ``GET /status?posts=1`` adds the per-POST log.
   * anything else: 404, or 405 for a known path with the wrong method.
 
@@ -20,8 +23,10 @@ exactly the order the receiver decided, and a write can never be interrupted by 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -32,7 +37,7 @@ from urllib.parse import parse_qs
 
 import trio
 
-from orchestrator.errors import MediaError
+from orchestrator.errors import IngestOverloaded, MediaError
 from orchestrator.fmp4.reader import NEED_DATA
 from orchestrator.ingest.receiver import ArchiveWrite, Decision, Post, PostStatus, PublishingPoint, parse_stream_path
 from orchestrator.ops.httpserve import Receive, Scope, Send, serve_asgi
@@ -47,12 +52,14 @@ class ArchiveFiles:
     Each :class:`~orchestrator.ingest.receiver.ArchiveWrite` is one ``write`` and one ``flush``; an
     init segment (``new_file``) starts the file. A file left by an earlier run is never
     truncated: it is renamed aside (``<name>.<n>.mp4``) first, so restarting the server loses
-    nothing. A file holds whole fragments only, unless the OS fails mid-write.
+    nothing. A file holds whole fragments only: a write that fails is cut back to where it
+    started, so a disk that fills up leaves no half fragment behind.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self._files: dict[Path, BinaryIO] = {}
+        self._ours: set[Path] = set()  # files this run started: an init rewrites them, never moves them aside
 
     def write(self, write: ArchiveWrite) -> None:
         """Raises OSError if the file cannot be written."""
@@ -65,11 +72,27 @@ class ArchiveFiles:
             if not path.resolve().is_relative_to(self.root.resolve()):
                 raise OSError(f"{path} is outside the archive {self.root}")
             path.parent.mkdir(parents=True, exist_ok=True)
-            if write.new_file and file is None and path.exists():
+            if write.new_file and path not in self._ours and path.exists():
                 _move_aside(path)
             file = self._files[path] = path.open("wb" if write.new_file else "ab")
-        file.write(write.data)
-        file.flush()
+            self._ours.add(path)
+        start = file.tell()
+        try:
+            file.write(write.data)
+            file.flush()
+        except OSError:
+            self._cut_back(path, file, start)
+            raise
+
+    def _cut_back(self, path: Path, file: BinaryIO, size: int) -> None:
+        """After a failed write: drop what the failed write left (buffered or on disk)."""
+        self._files.pop(path, None)
+        with contextlib.suppress(OSError):  # the buffered bytes fail again: they are cut off below
+            file.close()
+        try:
+            os.truncate(path, size)
+        except OSError as exc:
+            logger.error("ingest.archive.cut_back_failed file=%s size=%d error=%s", path, size, exc.strerror)
 
     def close(self) -> None:
         for file in self._files.values():
@@ -87,9 +110,13 @@ def _move_aside(path: Path) -> Path:
     return target
 
 
+DEFAULT_BODY_TIMEOUT = 60.0  # seconds without a body byte; fragments come every 2-6 s (spec 3.7)
+
+
 class IngestApp:
-    """The ASGI application. ``point`` holds the receiver state; ``clock`` gives wall-clock
-    seconds for the POST log."""
+    """The ASGI application. ``point`` holds the receiver state (and the memory budget);
+    ``clock`` gives wall-clock seconds for the POST log; a POST that sends no body bytes for
+    ``body_timeout`` seconds is answered 408 and ended."""
 
     def __init__(
         self,
@@ -97,10 +124,12 @@ class IngestApp:
         *,
         point: PublishingPoint | None = None,
         clock: Callable[[], float] = time.time,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
     ) -> None:
         self.archive = ArchiveFiles(archive_dir)
         self.point = point if point is not None else PublishingPoint()
         self.clock = clock
+        self.body_timeout = body_timeout
         self.fail_with: int | None = None
 
     def close(self) -> None:
@@ -141,7 +170,7 @@ class IngestApp:
             post = self.point.open_post(stream, _header(scope, b"x-encoder-group"), self.clock())
             answer = await self._ingest(post, receive, _server(scope))
             if answer is not None:
-                await _respond(send, answer[0], answer[1])
+                await _respond(send, answer[0], answer[1], retry_after="5" if answer[0] == 503 else None)
 
     async def _ingest(self, post: Post, receive: Receive, server: str) -> tuple[int, str] | None:
         """Feed the body to ``post`` until it ends; the answer to send, or None if the client
@@ -154,7 +183,13 @@ class IngestApp:
         answer: tuple[int, str] | None = None
         try:
             while True:
-                message = await receive()
+                message = None
+                with trio.move_on_after(self.body_timeout):
+                    message = await receive()
+                if message is None:
+                    status, reason = "error", f"no body bytes for {self.body_timeout:g} s (the body timeout)"
+                    answer = (408, f"{reason}\n")
+                    break
                 if message["type"] != "http.request":
                     status, reason = "disconnected", "the client went away mid-body"
                     break
@@ -162,6 +197,10 @@ class IngestApp:
                     post.feed(message["body"])
                     while (decision := post.next_decision()) is not NEED_DATA:
                         self._apply(decision)
+                        if decision.outcome == "archived":
+                            post.written(decision)
+                    for notice in post.take_notices():
+                        logger.warning("%s post=%d", notice, post.id)
                 if not message.get("more_body", False):
                     post.end_of_body()
                     status, reason, answer = "ok", None, (200, "")
@@ -169,8 +208,15 @@ class IngestApp:
         except MediaError as exc:
             status, reason = "error", str(exc)
             answer = (400, f"{exc}\n")
+            if exc.__cause__ is not None and not isinstance(exc.__cause__, MediaError):
+                logger.error("ingest.post.internal_error post=%d stream=%s", post.id, post.path, exc_info=exc.__cause__)
+        except IngestOverloaded as exc:
+            status, reason = "error", str(exc)
+            answer = (503, f"{exc}\n")
         except OSError as exc:
-            status, reason = "error", f"archive write failed: {exc}"
+            # The full error (with the absolute path) goes to the log; the client sees the reason only.
+            logger.error("ingest.archive.write_failed post=%d stream=%s error=%s", post.id, post.path, exc)
+            status, reason = "error", f"archive write failed: {exc.strerror or 'see the server log'}"
             answer = (500, f"{reason}\n")
         except trio.Cancelled:
             status, reason = "cancelled", "the server is shutting down"
@@ -212,12 +258,19 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _respond(
-    send: Send, status: int, body: str, content_type: str = "text/plain", allow: str | None = None
+    send: Send,
+    status: int,
+    body: str,
+    content_type: str = "text/plain",
+    allow: str | None = None,
+    retry_after: str | None = None,
 ) -> None:
     data = body.encode()
     headers = [(b"content-type", f"{content_type}; charset=utf-8".encode()), (b"content-length", b"%d" % len(data))]
     if allow is not None:
         headers.append((b"allow", allow.encode()))
+    if retry_after is not None:
+        headers.append((b"retry-after", retry_after.encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data, "more_body": False})
 

@@ -96,7 +96,7 @@ def test_read_box_header_needs_data() -> None:
         (h("00000007") + b"free", "smaller than its header"),
         (h("00000001") + b"mdat" + h("000000000000000f"), "smaller than its header"),  # largesize 15 < 16
         (h("00000000") + b"mdat", "size 0"),  # "to end of file" has no end in a live stream
-        (h("10000001") + b"mdat", "over 268435456"),  # 256 MiB + 1
+        (h("10000001") + b"mdat", "over the limit of 268435456"),  # 256 MiB + 1
     ],
     ids=["truncated-box", "truncated-header", "size-below-header", "largesize-below-header", "size-0", "oversize"],
 )

@@ -80,6 +80,8 @@ def drain(post: Post, *chunks: bytes) -> list[Decision]:
         post.feed(chunk)
         while (decision := post.next_decision()) is not NEED_DATA:
             out.append(decision)
+            if decision.outcome == "archived":
+                post.written(decision)  # as the server does once the writes succeeded
     return out
 
 
@@ -123,6 +125,7 @@ def test_post_fed_one_byte_at_a_time() -> None:
                 assert decision is NEED_DATA  # nothing is decided before the last byte of a fragment
             else:
                 assert isinstance(decision, Decision)
+                post.written(decision)
                 assert post.next_decision() is NEED_DATA
                 decisions.append(decision)
     post.end_of_body()

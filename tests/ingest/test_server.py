@@ -25,6 +25,7 @@ import trio
 from orchestrator.encode.synthetic import load_clip
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.manifest import ManifestTrack, live_server_manifest
+from orchestrator.ingest.receiver import DEFAULT_MEMORY_BUDGET
 from orchestrator.ingest.server import IngestApp, run_ingest_server, serve_app, serve_ingest
 
 INGEST = "/live/demo.isml/Streams(video)"
@@ -263,7 +264,8 @@ async def test_other_routes(server: Server) -> None:
         assert (await client.post(server.url + "/status")).status_code == 405
         status = await status_of(client, server.url)
         assert "post_log" not in (await client.get(server.url + "/status")).json()
-    assert status == {"posts": {"total": 0, "active": 0}, "probes": 0, "publishing_points": {}, "post_log": []}
+    assert status == {"posts": {"total": 0, "active": 0}, "probes": 0, "publishing_points": {}, "post_log": [],
+                      "memory": {"budget": DEFAULT_MEMORY_BUDGET, "reserved": 0, "refusals": 0}}  # fmt: skip
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -164,12 +164,19 @@ def schema() -> None:
               help="Where to accept ingest POSTs (loopback unless you say otherwise).")  # fmt: skip
 @click.option("--archive", type=click.Path(file_okay=False, path_type=Path), required=True,
               metavar="DIR", help="Write one fragmented MP4 per track here.")  # fmt: skip
-def ingest(listen: str, archive: Path) -> None:
+@click.option("--max-connections", type=click.IntRange(1, 100_000), default=512, show_default=True,
+              help="Connections open at once; more are answered 503 and closed.")  # fmt: skip
+@click.option("--memory-budget-mib", type=click.IntRange(1, 1_048_576), default=512, show_default=True,
+              help="MiB that all POSTs together may hold in memory; a POST over it is answered 503.")  # fmt: skip
+@click.option("--body-timeout", type=click.FloatRange(1, 86_400), default=60, show_default=True, metavar="SECONDS",
+              help="A POST that sends no body bytes for this long is answered 408.")  # fmt: skip
+def ingest(listen: str, archive: Path, max_connections: int, memory_budget_mib: int, body_timeout: float) -> None:
     """Run a local publishing point: accept live ingest POSTs, check, de-duplicate, archive."""
-    from orchestrator.ingest.server import run_ingest_server
+    from orchestrator.ingest.server import IngestLimits, run_ingest_server
 
+    limits = IngestLimits(max_connections, memory_budget_mib * 1024 * 1024, body_timeout)
     try:
-        run_ingest_server(listen, archive)
+        run_ingest_server(listen, archive, limits)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
     except OSError as exc:

@@ -30,6 +30,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO
@@ -39,8 +40,16 @@ import trio
 
 from orchestrator.errors import IngestOverloaded, MediaError
 from orchestrator.fmp4.reader import NEED_DATA
-from orchestrator.ingest.receiver import ArchiveWrite, Decision, Post, PostStatus, PublishingPoint, parse_stream_path
-from orchestrator.ops.httpserve import Receive, Scope, Send, serve_asgi
+from orchestrator.ingest.receiver import (
+    DEFAULT_MEMORY_BUDGET,
+    ArchiveWrite,
+    Decision,
+    Post,
+    PostStatus,
+    PublishingPoint,
+    parse_stream_path,
+)
+from orchestrator.ops.httpserve import DEFAULT_MAX_CONNECTIONS, Receive, Scope, Send, serve_asgi
 from orchestrator.profile import parse_listen
 
 logger = logging.getLogger(__name__)
@@ -111,6 +120,16 @@ def _move_aside(path: Path) -> Path:
 
 
 DEFAULT_BODY_TIMEOUT = 60.0  # seconds without a body byte; fragments come every 2-6 s (spec 3.7)
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """What one ingest server may be asked to hold; the README's reliability section lists what
+    a client sees when it hits each."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes held by all POSTs' readers together
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds without a body byte before a 408
 
 
 class IngestApp:
@@ -282,6 +301,7 @@ async def serve_app(
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     shutdown_event: trio.Event | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
     """Serve ``app`` on ``host``:``port`` until cancelled or until ``shutdown_event`` is set,
     then return. Reports the bound (host, port) through ``task_status``, so port 0 works.
@@ -293,7 +313,8 @@ async def serve_app(
     """
     try:
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(partial(serve_asgi, app, host, port, "ingest"))
+            serve = partial(serve_asgi, app, host, port, "ingest", max_connections=max_connections)
+            bound = await nursery.start(serve)
             task_status.started(bound)
             if shutdown_event is not None:
                 await shutdown_event.wait()
@@ -309,19 +330,22 @@ async def serve_ingest(
     *,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
     shutdown_event: trio.Event | None = None,
+    limits: IngestLimits = IngestLimits(),
 ) -> None:
     """Run a local publishing point on ``host``:``port``, archiving into ``archive_dir``. See
     :func:`serve_app` for start-up, shutdown and cancellation."""
-    await serve_app(IngestApp(archive_dir), host, port, task_status=task_status, shutdown_event=shutdown_event)
+    app = IngestApp(archive_dir, point=PublishingPoint(limits.memory_budget), body_timeout=limits.body_timeout)
+    await serve_app(app, host, port, task_status=task_status, shutdown_event=shutdown_event,
+                    max_connections=limits.max_connections)  # fmt: skip
 
 
-def run_ingest_server(listen: str, archive_dir: Path) -> None:
+def run_ingest_server(listen: str, archive_dir: Path, limits: IngestLimits = IngestLimits()) -> None:
     """Run a local publishing point in the foreground until SIGINT or SIGTERM, then stop as
     :func:`serve_app` describes and return (so the CLI exits 0). Raises ValueError for a
     ``listen`` that is not ``host:port``, OSError if it cannot bind."""
     host, port = parse_listen(listen)
     try:
-        trio.run(_serve_until_signalled, host, port, archive_dir)
+        trio.run(_serve_until_signalled, host, port, archive_dir, limits)
     except BaseExceptionGroup as group:
         # A bind error comes out wrapped in one group per nursery it crossed.
         error: BaseException = group
@@ -332,10 +356,10 @@ def run_ingest_server(listen: str, archive_dir: Path) -> None:
         raise
 
 
-async def _serve_until_signalled(host: str, port: int, archive_dir: Path) -> None:
+async def _serve_until_signalled(host: str, port: int, archive_dir: Path, limits: IngestLimits) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve_ingest, host, port, archive_dir)
+            await nursery.start(partial(serve_ingest, host, port, archive_dir, limits=limits))
             async for signum in signals:
                 logger.info("ingest.signal signal=%s action=stop", signal.Signals(signum).name)
                 break

@@ -1,20 +1,39 @@
 """Serve an ASGI app on trio with hypercorn: the one HTTP-server seam of the package.
 
-Hypercorn (h11 underneath) does the HTTP parsing; we only bind, report the bound address to
-``nursery.start`` and answer ASGI lifespan events so apps without lifespan support start quietly.
+Hypercorn (h11 underneath) does the HTTP parsing; we bind, report the bound address to
+``nursery.start``, answer ASGI lifespan events so apps without lifespan support start quietly,
+and guard the listener:
+
+* **Connection cap.** At most ``max_connections`` connections are open at once. A connection
+  over the cap is answered ``503 Service Unavailable`` (``Retry-After: 5``, ``Connection:
+  close``) and closed at once, and the first one of an episode logs
+  ``<name>.connections.capped``; ``<name>.connections.cap_cleared`` says when the count is
+  below the cap again and how many were refused. Without it, 1,030 idle connections took every
+  file descriptor of a default 1,024 limit and locked every client out.
+* **File descriptors exhausted** (EMFILE/ENFILE on accept): logged once per episode
+  (``<name>.accept.fd_exhausted``, then ``<name>.accept.recovered`` with the duration), not ten
+  times a second; accepting is retried every 100 ms meanwhile, as trio does.
+
+To put the guard in front of hypercorn's connection handler, :func:`serve_asgi` runs
+hypercorn's trio ``TCPServer`` itself (what ``hypercorn.trio.serve`` does, minus lifespan,
+statsd and QUIC, which we do not use); it is tested against the hypercorn version pinned in
+pyproject.toml.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any
 
 import trio
 from hypercorn.config import Config
-from hypercorn.trio import serve
-
-from orchestrator.profile import parse_listen
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.utils import wrap_app
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +42,14 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+DEFAULT_MAX_CONNECTIONS = 512  # well under the common 1,024 open-file limit, which archive files share
+_FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_OVER_CAP_BODY = b"too many open connections to this server; retry later\n"
+_OVER_CAP = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\nretry-after: 5\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_OVER_CAP_BODY), _OVER_CAP_BODY)
+)
 
 
 def _with_lifespan(app: ASGIApp) -> ASGIApp:
@@ -40,15 +67,115 @@ def _with_lifespan(app: ASGIApp) -> ASGIApp:
     return wrapped
 
 
+class _CountedStream(trio.abc.HalfCloseableStream):
+    """A socket stream that gives its slot back to the listener when closed (once). It has no
+    ``do_handshake``, so hypercorn takes it for the plain TCP stream it is."""
+
+    def __init__(self, inner: trio.SocketStream, release: Callable[[], None]) -> None:
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+        self.socket = inner.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            if self._release is not None:
+                self._release()
+                self._release = None
+
+
+class GuardedListener(trio.abc.Listener[trio.abc.Stream]):
+    """A TCP listener with the connection cap and the once-per-episode EMFILE log described in
+    the module docstring. ``open`` is the number of connections open now, ``refused`` the number
+    answered 503 since the start."""
+
+    def __init__(self, inner: trio.SocketListener, name: str, max_connections: int) -> None:
+        self._inner = inner
+        self._name = name
+        self.max_connections = max_connections
+        self.open = 0
+        self.refused = 0
+        self._capped_refusals: int | None = None  # refusals in the current cap episode
+        self._exhausted: tuple[float, int] | None = None  # (since, retries) in an EMFILE episode
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self._inner.socket
+
+    async def accept(self) -> trio.abc.Stream:
+        while True:
+            try:
+                stream = await self._inner.accept()
+            except OSError as exc:
+                if exc.errno not in _FD_EXHAUSTED:
+                    raise
+                if self._exhausted is None:
+                    self._exhausted = (trio.current_time(), 0)
+                    log.error("%s.accept.fd_exhausted error=%s open_connections=%d max_connections=%d hint=%s",
+                              self._name, errno.errorcode.get(exc.errno or 0, exc.errno), self.open,
+                              self.max_connections, "raise the open-file limit (ulimit -n) or lower the "
+                              "connection cap; retrying every 100 ms")  # fmt: skip
+                self._exhausted = (self._exhausted[0], self._exhausted[1] + 1)
+                await trio.sleep(0.1)
+                continue
+            if self._exhausted is not None:
+                since, retries = self._exhausted
+                self._exhausted = None
+                log.warning("%s.accept.recovered seconds=%.1f retries=%d", self._name,
+                            trio.current_time() - since, retries)  # fmt: skip
+            if self.open >= self.max_connections:
+                await self._refuse(stream)
+                continue
+            self.open += 1
+            return _CountedStream(stream, self._release)
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        self.refused += 1
+        if self._capped_refusals is None:
+            self._capped_refusals = 0
+            log.warning("%s.connections.capped max_connections=%d action=%s", self._name, self.max_connections,
+                        "new connections are answered 503 and closed until some close")  # fmt: skip
+        self._capped_refusals += 1
+        with trio.move_on_after(0.5):  # a fresh socket's send buffer is empty: this does not wait
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(_OVER_CAP)
+        await trio.aclose_forcefully(stream)
+
+    def _release(self) -> None:
+        self.open -= 1
+        if self._capped_refusals is not None and self.open < self.max_connections:
+            log.info("%s.connections.cap_cleared open_connections=%d refused=%d", self._name, self.open,
+                     self._capped_refusals)  # fmt: skip
+            self._capped_refusals = None
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 async def serve_asgi(
     app: ASGIApp,
     host: str,
     port: int,
     name: str = "http",
     *,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on ``host:port`` (port 0 picks a free one) until cancelled.
+    """Serve ``app`` on ``host:port`` (port 0 picks a free one) until cancelled, with at most
+    ``max_connections`` connections open at once.
 
     Reports the bound ``(host, port)`` through ``task_status``. Cancellation closes the
     listener and every open connection; requests in flight see their connection cut.
@@ -60,11 +187,17 @@ async def serve_asgi(
     config.keep_alive_timeout = 75
     config.graceful_timeout = 0
 
-    async def _serve(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await serve(_with_lifespan(app), config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]
-
+    sockets = config.create_sockets()
+    listeners = []
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+        inner = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        listeners.append(GuardedListener(inner, name, max_connections))
+    bound_host, bound_port = sockets.insecure_sockets[0].getsockname()[:2]
+    handler = partial(TCPServer, wrap_app(_with_lifespan(app), config.wsgi_max_body_size, "asgi"), config,  # type: ignore[arg-type]
+                      WorkerContext(None), {})  # fmt: skip
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(_serve)
-        bound_host, bound_port = parse_listen(binds[0].split("://", 1)[1])
-        log.info("%s.listening url=http://%s:%d", name, host if ":" not in host else f"[{host}]", bound_port)
+        nursery.start_soon(partial(trio.serve_listeners, handler, listeners, handler_nursery=nursery))
+        log.info("%s.listening url=http://%s:%d max_connections=%d", name, host if ":" not in host else f"[{host}]",
+                 bound_port, max_connections)  # fmt: skip
         task_status.started((bound_host, bound_port))

@@ -69,15 +69,21 @@ def _with_lifespan(app: ASGIApp) -> ASGIApp:
 
 class _CountedStream(trio.abc.HalfCloseableStream):
     """A socket stream that gives its slot back to the listener when closed (once). It has no
-    ``do_handshake``, so hypercorn takes it for the plain TCP stream it is."""
+    ``do_handshake``, so hypercorn takes it for the plain TCP stream it is.
+
+    ``send_all`` and ``send_eof`` take turns: hypercorn closes a connection (``send_eof``) from
+    another task than the one sending, and when the app answers before the request body ended
+    (a 408, a 400 mid-body) the two met, trio raised BusyResourceError and the answer was lost."""
 
     def __init__(self, inner: trio.SocketStream, release: Callable[[], None]) -> None:
         self._inner = inner
         self._release: Callable[[], None] | None = release
+        self._sending = trio.Lock()
         self.socket = inner.socket
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
+        async with self._sending:
+            await self._inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._inner.wait_send_all_might_not_block()
@@ -86,7 +92,8 @@ class _CountedStream(trio.abc.HalfCloseableStream):
         return await self._inner.receive_some(max_bytes)
 
     async def send_eof(self) -> None:
-        await self._inner.send_eof()
+        async with self._sending:
+            await self._inner.send_eof()
 
     async def aclose(self) -> None:
         try:
@@ -95,6 +102,16 @@ class _CountedStream(trio.abc.HalfCloseableStream):
             if self._release is not None:
                 self._release()
                 self._release = None
+
+
+class _TCPServer(TCPServer):
+    """hypercorn's connection handler, but a connection the client closed while idle is let go
+    at once: hypercorn 0.18 keeps its keep-alive timer (75 s here) running after the client's
+    EOF, so each such connection held its file descriptor, and a slot under the cap, for 75 s."""
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()
 
 
 class GuardedListener(trio.abc.Listener[trio.abc.Stream]):
@@ -194,7 +211,7 @@ async def serve_asgi(
         inner = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         listeners.append(GuardedListener(inner, name, max_connections))
     bound_host, bound_port = sockets.insecure_sockets[0].getsockname()[:2]
-    handler = partial(TCPServer, wrap_app(_with_lifespan(app), config.wsgi_max_body_size, "asgi"), config,  # type: ignore[arg-type]
+    handler = partial(_TCPServer, wrap_app(_with_lifespan(app), config.wsgi_max_body_size, "asgi"), config,  # type: ignore[arg-type]
                       WorkerContext(None), {})  # fmt: skip
     async with trio.open_nursery() as nursery:
         nursery.start_soon(partial(trio.serve_listeners, handler, listeners, handler_nursery=nursery))

@@ -24,11 +24,13 @@ exactly the order the receiver decided, and a write can never be interrupted by 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import signal
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -49,7 +51,7 @@ from orchestrator.ingest.receiver import (
     PublishingPoint,
     parse_stream_path,
 )
-from orchestrator.ops.httpserve import DEFAULT_MAX_CONNECTIONS, Receive, Scope, Send, serve_asgi
+from orchestrator.ops.httpserve import DEFAULT_MAX_CONNECTIONS, ConnectionStats, Receive, Scope, Send, serve_asgi
 from orchestrator.profile import parse_listen
 
 logger = logging.getLogger(__name__)
@@ -150,6 +152,8 @@ class IngestApp:
         self.clock = clock
         self.body_timeout = body_timeout
         self.fail_with: int | None = None
+        self.connections = ConnectionStats()  # filled in by the listener serve_app starts
+        self.refusals: Counter[str] = Counter()  # answers other than 200, by status code
 
     def close(self) -> None:
         """Close the archive files (they are flushed after every fragment already)."""
@@ -165,12 +169,15 @@ class IngestApp:
                 return
             query = parse_qs(scope["query_string"].decode("latin-1"))
             status = self.point.status(posts=query.get("posts", ["0"])[0] not in ("", "0"))
+            status["connections"] = dataclasses.asdict(self.connections)
+            status["refusals"] = dict(sorted(self.refusals.items()))
             await _respond(send, 200, json.dumps(status, indent=2) + "\n", "application/json")
             return
         try:
             stream = parse_stream_path(path)
         except ValueError as exc:
             logger.warning("ingest.request.refused path=%r reason=%r", path, str(exc))
+            self.refusals["400"] += 1
             await _respond(send, 400, f"{exc}\n")
             return
         if stream is None:
@@ -188,6 +195,8 @@ class IngestApp:
         else:
             post = self.point.open_post(stream, _header(scope, b"x-encoder-group"), self.clock())
             answer = await self._ingest(post, receive, _server(scope))
+            if answer is not None and answer[0] != 200:
+                self.refusals[str(answer[0])] += 1
             if answer is not None:
                 await _respond(send, answer[0], answer[1], retry_after="5" if answer[0] == 503 else None)
 
@@ -313,7 +322,8 @@ async def serve_app(
     """
     try:
         async with trio.open_nursery() as nursery:
-            serve = partial(serve_asgi, app, host, port, "ingest", max_connections=max_connections)
+            serve = partial(serve_asgi, app, host, port, "ingest", max_connections=max_connections,
+                            stats=app.connections)  # fmt: skip
             bound = await nursery.start(serve)
             task_status.started(bound)
             if shutdown_event is not None:

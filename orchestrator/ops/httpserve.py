@@ -26,6 +26,7 @@ import contextlib
 import errno
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -104,6 +105,17 @@ class _CountedStream(trio.abc.HalfCloseableStream):
                 self._release = None
 
 
+@dataclass
+class ConnectionStats:
+    """What the guarded listener counts, for an app's status page: connections open now,
+    connections refused over the cap, and episodes of file descriptors exhausted."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    open: int = 0
+    refused: int = 0
+    fd_exhausted_episodes: int = 0
+
+
 class _TCPServer(TCPServer):
     """hypercorn's connection handler, but a connection the client closed while idle is let go
     at once: hypercorn 0.18 keeps its keep-alive timer (75 s here) running after the client's
@@ -116,15 +128,12 @@ class _TCPServer(TCPServer):
 
 class GuardedListener(trio.abc.Listener[trio.abc.Stream]):
     """A TCP listener with the connection cap and the once-per-episode EMFILE log described in
-    the module docstring. ``open`` is the number of connections open now, ``refused`` the number
-    answered 503 since the start."""
+    the module docstring; it counts into ``stats`` (shared by the listeners of one server)."""
 
-    def __init__(self, inner: trio.SocketListener, name: str, max_connections: int) -> None:
+    def __init__(self, inner: trio.SocketListener, name: str, stats: ConnectionStats) -> None:
         self._inner = inner
         self._name = name
-        self.max_connections = max_connections
-        self.open = 0
-        self.refused = 0
+        self.stats = stats
         self._capped_refusals: int | None = None  # refusals in the current cap episode
         self._exhausted: tuple[float, int] | None = None  # (since, retries) in an EMFILE episode
 
@@ -141,9 +150,10 @@ class GuardedListener(trio.abc.Listener[trio.abc.Stream]):
                     raise
                 if self._exhausted is None:
                     self._exhausted = (trio.current_time(), 0)
+                    self.stats.fd_exhausted_episodes += 1
                     log.error("%s.accept.fd_exhausted error=%s open_connections=%d max_connections=%d hint=%s",
-                              self._name, errno.errorcode.get(exc.errno or 0, exc.errno), self.open,
-                              self.max_connections, "raise the open-file limit (ulimit -n) or lower the "
+                              self._name, errno.errorcode.get(exc.errno or 0, exc.errno), self.stats.open,
+                              self.stats.max_connections, "raise the open-file limit (ulimit -n) or lower the "
                               "connection cap; retrying every 100 ms")  # fmt: skip
                 self._exhausted = (self._exhausted[0], self._exhausted[1] + 1)
                 await trio.sleep(0.1)
@@ -153,17 +163,17 @@ class GuardedListener(trio.abc.Listener[trio.abc.Stream]):
                 self._exhausted = None
                 log.warning("%s.accept.recovered seconds=%.1f retries=%d", self._name,
                             trio.current_time() - since, retries)  # fmt: skip
-            if self.open >= self.max_connections:
+            if self.stats.open >= self.stats.max_connections:
                 await self._refuse(stream)
                 continue
-            self.open += 1
+            self.stats.open += 1
             return _CountedStream(stream, self._release)
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
-        self.refused += 1
+        self.stats.refused += 1
         if self._capped_refusals is None:
             self._capped_refusals = 0
-            log.warning("%s.connections.capped max_connections=%d action=%s", self._name, self.max_connections,
+            log.warning("%s.connections.capped max_connections=%d action=%s", self._name, self.stats.max_connections,
                         "new connections are answered 503 and closed until some close")  # fmt: skip
         self._capped_refusals += 1
         with trio.move_on_after(0.5):  # a fresh socket's send buffer is empty: this does not wait
@@ -172,9 +182,9 @@ class GuardedListener(trio.abc.Listener[trio.abc.Stream]):
         await trio.aclose_forcefully(stream)
 
     def _release(self) -> None:
-        self.open -= 1
-        if self._capped_refusals is not None and self.open < self.max_connections:
-            log.info("%s.connections.cap_cleared open_connections=%d refused=%d", self._name, self.open,
+        self.stats.open -= 1
+        if self._capped_refusals is not None and self.stats.open < self.stats.max_connections:
+            log.info("%s.connections.cap_cleared open_connections=%d refused=%d", self._name, self.stats.open,
                      self._capped_refusals)  # fmt: skip
             self._capped_refusals = None
 
@@ -189,10 +199,11 @@ async def serve_asgi(
     name: str = "http",
     *,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    stats: ConnectionStats | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` (port 0 picks a free one) until cancelled, with at most
-    ``max_connections`` connections open at once.
+    ``max_connections`` connections open at once, counting into ``stats`` if given.
 
     Reports the bound ``(host, port)`` through ``task_status``. Cancellation closes the
     listener and every open connection; requests in flight see their connection cut.
@@ -205,11 +216,13 @@ async def serve_asgi(
     config.graceful_timeout = 0
 
     sockets = config.create_sockets()
+    stats = stats if stats is not None else ConnectionStats()
+    stats.max_connections = max_connections
     listeners = []
     for sock in sockets.insecure_sockets:
         sock.listen(config.backlog)
         inner = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        listeners.append(GuardedListener(inner, name, max_connections))
+        listeners.append(GuardedListener(inner, name, stats))
     bound_host, bound_port = sockets.insecure_sockets[0].getsockname()[:2]
     handler = partial(_TCPServer, wrap_app(_with_lifespan(app), config.wsgi_max_body_size, "asgi"), config,  # type: ignore[arg-type]
                       WorkerContext(None), {})  # fmt: skip

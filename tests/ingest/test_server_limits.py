@@ -21,7 +21,7 @@ import trio
 
 from orchestrator.fmp4 import boxes
 from orchestrator.ingest.server import IngestApp, serve_app
-from orchestrator.ops.httpserve import serve_asgi
+from orchestrator.ops.httpserve import ConnectionStats, serve_asgi
 from tests.ingest.test_receiver_limits import hostile_fragment, trun
 from tests.ingest.test_server import INGEST, Media, Server, chunks, media, server, status_of, video_track, wait_for
 
@@ -75,6 +75,7 @@ async def test_a_post_that_sends_no_body_is_answered_408(nursery: trio.Nursery, 
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert answer.endswith(b"\r\n\r\nno body bytes for 0.5 s (the body timeout)\n")
     assert app.point.status(posts=True)["post_log"][0]["status"] == "error"
+    assert app.refusals == {"408": 1}
 
 
 async def test_connections_over_the_cap_are_answered_503_and_logged_once(
@@ -84,8 +85,9 @@ async def test_connections_over_the_cap_are_answered_503_and_logged_once(
     app = IngestApp(tmp_path / "archive")
     host, port = await nursery.start(serve_app, app, "127.0.0.1", 0)
     # serve_app's default cap is 512; this server has a cap of 3, on the same app.
+    stats = ConnectionStats()
     host, port = await nursery.start(lambda task_status: serve_asgi(app, host, 0, "capped", max_connections=3,
-                                                                    task_status=task_status))  # fmt: skip
+                                                                    stats=stats, task_status=task_status))  # fmt: skip
     idle = [await trio.open_tcp_stream(host, port) for _ in range(3)]
     await trio.sleep(0.2)  # let the server accept them
     answers = []
@@ -118,6 +120,8 @@ async def test_connections_over_the_cap_are_answered_503_and_logged_once(
     match = re.fullmatch(r"capped\.connections\.cap_cleared open_connections=2 refused=(\d+)", line)
     assert match is not None, line
     assert int(match[1]) >= 5
+    assert stats.refused == int(match[1])
+    assert stats.max_connections == 3
     for stream in idle:
         await stream.aclose()
 
@@ -153,7 +157,8 @@ def test_running_out_of_file_descriptors_is_logged_once_and_recovers(tmp_path: P
         deadline = time.monotonic() + 20
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/status", timeout=2).status_code == 200:
+                response = httpx.get(f"http://127.0.0.1:{port}/status", timeout=2)
+                if response.status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -166,6 +171,7 @@ def test_running_out_of_file_descriptors_is_logged_once_and_recovers(tmp_path: P
     assert stderr.count("ingest.accept.fd_exhausted error=EMFILE") == 1, stderr
     assert stderr.count("ingest.accept.recovered") == 1, stderr
     assert "Too many open files" not in stderr  # trio's own ten-a-second log line
+    assert response.json()["connections"]["fd_exhausted_episodes"] == 1
 
 
 @pytest.mark.parametrize(
@@ -228,3 +234,4 @@ async def test_memory_budget_over_http_answers_503_with_retry_after(nursery: tri
     assert refused.headers["retry-after"] == "5"
     assert "over the ingest memory budget of 1048576 bytes; retry later" in refused.text
     assert app.point.status()["memory"]["refusals"] == 1
+    assert app.refusals["503"] == 1

@@ -184,6 +184,8 @@ async def _tls_server(ca: trustme.CA, nursery: trio.Nursery) -> int:
             await stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client refused our certificate: expected in the negative case
+        finally:
+            await trio.aclose_forcefully(stream)
 
     listeners = await trio.open_ssl_over_tcp_listeners(0, server_context, host="127.0.0.1")
     nursery.start_soon(trio.serve_listeners, handle, listeners)

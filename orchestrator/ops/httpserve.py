@@ -16,7 +16,7 @@ and guard the listener:
 
 To put the guard in front of hypercorn's connection handler, :func:`serve_asgi` runs
 hypercorn's trio ``TCPServer`` itself (what ``hypercorn.trio.serve`` does, minus lifespan,
-statsd and QUIC, which we do not use); it is tested against the hypercorn version pinned in
+statsd and QUIC, which we do not use); it is tested against the hypercorn version range pinned in
 pyproject.toml.
 """
 

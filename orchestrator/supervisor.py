@@ -37,7 +37,14 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from orchestrator.encode.continuity import ClockIdentity, decode_state
-from orchestrator.encode.ffmpeg import HOW_TO_GET_FFMPEG, FfmpegPlan, find_ffmpeg, plan_ffmpeg, run_ffmpeg_encoder
+from orchestrator.encode.ffmpeg import (
+    HOW_TO_GET_FFMPEG,
+    FfmpegPlan,
+    SourceError,
+    find_ffmpeg,
+    plan_ffmpeg,
+    run_ffmpeg_encoder,  # fmt: skip
+)
 from orchestrator.encode.group import GroupEncoder, InstanceRunner, Output, Sink, run_synthetic_encoder
 from orchestrator.encode.statefile import hold_group_lock, read_state, state_path
 from orchestrator.encode.synthetic import SyntheticStream
@@ -101,7 +108,8 @@ class _Planned:
             try:
                 self.ffmpeg[group_name] = self._plan_ffmpeg(group_name)
             except (ValueError, EncoderError) as exc:
-                problems.append((f"groups.{group_name}.encoder", str(exc)))
+                key = f".{exc.key}" if isinstance(exc, SourceError) else ""
+                problems.append((f"groups.{group_name}.encoder{key}", str(exc)))
         if any(plan is None for plan in self.ffmpeg.values()):
             for stream in profile.streams:  # the synthetic clips must cover every track: fail now, not live
                 SyntheticStream(profile, stream)
@@ -157,7 +165,9 @@ class _Planned:
                 log.warning("supervisor.ffmpeg.missing group=%s fallback=synthetic how=%r", group, HOW_TO_GET_FFMPEG)
                 return None
             raise EncoderError(f"no ffmpeg found on PATH; {HOW_TO_GET_FFMPEG}")
-        plan = plan_ffmpeg(config, executable)
+        tracks = [t for s in self.profile.streams for t in s.tracks]
+        plan = plan_ffmpeg(config, executable, needs_video=any(t.kind == "video" for t in tracks),
+                           needs_audio=any(t.kind == "audio" for t in tracks))  # fmt: skip
         log.info("supervisor.ffmpeg group=%s executable=%s burn_in=%s", group, executable, plan.burn_in)
         return plan
 

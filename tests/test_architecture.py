@@ -41,6 +41,7 @@ PURE_CORE = [
     "push/reconnect",
     "encode/continuity",
     "encode/recut",
+    "encode/lock",
     "encode/ffmpeg_command",
     "ingest/receiver",
     "ops/state",

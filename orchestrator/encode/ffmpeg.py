@@ -23,20 +23,31 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import json
 import logging
 import os
 import shutil
 import signal
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import trio
 
 from orchestrator.clock import NS_PER_SECOND
-from orchestrator.encode.ffmpeg_command import Encode, build_argv, plan_encodes, priming_frames
+from orchestrator.encode.ffmpeg_command import (
+    Encode,
+    FileInputs,
+    build_argv,
+    file_playlists,
+    plan_encodes,
+    priming_frames,
+)
 from orchestrator.encode.group import Sink
+from orchestrator.encode.lock import FileLockError, FileTiming, content_offset_ns, file_timing
 from orchestrator.encode.recut import Cut, TrackRecutter, anchor_frame, start_index
 from orchestrator.errors import EncoderError
 from orchestrator.fmp4 import boxes
@@ -119,6 +130,7 @@ class FfmpegPlan:
     config: FfmpegEncoder
     burn_in: bool
     live_url: str | None = None
+    file_timing: FileTiming | None = None
 
 
 class _StderrLog:
@@ -171,6 +183,7 @@ class _Recut:
         self.wall = wall
         self.metrics = metrics
         self.header_seen = False
+        self.loop: Fraction | None = None
         d = profile.presentation.fragment_duration
         self.max_lag_ns = 2 * d.numerator * NS_PER_SECOND // d.denominator + NS_PER_SECOND
 
@@ -214,6 +227,11 @@ class _Recut:
         for stream_id in encode.stream_ids:
             self.sink.fragment(EncodedFragment(stream_id, encode.track_id, cut.index, cut.start, cut.duration,
                                                encode.clock.timescale, data))  # fmt: skip
+        if self.metrics is not None:
+            frame = encode.clock.first_frame(cut.index)
+            offset = content_offset_ns(encode.clock, frame, self.loop) / NS_PER_SECOND
+            for stream_id in encode.stream_ids:
+                self.metrics.content_offset.labels(stream_id, self.group, encode.track.name).set(offset)
         lag_ns = self.wall.now_ns() - encode.clock.end_ns(cut.index)
         if lag_ns > self.max_lag_ns:
             behind = lag_ns / NS_PER_SECOND
@@ -244,12 +262,40 @@ async def run_ffmpeg_encoder(
     recutters = [TrackRecutter(e.clock, anchor=a, first_index=first, priming_frames=priming_frames(e))
                  for e, a in zip(encodes, anchors, strict=True)]  # fmt: skip
     source = plan.config.source
-    argv = build_argv(plan.executable, profile, source, encodes, anchors, preset=plan.config.preset,
-                      burn_in=plan.burn_in, live_url=plan.live_url)  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="orchestrator-ffmpeg-") as scratch:
+        files = None
+        if isinstance(source, FileSource):
+            assert plan.file_timing is not None
+            files = _write_playlists(Path(scratch), source, plan.file_timing, encodes, anchors)
+        argv = build_argv(plan.executable, profile, source, encodes, anchors, preset=plan.config.preset,
+                          burn_in=plan.burn_in, live_url=plan.live_url, files=files)  # fmt: skip
+        await _run(argv, plan, profile, encodes, recutters, sink, first, group=group, wall=wall, metrics=metrics)
+
+
+def _write_playlists(scratch: Path, source: FileSource, timing: FileTiming, encodes: list[Encode],
+                     anchors: list[int]) -> FileInputs:  # fmt: skip
+    """The ffconcat lists that open the file at the clock position (lock.py), in ``scratch``."""
+    texts = file_playlists(str(source.path.resolve()), timing, encodes, anchors)
+    paths: list[str | None] = []
+    for name, text in zip(("video.ffconcat", "audio.ffconcat"), texts, strict=True):
+        if text is None:
+            paths.append(None)
+            continue
+        (scratch / name).write_text(text)
+        paths.append(str(scratch / name))
+    return FileInputs(paths[0], paths[1])
+
+
+async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: list[Encode],
+               recutters: list[TrackRecutter], sink: Sink, first: int, *, group: str, wall: WallClock,
+               metrics: Metrics | None) -> None:  # fmt: skip
+    """Start ffmpeg with ``argv`` and re-cut its output until it ends (see run_ffmpeg_encoder)."""
+    source = plan.config.source
     secret = plan.live_url if isinstance(source, LiveSource) and source.url_env else None
     shown = [f"<${source.url_env}>" if secret is not None and a == secret else a for a in argv]  # type: ignore[union-attr]
     log.info("ffmpeg.starting group=%s first_index=%d argv=%s", group, first, " ".join(shown))
     output = _Recut(profile, encodes, recutters, sink, group=group, wall=wall, metrics=metrics)
+    output.loop = plan.file_timing.loop if plan.file_timing is not None else None
     stderr = _StderrLog(group)
     # Its own session (setsid): a terminal's Ctrl-C (SIGINT to the foreground process group) and
     # a SIGHUP reach the orchestrator only, which finishes the fragment in flight and then stops
@@ -298,7 +344,8 @@ async def _stop(process: trio.Process) -> int:
     return await process.wait()
 
 
-def plan_ffmpeg(config: FfmpegEncoder, executable: str) -> FfmpegPlan:
+def plan_ffmpeg(config: FfmpegEncoder, executable: str, *, needs_video: bool = True, needs_audio: bool = True
+                ) -> FfmpegPlan:  # fmt: skip
     """Resolve what can be resolved before going live (raises ValueError with a reason)."""
     burn_in = False
     if isinstance(config.source, PatternSource) and config.source.burn_in_clock:
@@ -307,6 +354,52 @@ def plan_ffmpeg(config: FfmpegEncoder, executable: str) -> FfmpegPlan:
             log.warning("ffmpeg.burn_in.unavailable executable=%s reason='drawtext failed: no libfreetype or no "
                         "font'; the test pattern runs without the clock", executable)  # fmt: skip
     live_url = config.source.resolve() if isinstance(config.source, LiveSource) else None
-    if isinstance(config.source, FileSource) and not config.source.path.is_file():
-        raise ValueError(f"source file {config.source.path} does not exist")
-    return FfmpegPlan(executable, config, burn_in, live_url)
+    timing = None
+    if isinstance(config.source, FileSource):
+        timing = probe_file(executable, config.source.path, needs_video=needs_video, needs_audio=needs_audio)
+    return FfmpegPlan(executable, config, burn_in, live_url, timing)
+
+
+class SourceError(ValueError):
+    """A source that cannot be used; ``key`` is its key path below the group's encoder."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+
+def probe_file(executable: str, path: Path, *, needs_video: bool, needs_audio: bool) -> FileTiming:
+    """Probe a file source once (ffprobe beside ``executable``, else on PATH) for its loop timing.
+
+    Raises:
+        SourceError: the file is missing, unreadable, or cannot be locked to the clock (why).
+    """
+    if not path.is_file():
+        raise SourceError("source.path", f"source file {path} does not exist")
+    beside = Path(executable).with_name("ffprobe")
+    ffprobe = str(beside) if beside.is_file() else shutil.which("ffprobe")
+    if ffprobe is None:
+        raise SourceError("source.path", "ffprobe is needed to lock a file source to the clock; it comes with "
+                                         "ffmpeg (apt-get install ffmpeg)")  # fmt: skip
+    argv = [ffprobe, "-v", "error", "-count_packets", "-show_streams", "-of", "json", str(path)]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=120, check=False, text=True)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceError("source.path", f"{path}: ffprobe failed: {exc}") from None
+    if done.returncode != 0:
+        raise SourceError("source.path", f"{path}: ffprobe cannot read it: {done.stderr.strip()[-300:]}")
+    # The audio's length is what the decoder plays (one decode of the audio only: fast).
+    argv = [ffprobe, "-v", "error", "-select_streams", "a:0", "-show_entries", "frame=nb_samples", "-of", "csv=p=0",
+            str(path)]  # fmt: skip
+    try:
+        frames = subprocess.run(argv, capture_output=True, timeout=600, check=False, text=True)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceError("source.path", f"{path}: ffprobe failed: {exc}") from None
+    try:
+        samples = sum(int(line) for line in frames.stdout.split() if line.strip())
+        timing = file_timing(json.loads(done.stdout), samples, needs_video=needs_video, needs_audio=needs_audio)
+    except (FileLockError, ValueError) as exc:
+        raise SourceError("source.path", f"{path}: {exc}") from None
+    log.info("ffmpeg.source.probed path=%s loop_s=%.6f video_frames=%s frame_rate=%s audio_samples=%s",
+             path, float(timing.loop), timing.video_frames, timing.frame_rate, timing.audio_samples)  # fmt: skip
+    return timing

@@ -32,6 +32,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from orchestrator.clock import TrackClock
+from orchestrator.encode.lock import FileTiming, file_entries, pattern_box_x, tone_expression
 from orchestrator.encode.recut import keyframe_boundary
 from orchestrator.profile import AudioTrack, FileSource, LiveSource, PatternSource, Profile, VideoTrack
 
@@ -95,27 +96,89 @@ def _clock_text(clock: TrackClock, anchor: int) -> str:
             "boxborderw=8:x=(w-tw)/2:y=h-th-h/20")  # fmt: skip
 
 
-def _inputs(source: PatternSource | FileSource | LiveSource, encodes: Sequence[Encode], url: str | None) -> list[str]:
-    video = [e for e in encodes if e.is_video]
-    audio = [e for e in encodes if not e.is_video]
+def _start(encodes: Sequence[tuple[Encode, int]]) -> Fraction:
+    """The shared-clock time (s, exact) of the earliest first frame among ``encodes``."""
+    return min(a * e.clock.frame_duration for e, a in encodes)
+
+
+def _lead(encode: Encode, anchor: int, start: Fraction) -> Fraction:
+    """How far (s) this encode's first frame is after the input's start (>= 0 for files; may be
+    a fraction of a frame below 0 for the pattern, whose input follows the biggest video track)."""
+    return anchor * encode.clock.frame_duration - start
+
+
+def _seconds(value: Fraction) -> str:
+    return f"{float(value):.9f}"
+
+
+@dataclass(frozen=True)
+class FileInputs:
+    """The ffconcat lists (paths) a locked file source is read through: one for the video
+    tracks, one for the audio tracks (each starts at its own clock position)."""
+
+    video: str | None
+    audio: str | None
+
+
+def file_playlists(source_path: str, timing: FileTiming, encodes: Sequence[Encode], anchors: Sequence[int]
+                   ) -> tuple[str | None, str | None]:  # fmt: skip
+    """The ffconcat texts for the video and the audio input of a locked file (see
+    :mod:`orchestrator.encode.lock`): each opens the file at the clock position of its earliest
+    track's anchor frame."""
+    pairs = list(zip(encodes, anchors, strict=True))
+    video = [(e, a) for e, a in pairs if e.is_video]
+    audio = [(e, a) for e, a in pairs if not e.is_video]
+    texts: list[str | None] = []
+    for group in (video, audio):
+        texts.append(file_entries(source_path, _start(group) % timing.loop, timing.loop) if group else None)
+    return texts[0], texts[1]
+
+
+def _inputs(source: PatternSource | FileSource | LiveSource, video: Sequence[tuple[Encode, int]],
+            audio: Sequence[tuple[Encode, int]], url: str | None, files: FileInputs | None,
+            burn_in: bool) -> list[str]:  # fmt: skip
     if isinstance(source, PatternSource):
         args: list[str] = []
         if video:
-            biggest = max(video, key=lambda e: e.track.width * e.track.height)  # type: ignore[union-attr]
+            biggest, anchor = max(video, key=lambda p: p[0].track.width * p[0].track.height)  # type: ignore[union-attr]
             track = biggest.track
             assert isinstance(track, VideoTrack)
-            args += ["-re", "-f", "lavfi", "-i",
-                     f"testsrc2=size={track.width}x{track.height}:rate={_rate(track.frame_rate)}"]  # fmt: skip
+            size, rate = f"{track.width}x{track.height}", _rate(track.frame_rate)
+            # A still card (colour bars are the same every frame) and a box whose position is an
+            # expression of the shared frame: every pixel is a function of n + anchor.
+            box = f"color=c=white:size={max(8, track.height // 8)}x{max(8, track.height // 8)}:rate={rate}"
+            graph = (f"smptehdbars=size={size}:rate={rate}[bars];{box}[box];"
+                     f"[bars][box]overlay=x='{pattern_box_x(anchor)}':y=(main_h-overlay_h)/2:shortest=1")  # fmt: skip
+            if burn_in:
+                graph += "," + _frame_counter(anchor)
+            args += ["-re", "-f", "lavfi", "-i", graph]
         if audio:
-            rate = audio[0].track.sample_rate  # type: ignore[union-attr]
-            args += ["-re", "-f", "lavfi", "-i", f"sine=frequency={source.tone_hz}:sample_rate={rate}"]
+            encode, anchor = min(audio, key=lambda p: p[1] * p[0].clock.frame_duration)
+            sample_rate: int = encode.track.sample_rate  # type: ignore[union-attr]
+            first_sample = anchor * encode.clock.frame_duration * sample_rate
+            assert first_sample.denominator == 1
+            expression = tone_expression(int(first_sample), sample_rate, source.tone_hz)
+            args += ["-re", "-f", "lavfi", "-i",
+                     f"aevalsrc='{expression}':sample_rate={sample_rate}:channel_layout=mono"]  # fmt: skip
         return args
     if isinstance(source, FileSource):
-        return ["-re", "-stream_loop", "-1", "-i", str(source.path)]
+        assert files is not None
+        # -copyts keeps the concat demuxer's timestamps: 0 is the in-point, exactly.
+        args = ["-copyts"]
+        for playlist in (files.video, files.audio):
+            if playlist is not None:
+                args += ["-re", "-f", "concat", "-safe", "0", "-i", playlist]
+        return args
     assert url is not None
     # Live input: stamp packets with the wall clock, so constant-frame-rate conversion keeps
     # one output frame per frame period of *our* clock even if the sender's clock drifts.
     return ["-use_wallclock_as_timestamps", "1", "-i", url]
+
+
+def _frame_counter(anchor: int) -> str:
+    """drawtext filter showing the shared-clock frame number of each frame."""
+    return (f"drawtext=text='%{{eif\\:n+{anchor}\\:d}}':fontsize=h/12:fontcolor=white:box=1:"
+            "boxcolor=black@0.6:boxborderw=6:x=(w-tw)/2:y=h/20")  # fmt: skip
 
 
 def build_argv(
@@ -128,12 +191,20 @@ def build_argv(
     preset: str,
     burn_in: bool,
     live_url: str | None = None,
+    files: FileInputs | None = None,
 ) -> list[str]:
-    """The whole argv. ``anchors[i]`` is the shared frame that encode i's first output frame is."""
+    """The whole argv. ``anchors[i]`` is the shared frame that encode i's first output frame is;
+    ``files`` the ffconcat lists a file source is read through (:func:`file_playlists`)."""
     video = [(e, a) for e, a in zip(encodes, anchors, strict=True) if e.is_video]
     audio = [(e, a) for e, a in zip(encodes, anchors, strict=True) if not e.is_video]
     video_input = "0:v:0"
-    audio_input = "1:a:0" if isinstance(source, PatternSource) and video else "0:a:0"
+    audio_input = "1:a:0" if not isinstance(source, LiveSource) and video else "0:a:0"
+    if isinstance(source, PatternSource) and video:
+        biggest = max(video, key=lambda p: p[0].track.width * p[0].track.height)  # type: ignore[union-attr]
+        video_start = biggest[1] * biggest[0].clock.frame_duration
+    elif video:
+        video_start = _start(video)
+    audio_start = _start(audio) if audio else Fraction(0)
 
     graph: list[str] = []
     if video:
@@ -141,23 +212,37 @@ def build_argv(
         pre = _clock_text(first, video[0][1]) + "," if isinstance(source, PatternSource) and burn_in else ""
         labels = "".join(f"[vsrc{i}]" for i in range(len(video)))
         graph.append(f"[{video_input}]{pre}split={len(video)}{labels}")
-        for i, (e, _) in enumerate(video):
+        for i, (e, a) in enumerate(video):
             t = e.track
             assert isinstance(t, VideoTrack)
-            graph.append(f"[vsrc{i}]fps={_rate(t.frame_rate)},scale={t.width}:{t.height},format=yuv420p[v{i}]")
+            lead = _lead(e, a, video_start)
+            if isinstance(source, LiveSource):
+                rate = f"fps={_rate(t.frame_rate)}"
+            else:
+                # Output frame m is the input at m*F after this encode's first frame: fps slots
+                # counted from 0, after shifting this encode's first frame to 0.
+                shift = f"setpts=PTS-{_seconds(lead)}/TB," if lead else ""
+                rate = f"{shift}fps={_rate(t.frame_rate)}:start_time=0"
+            graph.append(f"[vsrc{i}]{rate},scale={t.width}:{t.height},format=yuv420p[v{i}]")
     if audio:
         labels = "".join(f"[asrc{i}]" for i in range(len(audio)))
         graph.append(f"[{audio_input}]asplit={len(audio)}{labels}")
-        for i, (e, _) in enumerate(audio):
+        for i, (e, a) in enumerate(audio):
             t = e.track
             assert isinstance(t, AudioTrack)
-            resample = "aresample=async=1:first_pts=0," if isinstance(source, LiveSource) else ""
+            if isinstance(source, LiveSource):
+                resample = "aresample=async=1:first_pts=0,"
+            elif isinstance(source, FileSource):
+                # Samples before this encode's first frame (the in-point's pre-roll) are cut exactly.
+                resample = f"atrim=start={_seconds(_lead(e, a, audio_start))},asetpts=PTS-STARTPTS,"
+            else:
+                resample = ""
             graph.append(f"[asrc{i}]{resample}aresample={t.sample_rate},"
                          f"aformat=sample_fmts=fltp:channel_layouts={'mono' if t.channels == 1 else 'stereo'}"
                          f"[a{i}]")  # fmt: skip
 
     argv = [str(executable), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+warning"]
-    argv += _inputs(source, encodes, live_url)
+    argv += _inputs(source, video, audio, live_url, files, burn_in)
     argv += ["-filter_complex", ";".join(graph)]
     for i in range(len(video)):
         argv += ["-map", f"[v{i}]"]

@@ -104,6 +104,11 @@ class Metrics:
         self.backlog_limit_bytes = Gauge(
             "orchestrator_backlog_limit_bytes", "The group's max_backlog.bytes: beyond it, fragments are dropped",
             ("group",), registry=r)  # fmt: skip
+        self.content_offset = Gauge(
+            "orchestrator_content_offset_seconds",
+            "Source position of the last fragment's first frame minus its shared-clock time (file: folded into "
+            "the loop; test pattern: 0). Equal in every group that carries the same content",
+            ("stream", "group", "track"), registry=r)  # fmt: skip
         self.seconds_since_push = _SecondsSincePush(r)
         self.endpoint_state = _EndpointState(r)
 

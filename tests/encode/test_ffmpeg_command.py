@@ -12,7 +12,7 @@ import trio
 from test_ffmpeg import PROFILE
 
 from orchestrator.encode.ffmpeg import STDERR_BURST, STDERR_PERIOD, FfmpegExited, _StderrLog, find_ffmpeg
-from orchestrator.encode.ffmpeg_command import build_argv, keyframe_expression, plan_encodes
+from orchestrator.encode.ffmpeg_command import FileInputs, build_argv, keyframe_expression, plan_encodes
 from orchestrator.errors import EncoderError, ProfileError
 from orchestrator.profile import FileSource, LiveSource, PatternSource, load_profile, parse_profile
 
@@ -46,13 +46,19 @@ def test_argv_for_the_test_pattern():
     argv = build_argv("/opt/ffmpeg", profile, source, encodes, [100, 100, 200], preset="veryfast", burn_in=False)
     assert argv[0] == "/opt/ffmpeg"
     assert all(isinstance(a, str) for a in argv)
-    assert argv[argv.index("-i") + 1] == "testsrc2=size=640x360:rate=30000/1001"
-    assert "sine=frequency=1000:sample_rate=48000" in argv
+    # Every pixel and every sample a function of the shared frame / sample number (lock.py):
+    # the box is at shared frame 100, the tone at shared sample 200 * 1024 = 204800.
+    assert argv[argv.index("-i") + 1] == (
+        "smptehdbars=size=640x360:rate=30000/1001[bars];color=c=white:size=45x45:rate=30000/1001[box];"
+        "[bars][box]overlay=x='(main_w-overlay_w)*abs(mod(n+100,120)-60)/60':y=(main_h-overlay_h)/2:shortest=1"
+    )
+    assert "aevalsrc='0.5*sin(2*PI*1000*mod(n+12800,48000)/48000)*lt(mod(n+12800,48000),4800)'" \
+           ":sample_rate=48000:channel_layout=mono" in argv  # fmt: skip
     graph = argv[argv.index("-filter_complex") + 1]
     assert graph == (
         "[0:v:0]split=2[vsrc0][vsrc1];"
-        "[vsrc0]fps=30000/1001,scale=640:360,format=yuv420p[v0];"
-        "[vsrc1]fps=30000/1001,scale=320:180,format=yuv420p[v1];"
+        "[vsrc0]fps=30000/1001:start_time=0,scale=640:360,format=yuv420p[v0];"
+        "[vsrc1]fps=30000/1001:start_time=0,scale=320:180,format=yuv420p[v1];"
         "[1:a:0]asplit=1[asrc0];"
         "[asrc0]aresample=48000,aformat=sample_fmts=fltp:channel_layouts=stereo[a0]"
     )
@@ -63,6 +69,10 @@ def test_argv_for_the_test_pattern():
     assert argv[argv.index("-force_key_frames:v:0") + 1] == keyframe_expression(encodes[0].clock, 100)
     assert argv[-1] == "pipe:1"
     assert "drawtext" not in graph
+    with_counter = build_argv("ffmpeg", profile, source, encodes, [100, 100, 200], preset="veryfast", burn_in=True)
+    assert with_counter[with_counter.index("-i") + 1].endswith(
+        ",drawtext=text='%{eif\\:n+100\\:d}':fontsize=h/12:fontcolor=white:box=1:boxcolor=black@0.6:"
+        "boxborderw=6:x=(w-tw)/2:y=h/20")  # fmt: skip
 
 
 def test_burn_in_shows_the_shared_clock_time_of_the_anchor_frame():
@@ -79,16 +89,41 @@ def test_burn_in_shows_the_shared_clock_time_of_the_anchor_frame():
 def test_file_and_live_sources():
     profile = ladder()
     encodes = plan_encodes(profile)
-    argv = build_argv("ffmpeg", profile, FileSource(kind="file", path=Path("in.mp4")), encodes, [0, 0, 0],
-                      preset="fast", burn_in=True)  # fmt: skip
-    assert argv[argv.index("-i") - 3 : argv.index("-i") + 2] == ["-re", "-stream_loop", "-1", "-i", "in.mp4"]
-    assert "[0:a:0]asplit=1[asrc0]" in argv[argv.index("-filter_complex") + 1]
+    files = FileInputs("/tmp/v.ffconcat", "/tmp/a.ffconcat")
+    argv = build_argv("ffmpeg", profile, FileSource(kind="file", path=Path("in.mp4")), encodes, [300, 300, 200],
+                      preset="fast", burn_in=True, files=files)  # fmt: skip
+    # The file is read through the clock-locked ffconcat lists (lock.py), not -stream_loop.
+    assert argv[6:20] == ["-copyts", "-re", "-f", "concat", "-safe", "0", "-i", "/tmp/v.ffconcat",
+                          "-re", "-f", "concat", "-safe", "0", "-i", "/tmp/a.ffconcat"][:14]  # fmt: skip
+    assert "-stream_loop" not in argv
+    graph = argv[argv.index("-filter_complex") + 1]
+    assert "[vsrc0]fps=30000/1001:start_time=0,scale=640:360" in graph
+    assert "[1:a:0]asplit=1[asrc0];[asrc0]atrim=start=0.000000000,asetpts=PTS-STARTPTS,aresample=48000," in graph
     live = LiveSource(kind="live", url="srt://127.0.0.1:9000?mode=caller")
     argv = build_argv("ffmpeg", profile, live, encodes, [0, 0, 0], preset="fast", burn_in=True,
                       live_url=live.resolve())  # fmt: skip
     assert argv[argv.index("-i") - 2 : argv.index("-i") + 2] == [
         "-use_wallclock_as_timestamps", "1", "-i", "srt://127.0.0.1:9000?mode=caller"]  # fmt: skip
     assert "aresample=async=1" in argv[argv.index("-filter_complex") + 1]
+
+
+def test_tracks_with_different_anchors_share_one_file_input_each_shifted_to_its_own_first_frame():
+    """A 15 fps rendition starts at its own first frame: the input opens at the earliest track's
+    position and the later one is shifted (setpts) before its frame-rate conversion."""
+    text = PROFILE.format(port=1).replace(
+        'frame_rate = "30000/1001"\n\n[[streams]]\nid = "lo"', 'frame_rate = "30000/1001"\n\n[[streams]]\nid = "lo"', 1
+    )
+    text = text.replace(
+        'width = 320\n  height = 180\n  frame_rate = "30000/1001"', 'width = 320\n  height = 180\n  frame_rate = "15"'
+    )
+    profile = parse_profile(text, "ladder.toml")
+    encodes = plan_encodes(profile)
+    # 29.97 fps frame 30 is at 1.001 s; 15 fps frame 16 at 1.0667 s: 0.0657 s later.
+    argv = build_argv("ffmpeg", profile, FileSource(kind="file", path=Path("in.mp4")), encodes, [30, 16, 47],
+                      preset="fast", burn_in=False, files=FileInputs("v", "a"))  # fmt: skip
+    graph = argv[argv.index("-filter_complex") + 1]
+    assert "[vsrc0]fps=30000/1001:start_time=0," in graph
+    assert "[vsrc1]setpts=PTS-0.065666667/TB,fps=15/1:start_time=0," in graph
 
 
 def test_profile_keys_for_ffmpeg():

@@ -1,0 +1,202 @@
+"""Content lock: which picture and which sound belong to shared-clock frame n.
+
+Theory of operation
+-------------------
+The shared clock (:mod:`orchestrator.clock`) makes every group agree on the *index, start and
+duration* of fragment k. This module makes them agree on its *content*: the source position
+shown at shared frame n is a function of n alone, never of when or where an encoder started.
+
+**File sources.** A file is played as if it had started at the epoch and looped ever since. Its
+*loop length* L (exact, seconds) is what ffmpeg's own looping would use: the audio's length
+when the file has audio (ffmpeg times consecutive passes by the decoded audio samples), else
+its frame count divided by its (constant) frame rate. The source position of shared frame n of
+a track with frame duration F is
+
+    position(n) = (n * F) mod L
+
+so for a file at the track's own rate, the picture at frame n is file frame ``n mod N``, and
+the audio of AAC frame n starts at file sample ``(1024 * n) mod S``: sample-exact. An instance
+that starts (or restarts) at anchor frame a opens the file at ``position(a)``
+(:func:`file_entries`: an ffconcat list whose first entry has that in-point and whose next
+entries are the whole file again, each starting exactly L later), so its m-th output frame is
+shared frame a + m *and* shows position(a + m).
+
+Why not ``-ss`` with ``-stream_loop``: ffmpeg 5.1 times its second pass from the packet the
+seek landed on (the keyframe before the -ss point), so after the first loop the timeline
+overlaps itself and the picture lands up to a GOP off (measured by decoding a frame-numbered
+clip; see the README). The concat demuxer's in-point and explicit durations are exact: durations are
+written as differences of rounded absolute starts, so the microsecond rounding never accumulates.
+
+A file *loops cleanly* (:func:`file_timing`) when its video has a constant frame rate and a
+known frame count, it has the audio the profile needs, and its video and audio lengths differ
+by at most one video frame (else the seam would freeze or skip pictures every pass).
+
+**Test pattern.** Every pixel is a function of the shared frame: a still test card (one frame of
+``testsrc2``, looped) with a box whose position is an expression of ``n + anchor``
+(:func:`pattern_box_x`), a frame counter of the shared frame and the clock text; the tone is an
+``aevalsrc`` expression of the shared sample number, with a 100 ms pip at the top of each
+shared-clock second (:func:`tone_expression`). Cheaper than ``testsrc2`` redrawn per frame (see
+README, "Real encoders: ffmpeg").
+
+**Observable.** :func:`content_offset_ns` is what the metric exports per fragment: the source
+position of the fragment's first frame minus its shared-clock time, folded into the loop. Two
+groups carry the same content exactly when it is equal for the same track.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from orchestrator.clock import NS_PER_SECOND, TrackClock
+
+US_PER_SECOND = 1_000_000
+PLAYLIST_SECONDS = 86400
+"""How much looped content one ffconcat list covers; when it ends, ffmpeg exits and the restart
+re-locks (each group at its own time, so the other group covers the seam)."""
+MAX_PLAYLIST_ENTRIES = 20_000
+
+
+class FileLockError(ValueError):
+    """A file source that cannot be locked to the clock; the message says why."""
+
+
+@dataclass(frozen=True)
+class FileTiming:
+    """What the content lock needs to know about a file (from one ffprobe at planning time)."""
+
+    loop: Fraction
+    video_frames: int | None
+    frame_rate: Fraction | None
+    audio_samples: int | None
+    sample_rate: int | None
+
+
+def _fraction(text: str) -> Fraction | None:
+    try:
+        value = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value if value > 0 else None
+
+
+def file_timing(probe: dict[str, object], decoded_samples: int | None, *, needs_video: bool, needs_audio: bool
+                ) -> FileTiming:  # fmt: skip
+    """The file's loop timing from ``ffprobe -count_packets -show_streams -of json`` and the number
+    of samples its first audio stream decodes to (what a pass really plays: the container's
+    duration can be a few samples shorter than the decoder's output, measured 32 of 186368).
+
+    Raises:
+        FileLockError: the file lacks a stream the profile needs, has a variable frame rate or no
+            frame count, or its audio and video lengths differ by more than a video frame.
+    """
+    streams = probe.get("streams")
+    if not isinstance(streams, list):
+        raise FileLockError("ffprobe found no streams")
+    video = next((s for s in streams if isinstance(s, dict) and s.get("codec_type") == "video"), None)
+    audio = next((s for s in streams if isinstance(s, dict) and s.get("codec_type") == "audio"), None)
+    if needs_video and video is None:
+        raise FileLockError("the file has no video stream, and the profile has video tracks")
+    if needs_audio and audio is None:
+        raise FileLockError("the file has no audio stream, and the profile has audio tracks")
+    frames = rate = None
+    video_length = None
+    if video is not None:
+        rate = _fraction(str(video.get("avg_frame_rate", "0/0")))
+        real = _fraction(str(video.get("r_frame_rate", "0/0")))
+        if rate is None or rate != real:
+            raise FileLockError(f"the video frame rate is not constant (average {video.get('avg_frame_rate')}, "
+                                f"real {video.get('r_frame_rate')}): it cannot be locked frame by frame")  # fmt: skip
+        try:
+            frames = int(str(video.get("nb_read_packets", video.get("nb_frames", ""))))
+        except ValueError:
+            frames = 0
+        if frames <= 0:
+            raise FileLockError("the video frame count is unknown")
+        video_length = frames / rate
+    sample_rate = None
+    audio_length = None
+    if audio is not None:
+        try:
+            sample_rate = int(str(audio.get("sample_rate", "")))
+        except ValueError:
+            raise FileLockError("the audio sample rate is unknown") from None
+        if not decoded_samples or sample_rate <= 0:
+            raise FileLockError("the audio stream is empty")
+        audio_length = Fraction(decoded_samples, sample_rate)
+    if (
+        video_length is not None
+        and audio_length is not None
+        and rate is not None
+        and abs(video_length - audio_length) > 1 / rate
+    ):
+        raise FileLockError(f"video ({float(video_length):.3f} s) and audio ({float(audio_length):.3f} s) "
+                            "differ by more than one frame: the file cannot loop cleanly (trim it so both "
+                            "streams have the same length)")  # fmt: skip
+    loop = audio_length if audio_length is not None else video_length
+    assert loop is not None
+    return FileTiming(loop, frames, rate, decoded_samples if audio is not None else None, sample_rate)
+
+
+def position(clock: TrackClock, frame: int, loop: Fraction) -> Fraction:
+    """The file position (seconds, exact) that shared frame ``frame`` of ``clock`` shows."""
+    return (frame * clock.frame_duration) % loop
+
+
+def _us(seconds: Fraction) -> int:
+    return round(seconds * US_PER_SECOND)
+
+
+def _seconds_text(us: int) -> str:
+    return f"{us // US_PER_SECOND}.{us % US_PER_SECOND:06d}"
+
+
+def file_entries(path: str, inpoint: Fraction, loop: Fraction) -> str:
+    """The ffconcat list that plays ``path`` from ``inpoint`` and then loops it, each pass
+    starting exactly ``loop`` seconds after the previous one (to the microsecond, no drift)."""
+    quoted = "'" + path.replace("'", "'\\''") + "'"
+    count = min(MAX_PLAYLIST_ENTRIES, int(PLAYLIST_SECONDS // loop) + 2)
+    lines = ["ffconcat version 1.0"]
+    previous = 0
+    for i in range(count):
+        end = _us(loop * (i + 1) - inpoint)
+        lines.append(f"file {quoted}")
+        if i == 0 and inpoint:
+            lines.append(f"inpoint {_seconds_text(_us(inpoint))}")
+        lines.append(f"duration {_seconds_text(end - previous)}")
+        previous = end
+    return "\n".join(lines) + "\n"
+
+
+def content_offset_ns(clock: TrackClock, frame: int, loop: Fraction | None) -> int:
+    """Source position minus shared-clock time of ``frame``, in ns, folded into ``[0, loop)``.
+
+    Equal in every group that shows the same content at the same frame: 0 for the test pattern
+    (``loop`` None: the content *is* the clock), the same value for a locked file. A live source
+    exports its own mapping offset instead (see the README)."""
+    if loop is None:
+        return 0
+    t = frame * clock.frame_duration
+    return round(((position(clock, frame, loop) - t) % loop) * NS_PER_SECOND)
+
+
+# --- test pattern ------------------------------------------------------------------------------
+
+PATTERN_BOX_PERIOD = 120
+"""Frames the moving box takes to cross the picture and come back."""
+
+
+def pattern_box_x(anchor: int) -> str:
+    """``overlay`` x expression: a box sweeping across, a function of the shared frame ``n + anchor``."""
+    half = PATTERN_BOX_PERIOD // 2
+    a = anchor % PATTERN_BOX_PERIOD
+    return f"(main_w-overlay_w)*abs(mod(n+{a},{PATTERN_BOX_PERIOD})-{half})/{half}"
+
+
+def tone_expression(first_sample: int, sample_rate: int, tone_hz: int) -> str:
+    """``aevalsrc`` expression: a sine at ``tone_hz`` whose phase is a function of the shared
+    sample number (``n + first_sample``), on for the first 100 ms of every shared-clock second.
+    ``first_sample`` is the shared sample number of the instance's first sample."""
+    s = first_sample % sample_rate  # the tone has a whole number of periods per second
+    phase = f"mod(n+{s},{sample_rate})"
+    return f"0.5*sin(2*PI*{tone_hz}*{phase}/{sample_rate})*lt({phase},{sample_rate // 10})"

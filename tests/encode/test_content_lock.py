@@ -1,0 +1,243 @@
+"""Content lock, proved on the pictures and the sound: fragment k from the backup shows what
+fragment k from the primary shows.
+
+Real ffmpeg, loopback: each group runs in its own ``up`` and pushes to its own local
+publishing point (so de-duplication keeps both), the backup started seconds after the primary.
+Both archives are decoded; every picture the two groups carry at the same timestamp is compared
+with its neighbours in the other group (the best match must be the same timestamp: offset 0
+frames), and the decoded audio is cross-correlated (the lag must be below one AAC frame).
+
+* file source (a clip with a moving picture, a burnt-in frame counter and noise for sound), the
+  primary's ffmpeg SIGKILLed mid-run;
+* test pattern, started at different times.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from array import array
+from pathlib import Path
+
+import pytest
+import trio
+from prometheus_client import CollectorRegistry
+
+from orchestrator.ingest.server import IngestApp, serve_app
+from orchestrator.profile import parse_profile
+from orchestrator.supervisor import UpOptions, run_up
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
+                       reason="needs ffmpeg and ffprobe: apt-get install ffmpeg (see README)"),
+]  # fmt: skip
+
+PROFILE = """
+[presentation]
+name = "lock"
+fragment_duration = 2
+epoch = 2026-01-01T00:00:00Z
+
+[[streams]]
+id = "av"
+  [[streams.tracks]]
+  kind = "video"
+  name = "video"
+  bitrate = 1_000_000
+  width = 320
+  height = 180
+  frame_rate = "30000/1001"
+  [[streams.tracks]]
+  kind = "audio"
+  name = "audio"
+  bitrate = 128_000
+  sample_rate = 48000
+  channels = 1
+
+[groups.primary]
+encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {source} }}
+  [[groups.primary.endpoints]]
+  name = "a"
+  region = "eu-west"
+  url = "http://127.0.0.1:{primary_port}/live/lock.isml"
+
+[groups.backup]
+encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {source} }}
+  [[groups.backup.endpoints]]
+  name = "b"
+  region = "eu-north"
+  url = "http://127.0.0.1:{backup_port}/live/lock.isml"
+
+[metrics]
+enabled = false
+"""
+
+SIDE = (32, 18)  # pictures are compared at this size, in gray
+DECIMATED_RATE = 3000  # audio is compared at this rate: a lag step is 16 samples at 48 kHz
+AAC_FRAME = 1024
+NOISE = 1.5  # mean absolute difference (gray levels) of one picture coded twice; neighbours differ by 5 or more
+TIE = 0.5
+
+
+def make_clip(path: Path) -> None:
+    """4.004 s (120 frames at 29.97 fps): a moving test picture with its own frame number burnt
+    in big, and pink noise (sharp under cross-correlation), both streams the same length."""
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=30000/1001",
+         "-f", "lavfi", "-i", "anoisesrc=color=pink:seed=7:sample_rate=48000:amplitude=0.4",
+         "-vf", "drawtext=text='%{frame_num}':fontsize=90:fontcolor=white:box=1:boxcolor=black:x=10:y=40",
+         "-t", "4.004", "-c:v", "libx264", "-preset", "ultrafast", "-g", "30",
+         "-c:a", "aac", "-ac", "1", str(path)],
+        check=True)  # fmt: skip
+
+
+def track_files(app: IngestApp) -> dict[str, Path]:
+    """'video' / 'audio' -> the archived fragmented MP4 of that track."""
+    status = app.point.status()
+    tracks = status["publishing_points"]["live/lock"]["streams"]["av"]["tracks"]
+    return {("video" if t == "1" else "audio"): app.archive.root / track["file"] for t, track in tracks.items()}
+
+
+def packet_times(path: Path) -> list[int]:
+    out = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "0", "-show_entries", "packet=pts",
+                          "-of", "json", str(path)], check=True, capture_output=True, text=True)  # fmt: skip
+    return [int(p["pts"]) for p in json.loads(out.stdout)["packets"]]
+
+
+def pictures(path: Path) -> dict[int, bytes]:
+    """pts -> the decoded picture, scaled down to SIDE, gray."""
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-vf", f"scale={SIDE[0]}:{SIDE[1]}",
+         "-fps_mode", "passthrough", "-pix_fmt", "gray", "-f", "rawvideo", "-"],
+        check=True, capture_output=True).stdout  # fmt: skip
+    size = SIDE[0] * SIDE[1]
+    frames = [raw[i : i + size] for i in range(0, len(raw), size)]
+    times = packet_times(path)
+    assert len(frames) == len(times)
+    return dict(zip(times, frames, strict=True))
+
+
+def sound(path: Path) -> tuple[int, array]:
+    """(pts of the first sample at 48 kHz, mono PCM decimated to DECIMATED_RATE)."""
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-ac", "1", "-ar", str(DECIMATED_RATE),
+         "-f", "s16le", "-"], check=True, capture_output=True).stdout  # fmt: skip
+    return packet_times(path)[0], array("h", raw)
+
+
+def difference(a: bytes, b: bytes) -> float:
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def assert_same_pictures(primary: dict[int, bytes], backup: dict[int, bytes], step: int) -> int:
+    """Every picture at a common timestamp is the other group's picture at that very timestamp:
+    they differ by no more than coding noise, and no picture up to 5 frames before or after
+    matches better (a tie is allowed: the source itself can hold a picture for two frames).
+    Returns how many were compared."""
+    common = sorted(set(primary) & set(backup))
+    assert len(common) >= 90, f"only {len(common)} pictures in common"
+    wrong = {}
+    for t in common:
+        scores = {s: difference(primary[t], backup[t + s * step]) for s in range(-5, 6) if t + s * step in backup}
+        best = min(scores, key=lambda s: scores[s])
+        if scores[0] > NOISE or scores[0] > scores[best] + TIE:
+            wrong[t // step] = (best, round(scores[0], 2))
+    assert not wrong, f"{len(wrong)} of {len(common)} pictures are off (frame: best offset, difference): " + str(
+        sorted(wrong.items())[:8]
+    )
+    return len(common)
+
+
+def audio_lag(primary: tuple[int, array], backup: tuple[int, array]) -> int:
+    """The lag (in 48 kHz samples) that best lines the backup's sound up with the primary's, over
+    their common span; 0 when the same sound is under the same timestamps."""
+    scale = 48000 // DECIMATED_RATE
+    (p_start, p), (b_start, b) = primary, backup
+    start = max(p_start, b_start) // scale + 200  # skip the edges
+    end = min(p_start // scale + len(p), b_start // scale + len(b)) - 200
+    assert end - start >= DECIMATED_RATE * 2, "less than 2 s of sound in common"
+    end = min(end, start + DECIMATED_RATE * 3)
+    ps = p[start - p_start // scale : end - p_start // scale]
+    best, best_lag = None, 0
+    for lag in range(-150, 151):  # +-0.05 s
+        bs = b[start - b_start // scale + lag : end - b_start // scale + lag]
+        score = sum(x * y for x, y in zip(ps, bs, strict=True))
+        if best is None or score > best:
+            best, best_lag = score, lag
+    return best_lag * scale
+
+
+async def run_two_groups(tmp_path: Path, source: str, *, backup_delay: float, kill_primary: bool
+                         ) -> tuple[IngestApp, IngestApp, dict[str, CollectorRegistry]]:  # fmt: skip
+    registries = {"primary": CollectorRegistry(), "backup": CollectorRegistry()}  # one per process, as deployed
+    async with trio.open_nursery() as servers:
+        apps = [IngestApp(tmp_path / name) for name in ("primary", "backup")]
+        ports = [(await servers.start(serve_app, app, "127.0.0.1", 0))[1] for app in apps]
+        text = PROFILE.format(source=source, primary_port=ports[0], backup_port=ports[1])
+        profile = parse_profile(text, "lock.toml")
+
+        def fragments(app: IngestApp) -> int:
+            points = app.point.status()["publishing_points"]
+            if "live/lock" not in points:
+                return 0
+            tracks = points["live/lock"]["streams"].get("av", {}).get("tracks", {})
+            return min((t["fragments_archived"] for t in tracks.values()), default=0) if len(tracks) == 2 else 0
+
+        async def wait(app: IngestApp, count: int) -> None:
+            with trio.fail_after(40):
+                while fragments(app) < count:
+                    await trio.sleep(0.1)
+
+        async with trio.open_nursery() as up:
+            running = []
+            for group, delay in (("primary", 0.0), ("backup", backup_delay)):
+                await trio.sleep(delay)
+                options = UpOptions(status="off", handle_signals=False, shutdown_grace=8.0, groups=[group])
+                running.append(await up.start(lambda task_status, o=options: run_up(
+                    profile, o, registry=registries[o.groups[0]], task_status=task_status)))  # fmt: skip
+            await wait(apps[1], 2)
+            if kill_primary:
+                encoder = running[0].group_encoders[0]
+                pid = encoder.instance_pid
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+                with trio.fail_after(15):
+                    while encoder.instance_pid in (None, pid):
+                        await trio.sleep(0.05)
+            done = fragments(apps[0])
+            await wait(apps[0], done + 3)
+            await wait(apps[1], 5)
+            for r in running:
+                r.stop.set()
+        servers.cancel_scope.cancel()
+    return apps[0], apps[1], registries
+
+
+def assert_same_content(primary: IngestApp, backup: IngestApp) -> None:
+    p, b = track_files(primary), track_files(backup)
+    assert_same_pictures(pictures(p["video"]), pictures(b["video"]), step=3003)
+    lag = audio_lag(sound(p["audio"]), sound(b["audio"]))
+    assert abs(lag) < AAC_FRAME, f"the backup's sound is {lag} samples off the primary's"
+
+
+async def test_a_file_shows_the_same_pictures_and_sound_in_both_groups_across_a_late_start_and_a_kill(tmp_path):
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip)
+    primary, backup, registries = await run_two_groups(
+        tmp_path, f'{{ kind = "file", path = "{clip}" }}', backup_delay=3.3, kill_primary=True)  # fmt: skip
+    assert registries["primary"].get_sample_value("orchestrator_encoder_restarts_total",
+                                     {"group": "primary", "reason": "killed"}) == 1  # fmt: skip
+    assert_same_content(primary, backup)
+    for group in ("primary", "backup"):
+        labels = {"stream": "av", "group": group, "track": "video"}
+        assert registries[group].get_sample_value("orchestrator_content_offset_seconds", labels) == 0
+
+
+async def test_the_test_pattern_shows_the_same_pictures_and_sound_in_both_groups(tmp_path):
+    primary, backup, _ = await run_two_groups(
+        tmp_path, '{ kind = "testpattern" }', backup_delay=2.7, kill_primary=False)  # fmt: skip
+    assert_same_content(primary, backup)

@@ -140,9 +140,13 @@ def status(url: str | None, profile: Path | None, watch: bool, interval: float) 
 @main.command()
 @click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
 def validate(profile: Path) -> None:
-    """Check a profile; print what it describes, or the errors (exit 2)."""
+    """Check a profile (and probe its file sources); print what it describes, or the errors (exit 2)."""
+    from orchestrator.encode.ffmpeg import check_file_sources
+
     try:
         loaded = load_profile(profile)
+        if problems := check_file_sources(loaded):  # probed once here, and again by ``up``
+            raise ProfileError(str(profile), problems)
     except ProfileError as exc:
         _fail(exc, 2)
         return

@@ -145,3 +145,18 @@ def test_demo_without_ffmpeg_falls_back_to_the_synthetic_encoder_and_says_so(tmp
     assert "supervisor.ffmpeg.missing group=primary fallback=synthetic" in result.stderr
     assert "apt-get install ffmpeg" in result.stderr
     assert "encoder.started group=primary" in result.stderr
+
+
+@pytest.mark.skipif(subprocess.run(["which", "ffprobe"], capture_output=True).returncode != 0,
+                    reason="needs ffmpeg and ffprobe: apt-get install ffmpeg (see README)")  # fmt: skip
+def test_validate_probes_a_file_source_and_names_the_key_when_it_cannot_be_locked(tmp_path):
+    silent = tmp_path / "silent.mp4"  # video only: the demo presentation has an audio track
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc2=size=64x36:rate=25",
+                    "-t", "1", "-c:v", "libx264", "-preset", "ultrafast", str(silent)], check=True)  # fmt: skip
+    old = 'encoder = { backend = "ffmpeg", source = { kind = "testpattern" }'
+    path = write_variant(
+        tmp_path, old, f'encoder = {{ backend = "ffmpeg", source = {{ kind = "file", path = "{silent}" }}'
+    )
+    result = run("validate", str(path))
+    assert result.returncode == 2
+    assert f"event.toml: groups.primary.encoder.source.path: {silent}: the file has no audio stream" in result.stderr

@@ -368,6 +368,31 @@ class SourceError(ValueError):
         super().__init__(message)
 
 
+def check_file_sources(profile: Profile) -> list[tuple[str, str]]:
+    """Probe every group's file source as ``up`` would (for ``validate``): (key path, reason) of
+    each one that cannot be locked to the clock. Groups without an ffmpeg to probe with are skipped."""
+    tracks = [t for s in profile.streams for t in s.tracks]
+    needs_video = any(t.kind == "video" for t in tracks)
+    needs_audio = any(t.kind == "audio" for t in tracks)
+    problems = []
+    for name, group in profile.groups.items():
+        config = group.encoder
+        if not isinstance(config, FfmpegEncoder) or not isinstance(config.source, FileSource):
+            continue
+        try:
+            executable = find_ffmpeg(config.path)
+        except EncoderError as exc:
+            problems.append((f"groups.{name}.encoder.path", str(exc)))
+            continue
+        if executable is None:
+            continue
+        try:
+            probe_file(executable, config.source.path, needs_video=needs_video, needs_audio=needs_audio)
+        except SourceError as exc:
+            problems.append((f"groups.{name}.encoder.{exc.key}", str(exc)))
+    return problems
+
+
 def probe_file(executable: str, path: Path, *, needs_video: bool, needs_audio: bool) -> FileTiming:
     """Probe a file source once (ffprobe beside ``executable``, else on PATH) for its loop timing.
 

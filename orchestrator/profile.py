@@ -344,6 +344,11 @@ class LiveSource(_Model):
     kind: Literal["live"]
     url: str | None = None
     url_env: str | None = None
+    peers: list[str] = Field(
+        default_factory=list,
+        description="metrics URLs (http://host:port/metrics) of the other groups' orchestrators: a starting "
+        "group adopts the live lock (source timestamp -> shared clock) they use",
+    )
 
     @model_validator(mode="after")
     def _one_url(self) -> LiveSource:

@@ -35,10 +35,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.clock import NS_PER_SECOND
 from orchestrator.encode.ffmpeg_command import (
+    LIVE_ANALYZE_US,
     Encode,
     FileInputs,
     build_argv,
@@ -47,13 +50,23 @@ from orchestrator.encode.ffmpeg_command import (
     priming_frames,
 )
 from orchestrator.encode.group import Sink
-from orchestrator.encode.lock import FileLockError, FileTiming, content_offset_ns, file_timing
+from orchestrator.encode.lock import (
+    LIVE_TIMESCALE,
+    PTS_WRAP,
+    FileLockError,
+    FileTiming,
+    LiveLock,
+    choose_live_lock,
+    content_offset_ns,
+    file_timing,
+)
 from orchestrator.encode.recut import Cut, TrackRecutter, anchor_frame, start_index
+from orchestrator.encode.statefile import read_state, write_state
 from orchestrator.errors import EncoderError
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
 from orchestrator.fmp4.stream import EncodedFragment, build_header
-from orchestrator.ops.metrics import Metrics
+from orchestrator.ops.metrics import LIVE_LOCK_METRIC, Metrics
 from orchestrator.profile import FfmpegEncoder, FileSource, LiveSource, PatternSource, Profile
 from orchestrator.wallclock import WallClock
 
@@ -184,6 +197,7 @@ class _Recut:
         self.metrics = metrics
         self.header_seen = False
         self.loop: Fraction | None = None
+        self.live_lock: LiveLock | None = None
         d = profile.presentation.fragment_duration
         self.max_lag_ns = 2 * d.numerator * NS_PER_SECOND // d.denominator + NS_PER_SECOND
 
@@ -229,7 +243,10 @@ class _Recut:
                                                encode.clock.timescale, data))  # fmt: skip
         if self.metrics is not None:
             frame = encode.clock.first_frame(cut.index)
-            offset = content_offset_ns(encode.clock, frame, self.loop) / NS_PER_SECOND
+            if self.live_lock is not None:
+                offset = self.live_lock.content_offset_seconds()
+            else:
+                offset = content_offset_ns(encode.clock, frame, self.loop) / NS_PER_SECOND
             for stream_id in encode.stream_ids:
                 self.metrics.content_offset.labels(stream_id, self.group, encode.track.name).set(offset)
         lag_ns = self.wall.now_ns() - encode.clock.end_ns(cut.index)
@@ -256,20 +273,119 @@ async def run_ffmpeg_encoder(
     reaped before this returns; a fragment not yet complete is dropped.
     """
     encodes = plan_encodes(profile)
-    now_ns = wall.now_ns()
+    source = plan.config.source
+    live_offset = lock = None
+    if isinstance(source, LiveSource):
+        # The mapping first (it reads the source for a moment); then the first frame far enough
+        # ahead that ffmpeg has opened the input when the source reaches it.
+        lock, live_offset = await _live_lock(profile, source, plan, group=group, wall=wall, metrics=metrics)
+        now_ns = wall.now_ns() + LIVE_START_MARGIN_NS
+    else:
+        now_ns = wall.now_ns()
     anchors = [anchor_frame(e.clock, now_ns) for e in encodes]
     first = start_index([e.clock for e in encodes], anchors, first_index)
     recutters = [TrackRecutter(e.clock, anchor=a, first_index=first, priming_frames=priming_frames(e))
                  for e, a in zip(encodes, anchors, strict=True)]  # fmt: skip
-    source = plan.config.source
     with tempfile.TemporaryDirectory(prefix="orchestrator-ffmpeg-") as scratch:
         files = None
         if isinstance(source, FileSource):
             assert plan.file_timing is not None
             files = _write_playlists(Path(scratch), source, plan.file_timing, encodes, anchors)
         argv = build_argv(plan.executable, profile, source, encodes, anchors, preset=plan.config.preset,
-                          burn_in=plan.burn_in, live_url=plan.live_url, files=files)  # fmt: skip
-        await _run(argv, plan, profile, encodes, recutters, sink, first, group=group, wall=wall, metrics=metrics)
+                          burn_in=plan.burn_in, live_url=plan.live_url, files=files,
+                          live_offset=live_offset)  # fmt: skip
+        await _run(argv, plan, profile, encodes, recutters, sink, first, group=group, wall=wall, metrics=metrics,
+                   live_lock=lock)  # fmt: skip
+
+
+LIVE_PROBE_TIMEOUT = 15.0
+LIVE_START_MARGIN_NS = 1_500_000_000
+"""A live instance's first frame is this far after the mapping was taken: ffmpeg opens the input
+(LIVE_ANALYZE_US) in that time, so it starts with the anchor frame rather than a burst of the
+frames it missed."""
+PEER_TIMEOUT = 2.0
+
+
+async def _probe_live(executable: str, url: str, *, video: bool, wall: WallClock) -> tuple[int, int]:
+    """(pts in 90 kHz ticks, wall ns) of a recent frame of the live source: ffprobe reads the
+    input for a moment and the last packet's timestamp is taken as arriving now.
+    Cancellation: ffprobe is killed (trio.run_process)."""
+    beside = Path(executable).with_name("ffprobe")
+    ffprobe = str(beside) if beside.is_file() else (shutil.which("ffprobe") or "ffprobe")
+    argv = [ffprobe, "-v", "error", "-analyzeduration", str(LIVE_ANALYZE_US), "-probesize", "2000000",
+            "-select_streams", "v:0" if video else "a:0", "-show_entries", "packet=pts_time", "-of", "csv=p=0",
+            "-read_intervals", "%+#20", url]  # fmt: skip
+    with trio.move_on_after(LIVE_PROBE_TIMEOUT):
+        done = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+        now_ns = wall.now_ns()
+        times = [line.strip().rstrip(",") for line in done.stdout.decode().split()]
+        times = [t for t in times if t and t != "N/A"]
+        if done.returncode == 0 and times:
+            return round(Fraction(times[-1]) * LIVE_TIMESCALE), now_ns
+        raise EncoderError(f"live source: ffprobe read no timestamp (exit {done.returncode}): "
+                           f"{done.stderr.decode(errors='replace').strip()[-200:]}")  # fmt: skip
+    raise EncoderError(f"live source: no packet within {LIVE_PROBE_TIMEOUT:g} s")
+
+
+async def _peer_locks(peers: Sequence[str], group: str) -> list[LiveLock]:
+    """The live locks the other groups export (their /metrics). A peer that does not answer is
+    logged and skipped. Cancellation: the requests are abandoned."""
+    found = []
+    async with httpx.AsyncClient(timeout=PEER_TIMEOUT) as client:
+        for url in peers:
+            try:
+                response = await client.get(url)
+                response.raise_for_status()
+                families = list(text_string_to_metric_families(response.text))
+            except (httpx.HTTPError, ValueError) as exc:
+                log.warning("encoder.live.peer_failed group=%s peer=%s error=%s", group, url, exc)
+                continue
+            for family in families:
+                if family.name == LIVE_LOCK_METRIC:
+                    found += [LiveLock(int(sample.value)) for sample in family.samples
+                              if sample.labels.get("group") != group and 0 <= sample.value < PTS_WRAP]  # fmt: skip
+    return found
+
+
+def _saved_lock(profile: Profile, group: str) -> LiveLock | None:
+    directory = profile.state.dir
+    if directory is None:
+        return None
+    try:
+        data = read_state(directory, f"{profile.presentation.name}.{group}.live")
+        return None if data is None else LiveLock(int(json.loads(data)["offset"]))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("encoder.live.state_ignored group=%s error=%s", group, exc)
+        return None
+
+
+async def _live_lock(profile: Profile, source: LiveSource, plan: FfmpegPlan, *, group: str, wall: WallClock,
+                     metrics: Metrics | None) -> tuple[LiveLock, int]:  # fmt: skip
+    """Choose the source-timestamp -> clock mapping for this instance (lock.choose_live_lock),
+    save it, export it; returns it and its effective (unwrapped) offset."""
+    assert plan.live_url is not None
+    video = any(t.kind == "video" for s in profile.streams for t in s.tracks)
+    pts, now_ns = await _probe_live(plan.executable, plan.live_url, video=video, wall=wall)
+    now_tick = (now_ns - profile.presentation.epoch_ns) * LIVE_TIMESCALE // NS_PER_SECOND
+    peers = await _peer_locks(source.peers, group)
+    lock, origin = choose_live_lock(pts, now_tick, peers, _saved_lock(profile, group))
+    effective, residual = lock.effective(pts, now_tick)
+    log.info("encoder.live.lock group=%s origin=%s offset=%d residual_ms=%d peers_answered=%d", group, origin,
+             lock.offset, residual * 1000 // LIVE_TIMESCALE, len(peers))  # fmt: skip
+    if origin == "established" and source.peers:
+        log.warning("encoder.live.unlocked group=%s reason='no peer has a mapping that fits the source' "
+                    "detail='this group establishes its own; the other groups adopt it when they restart'",
+                    group)  # fmt: skip
+    if metrics is not None:
+        metrics.live_lock_offset.labels(group).set(lock.offset)
+        metrics.live_locks.labels(group, origin).inc()
+    if profile.state.dir is not None:
+        try:
+            write_state(profile.state.dir, f"{profile.presentation.name}.{group}.live",
+                        json.dumps({"offset": lock.offset}).encode())  # fmt: skip
+        except OSError as exc:
+            log.error("encoder.live.state_write_failed group=%s error=%s", group, exc)
+    return lock, effective
 
 
 def _write_playlists(scratch: Path, source: FileSource, timing: FileTiming, encodes: list[Encode],
@@ -288,7 +404,7 @@ def _write_playlists(scratch: Path, source: FileSource, timing: FileTiming, enco
 
 async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: list[Encode],
                recutters: list[TrackRecutter], sink: Sink, first: int, *, group: str, wall: WallClock,
-               metrics: Metrics | None) -> None:  # fmt: skip
+               metrics: Metrics | None, live_lock: LiveLock | None = None) -> None:  # fmt: skip
     """Start ffmpeg with ``argv`` and re-cut its output until it ends (see run_ffmpeg_encoder)."""
     source = plan.config.source
     secret = plan.live_url if isinstance(source, LiveSource) and source.url_env else None
@@ -296,6 +412,7 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
     log.info("ffmpeg.starting group=%s first_index=%d argv=%s", group, first, " ".join(shown))
     output = _Recut(profile, encodes, recutters, sink, group=group, wall=wall, metrics=metrics)
     output.loop = plan.file_timing.loop if plan.file_timing is not None else None
+    output.live_lock = live_lock
     stderr = _StderrLog(group)
     # Its own session (setsid): a terminal's Ctrl-C (SIGINT to the foreground process group) and
     # a SIGHUP reach the orchestrator only, which finishes the fragment in flight and then stops

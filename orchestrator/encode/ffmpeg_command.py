@@ -32,7 +32,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from orchestrator.clock import TrackClock
-from orchestrator.encode.lock import FileTiming, file_entries, pattern_box_x, tone_expression
+from orchestrator.encode.lock import FileTiming, file_entries, live_clock_shift, pattern_box_x, tone_expression
 from orchestrator.encode.recut import keyframe_boundary
 from orchestrator.profile import AudioTrack, FileSource, LiveSource, PatternSource, Profile, VideoTrack
 
@@ -41,6 +41,8 @@ AAC_PRIMING_FRAMES = 1
 recutter (tests/test_ffmpeg.py asks the installed ffmpeg and checks this)."""
 
 SECONDS_PER_DAY = 86400
+LIVE_ANALYZE_US = 1_000_000
+"""How long ffmpeg looks at a live input before reading it (its default: 5 s)."""
 
 
 @dataclass(frozen=True)
@@ -170,9 +172,9 @@ def _inputs(source: PatternSource | FileSource | LiveSource, video: Sequence[tup
                 args += ["-re", "-f", "concat", "-safe", "0", "-i", playlist]
         return args
     assert url is not None
-    # Live input: stamp packets with the wall clock, so constant-frame-rate conversion keeps
-    # one output frame per frame period of *our* clock even if the sender's clock drifts.
-    return ["-use_wallclock_as_timestamps", "1", "-i", url]
+    # Live input: the source's own timestamps (-copyts), mapped onto the shared clock in the
+    # graph (lock.LiveLock), never the arrival time: every group maps a frame to the same tick.
+    return ["-copyts", "-analyzeduration", str(LIVE_ANALYZE_US), "-i", url]
 
 
 def _frame_counter(anchor: int) -> str:
@@ -192,9 +194,11 @@ def build_argv(
     burn_in: bool,
     live_url: str | None = None,
     files: FileInputs | None = None,
+    live_offset: int | None = None,
 ) -> list[str]:
     """The whole argv. ``anchors[i]`` is the shared frame that encode i's first output frame is;
-    ``files`` the ffconcat lists a file source is read through (:func:`file_playlists`)."""
+    ``files`` the ffconcat lists a file source is read through (:func:`file_playlists`);
+    ``live_offset`` the effective offset of a live source's lock (:class:`LiveLock.effective`)."""
     video = [(e, a) for e, a in zip(encodes, anchors, strict=True) if e.is_video]
     audio = [(e, a) for e, a in zip(encodes, anchors, strict=True) if not e.is_video]
     video_input = "0:v:0"
@@ -210,6 +214,9 @@ def build_argv(
     if video:
         first = video[0][0].clock
         pre = _clock_text(first, video[0][1]) + "," if isinstance(source, PatternSource) and burn_in else ""
+        if isinstance(source, LiveSource):
+            assert live_offset is not None
+            pre = f"setpts={live_clock_shift(live_offset)},"
         labels = "".join(f"[vsrc{i}]" for i in range(len(video)))
         graph.append(f"[{video_input}]{pre}split={len(video)}{labels}")
         for i, (e, a) in enumerate(video):
@@ -217,7 +224,9 @@ def build_argv(
             assert isinstance(t, VideoTrack)
             lead = _lead(e, a, video_start)
             if isinstance(source, LiveSource):
-                rate = f"fps={_rate(t.frame_rate)}"
+                # The input is on the shared clock (seconds since the epoch): fps slots are
+                # shared frames; the first is the anchor.
+                rate = f"fps={_rate(t.frame_rate)}:start_time={_seconds(a * e.clock.frame_duration)}"
             else:
                 # Output frame m is the input at m*F after this encode's first frame: fps slots
                 # counted from 0, after shifting this encode's first frame to 0.
@@ -231,7 +240,11 @@ def build_argv(
             t = e.track
             assert isinstance(t, AudioTrack)
             if isinstance(source, LiveSource):
-                resample = "aresample=async=1:first_pts=0,"
+                assert live_offset is not None
+                # On the shared clock, cut at this encode's first frame; aresample keeps the
+                # samples on their timestamps across gaps in the source.
+                resample = (f"asetpts={live_clock_shift(live_offset)},"
+                            f"atrim=start={_seconds(a * e.clock.frame_duration)},aresample=async=1000,")  # fmt: skip
             elif isinstance(source, FileSource):
                 # Samples before this encode's first frame (the in-point's pre-roll) are cut exactly.
                 resample = f"atrim=start={_seconds(_lead(e, a, audio_start))},asetpts=PTS-STARTPTS,"

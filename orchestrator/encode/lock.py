@@ -45,6 +45,7 @@ groups carry the same content exactly when it is equal for the same track.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -200,3 +201,69 @@ def tone_expression(first_sample: int, sample_rate: int, tone_hz: int) -> str:
     s = first_sample % sample_rate  # the tone has a whole number of periods per second
     phase = f"mod(n+{s},{sample_rate})"
     return f"0.5*sin(2*PI*{tone_hz}*{phase}/{sample_rate})*lt({phase},{sample_rate // 10})"
+
+
+# --- live sources ------------------------------------------------------------------------------
+
+LIVE_TIMESCALE = 90000
+"""MPEG-TS (and RTP video) timestamps: 90 kHz."""
+PTS_WRAP = 1 << 33
+"""MPEG-TS timestamps are 33 bits: they wrap every 26.5 hours."""
+LOCK_TOLERANCE = 10 * LIVE_TIMESCALE
+"""A mapping whose residual (mapped time of the newest source frame minus now) is larger than
+this (10 s) belongs to another timeline: the source jumped or restarted."""
+
+
+@dataclass(frozen=True)
+class LiveLock:
+    """The mapping of a live source's timestamps onto the shared clock (both in 90 kHz ticks):
+    shared tick = source pts + ``offset``, with ``offset`` taken modulo 2^33 so that every
+    group, whatever wrap it started in, exchanges the same number."""
+
+    offset: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.offset < PTS_WRAP:
+            raise ValueError("a live lock offset is taken modulo 2^33")
+
+    def effective(self, pts: int, now_tick: int) -> tuple[int, int]:
+        """The offset (+ k * 2^33, unwrapping) that maps ``pts`` nearest to ``now_tick``, and the
+        residual: mapped time minus now. Within LOCK_TOLERANCE: the source is on this mapping."""
+        base = pts + self.offset
+        k = round(Fraction(now_tick - base, PTS_WRAP))
+        effective = self.offset + k * PTS_WRAP
+        return effective, pts + effective - now_tick
+
+    def fits(self, pts: int, now_tick: int) -> bool:
+        return abs(self.effective(pts, now_tick)[1]) <= LOCK_TOLERANCE
+
+    @classmethod
+    def establish(cls, pts: int, now_tick: int) -> LiveLock:
+        """A new mapping that puts the source frame ``pts``, seen at ``now_tick``, at now."""
+        return cls((now_tick - pts) % PTS_WRAP)
+
+    def content_offset_seconds(self) -> float:
+        """Source timestamp minus shared-clock time, folded into the 33-bit range: the same in
+        every group on this mapping."""
+        return ((-self.offset) % PTS_WRAP) / LIVE_TIMESCALE
+
+
+def choose_live_lock(pts: int, now_tick: int, peers: Sequence[LiveLock], saved: LiveLock | None
+                     ) -> tuple[LiveLock, str]:  # fmt: skip
+    """The mapping an instance runs on, and where it came from (for the log and the metric).
+
+    A peer's mapping that fits the source now wins (a restarted or late group adopts what the
+    running group uses); then our own saved one, if it still fits; else a new one (the source
+    jumped, restarted, or nothing is known): ``established``. After a discontinuity every group
+    goes through the same rule, so the first to restart establishes and the others adopt it."""
+    for lock in peers:
+        if lock.fits(pts, now_tick):
+            return lock, "peer"
+    if saved is not None and saved.fits(pts, now_tick):
+        return saved, "saved"
+    return LiveLock.establish(pts, now_tick), "established"
+
+
+def live_clock_shift(effective_offset: int) -> str:
+    """``setpts``/``asetpts`` expression that turns source time into shared-clock time."""
+    return f"PTS+{effective_offset}/{LIVE_TIMESCALE}/TB"

@@ -17,6 +17,7 @@ from orchestrator.ops.state import LiveState
 from orchestrator.ops.status import STATES, endpoint_state
 
 _ENDPOINT = ("stream", "group", "endpoint", "region")
+LIVE_LOCK_METRIC = "orchestrator_live_lock_offset_ticks"
 
 
 class Metrics:
@@ -109,6 +110,14 @@ class Metrics:
             "Source position of the last fragment's first frame minus its shared-clock time (file: folded into "
             "the loop; test pattern: 0). Equal in every group that carries the same content",
             ("stream", "group", "track"), registry=r)  # fmt: skip
+        self.live_lock_offset = Gauge(
+            LIVE_LOCK_METRIC,
+            "Live source: shared-clock tick minus source timestamp (90 kHz, modulo 2^33) the group maps frames "
+            "with; peers read it to adopt the same mapping", ("group",), registry=r)  # fmt: skip
+        self.live_locks = Counter(
+            "orchestrator_live_locks_total",
+            "Live source mappings taken at instance start, by origin (peer, saved, established)",
+            ("group", "origin"), registry=r)  # fmt: skip
         self.seconds_since_push = _SecondsSincePush(r)
         self.endpoint_state = _EndpointState(r)
 

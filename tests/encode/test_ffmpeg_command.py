@@ -100,11 +100,16 @@ def test_file_and_live_sources():
     assert "[vsrc0]fps=30000/1001:start_time=0,scale=640:360" in graph
     assert "[1:a:0]asplit=1[asrc0];[asrc0]atrim=start=0.000000000,asetpts=PTS-STARTPTS,aresample=48000," in graph
     live = LiveSource(kind="live", url="srt://127.0.0.1:9000?mode=caller")
-    argv = build_argv("ffmpeg", profile, live, encodes, [0, 0, 0], preset="fast", burn_in=True,
-                      live_url=live.resolve())  # fmt: skip
-    assert argv[argv.index("-i") - 2 : argv.index("-i") + 2] == [
-        "-use_wallclock_as_timestamps", "1", "-i", "srt://127.0.0.1:9000?mode=caller"]  # fmt: skip
-    assert "aresample=async=1" in argv[argv.index("-filter_complex") + 1]
+    argv = build_argv("ffmpeg", profile, live, encodes, [300, 300, 200], preset="fast", burn_in=True,
+                      live_url=live.resolve(), live_offset=2_541_394_470_267)  # fmt: skip
+    # The source's own timestamps, shifted onto the shared clock (lock.LiveLock), never arrival time.
+    assert argv[argv.index("-i") - 3 : argv.index("-i") + 2] == [
+        "-copyts", "-analyzeduration", "1000000", "-i", "srt://127.0.0.1:9000?mode=caller"]  # fmt: skip
+    assert "-use_wallclock_as_timestamps" not in argv
+    graph = argv[argv.index("-filter_complex") + 1]
+    assert graph.startswith("[0:v:0]setpts=PTS+2541394470267/90000/TB,split=2[vsrc0][vsrc1];")
+    assert "[vsrc0]fps=30000/1001:start_time=10.010000000,scale=640:360" in graph  # frame 300 = 10.01 s
+    assert "[asrc0]asetpts=PTS+2541394470267/90000/TB,atrim=start=4.266666667,aresample=async=1000," in graph
 
 
 def test_tracks_with_different_anchors_share_one_file_input_each_shifted_to_its_own_first_frame():

@@ -9,10 +9,14 @@ import pytest
 from orchestrator.clock import TrackClock
 from orchestrator.encode.lock import (
     MAX_PLAYLIST_ENTRIES,
+    PTS_WRAP,
     FileLockError,
+    LiveLock,
+    choose_live_lock,
     content_offset_ns,
     file_entries,
     file_timing,
+    live_clock_shift,
     pattern_box_x,
     position,
     tone_expression,
@@ -88,3 +92,52 @@ def test_pattern_expressions_are_functions_of_the_shared_frame_and_sample():
     # Shared sample 48000*5 + 12: on the pip (first 100 ms of the second), phase 12 samples in.
     assert tone_expression(48000 * 5 + 12, 48000, 1000) == (
         "0.5*sin(2*PI*1000*mod(n+12,48000)/48000)*lt(mod(n+12,48000),4800)")  # fmt: skip
+
+
+# --- live ------------------------------------------------------------------------------------
+
+NOW = 2_541_394_470_267  # a shared-clock tick (90 kHz) in late 2026
+
+
+def test_a_new_live_lock_puts_the_newest_source_frame_at_now():
+    lock = LiveLock.establish(pts=1_000_000, now_tick=NOW)
+    assert lock.effective(1_000_000, NOW) == (NOW - 1_000_000, 0)
+    assert 0 <= lock.offset < PTS_WRAP
+    assert lock.effective(1_000_000, NOW)[0] % PTS_WRAP == lock.offset
+
+
+def test_a_group_that_sees_the_frame_later_or_with_a_skewed_clock_maps_it_to_the_same_tick():
+    lock = LiveLock.establish(pts=5_000, now_tick=NOW)
+    # 0.35 s later (path delay + clock skew): same mapping, a residual of 0.35 s, still fitting.
+    effective, residual = lock.effective(5_000, NOW + 31_500)
+    assert 5_000 + effective == NOW
+    assert residual == -31_500
+    assert lock.fits(5_000, NOW + 31_500)
+
+
+def test_the_33_bit_wrap_is_unwrapped_and_a_jump_is_a_discontinuity():
+    lock = LiveLock.establish(pts=PTS_WRAP - 900, now_tick=NOW)  # 10 ms before the wrap
+    # 1 s later the source's timestamps have wrapped to 89_100: the same timeline.
+    effective, residual = lock.effective(89_100, NOW + 90_000)
+    assert residual == 0
+    assert 89_100 + effective == NOW + 90_000
+    # A source restarted at 0 an hour of timestamps away is another timeline.
+    assert not lock.fits(0, NOW + 90_000 * 3600)
+    assert not lock.fits(PTS_WRAP // 2, NOW)
+
+
+def test_a_peer_that_fits_wins_then_the_saved_mapping_then_a_new_one():
+    peer, saved = LiveLock.establish(7, NOW), LiveLock.establish(7, NOW - 90_000 * 3)
+    stale = LiveLock.establish(7, NOW - 90_000 * 3600)
+    assert choose_live_lock(7, NOW + 9_000, [stale, peer], saved) == (peer, "peer")
+    assert choose_live_lock(7, NOW, [stale], saved) == (saved, "saved")
+    fresh, origin = choose_live_lock(7, NOW, [stale], None)
+    assert (fresh, origin) == (LiveLock.establish(7, NOW), "established")
+    with pytest.raises(ValueError, match="modulo 2"):
+        LiveLock(PTS_WRAP)
+
+
+def test_the_exported_content_offset_is_the_same_for_groups_on_one_lock():
+    lock = LiveLock.establish(123_456, NOW)
+    assert lock.content_offset_seconds() == ((123_456 - NOW) % PTS_WRAP) / 90000
+    assert live_clock_shift(NOW - 123_456) == f"PTS+{NOW - 123_456}/90000/TB"

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+from typing import BinaryIO
 
 import pytest
 import trio
@@ -117,6 +118,7 @@ async def test_a_live_source_shows_the_same_pictures_and_sound_despite_clock_ske
         ["ffmpeg", "-v", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i", str(clip), "-c", "copy",
          "-f", "mpegts", f"udp://127.0.0.1:{relay_port}?pkt_size=1316"])  # fmt: skip
     processes: list[subprocess.Popen[bytes]] = []
+    logs: list[BinaryIO] = []
     try:
         async with trio.open_nursery() as nursery:
             listen = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -133,15 +135,15 @@ async def test_a_live_source_shows_the_same_pictures_and_sound_despite_clock_ske
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             skewed = {**env, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
             up = [sys.executable, "-m", "orchestrator", "up", "--status", "off"]
-            log = (tmp_path / "primary.log").open("wb")
+            logs.append((tmp_path / "primary.log").open("wb"))
             processes.append(subprocess.Popen([*up, "--group", "primary", str(tmp_path / "primary.toml")], env=env,
-                                              stderr=log))  # fmt: skip
+                                              stderr=logs[0]))  # fmt: skip
             with trio.fail_after(40):
                 while fragments(apps[0]) < 1:
                     await trio.sleep(0.1)
-            log = (tmp_path / "backup.log").open("wb")
+            logs.append((tmp_path / "backup.log").open("wb"))
             backup = ["faketime", "-f", SKEW, *up, "--group", "backup", str(tmp_path / "backup.toml")]
-            processes.append(subprocess.Popen(backup, env=skewed, stderr=log))
+            processes.append(subprocess.Popen(backup, env=skewed, stderr=logs[1]))
             with trio.fail_after(40):
                 while fragments(apps[1]) < 5:
                     await trio.sleep(0.1)
@@ -156,6 +158,8 @@ async def test_a_live_source_shows_the_same_pictures_and_sound_despite_clock_ske
             if process.poll() is None:
                 process.kill()
             process.wait(10)
+        for file in logs:
+            file.close()
     backup_log = (tmp_path / "backup.log").read_text()
     assert "encoder.live.lock group=backup origin=peer" in backup_log, backup_log[-3000:]
     assert_same_content(apps[0], apps[1])

@@ -318,9 +318,10 @@ class SyntheticEncoder(_Model):
 
 
 class PatternSource(_Model):
-    """ffmpeg's lavfi ``testsrc2`` picture and a ``sine`` tone, paced in real time. With
-    ``burn_in_clock`` the picture carries the shared-clock time of each frame, to the
-    millisecond, so a person can put primary and backup side by side and see them match."""
+    """Colour bars with a moving box and a tone with a pip each second, paced in real time; every
+    pixel and sample a function of the shared clock (encode/lock.py). With ``burn_in_clock`` the
+    picture carries the shared-clock frame number and time of each frame, to the millisecond, so a
+    person can put primary and backup side by side and see them match."""
 
     kind: Literal["testpattern"]
     tone_hz: StrictInt = Field(default=1000, ge=20, le=20000)
@@ -328,7 +329,8 @@ class PatternSource(_Model):
 
 
 class FileSource(_Model):
-    """A media file, looped forever and read in real time."""
+    """A media file, looped forever, locked to the shared clock: frame n shows position
+    (n x F) mod the file's length, wherever and whenever the encoder starts (encode/lock.py)."""
 
     kind: Literal["file"]
     path: Path

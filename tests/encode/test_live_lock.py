@@ -143,26 +143,38 @@ async def test_a_live_source_shows_the_same_pictures_and_sound_despite_clock_ske
                     await trio.sleep(0.1)
             logs.append((tmp_path / "backup.log").open("wb"))
             backup = ["faketime", "-f", SKEW, *up, "--group", "backup", str(tmp_path / "backup.toml")]
-            processes.append(subprocess.Popen(backup, env=skewed, stderr=logs[1]))
+            # faketime forks and waits for the command: a signal to it would not reach `up` (which
+            # lived on after the test). Its own session, signalled as a group, stops both.
+            processes.append(subprocess.Popen(backup, env=skewed, stderr=logs[1], start_new_session=True))
             with trio.fail_after(40):
                 while fragments(apps[1]) < 5:
                     await trio.sleep(0.1)
             for process in processes:
-                process.send_signal(signal.SIGTERM)
+                signal_all(process, signal.SIGTERM)
             with trio.fail_after(20):
                 while any(p.poll() is None for p in processes):
                     await trio.sleep(0.1)
             nursery.cancel_scope.cancel()
     finally:
         for process in [*processes, sender]:
-            if process.poll() is None:
-                process.kill()
+            signal_all(process, signal.SIGKILL)  # whatever is left of the session too
             process.wait(10)
         for file in logs:
             file.close()
     backup_log = (tmp_path / "backup.log").read_text()
     assert "encoder.live.lock group=backup origin=peer" in backup_log, backup_log[-3000:]
     assert_same_content(apps[0], apps[1])
+
+
+def signal_all(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:
+    """``signum`` to the process, and to its whole session when it leads one (the faketime wrapper)."""
+    try:
+        if os.getsid(process.pid) == process.pid:
+            os.killpg(process.pid, signum)
+        elif process.poll() is None:
+            process.send_signal(signum)
+    except ProcessLookupError:
+        pass
 
 
 def test_faketime_skews_the_realtime_clock_only():

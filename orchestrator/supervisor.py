@@ -25,8 +25,6 @@ import errno
 import functools
 import logging
 import signal
-import socket
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,19 +45,24 @@ from orchestrator.encode.ffmpeg import (
 )
 from orchestrator.encode.group import GroupEncoder, InstanceRunner, Output, Sink, run_synthetic_encoder
 from orchestrator.encode.statefile import hold_group_lock, read_state, state_path
-from orchestrator.encode.synthetic import SyntheticStream
+from orchestrator.encode.synthetic import SharedFragments, SyntheticStream
 from orchestrator.errors import EncoderError, ListenError, ProfileError
 from orchestrator.ops.listener import serve_listener
 from orchestrator.ops.metrics import Metrics
+from orchestrator.ops.openfiles import ensure_open_files, files_needed
 from orchestrator.ops.state import EncoderState, GroupState, LiveState
 from orchestrator.ops.view import StatusView
 from orchestrator.profile import FfmpegEncoder, Profile, parse_listen
+from orchestrator.push.connection import FILES_PER_PUBLISHER, ClientFactory
+from orchestrator.push.connection import tls_context as tls_context  # re-exported: tests and callers use it from here
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import Publisher, PublisherSettings, auth_for
 from orchestrator.wallclock import SystemWallClock, WallClock
 
 log = logging.getLogger(__name__)
+
+CONCURRENT_PROBES = 512  # probes (new connections) under way at once, over all publishers of the process
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class _Planned:
         if problems:
             raise ProfileError(options.profile_path, problems)
         self.metrics = metrics
+        self.shared_fragments = SharedFragments()  # the synthetic groups' fragments, built once
         self.restored = {group: self._restore(group) for group in selected}
 
     def _restore(self, group: str) -> dict[str, list[int]] | None:
@@ -173,9 +177,10 @@ class _Planned:
 
     def runner(self, group: str, wall: WallClock) -> InstanceRunner:
         profile, metrics, ffmpeg = self.profile, self.metrics, self.ffmpeg.get(group)
+        shared = self.shared_fragments
 
         async def synthetic(first_index: int, sink: Sink) -> None:
-            await run_synthetic_encoder(profile, first_index, sink, wall=wall)
+            await run_synthetic_encoder(profile, first_index, sink, wall=wall, shared=shared)
 
         if ffmpeg is None:
             return synthetic
@@ -288,11 +293,11 @@ async def _run_services(
         if options.duration is not None:
             services.start_soon(_stop_after, options.duration, running.stop)
 
-        clients: dict[Path | None, httpx.AsyncClient] = {}
+        clients: list[httpx.AsyncClient] = []
         try:
             await _run_groups(plan, options, running, wall, clients, task_status)
         finally:
-            for client in clients.values():
+            for client in clients:
                 with trio.CancelScope(shield=True):
                     await client.aclose()
         services.cancel_scope.cancel()
@@ -303,12 +308,16 @@ async def _run_groups(
     options: UpOptions,
     running: Running,
     wall: WallClock,
-    clients: dict[Path | None, httpx.AsyncClient],
+    clients: list[httpx.AsyncClient],
     task_status: trio.TaskStatus[Running],
 ) -> None:
     profile, metrics = plan.profile, plan.metrics
     publishers: list[Publisher] = []
     encoders: list[GroupEncoder] = []
+    count = len(profile.streams) * sum(len(profile.groups[g].endpoints) for g in plan.groups)
+    ensure_open_files(files_needed(count, FILES_PER_PUBLISHER))
+    factory = ClientFactory(plan.settings)  # one client per publisher: see orchestrator.push.connection
+    connect_slots = trio.CapacityLimiter(CONCURRENT_PROBES)
     for group_name in plan.groups:
         group = profile.groups[group_name]
         limits = OutboxLimits(group.max_backlog.seconds, int(group.max_backlog.bytes))
@@ -325,13 +334,12 @@ async def _run_groups(
             states[stream.id] = EncoderState(group_name, stream.id)
             running.encoders.append(states[stream.id])
             for i, endpoint in enumerate(group.endpoints):
-                if endpoint.ca_file not in clients:
-                    clients[endpoint.ca_file] = _make_client(endpoint.ca_file, plan.settings)
+                clients.append(factory.client(endpoint.ca_file))
                 outbox = EndpointOutbox(limits)
                 publisher = Publisher(
-                    client=clients[endpoint.ca_file], group=group_name, stream_id=stream.id, endpoint=endpoint,
+                    client=clients[-1], group=group_name, stream_id=stream.id, endpoint=endpoint,
                     header=headers[stream.id], outbox=outbox, metrics=metrics, settings=plan.settings,
-                    auth=plan.auth[(group_name, i)])  # fmt: skip
+                    auth=plan.auth[(group_name, i)], connect_slots=connect_slots)  # fmt: skip
                 publishers.append(publisher)
                 metrics.initialise_endpoint(publisher.labels)
                 running.publishers.append(publisher.state)
@@ -366,32 +374,6 @@ async def _run_groups(
             publisher.outbox.close()
         view.stop()
         publishers_nursery.cancel_scope.deadline = deadline
-
-
-def tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """The client TLS context: httpx's default trust (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` if set,
-    else certifi's bundle) plus, if given, the endpoint's ``ca_file`` as an *extra* bundle.
-    Verification is always on; a profile can only add CAs to trust, never replace or disable them."""
-    context = httpx.create_ssl_context()
-    if ca_file is not None:
-        context.load_verify_locations(cafile=ca_file)
-    return context
-
-
-def _make_client(ca_file: Path | None, settings: PublisherSettings) -> httpx.AsyncClient:
-    verify = tls_context(ca_file)
-    transport = httpx.AsyncHTTPTransport(verify=verify, socket_options=_socket_options(settings))
-    return httpx.AsyncClient(transport=transport, limits=httpx.Limits(max_connections=None))
-
-
-def _socket_options(settings: PublisherSettings) -> list[tuple[int, int, int]]:
-    """TCP_USER_TIMEOUT (Linux): a connection whose sent data stays unacknowledged for the send
-    timeout is dropped by the kernel. That is how a real black hole (a dead link, a firewall
-    dropping packets) surfaces even when our writes still fit in the socket buffer."""
-    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(settings.send_timeout * 1000)))
-    return options
 
 
 async def _stop_after(seconds: float, stop: trio.Event) -> None:

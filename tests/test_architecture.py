@@ -46,6 +46,7 @@ PURE_CORE = [
     "ingest/receiver",
     "ops/state",
     "ops/status",
+    "testing/bodyscan",
 ]
 IO_MODULES = {"trio", "httpx", "httpcore", "hypercorn", "anyio", "subprocess", "socket", "asyncio", "os", "shutil",
               "prometheus_client", "rich", "click", "time", "orchestrator.wallclock"}  # fmt: skip

@@ -38,7 +38,7 @@ import trio
 from orchestrator.clock import TrackClock, fragment_due_ns, live_index
 from orchestrator.encode.continuity import ClockIdentity, Continuity, Verdict, encode_state
 from orchestrator.encode.statefile import write_state
-from orchestrator.encode.synthetic import SyntheticStream
+from orchestrator.encode.synthetic import SharedFragments, SyntheticStream
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.ops.metrics import Metrics
 from orchestrator.ops.state import EncoderState, GroupState, PublisherState
@@ -66,11 +66,14 @@ InstanceRunner = Callable[[int, Sink], Awaitable[None]]
 """Runs one encoder instance from fragment index ``first_index`` until cancelled or failed."""
 
 
-async def run_synthetic_encoder(profile: Profile, first_index: int, sink: Sink, *, wall: WallClock) -> None:
+async def run_synthetic_encoder(
+    profile: Profile, first_index: int, sink: Sink, *, wall: WallClock, shared: SharedFragments | None = None
+) -> None:
     """Release every stream's fragments on the shared clock from ``first_index`` on.
 
     Fragment k is released when it is complete on every track of every stream (its due time),
-    built from the packaged clips. Cancellation: stops between fragments (a fragment set is
+    built from the packaged clips (through ``shared``, if given: groups of one process then
+    share each fragment object). Cancellation: stops between fragments (a fragment set is
     built and handed over in one step, with no checkpoint in between).
     """
     sources = [SyntheticStream(profile, stream) for stream in profile.streams]
@@ -80,7 +83,7 @@ async def run_synthetic_encoder(profile: Profile, first_index: int, sink: Sink, 
     while True:
         await wall.sleep_until_ns(max(fragment_due_ns(source.clocks, k) for source in sources))
         for source in sources:
-            for fragment in source.fragment(k):
+            for fragment in source.fragment(k) if shared is None else shared.fragment(source, k):
                 sink.fragment(fragment)
         k += 1
 

@@ -113,3 +113,29 @@ class SyntheticStream:
             data = boxes.write_fragment(k, [run], self.tfxd_version)
             out.append(EncodedFragment(self.stream.id, track_id, k, start, run.duration, clock.timescale, data))
         return out
+
+
+class SharedFragments:
+    """Fragment k of a stream, built once for every group of one process.
+
+    The synthetic fragments depend on (stream, k) alone, so the primary and the backup group of
+    one ``up`` would build byte-identical copies. Built once and shared, a fragment pushed to
+    every endpoint of both groups is one object (memory: see the README's "Scale" section), and
+    the encoding cost is paid once. Keeps the fragments of the last ``keep`` indices only.
+    """
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self._by_key: dict[tuple[str, int], list[EncodedFragment]] = {}
+        self._newest = -1
+
+    def fragment(self, source: SyntheticStream, k: int) -> list[EncodedFragment]:
+        key = (source.stream.id, k)
+        built = self._by_key.get(key)
+        if built is None:
+            built = self._by_key[key] = source.fragment(k)
+            if k > self._newest:
+                self._newest = k
+                for old in [key for key in self._by_key if key[1] <= k - self.keep]:
+                    del self._by_key[old]
+        return built

@@ -62,9 +62,19 @@ archived as the exact bytes received; one carrying several tracks is rebuilt per
 :func:`~orchestrator.fmp4.boxes.write_fragment` (samples, durations, composition offsets and the
 sync flag survive; other sample flags do not; tfdt is set to the tfxd time).
 
-Memory: the per-POST log keeps the last 200 POSTs and the last 1000 fragments of each. The
-de-duplication index keeps (time -> index, duration) for every archived fragment of a track,
-a few dozen bytes per fragment, for the life of the process.
+Memory, bounded whatever the run time and the number of POSTs:
+
+* the de-duplication index keeps (time -> index, duration) for the last ``DEDUP_WINDOW``
+  fragments archived per track (about 2.3 hours of 2-second fragments). A fragment older than
+  everything the index still remembers (its time at or below the newest time it forgot) is
+  treated as a duplicate: it was archived then, or it arrives hours late and would land out of
+  order in the archive; it is counted, never archived twice. ``gaps`` counts distinct indices
+  with a counter, not a set;
+* the per-POST log keeps the last ``POST_LOG_SIZE`` POSTs; each POST's record keeps its last
+  ``FRAGMENT_LOG_SIZE`` fragments, fewer when many POSTs are active at once: a record opened
+  while ``n`` POSTs are active keeps ``max(FRAGMENT_LOG_MIN, FRAGMENT_LOG_BUDGET // n)`` at
+  most, so the records of the active POSTs together hold about ``FRAGMENT_LOG_BUDGET`` entries
+  (the log of closed POSTs at most ``POST_LOG_SIZE x FRAGMENT_LOG_SIZE``).
 """
 
 from __future__ import annotations
@@ -88,6 +98,9 @@ POST_LOG_SIZE = 200
 FRAGMENT_LOG_SIZE = 1000
 MAX_MANIFEST_ELEMENTS = 1000
 DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
+FRAGMENT_LOG_BUDGET = 100_000  # fragment entries over the records of all active POSTs
+FRAGMENT_LOG_MIN = 10
+DEDUP_WINDOW = 4096  # fragments remembered per track for de-duplication
 
 # --- addresses and names ------------------------------------------------------------------
 
@@ -324,19 +337,34 @@ class _Track:
     first_index: int | None = None
     last_index: int | None = None
     last_time: int | None = None
-    by_time: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)  # -> (index, duration)
-    indices: set[int] = field(default_factory=set, repr=False)
+    # The last DEDUP_WINDOW archived fragments, time -> (index, duration), in archive order.
+    by_time: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
+    forgotten_time: int | None = None  # the newest time dropped from by_time
+    recent_indices: dict[int, None] = field(default_factory=dict, repr=False)  # the last DEDUP_WINDOW, ordered
+    distinct_indices: int = 0
 
     @property
     def gaps(self) -> int:
         if self.first_index is None or self.last_index is None:
             return 0
-        return self.last_index - self.first_index + 1 - len(self.indices)
+        return self.last_index - self.first_index + 1 - self.distinct_indices
+
+    def seen(self, time: int) -> bool:
+        """True if a fragment at ``time`` was archived, as far as the bounded index can tell."""
+        return time in self.by_time or (self.forgotten_time is not None and time <= self.forgotten_time)
 
     def archive(self, index: int, time: int, duration: int) -> None:
         self.archived += 1
+        if index not in self.recent_indices:
+            self.distinct_indices += 1
+            self.recent_indices[index] = None
+            if len(self.recent_indices) > DEDUP_WINDOW:
+                del self.recent_indices[next(iter(self.recent_indices))]
         self.by_time[time] = (index, duration)
-        self.indices.add(index)
+        if len(self.by_time) > DEDUP_WINDOW:
+            oldest = next(iter(self.by_time))
+            del self.by_time[oldest]
+            self.forgotten_time = oldest if self.forgotten_time is None else max(self.forgotten_time, oldest)
         self.first_index = index if self.first_index is None else min(self.first_index, index)
         self.last_index = index if self.last_index is None else max(self.last_index, index)
         self.last_time = time if self.last_time is None else max(self.last_time, time)
@@ -372,7 +400,11 @@ class _PostRecord:
     reason: str | None = None
     bytes_received: int = 0
     fragments_seen: int = 0
-    fragments: deque[tuple[FragmentInfo, Outcome]] = field(default_factory=lambda: deque(maxlen=FRAGMENT_LOG_SIZE))
+    log_size: int = FRAGMENT_LOG_SIZE
+    fragments: deque[tuple[FragmentInfo, Outcome]] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.fragments = deque(maxlen=self.log_size)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -420,9 +452,10 @@ class PublishingPoint:
 
     def open_post(self, path: StreamPath, encoder_group: str | None, now: float) -> Post:
         """Start a POST to ``path``; ``encoder_group`` is the ``X-Encoder-Group`` header, if sent."""
-        record = _PostRecord(self._next_post_id, path, encoder_group, now)
-        self._next_post_id += 1
         self._active += 1
+        log_size = min(FRAGMENT_LOG_SIZE, max(FRAGMENT_LOG_MIN, FRAGMENT_LOG_BUDGET // self._active))
+        record = _PostRecord(self._next_post_id, path, encoder_group, now, log_size=log_size)
+        self._next_post_id += 1
         self._log.append(record)
         stream = self._streams.setdefault(path, _Stream())
         stream.posts += 1
@@ -520,7 +553,7 @@ class PublishingPoint:
         for traf, info in zip(parsed.trafs, checked.tracks, strict=True):
             track = tracks[info.track_id]
             writes = None
-            if checked.rejected is None and info.time not in track.by_time:
+            if checked.rejected is None and not (info.time is not None and track.seen(info.time)):
                 data = _single_track_fragment(parsed, traf, info)
                 init = () if track.init_written else (ArchiveWrite(track.file, track.init, new_file=True),)
                 writes = (*init, ArchiveWrite(track.file, data))
@@ -534,7 +567,7 @@ class PublishingPoint:
             elif writes is None:
                 track.duplicates += 1
                 assert info.time is not None
-                index, duration = track.by_time[info.time]
+                index, duration = track.by_time.get(info.time, (info.index, info.duration))  # forgotten: no check
                 reason = None
                 if (index, duration) != (info.index, info.duration):
                     track.conflicts += 1

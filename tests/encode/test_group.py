@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import logging
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from orchestrator.clock import fragment_due_ns, live_index
 from orchestrator.encode.continuity import ClockIdentity, decode_state
 from orchestrator.encode.group import GroupEncoder, Output, RestartPolicy, Sink, run_synthetic_encoder
 from orchestrator.encode.statefile import read_state
+from orchestrator.encode.synthetic import SharedFragments
 from orchestrator.errors import EncoderError
 from orchestrator.fmp4.stream import EncodedFragment
 from orchestrator.ops.metrics import Metrics
@@ -444,3 +446,34 @@ async def test_indices_skipped_by_a_restarted_instance_are_counted_once_per_stre
     assert video[:3] == [starts[0], starts[0] + 1, starts[1] + 3]
     for stream in ("video", "audio"):
         assert rig.metric("orchestrator_encoder_skipped_fragments_total", stream=stream, group="primary") == 3
+
+
+class _Collect(Sink):
+    def __init__(self) -> None:
+        self.fragments: list = []
+
+    def header(self, header) -> None:
+        pass
+
+    def fragment(self, fragment) -> None:
+        self.fragments.append(fragment)
+
+
+async def test_groups_of_one_process_share_each_synthetic_fragment_object(autojump_clock):
+    """A fragment pushed to every endpoint of both groups is one object (the README's memory formula, C = 1)."""
+    profile = load_profile(DEMO)
+    shared = SharedFragments()
+    sinks = [_Collect(), _Collect()]
+    first = max(live_index([profile.track_clock(t) for t in s.tracks], START_NS) for s in profile.streams)
+    async with trio.open_nursery() as nursery:
+        for sink in sinks:
+            nursery.start_soon(partial(run_synthetic_encoder, profile, first, sink, wall=TrioWallClock(START_NS),
+                                       shared=shared))  # fmt: skip
+        await trio.sleep(20)
+        nursery.cancel_scope.cancel()
+    primary, backup = sinks
+    assert (
+        len(primary.fragments) == len(backup.fragments) >= len(profile.streams) * 9
+    )  # one track per stream, 20 s of 2 s fragments
+    assert all(a is b for a, b in zip(primary.fragments, backup.fragments, strict=True))
+    assert len(shared._by_key) <= shared.keep * len(profile.streams)  # only the last few indices are kept

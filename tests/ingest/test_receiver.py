@@ -11,6 +11,7 @@ import pytest
 from orchestrator.errors import BoxError, MediaError
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Header
+from orchestrator.ingest import receiver
 from orchestrator.ingest.receiver import (
     FRAGMENT_LOG_SIZE,
     POST_LOG_SIZE,
@@ -480,3 +481,30 @@ def test_status_is_json() -> None:
     status = point.status(posts=True)
     assert json.loads(json.dumps(status)) == status
     assert status["probes"] == 1
+
+
+def test_dedup_index_is_bounded_and_an_older_fragment_is_still_a_duplicate(monkeypatch) -> None:
+    monkeypatch.setattr(receiver, "DEDUP_WINDOW", 4)
+    point = PublishingPoint()
+    first = whole_post(point, header(), b"".join(fragment(k) for k in range(10)))
+    assert [d.outcome for d in first] == ["archived"] * 10
+    track = point._streams[PATH].tracks[1]
+    assert len(track.by_time) == 4  # not 10
+    assert len(track.recent_indices) == 4
+    # The backup sends the same ten: the six the index forgot are still duplicates, never archived twice.
+    again = whole_post(point, header(), b"".join(fragment(k) for k in range(10)))
+    assert [d.outcome for d in again] == ["duplicate"] * 10
+    assert (video(point)["fragments_archived"], video(point)["duplicates_dropped"], video(point)["gaps"]) == (10, 10, 0)
+    # A new fragment after a gap is archived, and the gap is counted.
+    assert outcomes(whole_post(point, header(), fragment(12))) == [(12, "archived")]
+    assert video(point)["gaps"] == 2  # 10 and 11
+
+
+def test_fragment_log_shrinks_with_many_active_posts(monkeypatch) -> None:
+    monkeypatch.setattr(receiver, "FRAGMENT_LOG_BUDGET", 30)
+    point = PublishingPoint()
+    posts = [point.open_post(StreamPath(("live", "demo"), f"s{i}"), None, 0.0) for i in range(4)]
+    sizes = [post._record.fragments.maxlen for post in posts]
+    assert sizes == [30, 15, 10, receiver.FRAGMENT_LOG_MIN]  # budget // active, at least the minimum (30 // 4 = 7)
+    drain(posts[3], header(), b"".join(fragment(k) for k in range(25)))
+    assert len(posts[3]._record.fragments) == receiver.FRAGMENT_LOG_MIN

@@ -1,0 +1,371 @@
+"""Scale benchmark: N streams in one ``orchestrator up``, every fragment on time, cost per stream.
+
+Not a test: it prints figures. For each N (default 10, 100, 300, 1000) it writes a profile of N
+single-track video streams (synthetic encoder, 2 s fragments) in two groups, primary and backup,
+each pushing every stream to two endpoints: 4N long-running POSTs. The sink is the counting
+sink (``orchestrator.testing.countsink``) in its own process: it reads the chunked bodies and
+records when the last byte of each fragment arrived. ``orchestrator up`` runs as a separate
+process too, as in production, with its metrics endpoint on.
+
+Once every POST is open (and two fragment durations more), over a window of ``--window`` seconds it reports:
+
+  posts_open     POSTs open at the sink at the end of the window (of 4N)
+  all open after seconds from starting ``up`` until all 4N POSTs were open at the sink
+  steady after   seconds from starting ``up`` until the fragments queued meanwhile were out and
+                 99.9 % of those arriving in a 4 s probe were on time; the window starts then
+  on_time_%      of the fragments whose end on the shared clock falls in the window, for every
+                 one of the 4N (stream, group, endpoint), the share whose last byte reached the
+                 sink within 1 s of that end (missing fragments count as late); and the delay
+                 (last byte at the sink minus the fragment's end) at the median, 99th percentile, max
+  cpu_%          CPU time of the ``up`` process over the window, in % of one core
+  cpu_%/stream   the same per stream
+  rss_MB         resident memory of ``up`` at the end of the window; rss_kB/stream
+
+Then, in the same run:
+
+* throughput: one POST pushing ``--big-count`` fragments of ``--big-mb`` MB each (a 30 Mbit/s
+  2 s fragment is about 8 MB) through the project's ``Publisher`` (its client as ``up`` builds
+  it), against a plain ``httpx`` chunked POST of the same bytes to the same sink, best of three
+  each, alternating, and the ratio;
+* ingest: ``up`` with ``--ingest-n`` streams pushing into one ``orchestrator ingest`` (the
+  project's publishing point, which checks, de-duplicates and archives every fragment), with
+  the ingest server's CPU and RSS over the window and its count of active POSTs.
+
+The machine's load (``uptime``) is printed first and last: other work on the machine shows up
+in every figure.
+
+Run:  .venv/bin/python bench/scale.py [--sizes 10,100,300,1000] [--window 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import httpx
+import trio
+
+from orchestrator.clock import NS_PER_SECOND, TrackClock
+from orchestrator.fmp4 import boxes
+from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
+from orchestrator.ops.metrics import Metrics
+from orchestrator.profile import Endpoint, load_profile
+from orchestrator.push.connection import ClientFactory
+from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
+from orchestrator.push.outbox import OutboxLimits
+from orchestrator.push.publisher import Publisher, PublisherSettings
+
+EPOCH = "2026-01-01T00:00:00Z"
+FRAGMENT_SECONDS = 2
+ON_TIME_NS = NS_PER_SECOND
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def write_profile(path: Path, n: int, endpoints: list[str]) -> None:
+    lines = [
+        "[presentation]", 'name = "scale"', f"fragment_duration = {FRAGMENT_SECONDS}", f"epoch = {EPOCH}",
+        "video_timescale = 90000", "tfxd_version = 1", "",
+        "[metrics]", 'listen = "127.0.0.1:0"', "",
+    ]  # fmt: skip
+    for i in range(n):
+        lines += ["[[streams]]", f'id = "s{i:04d}"', "  [[streams.tracks]]", '  kind = "video"',
+                  f'  name = "v{i:04d}"', "  bitrate = 250_000", "  width = 192", "  height = 108",
+                  '  frame_rate = "25"', ""]  # fmt: skip
+    for group in ("primary", "backup"):
+        lines += [f"[groups.{group}]", 'encoder = { backend = "synthetic" }']
+        for j, url in enumerate(endpoints):
+            lines += [f"  [[groups.{group}.endpoints]]", f'  name = "e{j}"', f'  region = "r{j}"', f'  url = "{url}"']
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def raise_nofile() -> None:
+    """For the sink and the ingest server (run as preexec_fn): one descriptor per POST."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_sink() -> tuple[subprocess.Popen[str], int]:
+    sink = subprocess.Popen([sys.executable, "-m", "orchestrator.testing.countsink"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, preexec_fn=raise_nofile)  # fmt: skip
+    assert sink.stdout is not None
+    port = json.loads(sink.stdout.readline())["port"]
+    return sink, port
+
+
+def sink_report(port: int, clear: bool = False) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/report{'?clear=1' if clear else ''}", timeout=60).json()
+
+
+def stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_up(profile: Path, duration: float, log: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--log-level", "warning", "up", str(profile), "--status", "off",
+         "--duration", str(duration)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)  # fmt: skip
+
+
+MAX_START = 180.0  # seconds for every POST to open and the start-up backlog to drain, at most
+
+
+def run_n(n: int, window: float, tmp: Path) -> dict[str, float]:
+    sink, port = start_sink()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        profile_path = tmp / f"scale-{n}.toml"
+        write_profile(profile_path, n, [f"{base}/e0/scale.isml", f"{base}/e1/scale.isml"])
+        profile = load_profile(profile_path)
+        clock: TrackClock = profile.track_clock(profile.streams[0].tracks[0])  # every stream has the same clock
+        log = tmp / f"up-{n}.log"
+        up = start_up(profile_path, MAX_START + window + 10, log)
+        try:
+            started = time.monotonic()
+            while sink_report(port, clear=True)["open_posts"] < 4 * n:  # every POST open (the report is small)
+                if up.poll() is not None:
+                    raise SystemExit(f"up exited early ({up.returncode}); see {log}:\n{log.read_text()[-2000:]}")
+                if time.monotonic() - started > MAX_START:
+                    break  # report what is open
+                time.sleep(0.5)
+            start_s = time.monotonic() - started
+            # The fragments queued while the POSTs opened go out first: wait until what arrives
+            # is on time again (steady state), within the same bound.
+            while time.monotonic() - started < MAX_START:
+                sink_report(port, clear=True)
+                time.sleep(2 * FRAGMENT_SECONDS)
+                recent = sink_report(port)["fragments"]
+                if recent and sum(a - clock.end_ns(k) <= ON_TIME_NS for _, _, k, _, a in recent) >= 0.999 * len(recent):
+                    break
+            steady_s = time.monotonic() - started
+            sink_report(port, clear=True)
+            t0_ns, cpu0 = time.time_ns(), cpu_seconds(up.pid)
+            time.sleep(window)
+            t1_ns, cpu1, rss = time.time_ns(), cpu_seconds(up.pid), rss_bytes(up.pid)
+            time.sleep(ON_TIME_NS / NS_PER_SECOND + 0.5)
+            report = sink_report(port)
+        finally:
+            stop(up)
+    finally:
+        stop(sink)
+    due = [k for k in range(clock.index_at(t0_ns), clock.index_at(t1_ns) + 1) if t0_ns < clock.end_ns(k) <= t1_ns]
+    expected = {(f"/e{e}/scale.isml/Streams(s{i:04d})", g, k) for i in range(n) for e in (0, 1)
+                for g in ("primary", "backup") for k in due}  # fmt: skip
+    on_time, lateness = set(), {}
+    for target, group, k, _tfdt, arrival_ns in report["fragments"]:
+        key = (target, group, k)
+        if key in expected:
+            lateness.setdefault(key, arrival_ns - clock.end_ns(k))  # the first copy of it
+            if arrival_ns - clock.end_ns(k) <= ON_TIME_NS:
+                on_time.add(key)
+    late = sorted(lateness.values())
+
+    def pct(q: float) -> float:
+        return late[min(len(late) - 1, int(q * len(late)))] / 1e6 if late else float("nan")
+
+    cpu = 100 * (cpu1 - cpu0) / ((t1_ns - t0_ns) / NS_PER_SECOND)
+    return {
+        "n": n, "posts": 4 * n, "posts_open": report["open_posts"], "fragments_due": len(expected),
+        "on_time_pct": 100 * len(on_time) / max(1, len(expected)), "cpu_pct": cpu, "cpu_pct_per_stream": cpu / n,
+        "rss_mb": rss / 1e6, "rss_kb_per_stream": rss / 1e3 / n, "start_s": start_s, "steady_s": steady_s,
+        "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0),
+    }  # fmt: skip
+
+
+# --- throughput: one POST, large fragments --------------------------------------------------------------------
+
+
+def big_fragments(count: int, megabytes: float) -> list[EncodedFragment]:
+    size = int(megabytes * 1_000_000)
+    payload = os.urandom(size)
+    out = []
+    for k in range(count):
+        run = boxes.TrackRun(1, k * 180_000, [boxes.Sample(payload, 180_000)], k)
+        out.append(EncodedFragment("big", 1, k, k * 180_000, 180_000, 90_000, boxes.write_fragment(k, [run])))
+    return out
+
+
+async def push_with_publisher(port: int, header: StreamHeader, fragments: list[EncodedFragment]) -> float:
+    settings = PublisherSettings(send_timeout=60.0, idle_timeout=60.0)
+    client = ClientFactory(settings).client(None)
+    limits = OutboxLimits(max_seconds=Fraction(3600), max_bytes=1 << 40)
+    outbox = EndpointOutbox(limits)
+    board = HeaderBoard("primary", "big")
+    board.announce(header)
+    endpoint = Endpoint(name="sink", region="local", url=f"http://127.0.0.1:{port}/big/big.isml")
+    publisher = Publisher(client=client, group="primary", stream_id="big", endpoint=endpoint, header=board,
+                          outbox=outbox, metrics=Metrics(), settings=settings)  # fmt: skip
+    for fragment in fragments:
+        outbox.push(fragment)
+    outbox.close()
+    start = time.perf_counter()
+    await publisher.run()  # probe, one POST with every fragment, end of body, final response
+    elapsed = time.perf_counter() - start
+    await client.aclose()
+    if publisher.state.failures:
+        raise SystemExit(f"the publisher's POST failed: {publisher.state.last_error}")
+    return elapsed
+
+
+async def push_with_raw_httpx(port: int, header: StreamHeader, fragments: list[EncodedFragment]) -> float:
+    async def body():
+        yield header.data
+        for fragment in fragments:
+            yield fragment.data
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        start = time.perf_counter()
+        await client.post(f"http://127.0.0.1:{port}/big/big.isml/Streams(big)", content=b"")  # the same probe
+        response = await client.post(f"http://127.0.0.1:{port}/big/big.isml/Streams(big)", content=body())
+        elapsed = time.perf_counter() - start
+    response.raise_for_status()
+    return elapsed
+
+
+def throughput(count: int, megabytes: float) -> dict[str, float]:
+    from orchestrator.encode.synthetic import SyntheticStream
+
+    demo = load_profile(Path(__file__).resolve().parent.parent / "profiles" / "demo.toml")
+    header = SyntheticStream(demo, demo.streams[0]).header
+    fragments = big_fragments(count, megabytes)
+    total = len(header.data) + sum(len(f.data) for f in fragments)
+    sink, port = start_sink()
+    try:
+        ours, raw = [], []
+        for _ in range(3):
+            ours.append(trio.run(push_with_publisher, port, header, fragments))
+            raw.append(trio.run(push_with_raw_httpx, port, header, fragments))
+        seen = sink_report(port)["fragments_total"]
+        if seen != 6 * count:
+            raise SystemExit(f"the sink counted {seen} fragments, expected {6 * count}")
+    finally:
+        stop(sink)
+    mbps_ours, mbps_raw = total * 8 / min(ours) / 1e6, total * 8 / min(raw) / 1e6
+    return {"bytes": total, "publisher_mbit_s": mbps_ours, "raw_httpx_mbit_s": mbps_raw, "ratio": mbps_ours / mbps_raw}
+
+
+# --- the project's ingest server at scale ---------------------------------------------------------------------
+
+
+def run_ingest(n: int, window: float, tmp: Path) -> dict[str, float]:
+    port = free_port()
+    archive = tmp / "archive"
+    ingest = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "--log-level", "warning", "ingest", "--listen", f"127.0.0.1:{port}",
+         "--archive", str(archive)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(tmp / "ingest.log").open("w"),
+        preexec_fn=raise_nofile, text=True)  # fmt: skip
+    try:
+        status_url = f"http://127.0.0.1:{port}/status"
+        for _ in range(100):
+            try:
+                httpx.get(status_url, timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        profile_path = tmp / f"ingest-{n}.toml"
+        base = f"http://127.0.0.1:{port}"
+        write_profile(profile_path, n, [f"{base}/e0/scale.isml", f"{base}/e1/scale.isml"])
+        up = start_up(profile_path, MAX_START + window + 10, tmp / "up-ingest.log")
+        try:
+            started = time.monotonic()
+            while httpx.get(status_url, timeout=60).json()["posts"]["active"] < 4 * n:
+                if up.poll() is not None or time.monotonic() - started > MAX_START:
+                    break
+                time.sleep(1.0)
+            time.sleep(2 * FRAGMENT_SECONDS)
+            t0, cpu0 = time.monotonic(), cpu_seconds(ingest.pid)
+            status0 = httpx.get(status_url, timeout=60).json()
+            time.sleep(window)
+            t1, cpu1, rss = time.monotonic(), cpu_seconds(ingest.pid), rss_bytes(ingest.pid)
+            status1 = httpx.get(status_url, timeout=60).json()
+        finally:
+            stop(up)
+    finally:
+        stop(ingest)
+
+    def archived(status: dict) -> int:
+        return sum(t["fragments_archived"] for p in status["publishing_points"].values()
+                   for s in p["streams"].values() for t in s["tracks"].values())  # fmt: skip
+
+    seconds = t1 - t0
+    return {
+        "n": n, "posts_active": status1["posts"]["active"], "cpu_pct": 100 * (cpu1 - cpu0) / seconds,
+        "rss_mb": rss / 1e6, "archived_per_s": (archived(status1) - archived(status0)) / seconds,
+        "expected_per_s": 2 * n / FRAGMENT_SECONDS,  # two publishing points, one copy of each fragment each
+    }  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Scale benchmark (see the module docstring).")
+    parser.add_argument("--sizes", default="10,100,300,1000")
+    parser.add_argument("--window", type=float, default=30.0)
+    parser.add_argument("--big-mb", type=float, default=8.0)
+    parser.add_argument("--big-count", type=int, default=8)
+    parser.add_argument("--ingest-n", type=int, default=1000, help="0 to skip")
+    parser.add_argument("--skip-throughput", action="store_true")
+    args = parser.parse_args()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"# bench/scale.py  {started}  cores={os.cpu_count()}")
+    print(f"# load before: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        print("| N streams | POSTs | POSTs open | all open after | steady after | fragments due | on time (≤ 1 s) "
+              "| delay p50 / p99 / max | CPU of `up` (one core) | CPU per stream | RSS | RSS per stream |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for n in (int(s) for s in args.sizes.split(",")):
+            r = run_n(n, args.window, tmp)
+            print(f"| {n} | {r['posts']} | {r['posts_open']} | {r['start_s']:.0f} s | {r['steady_s']:.0f} s "
+                  f"| {r['fragments_due']} "
+                  f"| {r['on_time_pct']:.2f} % | {r['p50_ms']:.0f} / {r['p99_ms']:.0f} / {r['max_ms']:.0f} ms "
+                  f"| {r['cpu_pct']:.1f} % | {r['cpu_pct_per_stream']:.3f} % | {r['rss_mb']:.0f} MB "
+                  f"| {r['rss_kb_per_stream']:.0f} kB |", flush=True)  # fmt: skip
+        if not args.skip_throughput:
+            t = throughput(args.big_count, args.big_mb)
+            print(f"\nthroughput, one POST, {args.big_count} x {args.big_mb:g} MB fragments "
+                  f"({t['bytes'] / 1e6:.0f} MB), "
+                  f"best of 3: publisher {t['publisher_mbit_s']:.0f} Mbit/s, raw httpx {t['raw_httpx_mbit_s']:.0f} "
+                  f"Mbit/s, ratio {t['ratio']:.2f}", flush=True)  # fmt: skip
+        if args.ingest_n:
+            g = run_ingest(args.ingest_n, args.window, tmp)
+            print(f"\ningest server, {g['n']} streams ({4 * g['n']} POSTs) from `up`: "
+                  f"POSTs active {g['posts_active']}, "
+                  f"CPU {g['cpu_pct']:.1f} % of one core, RSS {g['rss_mb']:.0f} MB, fragments archived "
+                  f"{g['archived_per_s']:.0f}/s of {g['expected_per_s']:.0f}/s expected", flush=True)  # fmt: skip
+    print(f"\n# load after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+
+
+if __name__ == "__main__":
+    main()

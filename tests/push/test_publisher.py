@@ -265,22 +265,23 @@ async def test_publisher_connections_carry_tcp_user_timeout_equal_to_the_send_ti
     stays unacknowledged for the send timeout (how a real black hole surfaces)."""
     import socket
 
-    from orchestrator.supervisor import _make_client
+    from orchestrator.push.connection import ClientFactory
 
     recorder = Recorder()
-    sockets = []
+    options = []
 
     async def trace(event, info):
+        # Read at connect time: the pool keeps no idle connection, so it is closed after the response.
         if event == "connection.connect_tcp.complete":
-            sockets.append(info["return_value"].get_extra_info("socket"))
+            sock = info["return_value"].get_extra_info("socket")
+            options.append((sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))  # fmt: skip
 
-    client = _make_client(None, PublisherSettings.for_fragment_duration(2))
+    client = ClientFactory(PublisherSettings.for_fragment_duration(2)).client(None)  # what up gives each publisher
     async with trio.open_nursery() as nursery, client:
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
         await client.post(f"http://127.0.0.1:{port}/x", content=b"", extensions={"trace": trace})
-        (sock,) = sockets
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3000
-        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert options == [(3000, 1)]
         nursery.cancel_scope.cancel()
 
 

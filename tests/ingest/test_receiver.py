@@ -488,7 +488,7 @@ def test_dedup_index_is_bounded_and_an_older_fragment_is_still_a_duplicate(monke
     point = PublishingPoint()
     first = whole_post(point, header(), b"".join(fragment(k) for k in range(10)))
     assert [d.outcome for d in first] == ["archived"] * 10
-    track = point._streams[PATH].tracks[1]
+    (track,) = point._streams[PATH].tracks.values()  # keyed by (track ID, init digest)
     assert len(track.by_time) == 4  # not 10
     assert len(track.recent_indices) == 4
     # The backup sends the same ten: the six the index forgot are still duplicates, never archived twice.

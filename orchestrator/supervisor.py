@@ -289,7 +289,9 @@ async def _run_services(
             serve = functools.partial(serve_listener, metrics.registry, running)
             running.metrics_address = await _listen(services, "the profile's metrics.listen", host, port, serve)
         if options.handle_signals:
-            services.start_soon(_watch_signals, running.stop, services.cancel_scope)
+            # start(), not start_soon(): the handlers are in place before anything logs "started",
+            # so a SIGTERM that follows at once is a graceful stop, never the default kill.
+            await services.start(_watch_signals, running.stop, services.cancel_scope)
         if options.duration is not None:
             services.start_soon(_stop_after, options.duration, running.stop)
 
@@ -382,9 +384,13 @@ async def _stop_after(seconds: float, stop: trio.Event) -> None:
     stop.set()
 
 
-async def _watch_signals(stop: trio.Event, everything: trio.CancelScope) -> None:
-    """First SIGINT/SIGTERM: graceful stop. Second: cancel everything now."""
+async def _watch_signals(
+    stop: trio.Event, everything: trio.CancelScope, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """First SIGINT/SIGTERM: graceful stop. Second: cancel everything now. Reports started once
+    the handlers are installed. Cancellation: the default handlers come back."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             if not stop.is_set():
                 log.info("supervisor.signal signal=%s action=graceful_stop", signal.Signals(signum).name)

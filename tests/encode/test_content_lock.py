@@ -59,22 +59,23 @@ id = "av"
   channels = 1
 
 [groups.primary]
-encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {source} }}
+encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {primary_source} }}
   [[groups.primary.endpoints]]
   name = "a"
   region = "eu-west"
   url = "http://127.0.0.1:{primary_port}/live/lock.isml"
 
 [groups.backup]
-encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {source} }}
+encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {backup_source} }}
   [[groups.backup.endpoints]]
   name = "b"
   region = "eu-north"
   url = "http://127.0.0.1:{backup_port}/live/lock.isml"
 
 [metrics]
-enabled = false
+{metrics}
 """
+NO_METRICS = "enabled = false"  # one process runs both groups here: nothing to scrape
 
 SIDE = (32, 18)  # pictures are compared at this size, in gray
 DECIMATED_RATE = 3000  # audio is compared at this rate: a lag step is 16 samples at 48 kHz
@@ -177,7 +178,8 @@ async def run_two_groups(tmp_path: Path, source: str, *, backup_delay: float, ki
     async with trio.open_nursery() as servers:
         apps = [IngestApp(tmp_path / name) for name in ("primary", "backup")]
         ports = [(await servers.start(serve_app, app, "127.0.0.1", 0))[1] for app in apps]
-        text = PROFILE.format(source=source, primary_port=ports[0], backup_port=ports[1])
+        text = PROFILE.format(primary_source=source, backup_source=source, primary_port=ports[0],
+                              backup_port=ports[1], metrics=NO_METRICS)  # fmt: skip
         profile = parse_profile(text, "lock.toml")
 
         def fragments(app: IngestApp) -> int:

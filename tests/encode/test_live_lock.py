@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import pytest
 import trio
-from test_content_lock import assert_same_content, make_clip
+from test_content_lock import PROFILE, assert_same_content, make_clip
 
 from orchestrator.ingest.server import IngestApp, serve_app
 
@@ -35,46 +35,6 @@ pytestmark = [
 
 SKEW = "+0.2"  # the backup host's wall clock, seconds ahead
 DELAY = 0.15  # the backup's path from the contribution feed, seconds longer
-
-PROFILE = """
-[presentation]
-name = "lock"
-fragment_duration = 2
-epoch = 2026-01-01T00:00:00Z
-
-[[streams]]
-id = "av"
-  [[streams.tracks]]
-  kind = "video"
-  name = "video"
-  bitrate = 1_000_000
-  width = 320
-  height = 180
-  frame_rate = "30000/1001"
-  [[streams.tracks]]
-  kind = "audio"
-  name = "audio"
-  bitrate = 128_000
-  sample_rate = 48000
-  channels = 1
-
-[groups.primary]
-encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {primary_source} }}
-  [[groups.primary.endpoints]]
-  name = "a"
-  region = "eu-west"
-  url = "http://127.0.0.1:{primary_ingest}/live/lock.isml"
-
-[groups.backup]
-encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {backup_source} }}
-  [[groups.backup.endpoints]]
-  name = "b"
-  region = "eu-north"
-  url = "http://127.0.0.1:{backup_ingest}/live/lock.isml"
-
-[metrics]
-listen = "127.0.0.1:{metrics}"
-"""
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -129,8 +89,8 @@ async def test_a_live_source_shows_the_same_pictures_and_sound_despite_clock_ske
             sources = [f'{{ kind = "live", url = "udp://127.0.0.1:{ports[i]}?overrun_nonfatal=1", '
                        f'peers = ["http://127.0.0.1:{metrics[1 - i]}/metrics"] }}' for i in range(2)]  # fmt: skip
             for i, group in enumerate(("primary", "backup")):  # one host each: its own metrics port
-                text = PROFILE.format(primary_source=sources[0], backup_source=sources[1], primary_ingest=ingest[0],
-                                      backup_ingest=ingest[1], metrics=metrics[i])  # fmt: skip
+                text = PROFILE.format(primary_source=sources[0], backup_source=sources[1], primary_port=ingest[0],
+                                      backup_port=ingest[1], metrics=f'listen = "127.0.0.1:{metrics[i]}"')  # fmt: skip
                 (tmp_path / f"{group}.toml").write_text(text)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             skewed = {**env, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
 import trio
 from prometheus_client import CollectorRegistry
 
@@ -53,7 +52,7 @@ from orchestrator.ops.openfiles import ensure_open_files, files_needed
 from orchestrator.ops.state import EncoderState, GroupState, LiveState
 from orchestrator.ops.view import StatusView
 from orchestrator.profile import FfmpegEncoder, Profile, parse_listen
-from orchestrator.push.connection import FILES_PER_PUBLISHER, ClientFactory
+from orchestrator.push.connection import FILES_PER_PUBLISHER, Connector
 from orchestrator.push.connection import tls_context as tls_context  # re-exported: tests and callers use it from here
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.outbox import OutboxLimits
@@ -118,7 +117,7 @@ class _Planned:
                 SyntheticStream(profile, stream)
         self.settings = options.publisher_settings or PublisherSettings.for_fragment_duration(
             float(profile.presentation.fragment_duration))  # fmt: skip
-        self.auth: dict[tuple[str, int], httpx.Auth | None] = {}
+        self.auth: dict[tuple[str, int], str | None] = {}  # Authorization header values: never logged
         for group_name in selected:
             for i, endpoint in enumerate(profile.groups[group_name].endpoints):
                 key_path = f"groups.{group_name}.endpoints[{i}]"
@@ -295,13 +294,7 @@ async def _run_services(
         if options.duration is not None:
             services.start_soon(_stop_after, options.duration, running.stop)
 
-        clients: list[httpx.AsyncClient] = []
-        try:
-            await _run_groups(plan, options, running, wall, clients, task_status)
-        finally:
-            for client in clients:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
+        await _run_groups(plan, options, running, wall, task_status)
         services.cancel_scope.cancel()
 
 
@@ -310,7 +303,6 @@ async def _run_groups(
     options: UpOptions,
     running: Running,
     wall: WallClock,
-    clients: list[httpx.AsyncClient],
     task_status: trio.TaskStatus[Running],
 ) -> None:
     profile, metrics = plan.profile, plan.metrics
@@ -318,7 +310,7 @@ async def _run_groups(
     encoders: list[GroupEncoder] = []
     count = len(profile.streams) * sum(len(profile.groups[g].endpoints) for g in plan.groups)
     ensure_open_files(files_needed(count, FILES_PER_PUBLISHER))
-    factory = ClientFactory(plan.settings)  # one client per publisher: see orchestrator.push.connection
+    connector = Connector(plan.settings.send_timeout)  # one connection per request: see orchestrator.push.connection
     connect_slots = trio.CapacityLimiter(CONCURRENT_PROBES)
     for group_name in plan.groups:
         group = profile.groups[group_name]
@@ -336,12 +328,11 @@ async def _run_groups(
             states[stream.id] = EncoderState(group_name, stream.id)
             running.encoders.append(states[stream.id])
             for i, endpoint in enumerate(group.endpoints):
-                clients.append(factory.client(endpoint.ca_file))
                 outbox = EndpointOutbox(limits)
                 publisher = Publisher(
-                    client=clients[-1], group=group_name, stream_id=stream.id, endpoint=endpoint,
-                    header=headers[stream.id], outbox=outbox, metrics=metrics, settings=plan.settings,
-                    auth=plan.auth[(group_name, i)], connect_slots=connect_slots)  # fmt: skip
+                    group=group_name, stream_id=stream.id, endpoint=endpoint, header=headers[stream.id],
+                    outbox=outbox, metrics=metrics, settings=plan.settings, connector=connector,
+                    authorization=plan.auth[(group_name, i)], connect_slots=connect_slots)  # fmt: skip
                 publishers.append(publisher)
                 metrics.initialise_endpoint(publisher.labels)
                 running.publishers.append(publisher.state)

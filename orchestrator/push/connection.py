@@ -1,52 +1,88 @@
-"""HTTP clients for the publishers: one small client per publisher, one TLS context per CA bundle.
+"""HTTP/1.1 for the publishers: one connection per request, framed by h11, over trio streams.
 
-Why not one shared client. A long-running ingest POST owns its connection for its whole life,
-and every retry opens a new connection on purpose (the probe goes out with ``Connection: close``,
-so the POST after it always starts fresh): a shared pool buys nothing here, and it cost a lot.
-httpx ignores a client's ``limits`` when a transport is given, so the shared transport's default
-pool of 100 connections capped the whole process at 100 POSTs (the others waited for a
-``PoolTimeout`` forever); and httpcore assigns queued requests to connections by scanning every
-connection for every request, so CPU grew with the square of the number of POSTs.
+A publisher makes two kinds of request, both on a connection of their own: the probe (an
+empty POST sent with ``Connection: close``) and the long-running chunked POST, which owns its
+connection for its whole life; every retry opens a new connection on purpose. So there is no
+pool to manage: :meth:`Connector.connect` opens a TCP connection (and TLS over it), and an
+:class:`HttpConnection` carries one request and its response, then is closed.
 
-Design: each :class:`~orchestrator.push.publisher.Publisher` gets its own ``httpx.AsyncClient``
-with its own transport and pool. The pool holds at most the probe's connection and the POST's
-(``max_connections=2``) and keeps none idle (``max_keepalive_connections=0``), so the pool scan
-is over one or two entries, the cost per publisher is constant, and an idle publisher holds no
-file descriptor. What is expensive to build is shared: one ``ssl.SSLContext`` per CA bundle
-(loading a trust store takes milliseconds and about a megabyte; a client takes about 10 kB and
-50 µs). Everything the publisher relies on is unchanged: httpx's timeouts (connect, write per
-chunk, read), its trace hook (for the readability watch), TLS verification (always on; a
-profile may only add a CA bundle), auth, and the socket options below.
+Why by hand, over h11, and not through httpx. httpx served here first, and cost too much at
+scale: one client per publisher, its pool and its per-chunk path (an async generator resumed
+by httpcore, an h11 event, a copy, a timeout scope and a trace hook per chunk) came to about
+twice the CPU per fragment of this module (``bench/scale.py``: 4,000 POSTs from one process
+took 87 % of a core and fragments arrived late). h11 still does every piece of HTTP framing
+and parsing (request head, chunked encoding, the response and its body); what is written
+here is what is specific to a long-running ingest POST and that httpx cannot express: writing
+each fragment as one chunk with its own write deadline, reading the server's answer *while*
+the body is still being sent (a publishing point that refuses or closes mid-POST is noticed at
+once, over TLS too), and the socket of the POST in hand for ``SIOCOUTQ``.
 
-Alternatives considered: h11 over trio streams, one connection per POST, would drop httpx's
-per-chunk overhead but re-implements TLS, timeouts, auth and proxies that httpx already gets
-right; the measured cost per chunk with httpx is small next to the encoder's (``bench/scale.py``).
+What is kept from before, and tested: TLS verification always on (the default trust plus an
+optional extra CA bundle, :func:`tls_context`), server name checked; ``TCP_NODELAY`` and
+``TCP_USER_TIMEOUT`` (:func:`socket_options`); connect, write and read deadlines; errors turned
+into :class:`~orchestrator.errors.EndpointError` with the reason along the exception's causes.
+Not supported: HTTP proxies (``HTTP(S)_PROXY`` is ignored; ingest endpoints are reached
+directly) and redirects (a 3xx is an error, as it was).
 """
 
 from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import h11
 import httpx
+import trio
 
-from orchestrator.push.publisher import PublisherSettings
+from orchestrator.errors import EndpointError, reason_of
 
-# The probe's connection (closing) and the POST's: never more than two at once per publisher.
-CONNECTIONS_PER_PUBLISHER = 2
-# Those two sockets, and the duplicate of the POST's that the publisher's readability watch waits on.
-FILES_PER_PUBLISHER = CONNECTIONS_PER_PUBLISHER + 1
+# The probe's connection and the POST's: never more than two at once per publisher, one file each.
+FILES_PER_PUBLISHER = 2
+RECEIVE_SIZE = 16 * 1024
+# The most of a response we read: a status line, headers and a short body. A server that sends
+# more is answered by closing the connection (we never need a response's body).
+MAX_RESPONSE_BYTES = 64 * 1024
 
 
-class ClientFactory:
-    """Builds one ``httpx.AsyncClient`` per publisher; shares the TLS contexts. Not thread-safe
-    (one per ``up``); the caller closes the clients it was given."""
+@dataclass(frozen=True)
+class Target:
+    """Where a request goes: from an ``http(s)://host[:port]/path`` URL."""
 
-    def __init__(self, settings: PublisherSettings) -> None:
-        self._socket_options = socket_options(settings)
+    url: str
+    tls: bool
+    host: str
+    port: int
+    host_header: str
+    path: bytes  # the request target: path and query, percent-encoded
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parsed = httpx.URL(url)  # httpx's URL parser: IDNA, percent-encoding, default ports
+        if parsed.scheme not in ("http", "https"):
+            raise ValueError(f"{url}: only http and https URLs can be pushed to")
+        tls = parsed.scheme == "https"
+        port = parsed.port or (443 if tls else 80)
+        host = parsed.host
+        netloc = parsed.netloc.decode("ascii")
+        return cls(url, tls, host, port, netloc, parsed.raw_path)
+
+
+class Response(NamedTuple):
+    status: int
+    reason: str
+
+
+class Connector:
+    """Opens the publishers' connections; one per ``up``. Shares one TLS context per CA bundle
+    (loading a trust store takes milliseconds and about a megabyte)."""
+
+    def __init__(self, send_timeout: float) -> None:
+        self._socket_options = socket_options(send_timeout)
         self._contexts: dict[Path | None, ssl.SSLContext] = {}
-        self._limits = httpx.Limits(max_connections=CONNECTIONS_PER_PUBLISHER, max_keepalive_connections=0)
 
     def ssl_context(self, ca_file: Path | None) -> ssl.SSLContext:
         """:func:`tls_context`, built once per CA bundle."""
@@ -55,10 +91,128 @@ class ClientFactory:
             context = self._contexts[ca_file] = tls_context(ca_file)
         return context
 
-    def client(self, ca_file: Path | None) -> httpx.AsyncClient:
-        transport = httpx.AsyncHTTPTransport(
-            verify=self.ssl_context(ca_file), socket_options=self._socket_options, limits=self._limits)  # fmt: skip
-        return httpx.AsyncClient(transport=transport, limits=self._limits)
+    async def connect(self, target: Target, ca_file: Path | None, within: float) -> HttpConnection:
+        """A new connection to ``target`` (TCP, then TLS for https), within ``within`` seconds.
+
+        Raises EndpointError if it cannot be made. Cancellation: a half-made connection is closed."""
+        context = self.ssl_context(ca_file) if target.tls else None
+        stream: trio.abc.Stream | None = None
+        try:
+            with trio.move_on_after(within):
+                tcp = await trio.open_tcp_stream(target.host, target.port)
+                stream = tcp
+                for level, option, value in self._socket_options:
+                    tcp.setsockopt(level, option, value)
+                if context is not None:
+                    stream = trio.SSLStream(tcp, context, server_hostname=target.host, https_compatible=True)
+                    await stream.do_handshake()
+                return HttpConnection(target, stream, tcp.socket)
+            raise EndpointError(target.url, f"timed out (connect, {within:g} s)")
+        except BaseException as exc:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            if isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)):
+                raise transport_error(target.url, exc) from exc
+            raise
+
+
+class HttpConnection:
+    """One HTTP/1.1 request and its response on one connection (h11 does the framing).
+
+    One task may send (``send_head``, ``send_chunk``, ``end_body``) while another receives
+    (``receive_response``): trio streams allow one of each at a time, TLS included. Every method
+    raises :class:`~orchestrator.errors.EndpointError` on a transport failure or a deadline.
+    """
+
+    def __init__(self, target: Target, stream: trio.abc.Stream, sock: Any) -> None:
+        self.target = target
+        self.socket = sock  # the TCP socket (trio), for SIOCOUTQ and its descriptor
+        self._stream = stream
+        self._h11 = h11.Connection(h11.CLIENT)
+
+    async def send_head(self, headers: Sequence[tuple[str, str]], *, content_length: int | None,
+                        within: float) -> None:  # fmt: skip
+        """The request line and headers of a POST; a chunked body unless ``content_length``."""
+        fields = [("Host", self.target.host_header), *headers]
+        if content_length is None:
+            fields.append(("Transfer-Encoding", "chunked"))
+        else:
+            fields.append(("Content-Length", str(content_length)))
+        data = self._h11.send(h11.Request(method="POST", target=self.target.path, headers=fields))
+        await self._send(data, within)
+
+    async def send_chunk(self, data: bytes, within: float) -> None:
+        """``data`` as one chunk of the body, written within ``within`` seconds."""
+        pieces = self._h11.send_with_data_passthrough(h11.Data(data=data))
+        assert pieces is not None  # a Data event always gives its framing
+        await self._send(b"".join(pieces), within)  # one write: the chunk's size line, the data, CRLF
+
+    async def end_body(self, within: float) -> None:
+        """The end of the body: the zero-length chunk (or nothing, for a Content-Length body)."""
+        data = self._h11.send(h11.EndOfMessage())
+        if data:
+            await self._send(data, within)
+
+    async def _send(self, data: bytes | None, within: float) -> None:
+        assert data is not None  # h11 returns bytes for every event we send
+        with trio.move_on_after(within):
+            try:
+                await self._stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+                raise transport_error(self.target.url, exc) from exc
+            return
+        raise EndpointError(self.target.url, f"timed out (write, {within:g} s)")
+
+    async def receive_response(self) -> Response:
+        """Read the response (status line, headers, and a body up to ``MAX_RESPONSE_BYTES``,
+        discarded). No deadline of its own: the caller sets one, or reads for the life of a
+        POST to learn at once that the server answered or closed the connection.
+
+        Raises EndpointError if the connection ends or breaks first, or the response is not
+        HTTP/1.1. Cancellation: nothing to clean up (the caller closes the connection)."""
+        response: h11.Response | None = None
+        received = 0
+        while True:
+            try:
+                event = self._h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise EndpointError(self.target.url, f"the server's response is not valid HTTP/1.1: {exc}") from exc
+            if event is h11.NEED_DATA:
+                try:
+                    data = await self._stream.receive_some(RECEIVE_SIZE)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+                    raise transport_error(self.target.url, exc) from exc
+                received += len(data)
+                if received > MAX_RESPONSE_BYTES:
+                    raise EndpointError(self.target.url, f"the server's response is over {MAX_RESPONSE_BYTES} bytes")
+                self._h11.receive_data(bytes(data))
+                if not data and response is not None:
+                    break  # a body delimited by the end of the connection
+                continue
+            if isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.InformationalResponse):
+                continue  # 100 Continue and the like: the real answer follows
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif isinstance(event, h11.ConnectionClosed):
+                if response is None:
+                    raise EndpointError(self.target.url, "the server closed the connection without answering")
+                break
+        if response is None:  # pragma: no cover - h11 yields a Response before EndOfMessage
+            raise EndpointError(self.target.url, "no response")
+        return Response(response.status_code, response.reason.decode("latin-1"))
+
+    async def aclose(self) -> None:
+        """Close at once (no TLS close_notify wait). Cancellation: closes anyway."""
+        await trio.aclose_forcefully(self._stream)
+
+
+def transport_error(url: str, exc: BaseException) -> EndpointError:
+    """A failed socket or TLS operation as an EndpointError, with the reason along its causes
+    (a TLS verification failure arrives as an empty BrokenResourceError caused by the
+    ``SSLCertVerificationError`` that says what is wrong)."""
+    return EndpointError(url, f"connection failed: {type(exc).__name__}: {reason_of(exc)}")
 
 
 def tls_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -72,12 +226,12 @@ def tls_context(ca_file: Path | None) -> ssl.SSLContext:
     return context
 
 
-def socket_options(settings: PublisherSettings) -> list[tuple[int, int, int]]:
+def socket_options(send_timeout: float) -> list[tuple[int, int, int]]:
     """TCP_NODELAY, and TCP_USER_TIMEOUT (Linux): a connection whose sent data stays
     unacknowledged for the send timeout is dropped by the kernel. That is how a real black hole
     (a dead link, a firewall dropping packets) surfaces even when our writes still fit in the
     socket buffer."""
     options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
     if hasattr(socket, "TCP_USER_TIMEOUT"):
-        options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(settings.send_timeout * 1000)))
+        options.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout * 1000)))
     return options

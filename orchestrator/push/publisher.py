@@ -26,23 +26,22 @@ exponential backoff with jitter, forever) and starts again with a new probe and 
 Fragments produced meanwhile wait in the outbox's bounded backlog and go out as fast as the
 connection allows once the endpoint is back.
 
-httpx errors are converted to :mod:`orchestrator.errors` types at this boundary.
+HTTP is :mod:`orchestrator.push.connection` (h11 over trio streams, one connection per request);
+its failures arrive as :mod:`orchestrator.errors` types.
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import logging
-import os
 import random
 import struct
 import termios
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import httpx
 import trio
 
 from orchestrator.errors import (
@@ -50,12 +49,12 @@ from orchestrator.errors import (
     EndpointNotFound,
     EndpointRejected,
     EndpointUnauthorized,
-    reason_of,
 )
 from orchestrator.fmp4.stream import StreamHeader
 from orchestrator.ops.metrics import Metrics
 from orchestrator.ops.state import PublisherState
 from orchestrator.profile import Endpoint
+from orchestrator.push.connection import Connector, HttpConnection, Response, Target
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.outbox import Taken
 from orchestrator.push.reconnect import Failure, RetryPolicy, classify_status
@@ -83,7 +82,6 @@ class Publisher:
     def __init__(
         self,
         *,
-        client: httpx.AsyncClient,
         group: str,
         stream_id: str,
         endpoint: Endpoint,
@@ -91,20 +89,22 @@ class Publisher:
         outbox: EndpointOutbox,
         metrics: Metrics,
         settings: PublisherSettings,
-        auth: httpx.Auth | None = None,
+        connector: Connector | None = None,
+        authorization: str | None = None,
         extra_headers: dict[str, str] | None = None,
         connect_slots: trio.CapacityLimiter | None = None,
     ) -> None:
-        self.client = client
         self.group = group
         self.stream_id = stream_id
         self.endpoint = endpoint
         self.url = endpoint.stream_url(stream_id)
+        self.target = Target.parse(self.url)
         self.header = header
         self.outbox = outbox
         self.metrics = metrics
         self.settings = settings
-        self.auth = auth
+        # One per process (it holds the TLS contexts); a publisher on its own makes its own.
+        self.connector = connector or Connector(settings.send_timeout)
         # Shared by the publishers of one process: how many probes may be under way at once, so
         # that 4,000 publishers starting together do not overflow the server's SYN queue with 4,000
         # connects in the same millisecond (the ones dropped retry after 1, 3, 7 s: connect
@@ -113,15 +113,14 @@ class Publisher:
         labels = (stream_id, group, endpoint.name, endpoint.region)
         self.state = PublisherState(group, stream_id, endpoint.name, endpoint.region, since_wall=time.time())
         self.labels = labels
-        self._headers = {"User-Agent": USER_AGENT, "X-Encoder-Group": group, **(extra_headers or {})}
-        self._timeout = httpx.Timeout(
-            connect=settings.connect_timeout, write=settings.send_timeout,
-            read=settings.response_timeout, pool=settings.connect_timeout)  # fmt: skip
+        headers = {"User-Agent": USER_AGENT, "X-Encoder-Group": group, **(extra_headers or {})}
+        if authorization is not None:
+            headers["Authorization"] = authorization  # never logged: the log lines name the endpoint
+        self._headers = list(headers.items())
         self._failed_since_last_post = False
         self._new_in_post = 0  # fragments sent for the first time on the current POST
-        self._post_socket: Any = None  # the open POST's socket (trio), to notice a dead idle connection
-        self._socket_known = trio.Event()
-        self._peer_closed = False  # the POST's connection became readable: the peer closed it or answered
+        self._answer: Response | EndpointError | None = None  # what the server said (or did) during the POST
+        self._answered = trio.Event()
         self._take_scope: trio.CancelScope | None = None  # the wait for the next fragment, if one is in progress
         metrics.seconds_since_push.track(labels, self._seconds_since_push)
         # The labelled children, each looked up once, when first used (so a series appears when
@@ -191,12 +190,29 @@ class Publisher:
         else:
             log.warning("publisher.post.failed %s reason=%s error=%s", fields, failure.value, exc)
 
+    def _request_headers(self, close: bool = False) -> list[tuple[str, str]]:
+        return [*self._headers, ("Connection", "close")] if close else self._headers
+
+    async def _connect(self) -> HttpConnection:
+        return await self.connector.connect(self.target, self.endpoint.ca_file, within=self.settings.connect_timeout)
+
     async def _probe(self) -> None:
         """The empty-body POST (spec 4, requirement 1): cheap, and fails fast on bad URLs and
-        credentials before we start streaming."""
-        response = await self._request(content=b"", close=True)
+        credentials before we start streaming. Sent with ``Connection: close``, so the POST that
+        follows always opens a new connection."""
+        connection = await self._connect()
+        try:
+            await connection.send_head(self._request_headers(close=True), content_length=0,
+                                       within=self.settings.send_timeout)  # fmt: skip
+            response: Response | None = None
+            with trio.move_on_after(self.settings.response_timeout):
+                response = await connection.receive_response()
+            if response is None:
+                raise EndpointError(self.url, f"timed out (response, {self.settings.response_timeout:g} s)")
+        finally:
+            await connection.aclose()
         _raise_for_status(self.url, response)
-        log.debug("publisher.probe.ok %s status=%d", self._log_fields(), response.status_code)
+        log.debug("publisher.probe.ok %s status=%d", self._log_fields(), response.status)
 
     async def _post(self) -> None:
         header = await self.header.wait()
@@ -208,101 +224,88 @@ class Publisher:
         log.info("publisher.post.started %s url=%s backlog=%d", self._log_fields(), self.url,
                  len(self.outbox.outbox))  # fmt: skip
         self._new_in_post = 0
-        self._post_socket = None
-        self._socket_known = trio.Event()
-        self._peer_closed = False
+        self._answer = None
+        self._answered = trio.Event()
+        connection = await self._connect()
         failed: EndpointError | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_post)
-            try:
-                response = await self._request(content=self._body(header, self.header.version))
-            except EndpointError as exc:
-                failed = exc  # raised below, outside the nursery (which would wrap it in a group)
-            nursery.cancel_scope.cancel()
-        if failed is not None:
-            raise failed
-        _raise_for_status(self.url, response)
-        log.info("publisher.post.ended %s status=%d", self._log_fields(), response.status_code)
-
-    async def _request(self, content: bytes | AsyncGenerator[bytes], close: bool = False) -> httpx.Response:
-        headers = {**self._headers, "Connection": "close"} if close else self._headers
-        request = self.client.build_request("POST", self.url, content=content, headers=headers,
-                                            timeout=self._timeout, extensions={"trace": self._trace})  # fmt: skip
-        if not isinstance(content, bytes):
-            request.stream = _ChunkedBody(content)  # so that we, not the garbage collector, close it
         try:
-            return await self.client.send(request, auth=self.auth or httpx.USE_CLIENT_DEFAULT)
-        except httpx.TimeoutException as exc:
-            raise EndpointError(self.url, f"timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
-            raise EndpointError(self.url, f"connection failed: {type(exc).__name__}: {reason_of(exc)}") from exc
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_answer, connection)
+                try:
+                    await self._send_body(connection, header, self.header.version)
+                except EndpointError as exc:
+                    failed = exc  # raised below, outside the nursery (which would wrap it in a group)
+                if failed is None:
+                    with trio.move_on_after(self.settings.response_timeout):
+                        await self._answered.wait()
+                nursery.cancel_scope.cancel()
         finally:
-            if not isinstance(content, bytes):
-                await content.aclose()
+            await connection.aclose()
+        answer = self._answer
+        if isinstance(answer, Response):
+            # An answer during the body (a refusal) says more than the write error it caused.
+            _raise_for_status(self.url, answer)
+            if failed is not None:
+                raise EndpointRejected(self.url, f"the server answered HTTP {answer.status} before the body ended",
+                                       answer.status)  # fmt: skip
+        elif failed is not None:
+            raise failed
+        elif isinstance(answer, EndpointError):
+            raise answer
+        else:
+            raise EndpointError(self.url, f"timed out (response, {self.settings.response_timeout:g} s)")
+        log.info("publisher.post.ended %s status=%d", self._log_fields(), answer.status)
 
-    async def _body(self, header: StreamHeader, header_version: int) -> AsyncGenerator[bytes]:
-        """The POST body. httpx asks for the next chunk only once the previous one is written,
-        so a fragment counts as pushed when the generator resumes after yielding it."""
-        yield header.data
+    async def _read_answer(self, connection: HttpConnection) -> None:
+        """For the life of the POST, read what the server sends: its response, normally after the
+        last chunk; a response or the connection closing *during* the body means the POST is
+        over, so the wait for the next fragment, if one is in progress, is cancelled (and the
+        next one does not start) instead of finding out up to a fragment duration later, when
+        the next write fails. Works over TLS too (the reader sees the decrypted stream).
+
+        Cancellation: returns; nothing to clean up (the POST closes the connection)."""
+        try:
+            self._answer = await connection.receive_response()
+        except EndpointError as exc:
+            self._answer = exc
+        self._answered.set()
+        if self._take_scope is not None:
+            self._take_scope.cancel()
+
+    async def _send_body(self, connection: HttpConnection, header: StreamHeader, header_version: int) -> None:
+        """The POST: head, the stream header, then fragments as they come, each one chunk
+        written within ``send_timeout``; a fragment counts as pushed once its write completed."""
+        timeout = self.settings.send_timeout
+        await connection.send_head(self._request_headers(), content_length=None, within=timeout)
+        await connection.send_chunk(header.data, timeout)
         self._m.bytes_pushed.inc(len(header.data))
         self._set_connected(True)
         while True:
             if self.header.version != header_version:
                 log.info("publisher.post.ending %s reason=header_changed", self._log_fields())
-                return
+                break
             item = await self._next_fragment()
             self._update_backlog()
             if item is None:
-                return
+                break
             if item == "idle":
                 log.info("publisher.post.ending %s reason=idle seconds=%g", self._log_fields(),
                          self.settings.idle_timeout)  # fmt: skip
-                return
-            if self._post_socket is not None:
-                self.outbox.outbox.observe_unacked(_unacked_bytes(self._post_socket))
-            yield item.fragment.data
+                break
+            self.outbox.outbox.observe_unacked(_unacked_bytes(connection.socket))
+            await connection.send_chunk(item.fragment.data, timeout)
             self.outbox.outbox.written()
             self._on_pushed(item)
+        await connection.end_body(timeout)
 
     async def _next_fragment(self) -> Taken | Literal["idle"] | None:
-        """The next fragment for the open POST, unless :meth:`_watch_post` saw the peer close the
-        connection: then the POST ends at once, instead of when the next fragment is written into
-        a dead connection, up to a fragment duration later."""
-        if self._peer_closed:
-            raise EndpointError(self.url, "the server closed the connection while the POST was waiting for a fragment")
-        with trio.CancelScope() as self._take_scope:
-            return await self.outbox.take(self.settings.idle_timeout)
-        raise EndpointError(self.url, "the server closed the connection while the POST was waiting for a fragment")
-
-    async def _watch_post(self) -> None:
-        """For the life of the POST, watch its connection: a plain-HTTP peer that closes or resets
-        it (or answers before the body ends) makes the socket readable. Then the wait for the next
-        fragment, if one is in progress, is cancelled (and the next one does not start). (Over
-        TLS, bytes may arrive that are not an answer, such as session tickets, so there the next
-        write finds out.) One wait per POST, not one per fragment: registering the socket with
-        the event loop for every fragment was a fifth of ``up``'s CPU at 300 streams.
-
-        Cancellation: returns; nothing to clean up (the POST's nursery cancels it when the
-        request ends)."""
-        if self.endpoint.url.startswith("https:"):
-            return
-        await self._socket_known.wait()
-        # A duplicate descriptor of the socket: httpx waits on the socket itself to read the
-        # response, and trio allows one reader per descriptor.
-        fd = os.dup(self._post_socket.fileno())
-        try:
-            await trio.lowlevel.wait_readable(fd)
-            self._peer_closed = True
-            if self._take_scope is not None:
-                self._take_scope.cancel()
-        finally:
-            os.close(fd)  # the wait is over (or was aborted by the cancellation): nothing waits on fd
-
-    async def _trace(self, event: str, info: dict[str, Any]) -> None:
-        """httpcore's trace hook: keeps the socket of the connection the POST just opened."""
-        if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
-            self._post_socket = info["return_value"].get_extra_info("socket")
-            self._socket_known.set()
+        """The next fragment for the open POST, unless :meth:`_read_answer` saw the server answer
+        or close the connection: then the POST ends at once."""
+        if not self._answered.is_set():
+            with trio.CancelScope() as self._take_scope:
+                return await self.outbox.take(self.settings.idle_timeout)
+        raise EndpointError(self.url, "the server answered or closed the connection while the POST was "
+                                      "waiting for a fragment")  # fmt: skip
 
     def _on_pushed(self, item: Taken) -> None:
         fragment, m = item.fragment, self._m
@@ -349,21 +352,6 @@ class _LabelledChildren:
         return child
 
 
-class _ChunkedBody(httpx.AsyncByteStream):
-    """A request body that hands httpx our generator itself. (Given a generator as ``content``,
-    httpx wraps it in one of its own, which is left unfinished when a POST breaks mid-body and
-    then finalised by the garbage collector; this way the publisher closes its own.)"""
-
-    def __init__(self, chunks: AsyncGenerator[bytes]) -> None:
-        self._chunks = chunks
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._chunks
-
-    async def aclose(self) -> None:
-        await self._chunks.aclose()
-
-
 def _unacked_bytes(sock: Any) -> int:
     """Bytes in the socket's send queue the peer has not acknowledged (Linux ``SIOCOUTQ``, the
     same ioctl number as ``TIOCOUTQ``); 0 where unsupported or once the socket is gone."""
@@ -373,11 +361,11 @@ def _unacked_bytes(sock: Any) -> int:
         return 0
 
 
-def _raise_for_status(url: str, response: httpx.Response) -> None:
-    status = response.status_code
+def _raise_for_status(url: str, response: Response) -> None:
+    status = response.status
     if 200 <= status < 300:
         return
-    reason = f"HTTP {status} {response.reason_phrase}".strip()
+    reason = f"HTTP {status} {response.reason}".strip()
     if status in (401, 403):
         raise EndpointUnauthorized(url, f"{reason}: credentials missing or refused", status)
     if status == 404:
@@ -385,8 +373,9 @@ def _raise_for_status(url: str, response: httpx.Response) -> None:
     raise EndpointRejected(url, reason, status)
 
 
-def auth_for(endpoint: Endpoint) -> httpx.Auth | None:
-    """httpx auth for an endpoint's credentials, read from the environment or a file now.
+def auth_for(endpoint: Endpoint) -> str | None:
+    """The ``Authorization`` header value for an endpoint's credentials (Basic or Bearer), read
+    from the environment or a file now.
 
     Raises ValueError naming the variable or file (never the secret) if it is missing.
     """
@@ -394,17 +383,6 @@ def auth_for(endpoint: Endpoint) -> httpx.Auth | None:
         return None
     secret = endpoint.credentials.authorization()
     if isinstance(secret, tuple):
-        return httpx.BasicAuth(*secret)
-    return _BearerAuth(secret)
-
-
-class _BearerAuth(httpx.Auth):
-    def __init__(self, token: str) -> None:
-        self._token = token
-
-    def auth_flow(self, request: httpx.Request):  # type: ignore[no-untyped-def]
-        request.headers["Authorization"] = f"Bearer {self._token}"
-        yield request
-
-    def __repr__(self) -> str:  # never print the token
-        return "<BearerAuth>"
+        user, password = secret
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return f"Bearer {secret}"

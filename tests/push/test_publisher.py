@@ -8,10 +8,10 @@ tests/test_integration.py.
 from __future__ import annotations
 
 import logging
+import socket
 from fractions import Fraction
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 
@@ -92,12 +92,12 @@ def labels(group="primary"):
     return {"stream": "video", "group": group, "endpoint": "local", "region": "test"}
 
 
-def make_publisher(profile, client, port, queue, metrics, retry=None, settings=None):
+def make_publisher(profile, port, queue, metrics, retry=None, settings=None):
     source = SyntheticStream(profile, profile.streams[0])
     board = HeaderBoard("primary", "video")
     board.announce(source.header)
     publisher = Publisher(
-        client=client, group="primary", stream_id="video", endpoint=endpoint_at(port), header=board,
+        group="primary", stream_id="video", endpoint=endpoint_at(port), header=board,
         outbox=queue, metrics=metrics,
         settings=settings or PublisherSettings(retry=retry or RetryPolicy()))  # fmt: skip
     return publisher, source
@@ -107,9 +107,9 @@ async def test_probe_then_chunked_post_with_header_then_fragments(profile):
     recorder = Recorder()
     metrics = Metrics()
     queue = EndpointOutbox(LIMITS)
-    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+    async with trio.open_nursery() as nursery:
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
-        publisher, source = make_publisher(profile, client, port, queue, metrics)
+        publisher, source = make_publisher(profile, port, queue, metrics)
         nursery.start_soon(publisher.run)
         fragments = [f for k in range(K, K + 3) for f in source.fragment(k)]
         for fragment in fragments:
@@ -159,9 +159,9 @@ async def test_refusing_endpoint_is_named_counted_and_retried(profile, caplog, s
     metrics = Metrics()
     queue = EndpointOutbox(LIMITS)
     fast = RetryPolicy(base=0.01, cap=0.02, slow=0.05, jitter=0.0)
-    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+    async with trio.open_nursery() as nursery:
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
-        publisher, source = make_publisher(profile, client, port, queue, metrics, retry=fast)
+        publisher, source = make_publisher(profile, port, queue, metrics, retry=fast)
         queue.push(source.fragment(K)[0])
         nursery.start_soon(publisher.run)
         await recorder.wait_for(lambda: len(recorder.requests) >= 3)
@@ -186,8 +186,8 @@ async def test_unreachable_endpoint_is_retried_until_it_appears(profile):
     metrics = Metrics()
     queue = EndpointOutbox(LIMITS)
     fast = RetryPolicy(base=0.01, cap=0.05, jitter=0.0)
-    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
-        publisher, source = make_publisher(profile, client, port, queue, metrics, retry=fast)
+    async with trio.open_nursery() as nursery:
+        publisher, source = make_publisher(profile, port, queue, metrics, retry=fast)
         queue.push(source.fragment(K)[0])
         nursery.start_soon(publisher.run)
         with trio.fail_after(5):
@@ -214,11 +214,11 @@ async def test_a_broken_post_that_carried_new_fragments_is_retried_at_once_even_
     metrics = Metrics()
     queue = EndpointOutbox(LIMITS)
     backoff = RetryPolicy(base=1.5, cap=1.5, jitter=0.0)
-    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+    async with trio.open_nursery() as nursery:
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
         proxy = FaultProxy(("127.0.0.1", port))
         _, proxy_port = await nursery.start(proxy.run)
-        publisher, source = make_publisher(profile, client, proxy_port, queue, metrics, retry=backoff)
+        publisher, source = make_publisher(profile, proxy_port, queue, metrics, retry=backoff)
         fragment = source.fragment(K)[0]
         queue.push(fragment)
         nursery.start_soon(publisher.run)
@@ -228,7 +228,7 @@ async def test_a_broken_post_that_carried_new_fragments_is_retried_at_once_even_
         await recorder.wait_for(
             lambda: len(recorder.requests) >= 4 and sum(map(len, recorder.requests[3]["chunks"])) >= whole
         )
-        await trio.sleep(0.1)  # the publisher counts it pushed once httpx asks for the next chunk
+        await trio.sleep(0.1)  # the publisher counts it pushed once its write completed
         assert publisher.state.failures == 2
         seen = len(recorder.requests)
         reset_at = trio.current_time()
@@ -243,7 +243,8 @@ async def test_a_broken_post_that_carried_new_fragments_is_retried_at_once_even_
 @pytest.mark.parametrize(("seconds", "send", "idle"), [(2, 3.0, 6.0), (6, 9.0, 18.0)])
 def test_production_timeouts_are_derived_from_the_fragment_duration(profile, seconds, send, idle):
     """What ``up`` runs with when no test overrides it (spec 7.1, 7.2, 7.6): connect 10 s, send
-    1.5 x D, idle 3 x D, the final response 10 s; and the httpx timeouts a publisher uses."""
+    1.5 x D, idle 3 x D, the final response 10 s; and the publisher's connections use the send
+    timeout as TCP_USER_TIMEOUT."""
     from orchestrator.supervisor import UpOptions, _Planned
 
     settings = PublisherSettings.for_fragment_duration(seconds)
@@ -255,34 +256,31 @@ def test_production_timeouts_are_derived_from_the_fragment_duration(profile, sec
 
     planned = _Planned(parse_profile(text, "demo.toml"), UpOptions(), Metrics())
     assert planned.settings == settings
-    publisher, _ = make_publisher(profile, None, 1, EndpointOutbox(LIMITS), Metrics(), settings=settings)
-    timeout = publisher._timeout
-    assert (timeout.connect, timeout.write, timeout.read, timeout.pool) == (10.0, send, 10.0, 10.0)
+    publisher, _ = make_publisher(profile, 1, EndpointOutbox(LIMITS), Metrics(), settings=settings)
+    assert publisher.settings == settings
+    assert (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send * 1000)) in publisher.connector._socket_options
 
 
 async def test_publisher_connections_carry_tcp_user_timeout_equal_to_the_send_timeout():
-    """A real connection made by the client ``up`` builds: the kernel drops it when sent data
+    """A real connection made by the connector ``up`` builds: the kernel drops it when sent data
     stays unacknowledged for the send timeout (how a real black hole surfaces)."""
-    import socket
-
-    from orchestrator.push.connection import ClientFactory
+    from orchestrator.push.connection import Connector, Target
 
     recorder = Recorder()
-    options = []
-
-    async def trace(event, info):
-        # Read at connect time: the pool keeps no idle connection, so it is closed after the response.
-        if event == "connection.connect_tcp.complete":
-            sock = info["return_value"].get_extra_info("socket")
-            options.append((sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
-                            sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)))  # fmt: skip
-
-    client = ClientFactory(PublisherSettings.for_fragment_duration(2)).client(None)  # what up gives each publisher
-    async with trio.open_nursery() as nursery, client:
+    connector = Connector(PublisherSettings.for_fragment_duration(2).send_timeout)  # what up builds
+    async with trio.open_nursery() as nursery:
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
-        await client.post(f"http://127.0.0.1:{port}/x", content=b"", extensions={"trace": trace})
-        assert options == [(3000, 1)]
+        connection = await connector.connect(Target.parse(f"http://127.0.0.1:{port}/x"), None, within=5)
+        sock = connection.socket
+        options = (sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                   sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))  # fmt: skip
+        await connection.send_head([], content_length=0, within=5)
+        response = await connection.receive_response()
+        await connection.aclose()
         nursery.cancel_scope.cancel()
+    assert options == (3000, 1)
+    assert response.status == 200
+    assert recorder.requests[0]["path"] == "/x"
 
 
 async def test_a_post_with_nothing_to_send_is_ended_cleanly_and_the_next_fragment_opens_a_new_one(profile, caplog):
@@ -294,9 +292,9 @@ async def test_a_post_with_nothing_to_send_is_ended_cleanly_and_the_next_fragmen
     metrics = Metrics()
     queue = EndpointOutbox(LIMITS)
     settings = PublisherSettings(idle_timeout=0.5)
-    async with trio.open_nursery() as nursery, httpx.AsyncClient() as client:
+    async with trio.open_nursery() as nursery:
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
-        publisher, source = make_publisher(profile, client, port, queue, metrics, settings=settings)
+        publisher, source = make_publisher(profile, port, queue, metrics, settings=settings)
         first, second = source.fragment(K)[0], source.fragment(K + 1)[0]
         queue.push(first)
         nursery.start_soon(publisher.run)

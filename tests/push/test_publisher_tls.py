@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import ssl
 
-import httpx
 import pytest
 import trio
 import trustme
@@ -17,7 +16,6 @@ from orchestrator.profile import Endpoint, load_profile
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.publisher import Publisher, PublisherSettings
 from orchestrator.push.reconnect import RetryPolicy
-from orchestrator.supervisor import tls_context
 from tests.push.test_publisher import DEMO, LIMITS, K
 
 
@@ -44,21 +42,20 @@ async def test_certificate_failure_is_logged_with_its_reason(caplog: pytest.LogC
         nursery.start_soon(trio.serve_listeners, handle, listeners)
         port = listeners[0].transport_listener.socket.getsockname()[1]
         endpoint = Endpoint(name="tls", region="test", url=f"https://127.0.0.1:{port}/live/demo.isml")
-        async with httpx.AsyncClient(verify=tls_context(None)) as client:
-            queue = EndpointOutbox(LIMITS)
-            publisher = Publisher(
-                client=client, group="primary", stream_id="video", endpoint=endpoint, header=board,
-                outbox=queue, metrics=Metrics(), settings=PublisherSettings(retry=RetryPolicy()))  # fmt: skip
-            for fragment in source.fragment(K):
-                queue.push(fragment)  # work to do: the publisher probes, and the handshake fails
-            nursery.start_soon(publisher.run)
-            with trio.fail_after(10):
-                # Two failures: the second retry waits (0.5 s), so the cancellation below finds
-                # the publisher asleep, not mid-handshake (httpcore leaves a socket to the garbage
-                # collector when cancelled there).
-                while publisher.state.failures < 2:
-                    await trio.sleep(0.01)
-            nursery.cancel_scope.cancel()
+        queue = EndpointOutbox(LIMITS)
+        publisher = Publisher(
+            group="primary", stream_id="video", endpoint=endpoint, header=board,
+            outbox=queue, metrics=Metrics(), settings=PublisherSettings(retry=RetryPolicy()))  # fmt: skip
+        for fragment in source.fragment(K):
+            queue.push(fragment)  # work to do: the publisher probes, and the handshake fails
+        nursery.start_soon(publisher.run)
+        with trio.fail_after(10):
+            # Two failures: the second retry waits (0.5 s), so the cancellation below finds
+            # the publisher asleep, not mid-handshake (httpcore leaves a socket to the garbage
+            # collector when cancelled there).
+            while publisher.state.failures < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
     assert "CERTIFICATE_VERIFY_FAILED" in publisher.state.last_error
     failed = [r.getMessage() for r in caplog.records if "CERTIFICATE_VERIFY_FAILED" in r.getMessage()]
     assert failed, [r.getMessage() for r in caplog.records]

@@ -1,9 +1,10 @@
 """More than 100 POSTs open at once from one process (not timed).
 
 httpx ignores a client's ``limits`` when it is given a transport, so a shared client once capped
-the whole process at 100 connections: POST 101 and later waited for a pool slot forever. Here
-150 publishers, each with the client ``up`` gives it, push to one loopback counting sink, and
-every one of their POSTs must be open at the same time and carry its fragment.
+the whole process at 100 connections: POST 101 and later waited for a pool slot forever. The
+publishers now open one connection per request themselves; here 150 of them, with the connector
+``up`` gives them, push to one loopback counting sink, and every one of their POSTs must be open
+at the same time and carry its fragment.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import trio
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.ops.metrics import Metrics
 from orchestrator.profile import Endpoint, load_profile
-from orchestrator.push.connection import ClientFactory
+from orchestrator.push.connection import Connector
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import Publisher, PublisherSettings
@@ -32,7 +33,7 @@ async def test_150_posts_open_at_once_from_one_process():
     source = SyntheticStream(profile, profile.streams[0])
     fragment = source.fragment(K)[0]
     settings = PublisherSettings(idle_timeout=600.0)  # the POSTs stay open until the outboxes close
-    factory = ClientFactory(settings)
+    connector = Connector(settings.send_timeout)  # one for the process, as up builds it
     sink = CountSink()
     metrics = Metrics()
     limits = OutboxLimits(max_seconds=Fraction(60), max_bytes=1 << 20)
@@ -40,15 +41,14 @@ async def test_150_posts_open_at_once_from_one_process():
         async with trio.open_nursery() as nursery:
             _, port = await nursery.start(sink.serve, "127.0.0.1", 0)
             endpoint = Endpoint(name="local", region="test", url=f"http://127.0.0.1:{port}/live/demo.isml")
-            outboxes, clients = [], []
+            outboxes = []
             async with trio.open_nursery() as publishers:
                 for i in range(PUBLISHERS):
                     board = HeaderBoard("primary", f"s{i}")
                     board.announce(source.header)
                     outbox = EndpointOutbox(limits)
                     outbox.push(fragment)
-                    clients.append(factory.client(None))
-                    publisher = Publisher(client=clients[-1], group="primary", stream_id=f"s{i}", endpoint=endpoint,
+                    publisher = Publisher(connector=connector, group="primary", stream_id=f"s{i}", endpoint=endpoint,
                                           header=board, outbox=outbox, metrics=metrics, settings=settings)  # fmt: skip
                     outboxes.append(outbox)
                     publishers.start_soon(publisher.run)
@@ -58,8 +58,6 @@ async def test_150_posts_open_at_once_from_one_process():
                 assert sink.counts.open_posts == PUBLISHERS
                 for outbox in outboxes:
                     outbox.close()
-            for client in clients:
-                await client.aclose()
             nursery.cancel_scope.cancel()
     targets = {target for target, *_ in sink.counts.fragments}
     assert targets == {f"/live/demo.isml/Streams(s{i})" for i in range(PUBLISHERS)}

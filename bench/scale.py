@@ -24,7 +24,7 @@ Once every POST is open (and two fragment durations more), over a window of ``--
 Then, in the same run:
 
 * throughput: one POST pushing ``--big-count`` fragments of ``--big-mb`` MB each (a 30 Mbit/s
-  2 s fragment is about 8 MB) through the project's ``Publisher`` (its client as ``up`` builds
+  2 s fragment is about 8 MB) through the project's ``Publisher`` (its connector as ``up`` builds
   it), against a plain ``httpx`` chunked POST of the same bytes to the same sink, best of three
   each, alternating, and the ratio;
 * ingest: ``up`` with ``--ingest-n`` streams pushing into one ``orchestrator ingest`` (the
@@ -59,7 +59,7 @@ from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.ops.metrics import Metrics
 from orchestrator.profile import Endpoint, load_profile
-from orchestrator.push.connection import ClientFactory
+from orchestrator.push.connection import Connector
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import Publisher, PublisherSettings
@@ -219,13 +219,12 @@ def big_fragments(count: int, megabytes: float) -> list[EncodedFragment]:
 
 async def push_with_publisher(port: int, header: StreamHeader, fragments: list[EncodedFragment]) -> float:
     settings = PublisherSettings(send_timeout=60.0, idle_timeout=60.0)
-    client = ClientFactory(settings).client(None)
     limits = OutboxLimits(max_seconds=Fraction(3600), max_bytes=1 << 40)
     outbox = EndpointOutbox(limits)
     board = HeaderBoard("primary", "big")
     board.announce(header)
     endpoint = Endpoint(name="sink", region="local", url=f"http://127.0.0.1:{port}/big/big.isml")
-    publisher = Publisher(client=client, group="primary", stream_id="big", endpoint=endpoint, header=board,
+    publisher = Publisher(connector=Connector(settings.send_timeout), group="primary", stream_id="big", endpoint=endpoint, header=board,
                           outbox=outbox, metrics=Metrics(), settings=settings)  # fmt: skip
     for fragment in fragments:
         outbox.push(fragment)
@@ -233,7 +232,6 @@ async def push_with_publisher(port: int, header: StreamHeader, fragments: list[E
     start = time.perf_counter()
     await publisher.run()  # probe, one POST with every fragment, end of body, final response
     elapsed = time.perf_counter() - start
-    await client.aclose()
     if publisher.state.failures:
         raise SystemExit(f"the publisher's POST failed: {publisher.state.last_error}")
     return elapsed

@@ -99,14 +99,12 @@ class Connector:
         stream: trio.abc.Stream | None = None
         try:
             with trio.move_on_after(within):
-                tcp = await trio.open_tcp_stream(target.host, target.port)
+                tcp, raw = await _open_tcp(target.host, target.port, self._socket_options)
                 stream = tcp
-                for level, option, value in self._socket_options:
-                    tcp.setsockopt(level, option, value)
                 if context is not None:
                     stream = trio.SSLStream(tcp, context, server_hostname=target.host, https_compatible=True)
                     await stream.do_handshake()
-                return HttpConnection(target, stream, tcp.socket)
+                return HttpConnection(target, stream, tcp.socket, None if context is not None else raw)
             raise EndpointError(target.url, f"timed out (connect, {within:g} s)")
         except BaseException as exc:
             if stream is not None:
@@ -124,10 +122,11 @@ class HttpConnection:
     raises :class:`~orchestrator.errors.EndpointError` on a transport failure or a deadline.
     """
 
-    def __init__(self, target: Target, stream: trio.abc.Stream, sock: Any) -> None:
+    def __init__(self, target: Target, stream: trio.abc.Stream, sock: Any, raw: socket.socket | None = None) -> None:
         self.target = target
         self.socket = sock  # the TCP socket (trio), for SIOCOUTQ and its descriptor
         self._stream = stream
+        self._raw = raw  # the same socket, non-blocking, for plain TCP: see send_chunk
         self._h11 = h11.Connection(h11.CLIENT)
 
     async def send_head(self, headers: Sequence[tuple[str, str]], *, content_length: int | None,
@@ -142,10 +141,28 @@ class HttpConnection:
         await self._send(data, within)
 
     async def send_chunk(self, data: bytes, within: float) -> None:
-        """``data`` as one chunk of the body, written within ``within`` seconds."""
+        """``data`` as one chunk of the body, written within ``within`` seconds.
+
+        The hot path of ``up`` (thousands of chunks a second). Over plain TCP the chunk's size
+        line, the data and the CRLF first go to the kernel in one ``sendmsg`` from here, without
+        copying the fragment and without a deadline, which is all a chunk needs while the
+        socket's buffer has room (nearly always); only what does not fit waits for the socket,
+        within the deadline. One checkpoint either way, so a publisher catching up on a backlog
+        lets the others run between its fragments."""
         pieces = self._h11.send_with_data_passthrough(h11.Data(data=data))
         assert pieces is not None  # a Data event always gives its framing
-        await self._send(b"".join(pieces), within)  # one write: the chunk's size line, the data, CRLF
+        sent = 0
+        if self._raw is not None:
+            try:
+                sent = self._raw.sendmsg(pieces)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise transport_error(self.target.url, exc) from exc
+            if sent == sum(map(len, pieces)):
+                await trio.lowlevel.checkpoint()
+                return
+        await self._send(memoryview(b"".join(pieces))[sent:], within)  # one write: size line, data, CRLF
 
     async def end_body(self, within: float) -> None:
         """The end of the body: the zero-length chunk (or nothing, for a Content-Length body)."""
@@ -153,7 +170,7 @@ class HttpConnection:
         if data:
             await self._send(data, within)
 
-    async def _send(self, data: bytes | None, within: float) -> None:
+    async def _send(self, data: bytes | memoryview | None, within: float) -> None:
         assert data is not None  # h11 returns bytes for every event we send
         with trio.move_on_after(within):
             try:
@@ -206,6 +223,34 @@ class HttpConnection:
     async def aclose(self) -> None:
         """Close at once (no TLS close_notify wait). Cancellation: closes anyway."""
         await trio.aclose_forcefully(self._stream)
+
+
+async def _open_tcp(
+    host: str, port: int, options: Sequence[tuple[int, int, int]]
+) -> tuple[trio.SocketStream, socket.socket]:
+    """A TCP connection to the first of ``host``'s addresses that accepts, with ``options`` set
+    before connecting; also the stdlib socket under the trio one (the same descriptor), which
+    :meth:`HttpConnection.send_chunk` writes to directly. (trio's ``open_tcp_stream`` does not
+    hand that socket out.) Raises OSError with the last address's error."""
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    error: OSError = OSError(f"{host}: no address to connect to")
+    for family, kind, proto, _name, address in infos:
+        raw = socket.socket(family, kind, proto)
+        try:
+            raw.setblocking(False)
+            for level, option, value in options:
+                raw.setsockopt(level, option, value)
+            sock = trio.socket.from_stdlib_socket(raw)
+            await sock.connect(address)
+        except OSError as exc:
+            raw.close()
+            error = exc
+            continue
+        except BaseException:
+            raw.close()
+            raise
+        return trio.SocketStream(sock), raw
+    raise error
 
 
 def transport_error(url: str, exc: BaseException) -> EndpointError:

@@ -299,11 +299,16 @@ class Publisher:
         await connection.end_body(timeout)
 
     async def _next_fragment(self) -> Taken | Literal["idle"] | None:
-        """The next fragment for the open POST, unless :meth:`_read_answer` saw the server answer
-        or close the connection: then the POST ends at once."""
+        """The next fragment for the open POST; "idle" after ``idle_timeout`` with none; an
+        EndpointError if :meth:`_read_answer` saw the server answer or close the connection
+        (then the POST ends at once). One cancel scope for both (this runs per fragment)."""
         if not self._answered.is_set():
-            with trio.CancelScope() as self._take_scope:
-                return await self.outbox.take(self.settings.idle_timeout)
+            with trio.move_on_after(self.settings.idle_timeout) as self._take_scope:
+                if not await self.outbox.wait_for_work():
+                    return None
+                return self.outbox.outbox.take()
+            if not self._answered.is_set():
+                return "idle"
         raise EndpointError(self.url, "the server answered or closed the connection while the POST was "
                                       "waiting for a fragment")  # fmt: skip
 

@@ -8,12 +8,11 @@ waiting (the outbox's bounds decide what is kept), and announces the stream head
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import trio
 
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
-from orchestrator.push.outbox import Outbox, OutboxLimits, Taken
+from orchestrator.push.outbox import Outbox, OutboxLimits
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +43,14 @@ class EndpointOutbox:
             await self._changed.wait()
         return True
 
-    async def take(self, idle_timeout: float) -> Taken | Literal["idle"] | None:
-        """The next fragment; None once closed and drained; "idle" after ``idle_timeout``
-        seconds with nothing to send."""
-        with trio.move_on_after(idle_timeout):
-            if not await self.wait_for_work():
-                return None
-            return self.outbox.take()
-        return "idle"
+    async def wait_for_change(self) -> None:
+        """Wait until a fragment is pushed, the outbox is closed, or :meth:`wake` is called."""
+        self._changed = trio.Event()
+        await self._changed.wait()
+
+    def wake(self) -> None:
+        """Wake the publisher's :meth:`wait_for_change` (it has something else to look at)."""
+        self._changed.set()
 
 
 class HeaderBoard:

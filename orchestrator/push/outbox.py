@@ -99,6 +99,8 @@ class Outbox:
         self._pending_ticks: Counter[int] = Counter()  # track -> sum of pending durations
         self._timescales: dict[int, int] = {}
         self._sent: deque[_Sent] = deque()
+        self._sent_per_track: Counter[int] = Counter()  # entries of each track in ``_sent``
+        self._sent_after_trim = 0  # len(_sent) after the last full trim
         self._taken_bytes = 0
         self._unacked = 0  # the most the open connection's send queue held unacknowledged
         self._in_flight: _Sent | None = None  # taken, not yet reported written
@@ -130,8 +132,11 @@ class Outbox:
         self._pending_ticks[fragment.track_id] -= fragment.duration
         self._taken_bytes += len(fragment.data)
         self._sent.append(_Sent(fragment, self._taken_bytes, item.put_back))
+        self._sent_per_track[fragment.track_id] += 1
         self._in_flight = self._sent[-1]
-        self._trim_sent()
+        self._forget_oldest()
+        if len(self._sent) > 2 * self._sent_after_trim + 8:
+            self._trim_sent()
         if item.resend:
             self.resent += 1
         return item
@@ -153,6 +158,8 @@ class Outbox:
         again = self._select(self._window)
         self._unacked = 0  # the next connection starts with an empty send queue
         self._sent.clear()
+        self._sent_per_track.clear()
+        self._sent_after_trim = 0
         self._in_flight = None
         for fragment, put_back in reversed(again):
             self._pending.appendleft(Taken(fragment, resend=True, put_back=put_back + 1))
@@ -262,8 +269,32 @@ class Outbox:
         keep.reverse()
         return keep
 
+    def _forget_oldest(self) -> None:
+        """Forget, from the oldest on, the sent fragments a rewind could no longer select: those
+        not among the last ``resend_per_track`` of their track (the oldest one's rank in its track
+        is the number of its track's fragments in ``sent``, the one in flight not counted) and
+        no longer within the window. Runs on every ``take``: usually one fragment, constant time.
+        Older fragments kept for their track (a track that stopped producing) can hold newer
+        forgettable ones behind them; :meth:`_trim_sent` forgets those, when ``sent`` has
+        doubled since it last ran."""
+        limits, window, in_flight = self.limits, self._window, self._in_flight
+        while self._sent:
+            oldest = self._sent[0]
+            if oldest is in_flight:
+                return
+            track = oldest.fragment.track_id
+            rank = self._sent_per_track[track] - (in_flight is not None and in_flight.fragment.track_id == track)
+            if rank <= limits.resend_per_track:
+                return
+            if self._taken_bytes - oldest.end_offset < window and oldest.put_back < limits.max_put_back:
+                return
+            self._sent.popleft()
+            self._sent_per_track[track] -= 1
+
     def _trim_sent(self) -> None:
-        """Forget what a rewind could no longer select."""
+        """Forget everything a rewind could no longer select (a pass over ``sent``)."""
         keep = {id(fragment) for fragment, _ in self._select(self._window)}
         if len(keep) != len(self._sent):
             self._sent = deque(s for s in self._sent if id(s.fragment) in keep)
+            self._sent_per_track = Counter(s.fragment.track_id for s in self._sent)
+        self._sent_after_trim = len(self._sent)

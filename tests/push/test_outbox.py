@@ -241,3 +241,40 @@ def test_a_path_cut_every_n_bytes_advances_at_least_n_over_three_per_post():
             sent += 100
         outbox.rewind()
     assert delivered == set(range(100))
+
+
+class _EagerOutbox(Outbox):
+    """The outbox as it was before ``take`` became constant time: a full pass over ``sent`` on
+    every take. The reference for the property below."""
+
+    def _forget_oldest(self) -> None:
+        self._trim_sent()
+
+
+@given(st.lists(st.tuples(st.sampled_from(["push_v", "push_a", "take", "take_written", "rewind"]),
+                          st.integers(1, 400)), max_size=300),
+       st.integers(0, 2), st.sampled_from([0, 500, 2000]), st.integers(0, 3))  # fmt: skip
+def test_constant_time_forgetting_selects_exactly_what_a_full_pass_would(ops, per_track, window, put_back):
+    """Forgetting sent fragments from the oldest on (constant time per take) plus an occasional
+    full pass hands out and resends exactly the same fragments, in the same order, as a full
+    pass on every take, through any sequence of pushes, takes and rewinds on two tracks with a
+    sparse one; and keeps at most twice as many sent fragments (+ 8) as that full pass does."""
+    lim = limits(resend_per_track=per_track, unconfirmed_bytes=window, max_put_back=put_back)
+    new, old = Outbox(lim), _EagerOutbox(lim)
+    index = {VIDEO: 0, AUDIO: 0}
+    for op, size in ops:
+        if op.startswith("push"):
+            track = VIDEO if op == "push_v" else AUDIO
+            fragment = frag(index[track], track, size=size)
+            index[track] += 1
+            assert new.push(fragment) == old.push(fragment)
+        elif op.startswith("take"):
+            a, b = new.take(), old.take()
+            assert a == b
+            if a is not None and op == "take_written":
+                new.written()
+                old.written()
+        else:
+            assert new.rewind() == old.rewind()
+        assert len(new._sent) <= 2 * len(old._sent) + 8
+    assert drain(new) == drain(old)

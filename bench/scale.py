@@ -224,8 +224,8 @@ async def push_with_publisher(port: int, header: StreamHeader, fragments: list[E
     board = HeaderBoard("primary", "big")
     board.announce(header)
     endpoint = Endpoint(name="sink", region="local", url=f"http://127.0.0.1:{port}/big/big.isml")
-    publisher = Publisher(connector=Connector(settings.send_timeout), group="primary", stream_id="big", endpoint=endpoint, header=board,
-                          outbox=outbox, metrics=Metrics(), settings=settings)  # fmt: skip
+    publisher = Publisher(group="primary", stream_id="big", endpoint=endpoint, header=board, outbox=outbox,
+                          metrics=Metrics(), settings=settings, connector=Connector(settings.send_timeout))  # fmt: skip
     for fragment in fragments:
         outbox.push(fragment)
     outbox.close()

@@ -5,6 +5,7 @@ Task tree (all trio nurseries, nothing detached)::
     run_up
     ├── local ingest servers (``--local-ingest``), metrics listener      [services]
     ├── signal watcher: 1st SIGINT/SIGTERM = graceful stop, 2nd = cancel everything
+    ├── idle sweeper: ends the POSTs that have had nothing to send for a while
     ├── status view (live table on a TTY, log lines otherwise)
     └── per group:
         ├── GroupEncoder: the group's encoder instance, restarted when it
@@ -56,7 +57,7 @@ from orchestrator.push.connection import FILES_PER_PUBLISHER, Connector
 from orchestrator.push.connection import tls_context as tls_context  # re-exported: tests and callers use it from here
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.outbox import OutboxLimits
-from orchestrator.push.publisher import Publisher, PublisherSettings, auth_for
+from orchestrator.push.publisher import IdleSweeper, Publisher, PublisherSettings, auth_for
 from orchestrator.wallclock import SystemWallClock, WallClock
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,9 @@ async def _run_services(
         if options.duration is not None:
             services.start_soon(_stop_after, options.duration, running.stop)
 
-        await _run_groups(plan, options, running, wall, task_status)
+        idle_sweeper = IdleSweeper()
+        services.start_soon(idle_sweeper.run)
+        await _run_groups(plan, options, running, wall, idle_sweeper, task_status)
         services.cancel_scope.cancel()
 
 
@@ -303,6 +306,7 @@ async def _run_groups(
     options: UpOptions,
     running: Running,
     wall: WallClock,
+    idle_sweeper: IdleSweeper,
     task_status: trio.TaskStatus[Running],
 ) -> None:
     profile, metrics = plan.profile, plan.metrics
@@ -332,7 +336,8 @@ async def _run_groups(
                 publisher = Publisher(
                     group=group_name, stream_id=stream.id, endpoint=endpoint, header=headers[stream.id],
                     outbox=outbox, metrics=metrics, settings=plan.settings, connector=connector,
-                    authorization=plan.auth[(group_name, i)], connect_slots=connect_slots)  # fmt: skip
+                    authorization=plan.auth[(group_name, i)], connect_slots=connect_slots,
+                    idle_sweeper=idle_sweeper)  # fmt: skip
                 publishers.append(publisher)
                 metrics.initialise_endpoint(publisher.labels)
                 running.publishers.append(publisher.state)

@@ -283,10 +283,15 @@ async def test_publisher_connections_carry_tcp_user_timeout_equal_to_the_send_ti
     assert recorder.requests[0]["path"] == "/x"
 
 
-async def test_a_post_with_nothing_to_send_is_ended_cleanly_and_the_next_fragment_opens_a_new_one(profile, caplog):
+@pytest.mark.parametrize("swept", [False, True], ids=["own-timer", "idle-sweeper"])
+async def test_a_post_with_nothing_to_send_is_ended_cleanly_and_the_next_fragment_opens_a_new_one(
+        profile, caplog, swept):  # fmt: skip
     """Spec 7.6: after ``idle_timeout`` with nothing to send, the body is finished (zero-length
     chunk) and the response awaited; the next fragment opens a new probe and POST with the header.
-    Not a failure: nothing counted, nothing resent."""
+    Not a failure: nothing counted, nothing resent. Both with the POST's own timer and with the
+    process-wide :class:`IdleSweeper` that ``up`` uses."""
+    from orchestrator.push.publisher import IdleSweeper
+
     caplog.set_level(logging.INFO, logger="orchestrator.push.publisher")
     recorder = Recorder()
     metrics = Metrics()
@@ -295,6 +300,9 @@ async def test_a_post_with_nothing_to_send_is_ended_cleanly_and_the_next_fragmen
     async with trio.open_nursery() as nursery:
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
         publisher, source = make_publisher(profile, port, queue, metrics, settings=settings)
+        if swept:
+            publisher.idle_sweeper = IdleSweeper(interval=0.1)
+            nursery.start_soon(publisher.idle_sweeper.run)
         first, second = source.fragment(K)[0], source.fragment(K + 1)[0]
         queue.push(first)
         nursery.start_soon(publisher.run)

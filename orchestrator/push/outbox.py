@@ -43,7 +43,9 @@ one to its long-running POST. Four rules make this lossless:
   Memory per (stream, endpoint): the fragments taken within the unconfirmed window (1 MiB by
   default, plus what the send queue holds), the last ``resend_per_track`` fragments of each
   track and the one in flight; the fragment bytes are shared with the stream's other endpoints
-  (one object per fragment).
+  (one object per fragment). ``take`` forgets the rest from the oldest on, in constant time;
+  what an old fragment kept for its track (a track that stopped producing) holds behind it is
+  forgotten by a full pass once ``sent`` has doubled, so at most twice that (+ 8) is held.
 
 * **Order.** Resends and pending fragments leave in the order they were produced, so timestamps
   on the new POST continue from where the receiver last saw them.

@@ -31,7 +31,8 @@ passed in by the caller; this module never reads a clock itself.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 NS_PER_SECOND = 1_000_000_000
@@ -60,24 +61,40 @@ class TrackClock:
     fragment_duration: Fraction
     timescale: int
     frame_duration: Fraction
+    # The integers of the two formulas above, worked out once: frame_time(n) = n * _tick_num //
+    # _tick_den and first_frame(k) = ceil(k * _frame_num / _frame_den). Every fragment of every
+    # stream asks for them several times, and a Fraction's numerator is a Python property.
+    _tick_num: int = field(init=False, repr=False, compare=False)
+    _tick_den: int = field(init=False, repr=False, compare=False)
+    _frame_num: int = field(init=False, repr=False, compare=False)
+    _frame_den: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.fragment_duration <= 0 or self.frame_duration <= 0 or self.timescale <= 0:
             raise ValueError("fragment duration, frame duration and timescale must be positive")
         if self.frame_duration > self.fragment_duration:
             raise ValueError("a frame cannot be longer than a fragment")
+        d, f = self.fragment_duration, self.frame_duration
+        object.__setattr__(self, "_tick_num", f.numerator * self.timescale)
+        object.__setattr__(self, "_tick_den", f.denominator)
+        object.__setattr__(self, "_frame_num", d.numerator * f.denominator)
+        object.__setattr__(self, "_frame_den", d.denominator * f.numerator)
 
     # --- frames ---------------------------------------------------------------------------
 
     def frame_time(self, n: int) -> int:
-        """Tick at which frame n starts (frame 0 starts at the epoch)."""
-        f = self.frame_duration
-        return _floor_div(n * f.numerator * self.timescale, f.denominator)
+        """Tick at which frame n starts (frame 0 starts at the epoch): floor(n * F * T)."""
+        return (n * self._tick_num) // self._tick_den
 
     def first_frame(self, k: int) -> int:
-        """Number of the first frame of fragment k: the first frame at or after k * D."""
-        d, f = self.fragment_duration, self.frame_duration
-        return _ceil_div(k * d.numerator * f.denominator, d.denominator * f.numerator)
+        """Number of the first frame of fragment k: the first frame at or after k * D: ceil(k * D / F)."""
+        return -((-k * self._frame_num) // self._frame_den)
+
+    def duration_period(self) -> int:
+        """The frame durations repeat every this many frames: frame_time(n + p) = frame_time(n) +
+        frame_time(p) for p = duration_period(), so the duration of frame n depends on n mod p only
+        (1 when F * T is a whole number of ticks, as for 29.97 fps at 90 kHz or AAC at its rate)."""
+        return self._tick_den // math.gcd(self._tick_num, self._tick_den)
 
     def frame_count(self, k: int) -> int:
         """How many frames fragment k holds."""

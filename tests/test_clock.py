@@ -385,3 +385,34 @@ def test_demo_wall_clock_exact() -> None:
 def test_invalid_clock_parameters(fragment: Fraction, timescale: int, frame: Fraction) -> None:
     with pytest.raises(ValueError, match=r"positive|longer than a fragment"):
         TrackClock(0, fragment, timescale, frame)
+
+
+# --- the duration period (what the synthetic encoder's fragment templates are keyed on) -------------
+
+
+@pytest.mark.parametrize(
+    ("clock", "period"),
+    [
+        (TrackClock(0, Fraction(2), 90000, Fraction(1001, 30000)), 1),  # 3003 ticks, every frame
+        (TrackClock(0, Fraction(2), 90000, Fraction(1, 25)), 1),  # 3600
+        (TrackClock(0, Fraction(2), 44100, Fraction(1024, 44100)), 1),  # 1024
+        (TrackClock(0, Fraction(2), 90000, Fraction(1001, 24000)), 4),  # 3753.75: 3753, 3754, 3754, 3754
+        (TrackClock(0, Fraction(2), 10_000_000, Fraction(1001, 24000)), 3),  # 417083 1/3
+        (TrackClock(0, Fraction(5, 2), 1, Fraction(1, 3)), 3),  # a third of a tick: 0, 0, 1
+    ],
+)
+def test_duration_period_of_broadcast_clocks(clock: TrackClock, period: int) -> None:
+    assert clock.duration_period() == period
+    # From first principles: the smallest p with p * F * T a whole number of ticks.
+    assert period == (clock.frame_duration * clock.timescale).denominator
+
+
+@BIG
+@given(clock=any_clocks(), n=st.integers(min_value=-(10**9), max_value=10**9))
+def test_frame_durations_repeat_with_the_duration_period(clock: TrackClock, n: int) -> None:
+    p = clock.duration_period()
+    exact = clock.frame_duration * clock.timescale
+    assert p == exact.denominator  # the smallest p with p * F * T a whole number of ticks
+    assert clock.frame_time(n + p) - clock.frame_time(n) == p * exact
+    assert clock.frame_time(n) == math.floor(n * exact)
+    assert clock.first_frame(n) == math.ceil(n * clock.fragment_duration / clock.frame_duration)

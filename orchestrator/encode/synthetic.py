@@ -12,6 +12,14 @@ Timing comes entirely from :mod:`orchestrator.clock`: sample durations, the frag
 time (tfdt, tfxd) and its index (mfhd, tfxd v2). This module is pure; the trio task that
 releases one fragment per clock period lives in :mod:`orchestrator.encode.group`.
 
+Cost: all streams' fragments fall due at the same instant, so building one must be cheap (at
+1,000 streams, 100 µs each is 0.1 s before the last one leaves). A fragment's samples repeat
+with the clip and the clock's frame pattern, so :class:`FragmentTemplates` keeps, per track
+configuration and position in that pattern, the fragment written once by
+``boxes.write_fragment``; :meth:`SyntheticStream.fragment` copies it with index, track ID and
+start time patched in (:class:`~orchestrator.fmp4.boxes.FragmentTemplate`), byte for byte what
+:meth:`SyntheticStream.written_fragment` writes box by box (``bench/fragment_build.py``).
+
 The clips were made once with ffmpeg 5.1 (kept small on purpose)::
 
     ffmpeg -f lavfi -i testsrc2=size=192x108:rate=25 -frames:v 50 -c:v libx264 -profile:v baseline \
@@ -28,6 +36,9 @@ moov tells the truth about the bitstream (192x108 video, whatever the profile's 
 from __future__ import annotations
 
 import functools
+import math
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -76,43 +87,127 @@ def load_clip(name: str) -> Clip:
     return parse_clip(data)
 
 
-def clip_for(track: VideoTrack | AudioTrack) -> Clip:
+def clip_name(track: VideoTrack | AudioTrack) -> str:
+    """The packaged clip a track is made of (``video.mp4``, ``audio_48000_2.mp4`` ...)."""
     if isinstance(track, VideoTrack):
-        return load_clip("video.mp4")
+        return "video.mp4"
     if (track.sample_rate, track.channels) not in SUPPORTED_AUDIO:
         raise EncoderError(
             f"track {track.name}: the synthetic encoder has AAC clips for 44100/48000 Hz, 1 or 2 channels; "
             f"got {track.sample_rate} Hz, {track.channels} channels"
         )
-    return load_clip(f"audio_{track.sample_rate}_{track.channels}.mp4")
+    return f"audio_{track.sample_rate}_{track.channels}.mp4"
+
+
+def clip_for(track: VideoTrack | AudioTrack) -> Clip:
+    return load_clip(clip_name(track))
+
+
+class FragmentTemplates:
+    """Fragment templates (:class:`~orchestrator.fmp4.boxes.FragmentTemplate`) shared by every
+    synthetic stream of the process, least recently used dropped first beyond ``max_bytes``.
+
+    Fragment k of a track holds the frames ``first_frame(k)`` to ``first_frame(k + 1) - 1``. Frame
+    n carries clip sample ``n mod len(clip)`` and lasts ``frame_time(n + 1) - frame_time(n)``
+    ticks, which depends on n modulo the clock's duration period p only. So the samples of a
+    fragment, hence its bytes but for index, track ID and start time, are fixed by the track's
+    configuration (clip, timescale, frame duration, tfxd version), the first frame modulo
+    lcm(len(clip), p) and the frame count: that is the key. A profile of 25 fps video at 90 kHz
+    in 2 s fragments needs one template whatever its number of streams; 29.97 fps video or
+    44.1 kHz audio needs at most two per clip sample (the first frame wanders through the clip,
+    fragments alternate between two frame counts). All streams of a process fall due at the
+    same instant, so one template is built per key and used by every stream before the next
+    key is needed: a small bound suffices.
+    """
+
+    def __init__(self, max_bytes: int = 8 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.built = 0  # templates written, for tests and the benchmark
+        self._by_key: OrderedDict[tuple[str, int, int], boxes.FragmentTemplate] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def get(self, key: tuple[str, int, int], samples: Callable[[], list[boxes.Sample]],
+            tfxd_version: int) -> boxes.FragmentTemplate:  # fmt: skip
+        """The template for ``key``, written from ``samples()`` the first time it is asked for."""
+        template = self._by_key.get(key)
+        if template is not None:
+            self._by_key.move_to_end(key)
+            return template
+        template = self._by_key[key] = boxes.FragmentTemplate(samples(), tfxd_version)
+        self.built += 1
+        self.bytes += template.size
+        while self.bytes > self.max_bytes and len(self._by_key) > 1:
+            _, dropped = self._by_key.popitem(last=False)
+            self.bytes -= dropped.size
+        return template
+
+
+SHARED_TEMPLATES = FragmentTemplates()
+"""The process's templates: every SyntheticStream uses these unless given others."""
+
+
+@dataclass(frozen=True)
+class _Track:
+    track_id: int
+    clip: Clip
+    clock: TrackClock
+    config: str  # what, besides the key's numbers, the template's bytes depend on
+    period: int  # lcm(len(clip), duration period): frames after which samples and durations repeat
 
 
 class SyntheticStream:
     """Builds the header and fragment k of one stream from the clips and the shared clock."""
 
-    def __init__(self, profile: Profile, stream: Stream) -> None:
+    def __init__(self, profile: Profile, stream: Stream, templates: FragmentTemplates | None = None) -> None:
         self.stream = stream
         self.tfxd_version = profile.presentation.tfxd_version
         self.clips = [clip_for(track) for track in stream.tracks]
         self.clocks: list[TrackClock] = [profile.track_clock(track) for track in stream.tracks]
         self.header: StreamHeader = build_header(profile, stream, [c.sample_entry for c in self.clips])
         self.track_ids = profile.track_ids(stream)
+        self.templates = SHARED_TEMPLATES if templates is None else templates
+        self._tracks: list[_Track] = []
+        for track_id, track, clip, clock in zip(self.track_ids, stream.tracks, self.clips, self.clocks, strict=True):
+            config = f"{clip_name(track)} {clock.timescale} {clock.frame_duration} v{self.tfxd_version}"
+            period = math.lcm(len(clip.samples), clock.duration_period())
+            self._tracks.append(_Track(track_id, clip, clock, config, period))
 
     def fragment(self, k: int) -> list[EncodedFragment]:
-        """Fragment k of every track of the stream, in track order."""
+        """Fragment k of every track of the stream, in track order (from the templates)."""
         out = []
-        for track_id, clip, clock in zip(self.track_ids, self.clips, self.clocks, strict=True):
+        for track in self._tracks:
+            clock = track.clock
             first = clock.first_frame(k)
-            durations = clock.sample_durations(k)
-            samples = [
-                boxes.Sample(clip.samples[(first + i) % len(clip.samples)], duration, is_sync=True)
-                for i, duration in enumerate(durations)
-            ]
-            start = clock.start(k)
-            run = boxes.TrackRun(track_id, start, samples, k)
-            data = boxes.write_fragment(k, [run], self.tfxd_version)
-            out.append(EncodedFragment(self.stream.id, track_id, k, start, run.duration, clock.timescale, data))
+            count = clock.first_frame(k + 1) - first
+            start = clock.frame_time(first)
+            template = self.templates.get((track.config, first % track.period, count),
+                                          functools.partial(self._samples, track, k), self.tfxd_version)  # fmt: skip
+            data = template.render(k, track.track_id, start)
+            out.append(EncodedFragment(self.stream.id, track.track_id, k, start, template.duration,
+                                       clock.timescale, data))  # fmt: skip
         return out
+
+    def written_fragment(self, k: int) -> list[EncodedFragment]:
+        """Fragment k as :meth:`fragment` makes it, written box by box by boxes.write_fragment
+        without templates: the reference the templates are tested against, and the benchmark's
+        baseline."""
+        out = []
+        for track in self._tracks:
+            start = track.clock.start(k)
+            run = boxes.TrackRun(track.track_id, start, self._samples(track, k), k)
+            data = boxes.write_fragment(k, [run], self.tfxd_version)
+            out.append(EncodedFragment(self.stream.id, track.track_id, k, start, run.duration,
+                                       track.clock.timescale, data))  # fmt: skip
+        return out
+
+    @staticmethod
+    def _samples(track: _Track, k: int) -> list[boxes.Sample]:
+        clip, first = track.clip.samples, track.clock.first_frame(k)
+        return [boxes.Sample(clip[(first + i) % len(clip)], duration, is_sync=True)
+                for i, duration in enumerate(track.clock.sample_durations(k))]  # fmt: skip
 
 
 class SharedFragments:

@@ -18,6 +18,7 @@ import pytest
 from orchestrator.errors import BoxError
 from orchestrator.fmp4.boxes import (
     Box,
+    FragmentTemplate,
     ParsedFragment,
     ParsedTraf,
     Sample,
@@ -411,6 +412,52 @@ def test_trun_sample_count_is_bounded_by_the_bytes_behind_it() -> None:
 def test_tfxd_version_0_refuses_times_over_32_bits() -> None:
     with pytest.raises(ValueError, match="32-bit"):
         write_tfxd(Tfxd(0, 2**32, 1))
+
+
+# --- fragment templates: write_fragment's bytes with four fields patched --------------------------
+
+
+def test_fragment_template_renders_the_exact_bytes_of_the_two_sample_fragment() -> None:
+    """The field-by-field bytes of test_fragment_bytes_two_samples, from a template."""
+    samples = [Sample(b"ABC", 3003, is_sync=True), Sample(b"DEFGH", 3004, is_sync=False)]
+    template = FragmentTemplate(samples, tfxd_version=1)
+    assert (template.duration, template.size) == (6007, 156 + 16)
+    data = template.render(7, 1, 0x123456789)
+    assert data[20:24] == h("00000007")  # mfhd sequence_number
+    assert data[44:48] == h("00000001")  # tfhd track_ID
+    assert data[60:68] == h("0000000123456789")  # tfdt
+    assert data[140:156] == h("0000000123456789") + h("0000000000001777")  # tfxd time, duration: the moof ends
+    assert data == write_fragment(7, [TrackRun(1, 0x123456789, samples, 7)], tfxd_version=1)
+
+
+@pytest.mark.parametrize("tfxd_version", [0, 1, 2])
+@pytest.mark.parametrize("composition_offsets", [False, True])
+def test_fragment_template_equals_write_fragment(tfxd_version: int, composition_offsets: bool) -> None:
+    samples = [Sample(bytes([i]) * (i + 1), 1000 + i % 3, is_sync=i % 4 == 0,
+                      composition_offset=(i - 2) * 100 if composition_offsets else 0)
+               for i in range(30)]  # fmt: skip
+    template = FragmentTemplate(samples, tfxd_version)
+    limit = 0xFFFFFFFF if tfxd_version == 0 else 0xFFFFFFFFFFFFFFFF
+    for index, track_id, base_time in [(0, 1, 0), (1, 7, 90000), (0xFFFFFFFF, 0xFFFFFFFF, limit - template.duration),
+                                       (123456, 2, 2**32 - template.duration)]:  # fmt: skip
+        expected = write_fragment(index, [TrackRun(track_id, base_time, samples, index)], tfxd_version)
+        assert template.render(index, track_id, base_time) == expected
+    # Rendering leaves the template as it was: the same call gives the same bytes again.
+    assert template.render(0, 1, 0) == write_fragment(0, [TrackRun(1, 0, samples, 0)], tfxd_version)
+
+
+def test_fragment_template_refuses_what_write_fragment_refuses() -> None:
+    samples = [Sample(b"x", 10)]
+    with pytest.raises(ValueError, match="does not fit"):
+        FragmentTemplate(samples).render(2**32, 1, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        FragmentTemplate(samples).render(-1, 1, 0)
+    for refuse in (lambda: FragmentTemplate(samples, tfxd_version=0).render(0, 1, 2**32),
+                   lambda: write_fragment(0, [TrackRun(1, 2**32, samples, 0)], tfxd_version=0)):  # fmt: skip
+        with pytest.raises(ValueError, match="32-bit"):
+            refuse()
+    with pytest.raises(ValueError, match="unknown tfxd version"):
+        FragmentTemplate(samples, tfxd_version=3)
 
 
 # --- an independent reader: ffprobe -------------------------------------------------------------------

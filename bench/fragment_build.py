@@ -1,0 +1,93 @@
+"""CPU cost of building one synthetic fragment: box by box (``boxes.write_fragment``) against the
+templates (``boxes.FragmentTemplate``), in the same run.
+
+Not a test: it prints figures. For each track kind it times ``SyntheticStream.written_fragment(k)``
+(every box written from the samples, as the synthetic encoder did before the templates) and
+``SyntheticStream.fragment(k)`` (a template per (first frame in the clip, frame count), patched
+with index, track ID and start time) over the same indices, best of ``--repeat`` runs, and checks
+the two give the same bytes. ``cold µs`` is the cost when the template is not there yet (written,
+then patched): once per key and process, since every stream of the same track configuration
+shares it; ``templates`` is how many keys the indices needed. At 1,000 streams all fragments fall
+due at the same instant, so this cost, times the number of streams, is how long the last stream's
+fragment waits to be built.
+
+Run:  .venv/bin/python bench/fragment_build.py [--fragments 2000] [--repeat 5]
+
+The machine is shared and noisy: compare the columns of one run, not runs with each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from orchestrator.encode.synthetic import FragmentTemplates, SyntheticStream
+from orchestrator.profile import parse_profile
+
+K = 14_080_000  # a 2 s fragment index in late 2026
+
+VIDEO = 'kind = "video"\nbitrate = 250_000\nwidth = 192\nheight = 108\n'
+TRACKS = {
+    "video 192x108 25 fps, 90 kHz": VIDEO + 'frame_rate = "25"',
+    "video 29.97 fps, 90 kHz": VIDEO + 'frame_rate = "30000/1001"',
+    "audio AAC 44.1 kHz stereo": 'kind = "audio"\nbitrate = 64_000\nsample_rate = 44100\nchannels = 2',
+    "audio AAC 48 kHz stereo": 'kind = "audio"\nbitrate = 64_000\nsample_rate = 48000\nchannels = 2',
+}
+
+
+def profile_text(track: str, fragment_seconds: int) -> str:
+    groups = "\n".join(
+        f'[groups.{g}]\nencoder = {{ backend = "synthetic" }}\n[[groups.{g}.endpoints]]\nname = "e"\n'
+        f'region = "r"\nurl = "http://127.0.0.1:1/live/b.isml"\n'
+        for g in ("primary", "backup")
+    )
+    return (f'[presentation]\nname = "bench"\nfragment_duration = {fragment_seconds}\n'
+            f"epoch = 2026-01-01T00:00:00Z\n\n[[streams]]\nid = \"s\"\n[[streams.tracks]]\nname = \"t\"\n"
+            f"{track}\n\n{groups}")  # fmt: skip
+
+
+def best_us(build: object, ks: range, repeat: int) -> float:
+    assert callable(build)
+    best = float("inf")
+    for _ in range(repeat):
+        started = time.perf_counter_ns()
+        for k in ks:
+            build(k)
+        best = min(best, (time.perf_counter_ns() - started) / len(ks) / 1000)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fragments", type=int, default=2000, help="indices timed per run")
+    parser.add_argument("--repeat", type=int, default=5, help="runs; the best is printed")
+    parser.add_argument("--fragment-seconds", type=int, default=2)
+    args = parser.parse_args()
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'track':32} {'bytes':>7} {'write_fragment µs':>18} {'template µs':>12} {'speed-up':>9} "
+          f"{'cold µs':>8} {'templates':>10}")  # fmt: skip
+    for name, track in TRACKS.items():
+        profile = parse_profile(profile_text(track, args.fragment_seconds), "bench.toml")
+        templates = FragmentTemplates()
+        source = SyntheticStream(profile, profile.streams[0], templates)
+        ks = range(K, K + args.fragments)
+        for k in ks[:50]:
+            if source.fragment(k) != source.written_fragment(k):
+                raise SystemExit(f"{name}: fragment {k} differs between the two paths")
+        old = best_us(source.written_fragment, ks, args.repeat)
+        new = best_us(source.fragment, ks, args.repeat)
+        cold_source = SyntheticStream(profile, profile.streams[0])
+
+        def cold(k: int, source: SyntheticStream = cold_source) -> None:
+            source.templates = FragmentTemplates()
+            source.fragment(k)
+
+        cold_us = best_us(cold, ks[: max(1, len(ks) // 10)], args.repeat)
+        size = len(source.fragment(K)[0].data)
+        print(f"{name:32} {size:7d} {old:18.1f} {new:12.1f} {old / new:8.1f}x {cold_us:8.1f} {len(templates):10d}")
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

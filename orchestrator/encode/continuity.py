@@ -81,6 +81,11 @@ class Continuity:
             last = list(restored.get(stream, ()))
             # A track added to the stream since the state was written starts with the stream.
             self._last[stream] = [*last[: len(c)], *[min(last, default=None)] * (len(c) - len(last))]
+        # Kept as fragments are accepted, so that the per-fragment questions cost the same at
+        # 1,000 streams as at one: completed() per stream, and the streams short of a final index.
+        self._completed: dict[str, int | None] = {stream: self._minimum(stream) for stream in self._last}
+        self._final: int | None = None
+        self._short_of_final: set[str] = set()
 
     def judge(self, fragment: EncodedFragment) -> Judgement:
         """Decide whether ``fragment`` may go to the publishers; records it if accepted."""
@@ -99,12 +104,37 @@ class Continuity:
         if last is not None and k <= last:
             return Judgement(Verdict.REPEAT, f"index {k} already emitted (last {last})")
         tracks[position] = k
+        done = self._completed[fragment.stream_id]
+        if last is None or last == done:  # this track was (one of) the least advanced: the minimum may move
+            done = self._completed[fragment.stream_id] = self._minimum(fragment.stream_id)
+            if self._final is not None and done is not None and done >= self._final:
+                self._short_of_final.discard(fragment.stream_id)
         return Judgement(Verdict.ACCEPTED, skipped=0 if last is None else k - last - 1)
 
-    def completed(self, stream_id: str) -> int | None:
-        """The last index emitted on every track of ``stream_id``."""
+    def _minimum(self, stream_id: str) -> int | None:
         tracks = self._last[stream_id]
-        return None if any(t is None for t in tracks) else min(t for t in tracks if t is not None)
+        return None if None in tracks else min(t for t in tracks if t is not None)
+
+    def completed(self, stream_id: str) -> int | None:
+        """The last index emitted on every track of ``stream_id`` (kept up to date by
+        :meth:`judge`, not worked out on every call)."""
+        return self._completed[stream_id]
+
+    def watch_final(self, final: int) -> None:
+        """From now on, count the streams whose :meth:`completed` index is short of ``final``
+        (:attr:`final_reached`); for a graceful stop at fragment ``final``."""
+        self._final = final
+        self._short_of_final = {s for s, done in self._completed.items() if done is None or done < final}
+
+    @property
+    def short_of_final(self) -> frozenset[str]:
+        """The streams that have not completed the index given to :meth:`watch_final`."""
+        return frozenset(self._short_of_final)
+
+    @property
+    def final_reached(self) -> bool:
+        """Every stream has completed the index given to :meth:`watch_final` (False before it)."""
+        return self._final is not None and not self._short_of_final
 
     def resume_floor(self) -> int | None:
         """The lowest index a new instance may start at: one past the least advanced stream

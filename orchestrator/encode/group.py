@@ -200,10 +200,8 @@ class GroupEncoder(Sink):
                 state.last_index = done
                 state.fragments += 1
             log.debug("encoder.fragment group=%s stream=%s index=%d", self.group, stream_id, done)
-            if self._final_index is not None and all(
-                (self.continuity.completed(s) or -1) >= self._final_index for s in self.clocks
-            ):
-                self._final_reached.set()
+        if self._final_index is not None and self.continuity.final_reached:
+            self._final_reached.set()
 
     def _release(self, fragment: EncodedFragment) -> None:
         for output in self.outputs.get(fragment.stream_id, ()):
@@ -241,12 +239,16 @@ class GroupEncoder(Sink):
         then stop it. Gives up after ``grace`` seconds."""
         now_ns = self.wall.now_ns()
         self._final_index = max(live_index(clocks, now_ns) for clocks in self.clocks.values())
+        self.continuity.watch_final(self._final_index)
+        if self.continuity.final_reached:  # nothing left in flight (the wall clock stepped back)
+            self._final_reached.set()
         log.info("encoder.finishing group=%s final_index=%d", self.group, self._final_index)
         with trio.move_on_after(grace) as waited:
             await self._final_reached.wait()
         if waited.cancelled_caught:
-            log.warning("encoder.finish.timeout group=%s final_index=%d seconds=%g", self.group,
-                        self._final_index, grace)  # fmt: skip
+            short = self.continuity.short_of_final
+            log.warning("encoder.finish.timeout group=%s final_index=%d seconds=%g streams_short=%d first_short=%s",
+                        self.group, self._final_index, grace, len(short), min(short, default=""))  # fmt: skip
         self._stopping = True
         if self._instance_scope is not None:
             self._instance_scope.cancel()

@@ -3,6 +3,8 @@
 from fractions import Fraction
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator.clock import TrackClock
 from orchestrator.encode.continuity import (
@@ -113,3 +115,96 @@ def test_state_from_another_presentation_clock_or_group_is_refused(identity, gro
 def test_a_damaged_state_file_is_a_clear_error(data):
     with pytest.raises(ValueError, match="not a state file"):
         decode_state(data, IDENTITY, "primary")
+
+
+# --- bookkeeping kept per fragment (constant time at any number of streams) ------------------
+
+
+THREE = {"avv": [VIDEO, AUDIO, VIDEO]}
+
+
+def three(track: int, k: int) -> EncodedFragment:
+    clock = THREE["avv"][track - 1]
+    return EncodedFragment("avv", track, k, clock.start(k), clock.duration(k), clock.timescale, b"x")
+
+
+def test_completed_is_the_least_advanced_track_as_tracks_advance_and_skip():
+    gate = Continuity(THREE)
+    steps = [  # (track, index accepted) -> completed after it
+        ((1, 5), None), ((2, 3), None), ((3, 4), 3),  # every track has one: the least is 3
+        ((1, 6), 3),  # a track ahead moves on: still 3
+        ((2, 9), 4),  # the least advanced skips ahead: the next least (track 3) is 4
+        ((3, 7), 6),  # now track 1 (6) is the least
+        ((1, 7), 7), ((2, 10), 7), ((3, 8), 7), ((1, 12), 8), ((3, 12), 10), ((2, 12), 12),
+    ]  # fmt: skip
+    for (track, k), expected in steps:
+        assert gate.judge(three(track, k)).verdict is Verdict.ACCEPTED
+        assert gate.completed("avv") == expected, (track, k)
+    # Repeats and off-clock fragments change nothing.
+    assert gate.judge(three(2, 11)).verdict is Verdict.REPEAT
+    assert gate.judge(EncodedFragment("avv", 1, 13, 0, 1, 90000, b"x")).verdict is Verdict.OFF_CLOCK
+    assert gate.completed("avv") == 12
+
+
+def test_completed_starts_from_the_restored_state():
+    gate = Continuity(THREE, restored={"avv": [8, 6, 7]})
+    assert gate.completed("avv") == 6
+    assert gate.judge(three(1, 9)).verdict is Verdict.ACCEPTED
+    assert gate.completed("avv") == 6
+    assert gate.judge(three(2, 9)).verdict is Verdict.ACCEPTED
+    assert gate.completed("avv") == 7
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3), st.integers(0, 30)), max_size=60),
+       st.lists(st.integers(0, 30), min_size=3, max_size=3) | st.none())  # fmt: skip
+def test_completed_equals_the_minimum_over_tracks_worked_out_afresh(steps, restored):
+    gate = Continuity(THREE, restored=None if restored is None else {"avv": restored})
+    last: list[int | None] = [None] * 3 if restored is None else list(restored)
+    for track, k in steps:
+        if gate.judge(three(track, k)).verdict is Verdict.ACCEPTED:
+            last[track - 1] = k
+        expected = None if None in last else min(t for t in last if t is not None)
+        assert gate.completed("avv") == expected
+
+
+def test_final_reached_counts_the_streams_short_of_the_final_index():
+    clocks = {f"s{i}": [VIDEO] for i in range(4)} | THREE
+    gate = Continuity(clocks, restored={"s0": [10]})
+    assert not gate.final_reached  # nothing to watch yet
+    for i in range(1, 4):
+        gate.judge(on_clock_of(clocks, f"s{i}", 1, 9))
+    gate.watch_final(10)
+    assert gate.short_of_final == {"s1", "s2", "s3", "avv"}  # s0 is already at 10
+    gate.judge(on_clock_of(clocks, "s1", 1, 10))
+    gate.judge(on_clock_of(clocks, "s2", 1, 11))  # past the final index counts too
+    assert gate.short_of_final == {"s3", "avv"}
+    gate.judge(on_clock_of(clocks, "avv", 1, 10))
+    gate.judge(on_clock_of(clocks, "avv", 2, 10))
+    assert not gate.final_reached
+    gate.judge(on_clock_of(clocks, "avv", 3, 10))  # the stream's last track
+    gate.judge(on_clock_of(clocks, "s3", 1, 9))
+    assert gate.short_of_final == {"s3"}
+    assert not gate.final_reached
+    gate.judge(on_clock_of(clocks, "s3", 1, 12))  # a skip over the final index
+    assert gate.final_reached
+    # Watching an index every stream has completed already: reached at once.
+    gate.watch_final(9)
+    assert gate.final_reached
+
+
+def test_final_reached_when_a_lagging_track_skips_past_it():
+    """Stream completion moves to the final index on a fragment of another index."""
+    gate = Continuity(THREE)
+    for track, k in ((1, 10), (2, 8), (3, 9)):
+        gate.judge(three(track, k))
+    gate.watch_final(10)
+    gate.judge(three(2, 12))  # completed: 8 -> 9 (track 3)
+    assert not gate.final_reached
+    gate.judge(three(3, 11))  # completed: 9 -> 10 (track 1), on a fragment of index 11
+    assert (gate.completed("avv"), gate.final_reached) == (10, True)
+
+
+def on_clock_of(clocks, stream: str, track: int, k: int) -> EncodedFragment:
+    clock = clocks[stream][track - 1]
+    return EncodedFragment(stream, track, k, clock.start(k), clock.duration(k), clock.timescale, b"x")

@@ -260,7 +260,12 @@ async def test_finish_completes_the_fragment_in_flight_then_stops(autojump_clock
         nursery.start_soon(rig.encoder.run)
         await trio.sleep(7.3)
         in_flight = live_index(rig.clocks["video"], rig.wall.now_ns())
+        asked = trio.current_time()
         await rig.encoder.finish(10)
+        # Returned once every stream completed the fragment in flight, not after the grace.
+        due_ns = max(fragment_due_ns(clocks, in_flight) for clocks in rig.clocks.values())
+        assert rig.wall.now_ns() >= due_ns
+        assert trio.current_time() - asked < 2  # a fragment is 2 s
     video = rig.sent()
     assert video[-1].index == in_flight
     assert [f.index for f in rig.sent("audio")][-1] == in_flight

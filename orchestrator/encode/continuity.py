@@ -95,7 +95,8 @@ class Continuity:
             return Judgement(Verdict.UNKNOWN_TRACK, f"no track {fragment.track_id} in stream {fragment.stream_id}")
         clock = self.clocks[fragment.stream_id][position]
         k = fragment.index
-        expected = (clock.start(k), clock.duration(k), clock.timescale)
+        start = clock.start(k)
+        expected = (start, clock.start(k + 1) - start, clock.timescale)  # duration(k), without start(k) again
         actual = (fragment.start, fragment.duration, fragment.timescale)
         if actual != expected:
             return Judgement(Verdict.OFF_CLOCK, f"index {k} has (start, duration, timescale) {actual}; "

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+from prometheus_client import Counter, Gauge
 
 from orchestrator.clock import TrackClock, fragment_due_ns, live_index
 from orchestrator.encode.continuity import ClockIdentity, Continuity, Verdict, encode_state
@@ -79,9 +80,11 @@ async def run_synthetic_encoder(
     sources = [SyntheticStream(profile, stream) for stream in profile.streams]
     for source in sources:
         sink.header(source.header)
+    # The due time per distinct set of track clocks (usually one or two for any number of streams).
+    clock_sets = list({tuple(source.clocks): source.clocks for source in sources}.values())
     k = first_index
     while True:
-        await wall.sleep_until_ns(max(fragment_due_ns(source.clocks, k) for source in sources))
+        await wall.sleep_until_ns(max(fragment_due_ns(clocks, k) for clocks in clock_sets))
         for source in sources:
             for fragment in source.fragment(k) if shared is None else shared.fragment(source, k):
                 sink.fragment(fragment)
@@ -160,6 +163,11 @@ class GroupEncoder(Sink):
         self._held: list[EncodedFragment] = []
         self._flush_lock = trio.Lock()
         self.instance_pid: int | None = None  # the running instance's process, for a process backend
+        # Metric children looked up once per stream / endpoint: ``labels()`` hashes the label
+        # values and takes a lock on every call, and it ran several times per fragment.
+        self._encoded: dict[str, Counter] = {}
+        self._last_encoded: dict[str, Gauge] = {}
+        self._dropped: dict[tuple[str, str, str, str], Counter] = {}
 
     # --- the sink ---------------------------------------------------------------------------
 
@@ -191,10 +199,16 @@ class GroupEncoder(Sink):
         else:
             self._held.append(fragment)  # released by _flush once the state covering it is on disk
             self._state_dirty.set()
-        self.metrics.fragments_encoded.labels(stream_id, self.group).inc()
+        encoded = self._encoded.get(stream_id)
+        if encoded is None:
+            encoded = self._encoded[stream_id] = self.metrics.fragments_encoded.labels(stream_id, self.group)
+        encoded.inc()
         done = self.continuity.completed(stream_id)
         if done == fragment.index:  # the stream's last track for this index
-            self.metrics.last_encoded_index.labels(stream_id, self.group).set(done)
+            gauge = self._last_encoded.get(stream_id)
+            if gauge is None:
+                gauge = self._last_encoded[stream_id] = self.metrics.last_encoded_index.labels(stream_id, self.group)
+            gauge.set(done)
             state = self.states.get(stream_id)
             if state is not None:
                 state.last_index = done
@@ -206,7 +220,10 @@ class GroupEncoder(Sink):
     def _release(self, fragment: EncodedFragment) -> None:
         for output in self.outputs.get(fragment.stream_id, ()):
             for lost in output.outbox.push(fragment):
-                self.metrics.dropped_fragments.labels(*output.labels).inc()
+                dropped = self._dropped.get(output.labels)
+                if dropped is None:
+                    dropped = self._dropped[output.labels] = self.metrics.dropped_fragments.labels(*output.labels)
+                dropped.inc()
                 output.publisher.dropped += 1
                 log.warning(
                     "publisher.backlog.dropped group=%s stream=%s endpoint=%s index=%d track=%d reason=backlog_full",

@@ -108,6 +108,9 @@ async def test_fragments_are_released_when_due_on_every_stream(autojump_clock):
     assert [f.index for f in rig.sent("audio")] == list(range(first, first + 30))
     assert rig.headers["video"].header is not None
     assert rig.metric("orchestrator_fragments_encoded_total", stream="video", group="primary") == 30
+    assert rig.metric("orchestrator_fragments_encoded_total", stream="audio", group="primary") == 30
+    for stream in ("video", "audio"):
+        assert rig.metric("orchestrator_last_encoded_fragment_index", stream=stream, group="primary") == first + 29
 
 
 async def test_a_stuck_endpoint_keeps_only_the_newest_fragments_and_counts_the_rest(autojump_clock):

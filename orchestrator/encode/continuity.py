@@ -28,6 +28,12 @@ publisher, so a restarted process never sends again an index it already sent.
 the facts that give those integers their meaning (presentation name, epoch, fragment duration);
 a state file from another presentation or another clock is refused, not misread. Writing the
 file atomically is the shell's job (:mod:`orchestrator.encode.statefile`).
+
+Every fragment of every stream passes here, so the per-fragment questions cost the same at 1,000
+streams as at one: the index each stream has completed on all its tracks (:meth:`completed`) is
+kept up to date as fragments are accepted, and so is the set of streams still short of the index
+a graceful stop waits for (:meth:`watch_final`, :attr:`final_reached`), instead of scanning the
+tracks or the streams for every fragment.
 """
 
 from __future__ import annotations

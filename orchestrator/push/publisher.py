@@ -125,6 +125,7 @@ class Publisher:
         self._new_in_post = 0  # fragments sent for the first time on the current POST
         self._answer: Response | EndpointError | None = None  # what the server said (or did) during the POST
         self._answered = trio.Event()
+        self._backlog_shown: tuple[int, int] | None = None  # (fragments, bytes) last written
         self._idle_at = 0.0  # trio time at which the open POST has been idle for idle_timeout
         metrics.seconds_since_push.track(labels, self._seconds_since_push)
         # The labelled children, each looked up once, when first used (so a series appears when
@@ -364,11 +365,18 @@ class Publisher:
             return None
 
     def _update_backlog(self) -> None:
-        outbox, m = self.outbox.outbox, self._m
-        m.backlog_fragments.set(len(outbox))
-        m.backlog_bytes.set(outbox.pending_bytes)
-        m.backlog_seconds.set(float(outbox.pending_seconds))
-        self.state.set_backlog(len(outbox), outbox.pending_bytes, float(outbox.pending_seconds))
+        """Backlog gauges and state. Called for every fragment taken; in steady state the backlog
+        is empty every time, which is written once, not 4,000 times a second."""
+        outbox = self.outbox.outbox
+        shown = (len(outbox), outbox.pending_bytes)
+        if shown == self._backlog_shown == (0, 0):
+            return
+        self._backlog_shown = shown
+        seconds, m = float(outbox.pending_seconds), self._m
+        m.backlog_fragments.set(shown[0])
+        m.backlog_bytes.set(shown[1])
+        m.backlog_seconds.set(seconds)
+        self.state.set_backlog(shown[0], shown[1], seconds)
 
     def _set_connected(self, connected: bool) -> None:
         self.state.set_connected(connected, time.time())

@@ -126,6 +126,7 @@ class Publisher:
         self._answer: Response | EndpointError | None = None  # what the server said (or did) during the POST
         self._answered = trio.Event()
         self._backlog_shown: tuple[int, int] | None = None  # (fragments, bytes) last written
+        self._waited = False  # the last _next_fragment waited (other tasks ran meanwhile)
         self._idle_at = 0.0  # trio time at which the open POST has been idle for idle_timeout
         metrics.seconds_since_push.track(labels, self._seconds_since_push)
         # The labelled children, each looked up once, when first used (so a series appears when
@@ -295,6 +296,7 @@ class Publisher:
             if self.header.version != header_version:
                 log.info("publisher.post.ending %s reason=header_changed", self._log_fields())
                 break
+            self._waited = False
             item = await self._next_fragment()
             self._update_backlog()
             if item is None:
@@ -304,7 +306,7 @@ class Publisher:
                          self.settings.idle_timeout)  # fmt: skip
                 break
             self.outbox.outbox.observe_unacked(_unacked_bytes(connection.socket))
-            await connection.send_chunk(item.fragment.data, timeout)
+            await connection.send_chunk(item.fragment.data, timeout, checkpoint=not self._waited)
             self.outbox.outbox.written()
             self._on_pushed(item)
         await connection.end_body(timeout)
@@ -331,6 +333,7 @@ class Publisher:
             if trio.current_time() >= self._idle_at:
                 return "idle"
             await outbox.wait_for_change()
+            self._waited = True
 
     async def _watch_idle(self) -> None:
         """For the life of the POST, without an :class:`IdleSweeper`: when ``idle_timeout`` has

@@ -210,6 +210,7 @@ class Publisher:
         try:
             await connection.send_head(self._request_headers(close=True), content_length=0,
                                        within=self.settings.send_timeout)  # fmt: skip
+            await connection.end_body(within=self.settings.send_timeout)  # nothing to write: h11's state
             response: Response | None = None
             with trio.move_on_after(self.settings.response_timeout):
                 response = await connection.receive_response()

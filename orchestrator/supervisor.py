@@ -6,6 +6,7 @@ Task tree (all trio nurseries, nothing detached)::
     ├── local ingest servers (``--local-ingest``), metrics listener      [services]
     ├── signal watcher: 1st SIGINT/SIGTERM = graceful stop, 2nd = cancel everything
     ├── idle sweeper: ends the POSTs that have had nothing to send for a while
+    ├── garbage collection, paced by the shared clock (``orchestrator.gcpacer``)
     ├── status view (live table on a TTY, log lines otherwise)
     └── per group:
         ├── GroupEncoder: the group's encoder instance, restarted when it
@@ -47,6 +48,7 @@ from orchestrator.encode.group import GroupEncoder, InstanceRunner, Output, Sink
 from orchestrator.encode.statefile import hold_group_lock, read_state, state_path
 from orchestrator.encode.synthetic import SharedFragments, SyntheticStream
 from orchestrator.errors import EncoderError, ListenError, ProfileError
+from orchestrator.gcpacer import GcPacer, paced_collection
 from orchestrator.ops.listener import serve_listener
 from orchestrator.ops.metrics import Metrics
 from orchestrator.ops.openfiles import ensure_open_files, files_needed
@@ -352,26 +354,33 @@ async def _run_groups(
     view = StatusView(running, interval=float(profile.presentation.fragment_duration), mode=options.status)
     log.info("supervisor.started profile=%s groups=%s streams=%d publishers=%d", profile.presentation.name,
              ",".join(plan.groups), len(profile.streams), len(publishers))  # fmt: skip
-    async with trio.open_nursery() as publishers_nursery:
-        for publisher in publishers:
-            publishers_nursery.start_soon(publisher.run)
-        publishers_nursery.start_soon(view.run)
-        async with trio.open_nursery() as encoders_nursery:
-            for encoder in encoders:
-                encoders_nursery.start_soon(encoder.run)
-            task_status.started(running)
-            await running.stop.wait()
-            deadline = trio.current_time() + options.shutdown_grace
-            log.info("supervisor.stopping grace_seconds=%g", options.shutdown_grace)
-            # Finish the fragment in flight, but leave the publishers at least a third of the grace.
-            async with trio.open_nursery() as finishing:
-                for encoder in encoders:
-                    finishing.start_soon(encoder.finish, options.shutdown_grace * 2 / 3)
-            encoders_nursery.cancel_scope.deadline = trio.current_time() + 1.0
-        for publisher in publishers:
-            publisher.outbox.close()
-        view.stop()
-        publishers_nursery.cancel_scope.deadline = deadline
+    # Garbage is collected in the quiet middle of each fragment duration, not in the bursts at
+    # its boundaries (see orchestrator.gcpacer); what was built above is frozen, never walked again.
+    pacer = GcPacer(profile.presentation.epoch_ns, profile.presentation.fragment_duration, wall)
+    with paced_collection():
+        async with trio.open_nursery() as pacing:
+            pacing.start_soon(pacer.run)
+            async with trio.open_nursery() as publishers_nursery:
+                for publisher in publishers:
+                    publishers_nursery.start_soon(publisher.run)
+                publishers_nursery.start_soon(view.run)
+                async with trio.open_nursery() as encoders_nursery:
+                    for encoder in encoders:
+                        encoders_nursery.start_soon(encoder.run)
+                    task_status.started(running)
+                    await running.stop.wait()
+                    deadline = trio.current_time() + options.shutdown_grace
+                    log.info("supervisor.stopping grace_seconds=%g", options.shutdown_grace)
+                    # Finish the fragment in flight, but leave the publishers at least a third of the grace.
+                    async with trio.open_nursery() as finishing:
+                        for encoder in encoders:
+                            finishing.start_soon(encoder.finish, options.shutdown_grace * 2 / 3)
+                    encoders_nursery.cancel_scope.deadline = trio.current_time() + 1.0
+                for publisher in publishers:
+                    publisher.outbox.close()
+                view.stop()
+                publishers_nursery.cancel_scope.deadline = deadline
+            pacing.cancel_scope.cancel()
 
 
 async def _stop_after(seconds: float, stop: trio.Event) -> None:

@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "orchestrator"
 
 CORE_MODULES = {"clock", "errors", "profile", "wallclock", "__init__"}
-APP_MODULES = {"cli", "supervisor", "__main__"}
+APP_MODULES = {"cli", "supervisor", "__main__", "gcpacer"}
 
 # Which area may import which (besides itself). Anything not listed is a layering violation.
 MAY_IMPORT: dict[str, set[str]] = {

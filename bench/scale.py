@@ -278,15 +278,41 @@ def throughput(count: int, megabytes: float) -> dict[str, float]:
 
 
 def run_ingest(n: int, window: float, tmp: Path) -> dict[str, float]:
+    """``up`` with ``n`` streams (4n POSTs) into one ``orchestrator ingest``; its CPU, RSS and
+    archive rate over ``window`` seconds once every POST is open, and its POSTs active at both
+    ends of the window, read while ``up`` still runs.
+
+    If not every POST is open within ``MAX_START`` seconds it measures what is, and says so.
+    Raises SystemExit if ``up`` exits, or ``/status`` does not answer 200 within 60 s, before
+    the window ends: then no figure would mean what it says. (The first version of this function
+    measured a server capped at 512 connections, which refused 3,488 of the 4,000 POSTs over and
+    over; waited the whole ``MAX_START`` for a count it could not reach; and read its last
+    ``/status`` after ``up`` had reached its ``--duration`` and ended every POST: "POSTs active 0".)
+    """
+    posts = 4 * n
     port = free_port()
     archive = tmp / "archive"
-    ingest = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "--log-level", "warning", "ingest", "--listen", f"127.0.0.1:{port}",
-         "--archive", str(archive)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=(tmp / "ingest.log").open("w"),
-        preexec_fn=raise_nofile, text=True)  # fmt: skip
+    # One connection per POST, plus this function's /status reads and POSTs reopening while the
+    # connection of the one they replace is still closing.
+    max_connections = posts + max(32, posts // 20)
+    with (tmp / "ingest.log").open("w") as ingest_log:  # the child keeps its own descriptor
+        ingest = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "--log-level", "warning", "ingest", "--listen",
+             f"127.0.0.1:{port}", "--archive", str(archive), "--max-connections", str(max_connections)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=ingest_log, preexec_fn=raise_nofile,
+            text=True)  # fmt: skip
+    status_url = f"http://127.0.0.1:{port}/status"
+
+    def status() -> dict:
+        try:
+            response = httpx.get(status_url, timeout=60)
+        except httpx.TimeoutException:
+            raise SystemExit(f"GET {status_url} had no answer within 60 s: the ingest server is overloaded") from None
+        if response.status_code != 200:
+            raise SystemExit(f"GET {status_url} answered {response.status_code}: {response.text.strip()!r}")
+        return response.json()
+
     try:
-        status_url = f"http://127.0.0.1:{port}/status"
         for _ in range(100):
             try:
                 httpx.get(status_url, timeout=5)
@@ -296,34 +322,70 @@ def run_ingest(n: int, window: float, tmp: Path) -> dict[str, float]:
         profile_path = tmp / f"ingest-{n}.toml"
         base = f"http://127.0.0.1:{port}"
         write_profile(profile_path, n, [f"{base}/e0/scale.isml", f"{base}/e1/scale.isml"])
-        up = start_up(profile_path, MAX_START + window + 10, tmp / "up-ingest.log")
+        profile = load_profile(profile_path)
+        clock: TrackClock = profile.track_clock(profile.streams[0].tracks[0])  # every stream has the same clock
+        up_log = tmp / "up-ingest.log"
+        # up stops by itself (--duration) only as a last resort: it is stopped below, after the last reading.
+        up = start_up(profile_path, MAX_START + window + 120, up_log)
+
+        def check_up(when: str) -> None:
+            if up.poll() is not None:
+                raise SystemExit(f"up exited ({up.returncode}) {when}; see {up_log}:\n{up_log.read_text()[-2000:]}")
+
         try:
-            started = time.monotonic()
-            while httpx.get(status_url, timeout=60).json()["posts"]["active"] < 4 * n:
-                if up.poll() is not None or time.monotonic() - started > MAX_START:
+            started, open_s, most = time.monotonic(), float("nan"), 0
+            while time.monotonic() - started < MAX_START:  # until every POST is open; else measure what is
+                most = max(most, status()["posts"]["active"])
+                if most >= posts:
+                    open_s = time.monotonic() - started
                     break
+                check_up("before every POST was open")
                 time.sleep(1.0)
             time.sleep(2 * FRAGMENT_SECONDS)
             t0, cpu0 = time.monotonic(), cpu_seconds(ingest.pid)
-            status0 = httpx.get(status_url, timeout=60).json()
+            status0 = status()
             time.sleep(window)
             t1, cpu1, rss = time.monotonic(), cpu_seconds(ingest.pid), rss_bytes(ingest.pid)
-            status1 = httpx.get(status_url, timeout=60).json()
+            read_ns = time.time_ns()
+            status1 = status()
+            check_up("before the end of the window: its POSTs ended and the figures count them")
         finally:
             stop(up)
     finally:
         stop(ingest)
 
-    def archived(status: dict) -> int:
-        return sum(t["fragments_archived"] for p in status["publishing_points"].values()
-                   for s in p["streams"].values() for t in s["tracks"].values())  # fmt: skip
+    def tracks(status: dict) -> list[dict]:
+        return [t for p in status["publishing_points"].values() for s in p["streams"].values()
+                for t in s["tracks"].values()]  # fmt: skip
 
+    def archived(status: dict) -> int:
+        return sum(t["fragments_archived"] for t in tracks(status))
+
+    # How far each track's archive is behind the shared clock when the window ended: the time from
+    # the end of its newest archived fragment to the last reading. 2 s (a fragment duration) plus
+    # the push delay for a server that keeps up.
+    lag = sorted((read_ns - clock.end_ns(clock.index_of_tick(t["last_timestamp"]))) / NS_PER_SECOND
+                 for t in tracks(status1) if t["last_timestamp"] is not None)  # fmt: skip
     seconds = t1 - t0
-    return {
-        "n": n, "posts_active": status1["posts"]["active"], "cpu_pct": 100 * (cpu1 - cpu0) / seconds,
-        "rss_mb": rss / 1e6, "archived_per_s": (archived(status1) - archived(status0)) / seconds,
+    result = {
+        "n": n, "posts_active": status1["posts"]["active"], "posts_active_start": status0["posts"]["active"],
+        "posts_opened_in_window": status1["posts"]["total"] - status0["posts"]["total"], "open_s": open_s,
+        "posts_active_most": most,
+        "max_connections": status1["connections"]["max_connections"],
+        "refusals": sum(status1["refusals"].values()) + status1["connections"]["refused"],
+        "cpu_pct": 100 * (cpu1 - cpu0) / seconds, "rss_mb": rss / 1e6,
+        "archived_per_s": (archived(status1) - archived(status0)) / seconds,
         "expected_per_s": 2 * n / FRAGMENT_SECONDS,  # two publishing points, one copy of each fragment each
+        "tracks": len(lag), "lag_p50_s": lag[len(lag) // 2] if lag else float("nan"),
+        "lag_max_s": lag[-1] if lag else float("nan"),
     }  # fmt: skip
+    opened = f"all open after {open_s:.0f} s" if most >= posts else f"at most {most} open in {MAX_START:g} s"
+    print(f"# ingest run: {posts} POSTs {opened} (cap {result['max_connections']}); "
+          f"in the window: POSTs active {result['posts_active_start']} -> {result['posts_active']}, "
+          f"{result['posts_opened_in_window']} opened, {result['refusals']} refused in all; "
+          f"archive lag behind the clock over {len(lag)} of {2 * n} tracks: median {result['lag_p50_s']:.1f} s, "
+          f"max {result['lag_max_s']:.1f} s", flush=True)  # fmt: skip
+    return result
 
 
 def main() -> None:

@@ -329,7 +329,7 @@ def parse_moov(payload: bytes) -> list[TrackHeader]:
 # --- fragments ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: built once per sample of every fragment read
 class Sample:
     """One access unit: its bytes, duration in track ticks, and whether it starts a GOP."""
 
@@ -669,28 +669,31 @@ def _parse_trun(
             raise BoxError(f"the fragment declares more than {limit} samples, over the limit (one per mdat byte, "
                            f"{MAX_SAMPLES_PER_FRAGMENT} in all)")  # fmt: skip
         sample_budget[0] -= count
+        # The whole sample table in one unpack (its size was checked above), then one column per
+        # field the flags carry, in table order; the default where they carry none.
+        fields = [(bit, code) for bit, code in ((TRUN_SAMPLE_DURATION, "I"), (TRUN_SAMPLE_SIZE, "I"),
+                  (TRUN_SAMPLE_FLAGS, "I"), (TRUN_SAMPLE_COMPOSITION_TIME_OFFSET, "i" if version == 1 else "I"))
+                  if flags & bit]  # fmt: skip
+        width = len(fields)
+        table = struct.unpack_from(">" + "".join(code for _, code in fields) * count, trun, pos) if width else ()
+        columns = {bit: table[n::width] for n, (bit, _) in enumerate(fields)}
+        durations = columns.get(TRUN_SAMPLE_DURATION) or [default_duration] * count
+        sizes = columns.get(TRUN_SAMPLE_SIZE) or [default_size] * count
+        offsets = columns.get(TRUN_SAMPLE_COMPOSITION_TIME_OFFSET) or [0] * count
+        sample_flags: Sequence[int] | None = columns.get(TRUN_SAMPLE_FLAGS)
+        if sample_flags is None:
+            sample_flags = [default_flags] * count
+            if first_flags is not None and count:
+                sample_flags = [first_flags, *sample_flags[1:]]
+        low, high = mdat_span
         samples = []
         for i in range(count):
-            duration, size, sample_flags, cto = default_duration, default_size, default_flags, 0
-            if flags & TRUN_SAMPLE_DURATION:
-                (duration,) = struct.unpack_from(">I", trun, pos)
-                pos += 4
-            if flags & TRUN_SAMPLE_SIZE:
-                (size,) = struct.unpack_from(">I", trun, pos)
-                pos += 4
-            if flags & TRUN_SAMPLE_FLAGS:
-                (sample_flags,) = struct.unpack_from(">I", trun, pos)
-                pos += 4
-            elif i == 0 and first_flags is not None:
-                sample_flags = first_flags
-            if flags & TRUN_SAMPLE_COMPOSITION_TIME_OFFSET:
-                (cto,) = struct.unpack_from(">i" if version == 1 else ">I", trun, pos)
-                pos += 4
-                if cto > 0x7FFFFFFF:  # only version 0 is unsigned; no writer can carry it on as signed
-                    raise BoxError(f"trun sample {i} has composition offset {cto}, over the limit of {0x7FFFFFFF}")
-            if position < mdat_span[0] or position + size > mdat_span[1]:
+            size, cto = sizes[i], offsets[i]
+            if cto > 0x7FFFFFFF:  # only version 0 is unsigned; no writer can carry it on as signed
+                raise BoxError(f"trun sample {i} has composition offset {cto}, over the limit of {0x7FFFFFFF}")
+            if position < low or position + size > high:
                 raise BoxError(f"trun sample {i} ({size} bytes at {position}) lies outside the mdat")
-            samples.append(Sample(data[position : position + size], duration, _is_sync(sample_flags), cto))
+            samples.append(Sample(data[position : position + size], durations[i], _is_sync(sample_flags[i]), cto))
             position += size
     except struct.error:
         raise BoxError("trun is truncated") from None

@@ -441,12 +441,13 @@ class PublishingPoint:
         self.probes = 0
         self.memory_budget = memory_budget
         self._reserved: dict[int, int] = {}  # post id -> bytes reserved
+        self._reserved_total = 0  # sum(self._reserved.values()), kept as it changes: read for every chunk
         self.memory_refusals = 0
 
     @property
     def memory_reserved(self) -> int:
         """Bytes reserved by all open POSTs, never above ``memory_budget``."""
-        return sum(self._reserved.values())
+        return self._reserved_total
 
     def record_probe(self) -> None:
         """An empty-body POST (the encoder's probe, spec 4 requirement 1)."""
@@ -489,15 +490,19 @@ class PublishingPoint:
         return out
 
     def _reserve(self, post_id: int, size: int) -> None:
-        others = self.memory_reserved - self._reserved.get(post_id, 0)
+        others = self._reserved_total - self._reserved.get(post_id, 0)
         if others + size > self.memory_budget:
             self.memory_refusals += 1
-            self._reserved.pop(post_id, None)
+            self._release(post_id)
             raise IngestOverloaded(
                 f"this POST needs {size} bytes in memory and other POSTs hold {others}: over the ingest "
                 f"memory budget of {self.memory_budget} bytes; retry later"
             )
         self._reserved[post_id] = size
+        self._reserved_total = others + size
+
+    def _release(self, post_id: int) -> None:
+        self._reserved_total -= self._reserved.pop(post_id, 0)
 
     def _on_header(self, path: StreamPath, stream: _Stream, header: Header) -> tuple[dict[int, _Track], list[str]]:
         """The tracks a POST with ``header`` writes to, and notices. Computes everything before it
@@ -588,7 +593,7 @@ class PublishingPoint:
         return out
 
     def _close(self, record: _PostRecord, now: float, status: PostStatus, reason: str | None) -> None:
-        self._reserved.pop(record.id, None)
+        self._release(record.id)
         if record.status != "active":
             return
         record.ended, record.status, record.reason = now, status, reason

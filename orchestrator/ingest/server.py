@@ -69,35 +69,41 @@ class ArchiveFiles:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._files: dict[Path, BinaryIO] = {}
+        # Open files by their path relative to the root (ArchiveWrite.path), with the file's size:
+        # the size is where a failed write is cut back to, kept here so that a fragment costs
+        # one write system call and no seek.
+        self._files: dict[tuple[str, ...], tuple[Path, BinaryIO, list[int]]] = {}
         self._ours: set[Path] = set()  # files this run started: an init rewrites them, never moves them aside
 
     def write(self, write: ArchiveWrite) -> None:
         """Raises OSError if the file cannot be written."""
-        path = self.root.joinpath(*write.path)
-        file = self._files.get(path)
-        if file is None or write.new_file:
-            if file is not None:
-                file.close()
+        entry = self._files.get(write.path)
+        if entry is None or write.new_file:
+            if entry is not None:
+                self._files.pop(write.path)
+                entry[1].close()
+            path = self.root.joinpath(*write.path)
             # The receiver only hands out safe names; this is the second lock on the door.
             if not path.resolve().is_relative_to(self.root.resolve()):
                 raise OSError(f"{path} is outside the archive {self.root}")
             path.parent.mkdir(parents=True, exist_ok=True)
             if write.new_file and path not in self._ours and path.exists():
                 _move_aside(path)
-            file = self._files[path] = path.open("wb" if write.new_file else "ab")
+            opened: BinaryIO = path.open("wb" if write.new_file else "ab")
+            entry = self._files[write.path] = (path, opened, [opened.tell()])
             self._ours.add(path)
-        start = file.tell()
+        path, file, size = entry
         try:
             file.write(write.data)
             file.flush()
         except OSError:
-            self._cut_back(path, file, start)
+            self._cut_back(write.path, size[0])
             raise
+        size[0] += len(write.data)
 
-    def _cut_back(self, path: Path, file: BinaryIO, size: int) -> None:
+    def _cut_back(self, key: tuple[str, ...], size: int) -> None:
         """After a failed write: drop what the failed write left (buffered or on disk)."""
-        self._files.pop(path, None)
+        path, file, _ = self._files.pop(key)
         with contextlib.suppress(OSError):  # the buffered bytes fail again: they are cut off below
             file.close()
         try:
@@ -106,7 +112,7 @@ class ArchiveFiles:
             logger.error("ingest.archive.cut_back_failed file=%s size=%d error=%s", path, size, exc.strerror)
 
     def close(self) -> None:
-        for file in self._files.values():
+        for _, file, _ in self._files.values():
             file.close()
         self._files.clear()
 
@@ -210,29 +216,31 @@ class IngestApp:
         reason: str | None = "server error"
         answer: tuple[int, str] | None = None
         try:
-            while True:
-                message = None
-                with trio.move_on_after(self.body_timeout):
+            # One cancel scope for the whole body, its deadline moved on at every message (a scope
+            # per receive() cost more than the rest of the loop). Only receive() waits in here, so
+            # the deadline can only cancel that wait.
+            with trio.CancelScope() as waiting:
+                while True:
+                    waiting.deadline = trio.current_time() + self.body_timeout
                     message = await receive()
-                if message is None:
-                    status, reason = "error", f"no body bytes for {self.body_timeout:g} s (the body timeout)"
-                    answer = (408, f"{reason}\n")
-                    break
-                if message["type"] != "http.request":
-                    status, reason = "disconnected", "the client went away mid-body"
-                    break
-                if message["body"]:
-                    post.feed(message["body"])
-                    while (decision := post.next_decision()) is not NEED_DATA:
-                        self._apply(decision)
-                        if decision.outcome == "archived":
-                            post.written(decision)
-                    for notice in post.take_notices():
-                        logger.warning("%s post=%d", notice, post.id)
-                if not message.get("more_body", False):
-                    post.end_of_body()
-                    status, reason, answer = "ok", None, (200, "")
-                    break
+                    if message["type"] != "http.request":
+                        status, reason = "disconnected", "the client went away mid-body"
+                        break
+                    if message["body"]:
+                        post.feed(message["body"])
+                        while (decision := post.next_decision()) is not NEED_DATA:
+                            self._apply(decision)
+                            if decision.outcome == "archived":
+                                post.written(decision)
+                        for notice in post.take_notices():
+                            logger.warning("%s post=%d", notice, post.id)
+                    if not message.get("more_body", False):
+                        post.end_of_body()
+                        status, reason, answer = "ok", None, (200, "")
+                        break
+            if waiting.cancelled_caught:
+                status, reason = "error", f"no body bytes for {self.body_timeout:g} s (the body timeout)"
+                answer = (408, f"{reason}\n")
         except MediaError as exc:
             status, reason = "error", str(exc)
             answer = (400, f"{exc}\n")

@@ -23,6 +23,7 @@ from orchestrator.fmp4.boxes import (
     ParsedTraf,
     Sample,
     Tfxd,
+    TrackDefaults,
     TrackHeader,
     TrackRun,
     box,
@@ -358,6 +359,32 @@ def test_parse_fragment_with_defaults_and_implicit_offsets() -> None:
     assert data[100:] == b"xxyy"
     parsed = parse_fragment(data)
     assert parsed.trafs == (ParsedTraf(3, None, (Sample(b"xx", 1024), Sample(b"yy", 1024)), None),)
+
+
+def test_parse_fragment_first_sample_flags_over_default_flags() -> None:
+    # tfhd flags 0x000020: default-sample-flags 0x00010000 (not a sync sample). trun flags 0x000205:
+    # data_offset, first-sample-flags 0 (sync) and a size per sample, so the first sample takes
+    # the first-sample flags and the others the default; durations come from trex (8.8.3).
+    tfhd = full_box(b"tfhd", 0, 0x000020, h("00000001"), h("00010000"))  # 20 bytes
+    trun = full_box(b"trun", 0, 0x000205, h("00000003"), h("00000060"), h("00000000"),
+                    h("00000001"), h("00000002"), h("00000003"))  # fmt: skip  # 36 bytes
+    data = fragment_with(box(b"traf", tfhd, trun), b"abbccc")
+    assert data[96:] == b"abbccc"  # moof 8 + mfhd 16 + traf 8 + 20 + 36, mdat header 8
+    parsed = parse_fragment(data, defaults={1: TrackDefaults(sample_duration=512)})
+    samples = parsed.trafs[0].samples
+    assert samples == (Sample(b"a", 512, True), Sample(b"bb", 512, False), Sample(b"ccc", 512, False))
+
+
+def test_parse_fragment_per_sample_columns() -> None:
+    # trun version 0, flags 0x000f01: duration, size, flags and an unsigned composition offset per
+    # sample, interleaved in that order in the table (8.8.8).
+    trun = full_box(b"trun", 0, 0x000F01, h("00000002"), h("0000006c"),
+                    h("00000010 00000001 00010000 00000007"),
+                    h("00000020 00000002 00000000 7fffffff"))  # fmt: skip  # 52 bytes
+    tfhd = full_box(b"tfhd", 0, 0, h("00000001"))  # 16 bytes
+    data = fragment_with(box(b"traf", tfhd, trun), b"xyz")
+    assert data[108:] == b"xyz"  # moof 8 + mfhd 16 + traf 8 + 16 + 52, mdat header 8
+    assert parse_fragment(data).trafs[0].samples == (Sample(b"x", 16, False, 7), Sample(b"yz", 32, True, 0x7FFFFFFF))
 
 
 @pytest.mark.parametrize(

@@ -219,6 +219,8 @@ async def run_scenario(api: httpx.AsyncClient, proxies: dict[str, FaultProxy], u
             response = await api.get("/api/v1/query", params={"query": expr})
         except httpx.TransportError:
             return []
+        if response.status_code == 503:  # still starting: Prometheus answers plain text until it is ready
+            return []
         body = response.json()
         assert body["status"] == "success", f"{expr}: {body}"
         return body["data"]["result"]

@@ -56,6 +56,7 @@ import httpx
 import trio
 
 from orchestrator.clock import NS_PER_SECOND, TrackClock
+from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.ops.metrics import Metrics
@@ -94,6 +95,11 @@ def raise_nofile() -> None:
     """For the sink and the ingest server (run as preexec_fn): one descriptor per POST."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def archive_bytes(root: Path) -> int:
+    """Bytes in the files under ``root`` (the ingest server's archive)."""
+    return sum(path.stat().st_size for path in root.rglob("*") if path.is_file())
 
 
 def cpu_seconds(pid: int) -> float:
@@ -316,6 +322,13 @@ def run_ingest(n: int, window: float, tmp: Path) -> dict[str, float]:
             raise SystemExit(f"GET {status_url} answered {response.status_code}: {response.text.strip()!r}")
         return response.json()
 
+    def status_or_none() -> dict | None:
+        try:
+            return status()
+        except SystemExit as exc:
+            print(f"# ingest run: {exc}", flush=True)
+            return None
+
     try:
         for _ in range(100):
             try:
@@ -349,11 +362,18 @@ def run_ingest(n: int, window: float, tmp: Path) -> dict[str, float]:
             time.sleep(2 * FRAGMENT_SECONDS)
             # CPU over [t0, t1]; the archive counters over the two readings, timed when the answer
             # came (the server takes its snapshot when it gets to the request, the wait is before).
-            t0, cpu0 = time.monotonic(), cpu_seconds(ingest.pid)
-            status0, read0 = status(), time.monotonic()
+            # A server that cannot keep up may not answer /status in time: then the archive's size on
+            # disk says how much it wrote (CPU and RSS come from /proc either way).
+            t0, cpu0, bytes0 = time.monotonic(), cpu_seconds(ingest.pid), archive_bytes(archive)
+            status0, read0 = status_or_none(), time.monotonic()
             time.sleep(max(0.0, window - (read0 - t0)))
-            t1, cpu1, rss = time.monotonic(), cpu_seconds(ingest.pid), rss_bytes(ingest.pid)
-            status1, read1, read_ns = status(), time.monotonic(), time.time_ns()
+            t1, cpu1, rss, bytes1 = (
+                time.monotonic(),
+                cpu_seconds(ingest.pid),
+                rss_bytes(ingest.pid),
+                archive_bytes(archive),
+            )
+            status1, read1, read_ns = status_or_none(), time.monotonic(), time.time_ns()
             check_up("before the end of the window: its POSTs ended and the figures count them")
         finally:
             stop(up)
@@ -370,22 +390,34 @@ def run_ingest(n: int, window: float, tmp: Path) -> dict[str, float]:
     # How far each track's archive is behind the shared clock when the window ended: the time from
     # the end of its newest archived fragment to the last reading. 2 s (a fragment duration) plus
     # the push delay for a server that keeps up.
+    seconds = t1 - t0
+    fragment_bytes = sum(len(f.data) for f in SyntheticStream(profile, profile.streams[0]).fragment(0))
+    result: dict = {
+        "n": n, "open_s": open_s, "posts_active_most": most, "cpu_pct": 100 * (cpu1 - cpu0) / seconds,
+        "rss_mb": rss / 1e6, "expected_per_s": 2 * n / FRAGMENT_SECONDS,  # two publishing points, one copy each
+        "written_per_s": (bytes1 - bytes0) / seconds / fragment_bytes,  # from the archive's size on disk
+        "posts_active": None, "archived_per_s": None,
+    }  # fmt: skip
+    if status0 is None or status1 is None:
+        print(f"# ingest run: {posts} POSTs, at most {most} seen open; /status did not answer in the window, "
+              f"so the archive rate is from its size on disk: {result['written_per_s']:.0f} fragments/s",
+              flush=True)  # fmt: skip
+        return result
+    # How far each track's archive is behind the shared clock when the window ended: the time from
+    # the end of its newest archived fragment to the last reading. 2 s (a fragment duration) plus
+    # the push delay for a server that keeps up.
     lag = sorted((read_ns - clock.end_ns(clock.index_of_tick(t["last_timestamp"]))) / NS_PER_SECOND
                  for t in tracks(status1) if t["last_timestamp"] is not None)  # fmt: skip
-    seconds = t1 - t0
-    result = {
-        "n": n, "posts_active": status1["posts"]["active"], "posts_active_start": status0["posts"]["active"],
-        "posts_opened_in_window": status1["posts"]["total"] - status0["posts"]["total"], "open_s": open_s,
-        "posts_active_most": most,
+    result.update({
+        "posts_active": status1["posts"]["active"], "posts_active_start": status0["posts"]["active"],
+        "posts_opened_in_window": status1["posts"]["total"] - status0["posts"]["total"],
         "max_connections": status1["connections"]["max_connections"],
         "refusals": sum(status1["refusals"].values()) + status1["connections"]["refused"],
-        "cpu_pct": 100 * (cpu1 - cpu0) / seconds, "rss_mb": rss / 1e6,
         "archived_per_s": (archived(status1) - archived(status0)) / (read1 - read0),
         "status_s": read1 - t1,
-        "expected_per_s": 2 * n / FRAGMENT_SECONDS,  # two publishing points, one copy of each fragment each
         "tracks": len(lag), "lag_p50_s": lag[len(lag) // 2] if lag else float("nan"),
         "lag_max_s": lag[-1] if lag else float("nan"),
-    }  # fmt: skip
+    })  # fmt: skip
     opened = f"all open after {open_s:.0f} s" if most >= posts else f"at most {most} open in {MAX_START:g} s"
     print(f"# ingest run: {posts} POSTs {opened} (cap {result['max_connections']}); "
           f"in the window: POSTs active {result['posts_active_start']} -> {result['posts_active']}, "
@@ -427,10 +459,12 @@ def main() -> None:
                   f"Mbit/s, ratio {t['ratio']:.2f}", flush=True)  # fmt: skip
         if args.ingest_n:
             g = run_ingest(args.ingest_n, args.window, tmp)
+            active = "?" if g["posts_active"] is None else g["posts_active"]
+            rate = g["written_per_s"] if g["archived_per_s"] is None else g["archived_per_s"]
             print(f"\ningest server, {g['n']} streams ({4 * g['n']} POSTs) from `up`: "
-                  f"POSTs active {g['posts_active']}, "
+                  f"POSTs active {active}, "
                   f"CPU {g['cpu_pct']:.1f} % of one core, RSS {g['rss_mb']:.0f} MB, fragments archived "
-                  f"{g['archived_per_s']:.0f}/s of {g['expected_per_s']:.0f}/s expected", flush=True)  # fmt: skip
+                  f"{rate:.0f}/s of {g['expected_per_s']:.0f}/s expected", flush=True)  # fmt: skip
     print(f"\n# load after: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
 
 

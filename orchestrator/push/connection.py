@@ -46,6 +46,8 @@ RECEIVE_SIZE = 16 * 1024
 # The most of a response we read: a status line, headers and a short body. A server that sends
 # more is answered by closing the connection (we never need a response's body).
 MAX_RESPONSE_BYTES = 64 * 1024
+# What a failed socket or TLS operation raises: turned into an EndpointError by transport_error.
+TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,7 @@ class Connector:
         except BaseException as exc:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
-            if isinstance(exc, (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)):
+            if isinstance(exc, TRANSPORT_ERRORS):
                 raise transport_error(target.url, exc) from exc
             raise
 
@@ -179,7 +181,7 @@ class HttpConnection:
         with trio.move_on_after(within):
             try:
                 await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+            except TRANSPORT_ERRORS as exc:
                 raise transport_error(self.target.url, exc) from exc
             return
         raise EndpointError(self.target.url, f"timed out (write, {within:g} s)")
@@ -201,7 +203,7 @@ class HttpConnection:
             if event is h11.NEED_DATA:
                 try:
                     data = await self._stream.receive_some(RECEIVE_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError) as exc:
+                except TRANSPORT_ERRORS as exc:
                     raise transport_error(self.target.url, exc) from exc
                 received += len(data)
                 if received > MAX_RESPONSE_BYTES:

@@ -27,20 +27,19 @@ class EndpointOutbox:
 
     def push(self, fragment: EncodedFragment) -> list[EncodedFragment]:
         dropped = self.outbox.push(fragment)
-        self._changed.set()
+        self.wake()
         return dropped
 
     def close(self) -> None:
         self.outbox.close()
-        self._changed.set()
+        self.wake()
 
     async def wait_for_work(self) -> bool:
         """Wait until a fragment is pending (True) or the outbox is finished (False)."""
         while not len(self.outbox):
             if self.outbox.finished:
                 return False
-            self._changed = trio.Event()
-            await self._changed.wait()
+            await self.wait_for_change()
         return True
 
     async def wait_for_change(self) -> None:

@@ -112,7 +112,7 @@ class Publisher:
         # timeouts and a slow start). The POST's own connect follows its probe.
         self.connect_slots = connect_slots
         # Shared too: one task that notices idle POSTs for all publishers (without one, each POST
-        # runs its own timer).
+        # runs a sweeper of its own).
         self.idle_sweeper = idle_sweeper
         labels = (stream_id, group, endpoint.name, endpoint.region)
         self.state = PublisherState(group, stream_id, endpoint.name, endpoint.region, since_wall=time.time())
@@ -235,14 +235,15 @@ class Publisher:
         self._answered = trio.Event()
         connection = await self._connect()
         failed: EndpointError | None = None
+        # up shares one sweeper among its publishers; a publisher on its own runs one for itself.
+        sweeper = self.idle_sweeper or IdleSweeper()
         try:
             self._idle_at = trio.current_time() + self.settings.idle_timeout
-            if self.idle_sweeper is not None:
-                self.idle_sweeper.watch(self)
+            sweeper.watch(self)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_answer, connection)
-                if self.idle_sweeper is None:
-                    nursery.start_soon(self._watch_idle)
+                if sweeper is not self.idle_sweeper:
+                    nursery.start_soon(sweeper.run)
                 try:
                     await self._send_body(connection, header, self.header.version)
                 except EndpointError as exc:
@@ -252,8 +253,7 @@ class Publisher:
                         await self._answered.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            if self.idle_sweeper is not None:
-                self.idle_sweeper.unwatch(self)
+            sweeper.unwatch(self)
             await connection.aclose()
         answer = self._answer
         if isinstance(answer, Response):
@@ -314,7 +314,7 @@ class Publisher:
 
     async def _next_fragment(self) -> Taken | Literal["idle"] | None:
         """The next fragment for the open POST; None once the outbox is closed and drained;
-        "idle" once ``idle_timeout`` passed with nothing to send (see :meth:`_watch_idle`). An
+        "idle" once ``idle_timeout`` passed with nothing to send (see :class:`IdleSweeper`). An
         EndpointError if :meth:`_read_answer` saw the server answer or close the connection:
         then the POST ends at once.
 
@@ -335,18 +335,6 @@ class Publisher:
                 return "idle"
             await outbox.wait_for_change()
             self._waited = True
-
-    async def _watch_idle(self) -> None:
-        """For the life of the POST, without an :class:`IdleSweeper`: when ``idle_timeout`` has
-        passed since the last fragment was taken (``_idle_at``), wake :meth:`_next_fragment`,
-        which then ends the POST. One timer per idle period, not one per fragment.
-
-        Cancellation: returns; nothing to clean up (the POST's nursery cancels it when it ends)."""
-        while True:
-            await trio.sleep_until(self._idle_at)
-            if trio.current_time() >= self._idle_at:
-                self.outbox.wake()
-                return
 
     def _on_pushed(self, item: Taken) -> None:
         fragment, m = item.fragment, self._m

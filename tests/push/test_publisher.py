@@ -283,13 +283,13 @@ async def test_publisher_connections_carry_tcp_user_timeout_equal_to_the_send_ti
     assert recorder.requests[0]["path"] == "/x"
 
 
-@pytest.mark.parametrize("swept", [False, True], ids=["own-timer", "idle-sweeper"])
+@pytest.mark.parametrize("swept", [False, True], ids=["own-sweeper", "shared-sweeper"])
 async def test_a_post_with_nothing_to_send_is_ended_cleanly_and_the_next_fragment_opens_a_new_one(
         profile, caplog, swept):  # fmt: skip
     """Spec 7.6: after ``idle_timeout`` with nothing to send, the body is finished (zero-length
     chunk) and the response awaited; the next fragment opens a new probe and POST with the header.
-    Not a failure: nothing counted, nothing resent. Both with the POST's own timer and with the
-    process-wide :class:`IdleSweeper` that ``up`` uses."""
+    Not a failure: nothing counted, nothing resent. Both with the sweeper a publisher on its own
+    runs for itself and with the process-wide :class:`IdleSweeper` that ``up`` shares."""
     from orchestrator.push.publisher import IdleSweeper
 
     caplog.set_level(logging.INFO, logger="orchestrator.push.publisher")

@@ -297,9 +297,7 @@ async def _run_services(
         if options.duration is not None:
             services.start_soon(_stop_after, options.duration, running.stop)
 
-        idle_sweeper = IdleSweeper()
-        services.start_soon(idle_sweeper.run)
-        await _run_groups(plan, options, running, wall, idle_sweeper, task_status)
+        await _run_groups(plan, options, running, wall, services, task_status)
         services.cancel_scope.cancel()
 
 
@@ -308,9 +306,11 @@ async def _run_groups(
     options: UpOptions,
     running: Running,
     wall: WallClock,
-    idle_sweeper: IdleSweeper,
+    services: trio.Nursery,
     task_status: trio.TaskStatus[Running],
 ) -> None:
+    """Build the groups' publishers and encoders and run them; ``services`` runs what serves them
+    all (the idle sweeper, the garbage-collection pacer) and is cancelled by the caller after."""
     profile, metrics = plan.profile, plan.metrics
     publishers: list[Publisher] = []
     encoders: list[GroupEncoder] = []
@@ -318,6 +318,8 @@ async def _run_groups(
     ensure_open_files(files_needed(count, FILES_PER_PUBLISHER))
     connector = Connector(plan.settings.send_timeout)  # one connection per request: see orchestrator.push.connection
     connect_slots = trio.CapacityLimiter(CONCURRENT_PROBES)
+    idle_sweeper = IdleSweeper()
+    services.start_soon(idle_sweeper.run)
     for group_name in plan.groups:
         group = profile.groups[group_name]
         limits = OutboxLimits(group.max_backlog.seconds, int(group.max_backlog.bytes))
@@ -358,29 +360,27 @@ async def _run_groups(
     # its boundaries (see orchestrator.gcpacer); what was built above is frozen, never walked again.
     pacer = GcPacer(profile.presentation.epoch_ns, profile.presentation.fragment_duration, wall)
     with paced_collection():
-        async with trio.open_nursery() as pacing:
-            pacing.start_soon(pacer.run)
-            async with trio.open_nursery() as publishers_nursery:
-                for publisher in publishers:
-                    publishers_nursery.start_soon(publisher.run)
-                publishers_nursery.start_soon(view.run)
-                async with trio.open_nursery() as encoders_nursery:
+        services.start_soon(pacer.run)
+        async with trio.open_nursery() as publishers_nursery:
+            for publisher in publishers:
+                publishers_nursery.start_soon(publisher.run)
+            publishers_nursery.start_soon(view.run)
+            async with trio.open_nursery() as encoders_nursery:
+                for encoder in encoders:
+                    encoders_nursery.start_soon(encoder.run)
+                task_status.started(running)
+                await running.stop.wait()
+                deadline = trio.current_time() + options.shutdown_grace
+                log.info("supervisor.stopping grace_seconds=%g", options.shutdown_grace)
+                # Finish the fragment in flight, but leave the publishers at least a third of the grace.
+                async with trio.open_nursery() as finishing:
                     for encoder in encoders:
-                        encoders_nursery.start_soon(encoder.run)
-                    task_status.started(running)
-                    await running.stop.wait()
-                    deadline = trio.current_time() + options.shutdown_grace
-                    log.info("supervisor.stopping grace_seconds=%g", options.shutdown_grace)
-                    # Finish the fragment in flight, but leave the publishers at least a third of the grace.
-                    async with trio.open_nursery() as finishing:
-                        for encoder in encoders:
-                            finishing.start_soon(encoder.finish, options.shutdown_grace * 2 / 3)
-                    encoders_nursery.cancel_scope.deadline = trio.current_time() + 1.0
-                for publisher in publishers:
-                    publisher.outbox.close()
-                view.stop()
-                publishers_nursery.cancel_scope.deadline = deadline
-            pacing.cancel_scope.cancel()
+                        finishing.start_soon(encoder.finish, options.shutdown_grace * 2 / 3)
+                encoders_nursery.cancel_scope.deadline = trio.current_time() + 1.0
+            for publisher in publishers:
+                publisher.outbox.close()
+            view.stop()
+            publishers_nursery.cancel_scope.deadline = deadline
 
 
 async def _stop_after(seconds: float, stop: trio.Event) -> None:

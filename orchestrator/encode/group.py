@@ -34,14 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
-from prometheus_client import Counter, Gauge
 
 from orchestrator.clock import TrackClock, fragment_due_ns, live_index
 from orchestrator.encode.continuity import ClockIdentity, Continuity, Verdict, encode_state
 from orchestrator.encode.statefile import write_state
 from orchestrator.encode.synthetic import SharedFragments, SyntheticStream
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
-from orchestrator.ops.metrics import Metrics
+from orchestrator.ops.metrics import LabelledChildren, Metrics
 from orchestrator.ops.state import EncoderState, GroupState, PublisherState
 from orchestrator.profile import Profile
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
@@ -163,11 +162,8 @@ class GroupEncoder(Sink):
         self._held: list[EncodedFragment] = []
         self._flush_lock = trio.Lock()
         self.instance_pid: int | None = None  # the running instance's process, for a process backend
-        # Metric children looked up once per stream / endpoint: ``labels()`` hashes the label
-        # values and takes a lock on every call, and it ran several times per fragment.
-        self._encoded: dict[str, Counter] = {}
-        self._last_encoded: dict[str, Gauge] = {}
-        self._dropped: dict[tuple[str, str, str, str], Counter] = {}
+        # Metric children looked up once per (stream, group) / endpoint labels, not per fragment.
+        self._children: dict[tuple[str, ...], LabelledChildren] = {}
 
     # --- the sink ---------------------------------------------------------------------------
 
@@ -199,16 +195,11 @@ class GroupEncoder(Sink):
         else:
             self._held.append(fragment)  # released by _flush once the state covering it is on disk
             self._state_dirty.set()
-        encoded = self._encoded.get(stream_id)
-        if encoded is None:
-            encoded = self._encoded[stream_id] = self.metrics.fragments_encoded.labels(stream_id, self.group)
-        encoded.inc()
+        children = self._metric_children((stream_id, self.group))
+        children.fragments_encoded.inc()
         done = self.continuity.completed(stream_id)
         if done == fragment.index:  # the stream's last track for this index
-            gauge = self._last_encoded.get(stream_id)
-            if gauge is None:
-                gauge = self._last_encoded[stream_id] = self.metrics.last_encoded_index.labels(stream_id, self.group)
-            gauge.set(done)
+            children.last_encoded_index.set(done)
             state = self.states.get(stream_id)
             if state is not None:
                 state.last_index = done
@@ -217,13 +208,16 @@ class GroupEncoder(Sink):
         if self._final_index is not None and self.continuity.final_reached:
             self._final_reached.set()
 
+    def _metric_children(self, labels: tuple[str, ...]) -> LabelledChildren:
+        children = self._children.get(labels)
+        if children is None:
+            children = self._children[labels] = LabelledChildren(self.metrics, labels)
+        return children
+
     def _release(self, fragment: EncodedFragment) -> None:
         for output in self.outputs.get(fragment.stream_id, ()):
             for lost in output.outbox.push(fragment):
-                dropped = self._dropped.get(output.labels)
-                if dropped is None:
-                    dropped = self._dropped[output.labels] = self.metrics.dropped_fragments.labels(*output.labels)
-                dropped.inc()
+                self._metric_children(output.labels).dropped_fragments.inc()
                 output.publisher.dropped += 1
                 log.warning(
                     "publisher.backlog.dropped group=%s stream=%s endpoint=%s index=%d track=%d reason=backlog_full",

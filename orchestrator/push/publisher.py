@@ -51,7 +51,7 @@ from orchestrator.errors import (
     EndpointUnauthorized,
 )
 from orchestrator.fmp4.stream import StreamHeader
-from orchestrator.ops.metrics import Metrics
+from orchestrator.ops.metrics import LabelledChildren, Metrics
 from orchestrator.ops.state import PublisherState
 from orchestrator.profile import Endpoint
 from orchestrator.push.connection import Connector, HttpConnection, Response, Target
@@ -132,7 +132,7 @@ class Publisher:
         # The labelled children, each looked up once, when first used (so a series appears when
         # it first has a value, as before): at thousands of pushes a second, prometheus-client's
         # label lookups were a visible share of the CPU.
-        self._m = _LabelledChildren(metrics, labels)
+        self._m = LabelledChildren(metrics, labels)
 
     def _log_fields(self) -> str:
         return f"group={self.group} stream={self.stream_id} endpoint={self.endpoint.name}"
@@ -403,19 +403,6 @@ class IdleSweeper:
             for publisher in self._watched:
                 if now >= publisher._idle_at:
                     publisher.outbox.wake()
-
-
-class _LabelledChildren:
-    """``children.bytes_pushed`` is ``metrics.bytes_pushed.labels(*labels)``, looked up once."""
-
-    def __init__(self, metrics: Metrics, labels: tuple[str, ...]) -> None:
-        self._metrics = metrics
-        self._labels = labels
-
-    def __getattr__(self, name: str) -> Any:
-        child = getattr(self._metrics, name).labels(*self._labels)
-        setattr(self, name, child)  # found as an attribute from now on; __getattr__ is not called again
-        return child
 
 
 def _unacked_bytes(sock: Any) -> int:

@@ -349,20 +349,27 @@ class Tfxd:
     fragment_index: int | None = None
 
 
+# The fields after version and flags, per tfxd version (version 2's layout is our assumption).
+_TFXD_LAYOUTS = {0: ">II", 1: ">QQ", 2: ">QQQ"}
+
+
 def write_tfxd(tfxd: Tfxd) -> bytes:
+    return uuid_box(TFXD_UUID, struct.pack(">I", tfxd.version << 24), _tfxd_fields(tfxd))
+
+
+def _tfxd_fields(tfxd: Tfxd) -> bytes:
+    """The tfxd's fields (times, and the fragment index in version 2), checked for its version."""
     if tfxd.version == 0:
         if max(tfxd.absolute_time, tfxd.duration) > 0xFFFFFFFF:
             raise ValueError("tfxd version 0 holds 32-bit times; use version 1")
-        fields = struct.pack(">II", tfxd.absolute_time, tfxd.duration)
-    elif tfxd.version == 1:
-        fields = struct.pack(">QQ", tfxd.absolute_time, tfxd.duration)
-    elif tfxd.version == 2:
+        return struct.pack(">II", tfxd.absolute_time, tfxd.duration)
+    if tfxd.version == 1:
+        return struct.pack(">QQ", tfxd.absolute_time, tfxd.duration)
+    if tfxd.version == 2:
         if tfxd.fragment_index is None:
             raise ValueError("tfxd version 2 needs a fragment index")
-        fields = struct.pack(">QQQ", tfxd.absolute_time, tfxd.duration, tfxd.fragment_index)
-    else:
-        raise ValueError(f"unknown tfxd version {tfxd.version}")
-    return uuid_box(TFXD_UUID, struct.pack(">I", tfxd.version << 24), fields)
+        return struct.pack(">QQQ", tfxd.absolute_time, tfxd.duration, tfxd.fragment_index)
+    raise ValueError(f"unknown tfxd version {tfxd.version}")
 
 
 def parse_tfxd(payload: bytes) -> Tfxd:
@@ -371,10 +378,9 @@ def parse_tfxd(payload: bytes) -> Tfxd:
         raise BoxError("uuid box is not a tfxd")
     version, _ = _version_flags(payload[16:], "tfxd")
     body = payload[20:]
-    layouts = {0: ">II", 1: ">QQ", 2: ">QQQ"}
-    if version not in layouts:
+    if version not in _TFXD_LAYOUTS:
         raise BoxError(f"tfxd version {version} is unknown")
-    layout = layouts[version]
+    layout = _TFXD_LAYOUTS[version]
     if len(body) < struct.calcsize(layout):
         raise BoxError(f"tfxd version {version} is truncated")
     values = struct.unpack_from(layout, body)
@@ -449,7 +455,6 @@ def write_fragment(sequence_number: int, runs: Sequence[TrackRun], tfxd_version:
 _MFHD_SEQUENCE_AT = 8 + 12
 _TFHD_TRACK_ID_AT = 8 + 16 + 8 + 12
 _TFDT_TIME_AT = 8 + 16 + 8 + 16 + 12
-_TFXD_FIELDS = {0: ">II", 1: ">QQ", 2: ">QQQ"}
 
 
 class FragmentTemplate:
@@ -475,7 +480,7 @@ class FragmentTemplate:
         self._moof = data[:moof_size]
         self._mdat = data[moof_size:]
         # The tfxd (the traf's last box, and the traf the moof's last) ends with its fields.
-        self._tfxd_at = moof_size - struct.calcsize(_TFXD_FIELDS[tfxd_version])
+        self._tfxd_at = moof_size - struct.calcsize(_TFXD_LAYOUTS[tfxd_version])
 
     def render(self, index: int, track_id: int, base_time: int) -> bytes:
         """The fragment with sequence number (and tfxd v2 fragment index) ``index``, track
@@ -486,15 +491,7 @@ class FragmentTemplate:
         struct.pack_into(">I", moof, _MFHD_SEQUENCE_AT, index)
         struct.pack_into(">I", moof, _TFHD_TRACK_ID_AT, track_id)
         struct.pack_into(">Q", moof, _TFDT_TIME_AT, base_time)
-        version = self.tfxd_version
-        if version == 1:
-            struct.pack_into(">QQ", moof, self._tfxd_at, base_time, self.duration)
-        elif version == 2:
-            struct.pack_into(">QQQ", moof, self._tfxd_at, base_time, self.duration, index)
-        else:
-            if max(base_time, self.duration) > 0xFFFFFFFF:
-                raise ValueError("tfxd version 0 holds 32-bit times; use version 1")
-            struct.pack_into(">II", moof, self._tfxd_at, base_time, self.duration)
+        moof[self._tfxd_at :] = _tfxd_fields(Tfxd(self.tfxd_version, base_time, self.duration, index))
         return b"".join((moof, self._mdat))
 
 

@@ -140,10 +140,11 @@ def stop(process: subprocess.Popen[str]) -> None:
 
 
 def start_up(profile: Path, duration: float, log: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "--log-level", "warning", "up", str(profile), "--status", "off",
-         "--duration", str(duration)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log.open("w"), text=True)  # fmt: skip
+    with log.open("w") as stderr:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "--log-level", "warning", "up", str(profile), "--status", "off",
+             "--duration", str(duration)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, text=True)  # fmt: skip
 
 
 MAX_START = 180.0  # seconds for every POST to open and the start-up backlog to drain, at most

@@ -16,12 +16,7 @@ import pytest
 
 SCALE = Path(__file__).resolve().parents[2] / "bench" / "scale.py"
 
-pytestmark = [
-    pytest.mark.integration,
-    # bench/scale.py's start_up (shared with the other runs, not changed here) hands `up` its log
-    # file and leaves the parent's copy to the garbage collector.
-    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
-]
+pytestmark = pytest.mark.integration
 
 
 def load_scale() -> ModuleType:

@@ -57,6 +57,13 @@ from orchestrator.profile import parse_listen
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class _OpenFile:
+    path: Path
+    file: BinaryIO
+    size: int  # bytes written so far: where a failed write is cut back to (no tell() or seek per fragment)
+
+
 class ArchiveFiles:
     """The open track files under one archive directory.
 
@@ -69,10 +76,9 @@ class ArchiveFiles:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        # Open files by their path relative to the root (ArchiveWrite.path), with the file's size:
-        # the size is where a failed write is cut back to, kept here so that a fragment costs
-        # one write system call and no seek.
-        self._files: dict[tuple[str, ...], tuple[Path, BinaryIO, list[int]]] = {}
+        # Open files by their path relative to the root (ArchiveWrite.path): a fragment costs one
+        # dict lookup and one write system call, no Path built and no seek.
+        self._files: dict[tuple[str, ...], _OpenFile] = {}
         self._ours: set[Path] = set()  # files this run started: an init rewrites them, never moves them aside
 
     def write(self, write: ArchiveWrite) -> None:
@@ -81,7 +87,7 @@ class ArchiveFiles:
         if entry is None or write.new_file:
             if entry is not None:
                 self._files.pop(write.path)
-                entry[1].close()
+                entry.file.close()
             path = self.root.joinpath(*write.path)
             # The receiver only hands out safe names; this is the second lock on the door.
             if not path.resolve().is_relative_to(self.root.resolve()):
@@ -90,30 +96,30 @@ class ArchiveFiles:
             if write.new_file and path not in self._ours and path.exists():
                 _move_aside(path)
             opened: BinaryIO = path.open("wb" if write.new_file else "ab")
-            entry = self._files[write.path] = (path, opened, [opened.tell()])
+            entry = self._files[write.path] = _OpenFile(path, opened, opened.tell())
             self._ours.add(path)
-        path, file, size = entry
         try:
-            file.write(write.data)
-            file.flush()
+            entry.file.write(write.data)
+            entry.file.flush()
         except OSError:
-            self._cut_back(write.path, size[0])
+            self._cut_back(write.path)
             raise
-        size[0] += len(write.data)
+        entry.size += len(write.data)
 
-    def _cut_back(self, key: tuple[str, ...], size: int) -> None:
+    def _cut_back(self, key: tuple[str, ...]) -> None:
         """After a failed write: drop what the failed write left (buffered or on disk)."""
-        path, file, _ = self._files.pop(key)
+        entry = self._files.pop(key)
+        path, size = entry.path, entry.size
         with contextlib.suppress(OSError):  # the buffered bytes fail again: they are cut off below
-            file.close()
+            entry.file.close()
         try:
             os.truncate(path, size)
         except OSError as exc:
             logger.error("ingest.archive.cut_back_failed file=%s size=%d error=%s", path, size, exc.strerror)
 
     def close(self) -> None:
-        for _, file, _ in self._files.values():
-            file.close()
+        for entry in self._files.values():
+            entry.file.close()
         self._files.clear()
 
 

@@ -1,5 +1,5 @@
-"""CPU cost of building one synthetic fragment: box by box (``boxes.write_fragment``) against the
-templates (``boxes.FragmentTemplate``), in the same run.
+"""CPU cost of building one synthetic fragment: box by box (``smooth.write_fragment``) against the
+templates (``smooth.FragmentTemplate``), in the same run.
 
 Not a test: it prints figures. For each track kind it times ``SyntheticStream.written_fragment(k)``
 (every box written from the samples, as the synthetic encoder did before the templates) and

@@ -65,6 +65,7 @@ from orchestrator.push.connection import Connector
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import Publisher, PublisherSettings
+from orchestrator.wire import smooth
 
 EPOCH = "2026-01-01T00:00:00Z"
 FRAGMENT_SECONDS = 2
@@ -221,7 +222,7 @@ def big_fragments(count: int, megabytes: float) -> list[EncodedFragment]:
     out = []
     for k in range(count):
         run = boxes.TrackRun(1, k * 180_000, [boxes.Sample(payload, 180_000)], k)
-        out.append(EncodedFragment("big", 1, k, k * 180_000, 180_000, 90_000, boxes.write_fragment(k, [run])))
+        out.append(EncodedFragment("big", 1, k, k * 180_000, 180_000, 90_000, smooth.write_fragment(k, [run])))
     return out
 
 

@@ -21,6 +21,7 @@ import ssl
 import time
 import tomllib
 import typing
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from fractions import Fraction
 from pathlib import Path
@@ -44,6 +45,7 @@ from pydantic import (
 
 from orchestrator.clock import TrackClock
 from orchestrator.errors import ProfileError
+from orchestrator.tracks import AUDIO, VIDEO, TrackDescription, TrackKind
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 AAC_FRAME_SAMPLES = 1024
@@ -132,6 +134,22 @@ class VideoTrack(_Model):
     )
     codec: Literal["h264"] = "h264"
 
+    @property
+    def track_kind(self) -> TrackKind:
+        return VIDEO
+
+    def clock_timescale(self, presentation: Presentation) -> int:
+        """Ticks per second: the track's own timescale, else the presentation's video timescale."""
+        return self.timescale or presentation.video_timescale
+
+    @property
+    def frame_duration(self) -> Fraction:
+        return 1 / self.frame_rate
+
+    def describe(self, track_id: int, timescale: int, sample_entry: bytes) -> TrackDescription:
+        return TrackDescription(track_id, self.name, VIDEO, timescale, self.bitrate, sample_entry,
+                                width=self.width, height=self.height)  # fmt: skip
+
     @field_validator("frame_rate")
     @classmethod
     def _frame_rate_range(cls, value: Fraction) -> Fraction:
@@ -150,6 +168,23 @@ class AudioTrack(_Model):
     channels: StrictInt = Field(default=2, ge=1, le=8)
     language: str = Field(default="und", pattern=r"^[a-z]{3}$", description="ISO 639-2/T code")
     codec: Literal["aac"] = "aac"
+
+    @property
+    def track_kind(self) -> TrackKind:
+        return AUDIO
+
+    def clock_timescale(self, presentation: Presentation) -> int:
+        """Ticks per second: the sample rate."""
+        return self.sample_rate
+
+    @property
+    def frame_duration(self) -> Fraction:
+        return Fraction(AAC_FRAME_SAMPLES, self.sample_rate)
+
+    def describe(self, track_id: int, timescale: int, sample_entry: bytes) -> TrackDescription:
+        return TrackDescription(track_id, self.name, AUDIO, timescale, self.bitrate, sample_entry,
+                                language=self.language, sample_rate=self.sample_rate,
+                                channels=self.channels)  # fmt: skip
 
 
 Track = Annotated[VideoTrack | AudioTrack, Field(discriminator="kind")]
@@ -305,6 +340,9 @@ class Endpoint(_Model):
         return self
 
     def stream_url(self, stream_id: str) -> str:
+        """Smooth's per-stream POST URL. The wire format owns URLs
+        (``orchestrator.wire.smooth.PLAN.url(endpoint.url, stream_id)``); this stays until the
+        publisher asks the format's request plan (tests/wire checks that the two agree)."""
         return f"{self.url}/Streams({stream_id})"
 
     @property
@@ -527,13 +565,17 @@ class Profile(_Model):
     def track_clock(self, track: VideoTrack | AudioTrack) -> TrackClock:
         """The shared clock of one track: the same on every host that loads this profile."""
         p = self.presentation
-        if isinstance(track, VideoTrack):
-            timescale = track.timescale or p.video_timescale
-            frame = 1 / track.frame_rate
-        else:
-            timescale = track.sample_rate
-            frame = Fraction(AAC_FRAME_SAMPLES, track.sample_rate)
-        return TrackClock(p.epoch_ns, p.fragment_duration, timescale, frame)
+        return TrackClock(p.epoch_ns, p.fragment_duration, track.clock_timescale(p), track.frame_duration)
+
+    def describe(self, stream: Stream, sample_entries: Sequence[bytes]) -> tuple[TrackDescription, ...]:
+        """``stream``'s tracks as a wire format takes them, given one sample entry box per track
+        (in profile order): the one adapter from the profile to the wire formats."""
+        if len(sample_entries) != len(stream.tracks):
+            raise ValueError("one sample entry per track is needed")
+        return tuple(
+            track.describe(track_id, track.clock_timescale(self.presentation), entry)
+            for track_id, track, entry in zip(self.track_ids(stream), stream.tracks, sample_entries, strict=True)
+        )
 
     def track_ids(self, stream: Stream) -> list[int]:
         """The track IDs of ``stream``'s tracks. IDs are numbered over the whole presentation, one
@@ -664,15 +706,13 @@ def runnable_problems(profile: Profile, now_ns: int) -> list[tuple[str, str]]:
         )
     for i, stream in enumerate(profile.streams):
         for j, track in enumerate(stream.tracks):
-            timescale = track.sample_rate if isinstance(track, AudioTrack) else track.timescale or p.video_timescale
+            timescale = track.clock_timescale(p)
             if span * timescale > UINT64_MAX:
-                key = (
-                    f"streams[{i}].tracks[{j}].timescale"
-                    if isinstance(track, VideoTrack) and track.timescale
-                    else "presentation.video_timescale"
-                    if isinstance(track, VideoTrack)
-                    else "presentation.epoch"
-                )
+                # The key to change: a video track's own timescale, else the presentation's; an
+                # audio track's timescale is its sample rate, so only the epoch can move.
+                key = "presentation.epoch"
+                if isinstance(track, VideoTrack):
+                    key = f"streams[{i}].tracks[{j}].timescale" if track.timescale else "presentation.video_timescale"
                 problems.append(
                     (
                         key,

@@ -29,6 +29,12 @@ the facts that give those integers their meaning (presentation name, epoch, frag
 a state file from another presentation or another clock is refused, not misread. Writing the
 file atomically is the shell's job (:mod:`orchestrator.encode.statefile`).
 
+Only *continuous* tracks (video, audio: a fragment for every index k; :mod:`orchestrator.tracks`)
+decide how far a stream has got: :meth:`completed` is the least advanced continuous track, so a
+sparse track, which has a fragment only now and then, never holds a stream back (a resume, a
+graceful stop, the state file). A stream of sparse tracks only has completed its most advanced
+one. A sparse track skips indices as a matter of course: its ``skipped`` is always 0.
+
 Every fragment of every stream passes here, so the per-fragment questions cost the same at 1,000
 streams as at one: the index each stream has completed on all its tracks (:meth:`completed`) is
 kept up to date as fragments are accepted, and so is the set of streams still short of the index
@@ -46,6 +52,7 @@ from fractions import Fraction
 
 from orchestrator.clock import TrackClock
 from orchestrator.fmp4.stream import EncodedFragment
+from orchestrator.tracks import TrackKind
 
 STATE_FORMAT = 1
 
@@ -72,10 +79,20 @@ class Continuity:
         clocks: Mapping[str, Sequence[TrackClock]],
         restored: Mapping[str, Sequence[int]] | None = None,
         track_ids: Mapping[str, Sequence[int]] | None = None,
+        kinds: Mapping[str, Sequence[TrackKind]] | None = None,
     ) -> None:
-        """``clocks`` and ``track_ids`` (default 1, 2, ...) per stream, in track order; the state
-        (``restored``, :meth:`snapshot`) is a list per stream in that same order."""
+        """``clocks``, ``track_ids`` (default 1, 2, ...) and ``kinds`` (default: every track
+        continuous) per stream, in track order; the state (``restored``, :meth:`snapshot`) is a
+        list per stream in that same order."""
         self.clocks = {stream: list(c) for stream, c in clocks.items()}
+        kinds = kinds or {}
+        self._continuous = {
+            stream: [kind.continuous for kind in kinds[stream]] if stream in kinds else [True] * len(c)
+            for stream, c in self.clocks.items()
+        }
+        for stream, flags in self._continuous.items():
+            if len(flags) != len(self.clocks[stream]):
+                raise ValueError(f"stream {stream}: one kind per track is needed")
         track_ids = track_ids or {}
         self._positions = {
             stream: {track_id: i for i, track_id in enumerate(track_ids.get(stream, range(1, len(c) + 1)))}
@@ -111,19 +128,28 @@ class Continuity:
         if last is not None and k <= last:
             return Judgement(Verdict.REPEAT, f"index {k} already emitted (last {last})")
         tracks[position] = k
+        continuous = self._continuous[fragment.stream_id]
         done = self._completed[fragment.stream_id]
-        if last is None or last == done:  # this track was (one of) the least advanced: the minimum may move
+        # This track was (one of) the least advanced continuous ones, or the stream has none: the
+        # completed index may move. A sparse track beside continuous ones never moves it.
+        if (continuous[position] and (last is None or last == done)) or not any(continuous):
             done = self._completed[fragment.stream_id] = self._minimum(fragment.stream_id)
             if self._final is not None and done is not None and done >= self._final:
                 self._short_of_final.discard(fragment.stream_id)
-        return Judgement(Verdict.ACCEPTED, skipped=0 if last is None else k - last - 1)
+        skipped = 0 if last is None or not continuous[position] else k - last - 1
+        return Judgement(Verdict.ACCEPTED, skipped=skipped)
 
     def _minimum(self, stream_id: str) -> int | None:
-        tracks = self._last[stream_id]
-        return None if None in tracks else min(t for t in tracks if t is not None)
+        """The least advanced continuous track's last index (None if one emitted nothing yet); a
+        stream without continuous tracks: its most advanced track's."""
+        tracks, continuous = self._last[stream_id], self._continuous[stream_id]
+        gating = [t for t, c in zip(tracks, continuous, strict=True) if c]
+        if not gating:
+            return max((t for t in tracks if t is not None), default=None)
+        return None if None in gating else min(t for t in gating if t is not None)
 
     def completed(self, stream_id: str) -> int | None:
-        """The last index emitted on every track of ``stream_id`` (kept up to date by
+        """The last index emitted on every continuous track of ``stream_id`` (kept up to date by
         :meth:`judge`, not worked out on every call)."""
         return self._completed[stream_id]
 
@@ -157,13 +183,16 @@ class Continuity:
         return live if floor is None else max(live, floor)
 
     def snapshot(self) -> dict[str, list[int]]:
-        """What to persist: per stream, the last index emitted on each track (streams with a
-        track that emitted nothing yet are left out)."""
-        return {
-            stream: [t for t in tracks if t is not None]
-            for stream, tracks in self._last.items()
-            if all(t is not None for t in tracks)
-        }
+        """What to persist: per stream, the last index emitted on each track (streams that have
+        completed no index yet are left out). A sparse track that emitted nothing yet is written
+        as the stream's completed index: a new instance starts after it, so the value forbids
+        nothing that could come."""
+        out = {}
+        for stream, tracks in self._last.items():
+            done = self._completed[stream]
+            if done is not None:
+                out[stream] = [done if t is None else t for t in tracks]
+        return out
 
 
 @dataclass(frozen=True)

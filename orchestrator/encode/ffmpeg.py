@@ -65,10 +65,11 @@ from orchestrator.encode.statefile import read_state, write_state
 from orchestrator.errors import EncoderError
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
-from orchestrator.fmp4.stream import EncodedFragment, build_header
+from orchestrator.fmp4.stream import EncodedFragment
 from orchestrator.ops.metrics import LIVE_LOCK_METRIC, Metrics
 from orchestrator.profile import FfmpegEncoder, FileSource, LiveSource, PatternSource, Profile
 from orchestrator.wallclock import WallClock
+from orchestrator.wire.smooth import build_header, write_fragment
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ class _Recut:
             return
         # One track ID in every stream that carries the track: the same bytes go to each.
         run = boxes.TrackRun(encode.track_id, cut.start, cut.samples, cut.index)
-        data = boxes.write_fragment(cut.index, [run], self.profile.presentation.tfxd_version)
+        data = write_fragment(cut.index, [run], self.profile.presentation.tfxd_version)
         for stream_id in encode.stream_ids:
             self.sink.fragment(EncodedFragment(stream_id, encode.track_id, cut.index, cut.start, cut.duration,
                                                encode.clock.timescale, data))  # fmt: skip

@@ -9,15 +9,17 @@ clip sample ``n mod len(clip)``, so the bytes of fragment k depend on k alone: t
 the backup group produce byte-identical fragments, which is what redundant ingest expects.
 
 Timing comes entirely from :mod:`orchestrator.clock`: sample durations, the fragment's start
-time (tfdt, tfxd) and its index (mfhd, tfxd v2). This module is pure; the trio task that
-releases one fragment per clock period lives in :mod:`orchestrator.encode.group`.
+time (tfdt, tfxd) and its index (mfhd, tfxd v2). The bytes come from the wire format
+(:mod:`orchestrator.wire.smooth`, configured by the profile): its header for the stream's track
+descriptions, its fragments for the samples. This module is pure; the trio task that releases
+one fragment per clock period lives in :mod:`orchestrator.encode.group`.
 
 Cost: all streams' fragments fall due at the same instant, so building one must be cheap (at
 1,000 streams, 100 µs each is 0.1 s before the last one leaves). A fragment's samples repeat
 with the clip and the clock's frame pattern, so :class:`FragmentTemplates` keeps, per track
-configuration and position in that pattern, the fragment written once by
-``boxes.write_fragment``; :meth:`SyntheticStream.fragment` copies it with index, track ID and
-start time patched in (:class:`~orchestrator.fmp4.boxes.FragmentTemplate`), byte for byte what
+configuration and position in that pattern, the fragment written once by the wire format;
+:meth:`SyntheticStream.fragment` copies it with index, track ID and start time patched in
+(:class:`~orchestrator.fmp4.boxes.MovieFragmentTemplate`), byte for byte what
 :meth:`SyntheticStream.written_fragment` writes box by box (``bench/fragment_build.py``).
 
 The clips were made once with ffmpeg 5.1 (kept small on purpose)::
@@ -46,8 +48,10 @@ from orchestrator.clock import TrackClock
 from orchestrator.errors import EncoderError
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
-from orchestrator.fmp4.stream import EncodedFragment, StreamHeader, build_header
+from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.profile import AudioTrack, Profile, Stream, VideoTrack
+from orchestrator.wire import smooth
+from orchestrator.wire.format import WireFormat
 
 SUPPORTED_AUDIO = frozenset({(44100, 1), (44100, 2), (48000, 1), (48000, 2)})
 
@@ -104,14 +108,14 @@ def clip_for(track: VideoTrack | AudioTrack) -> Clip:
 
 
 class FragmentTemplates:
-    """Fragment templates (:class:`~orchestrator.fmp4.boxes.FragmentTemplate`) shared by every
+    """Fragment templates (:class:`~orchestrator.fmp4.boxes.MovieFragmentTemplate`) shared by every
     synthetic stream of the process, least recently used dropped first beyond ``max_bytes``.
 
     Fragment k of a track holds the frames ``first_frame(k)`` to ``first_frame(k + 1) - 1``. Frame
     n carries clip sample ``n mod len(clip)`` and lasts ``frame_time(n + 1) - frame_time(n)``
     ticks, which depends on n modulo the clock's duration period p only. So the samples of a
     fragment, hence its bytes but for index, track ID and start time, are fixed by the track's
-    configuration (clip, timescale, frame duration, tfxd version), the first frame modulo
+    configuration (clip, timescale, frame duration, wire format), the first frame modulo
     lcm(len(clip), p) and the frame count: that is the key. A profile of 25 fps video at 90 kHz
     in 2 s fragments needs one template whatever its number of streams; 29.97 fps video or
     44.1 kHz audio needs at most two per clip sample (the first frame wanders through the clip,
@@ -124,19 +128,20 @@ class FragmentTemplates:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.built = 0  # templates written, for tests and the benchmark
-        self._by_key: OrderedDict[tuple[str, int, int], boxes.FragmentTemplate] = OrderedDict()
+        self._by_key: OrderedDict[tuple[str, int, int], boxes.MovieFragmentTemplate] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._by_key)
 
     def get(self, key: tuple[str, int, int], samples: Callable[[], list[boxes.Sample]],
-            tfxd_version: int) -> boxes.FragmentTemplate:  # fmt: skip
-        """The template for ``key``, written from ``samples()`` the first time it is asked for."""
+            wire: WireFormat) -> boxes.MovieFragmentTemplate:  # fmt: skip
+        """The template for ``key``, written by ``wire`` from ``samples()`` the first time it is
+        asked for (``key`` names the format: see :class:`SyntheticStream`)."""
         template = self._by_key.get(key)
         if template is not None:
             self._by_key.move_to_end(key)
             return template
-        template = self._by_key[key] = boxes.FragmentTemplate(samples(), tfxd_version)
+        template = self._by_key[key] = wire.fragment_template(samples())
         self.built += 1
         self.bytes += template.size
         while self.bytes > self.max_bytes and len(self._by_key) > 1:
@@ -163,15 +168,16 @@ class SyntheticStream:
 
     def __init__(self, profile: Profile, stream: Stream, templates: FragmentTemplates | None = None) -> None:
         self.stream = stream
-        self.tfxd_version = profile.presentation.tfxd_version
+        self.wire = smooth.for_profile(profile)
         self.clips = [clip_for(track) for track in stream.tracks]
         self.clocks: list[TrackClock] = [profile.track_clock(track) for track in stream.tracks]
-        self.header: StreamHeader = build_header(profile, stream, [c.sample_entry for c in self.clips])
+        descriptions = profile.describe(stream, [c.sample_entry for c in self.clips])
+        self.header: StreamHeader = self.wire.header(stream.id, descriptions)
         self.track_ids = profile.track_ids(stream)
         self.templates = SHARED_TEMPLATES if templates is None else templates
         self._tracks: list[_Track] = []
         for track_id, track, clip, clock in zip(self.track_ids, stream.tracks, self.clips, self.clocks, strict=True):
-            config = f"{clip_name(track)} {clock.timescale} {clock.frame_duration} v{self.tfxd_version}"
+            config = f"{clip_name(track)} {clock.timescale} {clock.frame_duration} {self.wire}"
             period = math.lcm(len(clip.samples), clock.duration_period())
             self._tracks.append(_Track(track_id, clip, clock, config, period))
 
@@ -184,21 +190,21 @@ class SyntheticStream:
             count = clock.first_frame(k + 1) - first
             start = clock.frame_time(first)
             template = self.templates.get((track.config, first % track.period, count),
-                                          functools.partial(self._samples, track, k), self.tfxd_version)  # fmt: skip
+                                          functools.partial(self._samples, track, k), self.wire)  # fmt: skip
             data = template.render(k, track.track_id, start)
             out.append(EncodedFragment(self.stream.id, track.track_id, k, start, template.duration,
                                        clock.timescale, data))  # fmt: skip
         return out
 
     def written_fragment(self, k: int) -> list[EncodedFragment]:
-        """Fragment k as :meth:`fragment` makes it, written box by box by boxes.write_fragment
+        """Fragment k as :meth:`fragment` makes it, written box by box by the wire format
         without templates: the reference the templates are tested against, and the benchmark's
         baseline."""
         out = []
         for track in self._tracks:
             start = track.clock.start(k)
             run = boxes.TrackRun(track.track_id, start, self._samples(track, k), k)
-            data = boxes.write_fragment(k, [run], self.tfxd_version)
+            data = self.wire.fragment(k, [run])
             out.append(EncodedFragment(self.stream.id, track.track_id, k, start, run.duration,
                                        track.clock.timescale, data))  # fmt: skip
         return out

@@ -1,4 +1,5 @@
-"""The fragmented-MP4 wire format: box writers and parsers, the incremental reader, the Live
-Server Manifest, and the stream header / encoded fragment types handed between encoders and
-publishers. Pure: imports only the top-level core (errors, clock, profile), never I/O.
+"""ISO BMFF for fragmented MP4, shared by every wire format: box writers and parsers, the
+incremental reader, and the stream header / encoded fragment types handed between encoders and
+publishers. What one ingest protocol adds lives in ``orchestrator.wire``. Pure: imports only the
+top-level core (errors, tracks), never I/O, and never ``wire``.
 """

@@ -1,41 +1,33 @@
-"""Fragmented MP4 boxes for Smooth Streaming live ingest: writers and parsers, bytes in, bytes out.
+"""ISO BMFF boxes for fragmented MP4, shared by every wire format: writers and parsers, bytes in, bytes out.
 
 Theory of operation
 -------------------
-A live ingest POST body is a *header* (``ftyp``, the Live Server Manifest ``uuid`` box, ``moov``)
-followed by *fragments* (``moof`` + ``mdat``). This module knows the byte layout of each of those
-boxes and nothing about sockets, processes or time; it is hand-written because the boxes that
-matter here (``tfxd``, the Live Server Manifest) are Smooth-specific and exact bytes are the
-contract with the ingest service, so we want every field under our control and under test.
+A live fragmented-MP4 stream is a *header* (``ftyp``, optional format-specific boxes, ``moov``)
+followed by *fragments* (``moof`` + ``mdat``). This module knows the byte layout of the ISO/IEC
+14496-12 boxes involved and nothing about sockets, processes, time or any one ingest protocol;
+exact bytes are the contract with the ingest services, so every field is under our control and
+under test. What a wire format adds (Smooth's ``isml`` brand, Live Server Manifest and ``tfxd``)
+lives in :mod:`orchestrator.wire`, which builds on the hooks here: :func:`write_ftyp` takes the
+brands, :func:`write_movie_fragment` and :class:`MovieFragmentTemplate` take a *traf tail* (the
+format's boxes closing each ``traf``), and :func:`parse_fragment` hands back every ``uuid`` box
+of a ``traf`` (:attr:`ParsedTraf.extensions`) for the format to read.
 
-Writing: :func:`write_ftyp`, :func:`write_live_server_manifest`, :func:`write_moov` and
-:func:`write_fragment` return complete boxes. Each fragment carries the shared fragment index in
-``mfhd.sequence_number`` (32 bits) and, with ``tfxd`` version 2, in ``tfxd`` itself.
+Writing: :func:`write_ftyp`, :func:`write_moov` and :func:`write_movie_fragment` return complete
+boxes. Each fragment carries the shared fragment index in ``mfhd.sequence_number`` (32 bits).
 
 Parsing: :func:`parse_boxes` splits a byte string into boxes; :func:`parse_moov` and
 :func:`parse_fragment` read back what the writers produce (and what ffmpeg produces), raising
 :class:`~orchestrator.errors.BoxError` on anything malformed. The incremental, feed-bytes reader
 lives in :mod:`orchestrator.fmp4.reader`.
-
-``tfxd`` versions (MS-SSTR 2.2.4.4 documents 0 and 1):
-  * version 0: 32-bit fragment_absolute_time, 32-bit fragment_duration;
-  * version 1: the same fields in 64 bits (our default);
-  * version 2: **an assumption of ours**. The ingest specification asks for a "version 2" tfxd
-    with a fragment index but no public layout could be found; we lay it out as the version-1
-    fields followed by a 64-bit fragment_index. It is written only when a profile opts in.
 """
 
 from __future__ import annotations
 
 import struct
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from orchestrator.errors import BoxError
-
-LIVE_SERVER_MANIFEST_UUID = uuid.UUID("a5d40b30-e814-11dd-ba2f-0800200c9a66").bytes
-TFXD_UUID = uuid.UUID("6d1d9b05-42d5-44e6-80e2-141daff757b2").bytes
 
 # ISO/IEC 14496-12, 8.8.3.1: sample_flags. depends_on=2 (an I-frame), or depends_on=1 with the
 # sample_is_non_sync_sample bit for frames that need earlier ones.
@@ -158,7 +150,8 @@ def _one(children: dict[bytes, list[Box]], box_type: bytes, parent: str) -> Box:
     return boxes[0]
 
 
-def _version_flags(payload: bytes, box_name: str) -> tuple[int, int]:
+def version_flags(payload: bytes, box_name: str) -> tuple[int, int]:
+    """(version, flags) of a FullBox payload; BoxError if it is too short for them."""
     if len(payload) < 4:
         raise BoxError(f"{box_name} is too short for a FullBox header")
     word = struct.unpack_from(">I", payload)[0]
@@ -168,27 +161,9 @@ def _version_flags(payload: bytes, box_name: str) -> tuple[int, int]:
 # --- header boxes ---------------------------------------------------------------------------
 
 
-def write_ftyp() -> bytes:
-    """``ftyp`` (ISO/IEC 14496-12, 4.3): major brand isml, as Smooth ingest encoders write it."""
-    return box(b"ftyp", b"isml", struct.pack(">I", 1), b"piff", b"iso6", b"isml")
-
-
-def write_live_server_manifest(smil: str) -> bytes:
-    """The Live Server Manifest box (MS-SSTR 2.2.7.2 / ingest section 3): a uuid box, a
-    FullBox header of zeros, then the SMIL document in UTF-8."""
-    return uuid_box(LIVE_SERVER_MANIFEST_UUID, struct.pack(">I", 0), smil.encode("utf-8"))
-
-
-def parse_live_server_manifest(payload: bytes) -> str:
-    """The SMIL text of a Live Server Manifest box's payload (after the 8-byte box header)."""
-    if payload[:16] != LIVE_SERVER_MANIFEST_UUID:
-        raise BoxError("uuid box is not a Live Server Manifest box")
-    if len(payload) < 20:
-        raise BoxError("Live Server Manifest box is truncated")
-    try:
-        return payload[20:].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BoxError(f"Live Server Manifest is not UTF-8: {exc}") from None
+def write_ftyp(major_brand: bytes, minor_version: int, compatible_brands: Sequence[bytes]) -> bytes:
+    """``ftyp`` (ISO/IEC 14496-12, 4.3): the brands are the wire format's choice."""
+    return box(b"ftyp", major_brand, struct.pack(">I", minor_version), *compatible_brands)
 
 
 @dataclass(frozen=True)
@@ -287,7 +262,7 @@ def parse_moov(payload: bytes) -> list[TrackHeader]:
     for trak in children.get(b"trak", []):
         trak_children = _children(trak.payload)
         tkhd = _one(trak_children, b"tkhd", "trak").payload
-        version, _ = _version_flags(tkhd, "tkhd")
+        version, _ = version_flags(tkhd, "tkhd")
         id_offset = 4 + (16 if version == 1 else 8)
         if len(tkhd) < id_offset + 4:
             raise BoxError("tkhd is truncated")
@@ -300,7 +275,7 @@ def parse_moov(payload: bytes) -> list[TrackHeader]:
         height = struct.unpack_from(">I", tkhd, len(tkhd) - 4)[0] >> 16
         mdia = _children(_one(trak_children, b"mdia", "trak").payload)
         mdhd = _one(mdia, b"mdhd", "mdia").payload
-        version, _ = _version_flags(mdhd, "mdhd")
+        version, _ = version_flags(mdhd, "mdhd")
         ts_offset = 4 + (16 if version == 1 else 8)
         lang_offset = ts_offset + 4 + (8 if version == 1 else 4)
         if len(mdhd) < lang_offset + 2:
@@ -340,59 +315,11 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class Tfxd:
-    """TrackFragmentExtendedHeaderBox (MS-SSTR 2.2.4.4; version 2 is our assumption, above)."""
-
-    version: int
-    absolute_time: int
-    duration: int
-    fragment_index: int | None = None
-
-
-# The fields after version and flags, per tfxd version (version 2's layout is our assumption).
-_TFXD_LAYOUTS = {0: ">II", 1: ">QQ", 2: ">QQQ"}
-
-
-def write_tfxd(tfxd: Tfxd) -> bytes:
-    return uuid_box(TFXD_UUID, struct.pack(">I", tfxd.version << 24), _tfxd_fields(tfxd))
-
-
-def _tfxd_fields(tfxd: Tfxd) -> bytes:
-    """The tfxd's fields (times, and the fragment index in version 2), checked for its version."""
-    if tfxd.version == 0:
-        if max(tfxd.absolute_time, tfxd.duration) > 0xFFFFFFFF:
-            raise ValueError("tfxd version 0 holds 32-bit times; use version 1")
-        return struct.pack(">II", tfxd.absolute_time, tfxd.duration)
-    if tfxd.version == 1:
-        return struct.pack(">QQ", tfxd.absolute_time, tfxd.duration)
-    if tfxd.version == 2:
-        if tfxd.fragment_index is None:
-            raise ValueError("tfxd version 2 needs a fragment index")
-        return struct.pack(">QQQ", tfxd.absolute_time, tfxd.duration, tfxd.fragment_index)
-    raise ValueError(f"unknown tfxd version {tfxd.version}")
-
-
-def parse_tfxd(payload: bytes) -> Tfxd:
-    """A tfxd from a ``uuid`` box payload (extended type included)."""
-    if payload[:16] != TFXD_UUID:
-        raise BoxError("uuid box is not a tfxd")
-    version, _ = _version_flags(payload[16:], "tfxd")
-    body = payload[20:]
-    if version not in _TFXD_LAYOUTS:
-        raise BoxError(f"tfxd version {version} is unknown")
-    layout = _TFXD_LAYOUTS[version]
-    if len(body) < struct.calcsize(layout):
-        raise BoxError(f"tfxd version {version} is truncated")
-    values = struct.unpack_from(layout, body)
-    return Tfxd(version, values[0], values[1], values[2] if version == 2 else None)
-
-
-@dataclass(frozen=True)
 class TrackRun:
     """Everything one ``traf`` carries: the samples of one track for one fragment."""
 
     track_id: int
-    base_time: int  # tfdt baseMediaDecodeTime and tfxd fragment_absolute_time, in track ticks
+    base_time: int  # tfdt baseMediaDecodeTime (and Smooth's tfxd fragment_absolute_time), in track ticks
     samples: Sequence[Sample]
     fragment_index: int
 
@@ -401,7 +328,12 @@ class TrackRun:
         return sum(s.duration for s in self.samples)
 
 
-def _write_traf(run: TrackRun, data_offset: int, tfxd_version: int) -> bytes:
+TrafTail = Callable[[int, int, int], bytes]
+"""A wire format's boxes closing each ``traf``, from (base_time, duration, fragment_index): for
+Smooth, the ``tfxd``. Its length may depend on the samples only, never on those three numbers."""
+
+
+def _write_traf(run: TrackRun, data_offset: int, traf_tail: TrafTail | None) -> bytes:
     tfhd = full_box(b"tfhd", 0, TFHD_DEFAULT_BASE_IS_MOOF, struct.pack(">I", run.track_id))  # 8.8.7
     tfdt = full_box(b"tfdt", 1, 0, struct.pack(">Q", run.base_time))  # 8.8.12
     with_cto = any(s.composition_offset for s in run.samples)
@@ -419,16 +351,17 @@ def _write_traf(run: TrackRun, data_offset: int, tfxd_version: int) -> bytes:
     # 8.8.8: trun version 1 so that composition offsets may be negative.
     trun = full_box(b"trun", 1 if with_cto else 0, flags,
                     struct.pack(">Ii", len(run.samples), data_offset), *entries)  # fmt: skip
-    tfxd = write_tfxd(Tfxd(tfxd_version, run.base_time, run.duration, run.fragment_index))
-    return box(b"traf", tfhd, tfdt, trun, tfxd)
+    tail = traf_tail(run.base_time, run.duration, run.fragment_index) if traf_tail is not None else b""
+    return box(b"traf", tfhd, tfdt, trun, tail)
 
 
-def write_fragment(sequence_number: int, runs: Sequence[TrackRun], tfxd_version: int = 1) -> bytes:
+def write_movie_fragment(sequence_number: int, runs: Sequence[TrackRun], traf_tail: TrafTail | None = None) -> bytes:
     """``moof`` + ``mdat`` for one fragment (ISO/IEC 14496-12, 8.8.4 and 8.1.1).
 
-    ``sequence_number`` is the shared fragment index (it must fit mfhd's 32 bits). Each run's
-    sample data follows the previous run's in the single ``mdat``; offsets are relative to the
-    start of the ``moof`` (default-base-is-moof).
+    ``sequence_number`` is the shared fragment index (it must fit mfhd's 32 bits). Each ``traf``
+    is tfhd, tfdt, trun and the wire format's ``traf_tail``. Each run's sample data follows the
+    previous run's in the single ``mdat``; offsets are relative to the start of the ``moof``
+    (default-base-is-moof).
     """
     if not 0 <= sequence_number <= 0xFFFFFFFF:
         raise ValueError(f"fragment index {sequence_number} does not fit mfhd.sequence_number")
@@ -440,7 +373,7 @@ def write_fragment(sequence_number: int, runs: Sequence[TrackRun], tfxd_version:
         offset = moof_size + 8
         trafs = []
         for run in runs:
-            trafs.append(_write_traf(run, offset, tfxd_version))
+            trafs.append(_write_traf(run, offset, traf_tail))
             offset += sum(len(s.data) for s in run.samples)
         return box(b"moof", mfhd, *trafs)
 
@@ -449,58 +382,65 @@ def write_fragment(sequence_number: int, runs: Sequence[TrackRun], tfxd_version:
     return moof + mdat
 
 
-# Where write_fragment puts the per-fragment fields of a one-track fragment, in bytes from the
-# start of the moof: moof header (8), mfhd (8 + 4 + sequence_number), traf header (8), tfhd
-# (8 + 4 + track_ID), tfdt (8 + 4 + baseMediaDecodeTime); the tfxd is the traf's last box.
+# Where write_movie_fragment puts the per-fragment fields of a one-track fragment, in bytes from
+# the start of the moof: moof header (8), mfhd (8 + 4 + sequence_number), traf header (8), tfhd
+# (8 + 4 + track_ID), tfdt (8 + 4 + baseMediaDecodeTime); the traf tail ends the traf (and moof).
 _MFHD_SEQUENCE_AT = 8 + 12
 _TFHD_TRACK_ID_AT = 8 + 16 + 8 + 12
 _TFDT_TIME_AT = 8 + 16 + 8 + 16 + 12
 
 
-class FragmentTemplate:
-    """A one-track fragment whose samples are fixed: :func:`write_fragment`'s bytes, with the
-    fields that change from one fragment to the next patched in by :meth:`render`.
+class MovieFragmentTemplate:
+    """A one-track fragment whose samples are fixed: :func:`write_movie_fragment`'s bytes, with
+    the fields that change from one fragment to the next patched in by :meth:`render`.
 
-    A fragment's bytes depend on its samples (sizes, durations, flags, data) and on four numbers:
-    the sequence number (mfhd), the track ID (tfhd), the start time (tfdt, tfxd) and, in a tfxd
-    of version 2, the fragment index. Everything else, the data offset included (it depends on
-    the moof's size only), is the same for every fragment with the same samples. The template is
-    written once by :func:`write_fragment` itself and :meth:`render` overwrites those fields in a
-    copy of the moof, so the result is byte-identical to ``write_fragment(index,
-    [TrackRun(track_id, base_time, samples, index)], tfxd_version)`` at a fraction of the cost
-    (no box is built, no sample entry packed).
+    A fragment's bytes depend on its samples (sizes, durations, flags, data) and on three numbers:
+    the sequence number (mfhd, and the traf tail's fragment index), the track ID (tfhd) and the
+    start time (tfdt, and the traf tail's). Everything else, the data offset included (it depends
+    on the moof's size only), is the same for every fragment with the same samples. The template
+    is written once by :func:`write_movie_fragment` itself and :meth:`render` overwrites those
+    fields, and the traf tail, in a copy of the moof, so the result is byte-identical to
+    ``write_movie_fragment(index, [TrackRun(track_id, base_time, samples, index)], traf_tail)``
+    at a fraction of the cost (no box is built, no sample entry packed).
     """
 
-    def __init__(self, samples: Sequence[Sample], tfxd_version: int = 1) -> None:
-        data = write_fragment(0, [TrackRun(0, 0, samples, 0)], tfxd_version)
+    def __init__(self, samples: Sequence[Sample], traf_tail: TrafTail | None = None) -> None:
+        data = write_movie_fragment(0, [TrackRun(0, 0, samples, 0)], traf_tail)
         (moof_size,) = struct.unpack_from(">I", data)
         self.duration = sum(s.duration for s in samples)
-        self.tfxd_version = tfxd_version
         self.size = len(data)
         self._moof = data[:moof_size]
         self._mdat = data[moof_size:]
-        # The tfxd (the traf's last box, and the traf the moof's last) ends with its fields.
-        self._tfxd_at = moof_size - struct.calcsize(_TFXD_LAYOUTS[tfxd_version])
+        self._traf_tail = traf_tail
+        # The tail is the traf's last bytes, and the traf the moof's last box.
+        self._tail_at = moof_size - (len(traf_tail(0, self.duration, 0)) if traf_tail is not None else 0)
 
     def render(self, index: int, track_id: int, base_time: int) -> bytes:
-        """The fragment with sequence number (and tfxd v2 fragment index) ``index``, track
-        ``track_id``, starting at ``base_time``. Raises ValueError as write_fragment does."""
+        """The fragment with sequence number (and traf tail fragment index) ``index``, track
+        ``track_id``, starting at ``base_time``. Raises ValueError as write_movie_fragment does."""
         if not 0 <= index <= 0xFFFFFFFF:
             raise ValueError(f"fragment index {index} does not fit mfhd.sequence_number")
         moof = bytearray(self._moof)
         struct.pack_into(">I", moof, _MFHD_SEQUENCE_AT, index)
         struct.pack_into(">I", moof, _TFHD_TRACK_ID_AT, track_id)
         struct.pack_into(">Q", moof, _TFDT_TIME_AT, base_time)
-        moof[self._tfxd_at :] = _tfxd_fields(Tfxd(self.tfxd_version, base_time, self.duration, index))
+        if self._traf_tail is not None:
+            tail = self._traf_tail(base_time, self.duration, index)
+            if len(tail) != len(moof) - self._tail_at:
+                raise ValueError(f"the traf tail changed size ({len(moof) - self._tail_at} -> {len(tail)} bytes)")
+            moof[self._tail_at :] = tail
         return b"".join((moof, self._mdat))
 
 
 @dataclass(frozen=True)
 class ParsedTraf:
+    """One ``traf`` read back. ``extensions``: its ``uuid`` boxes, in order, for the wire format
+    to read (Smooth's ``tfxd``)."""
+
     track_id: int
     base_time: int | None
     samples: tuple[Sample, ...]
-    tfxd: Tfxd | None
+    extensions: tuple[Box, ...] = ()
 
     @property
     def duration(self) -> int:
@@ -568,7 +508,7 @@ def parse_fragment(
     for traf in children.get(b"traf", []):
         traf_children = _children(traf.payload)
         tfhd = _one(traf_children, b"tfhd", "traf").payload
-        _, tf_flags = _version_flags(tfhd, "tfhd")
+        _, tf_flags = version_flags(tfhd, "tfhd")
         try:
             (track_id,) = struct.unpack_from(">I", tfhd, 4)
             pos = 8
@@ -599,15 +539,11 @@ def parse_fragment(
         base_time = None
         if b"tfdt" in traf_children:
             tfdt = traf_children[b"tfdt"][0].payload
-            version, _ = _version_flags(tfdt, "tfdt")
+            version, _ = version_flags(tfdt, "tfdt")
             layout = ">Q" if version == 1 else ">I"
             if len(tfdt) < 4 + struct.calcsize(layout):
                 raise BoxError("tfdt is truncated")
             (base_time,) = struct.unpack_from(layout, tfdt, 4)
-        tfxd = None
-        for uuid_child in traf_children.get(b"uuid", []):
-            if uuid_child.user_type == TFXD_UUID:
-                tfxd = parse_tfxd(uuid_child.payload)
         samples: list[Sample] = []
         data_end = base
         truns = traf_children.get(b"trun", [])
@@ -623,7 +559,7 @@ def parse_fragment(
                 raise BoxError(f"the samples reference {referenced} bytes, more than the mdat's "
                                f"{mdat_end - mdat_start}: samples may not share bytes")  # fmt: skip
         next_base = data_end
-        trafs.append(ParsedTraf(track_id, base_time, tuple(samples), tfxd))
+        trafs.append(ParsedTraf(track_id, base_time, tuple(samples), tuple(traf_children.get(b"uuid", ()))))
     if not trafs:
         raise BoxError("moof has no traf")
     return ParsedFragment(sequence_number, tuple(trafs), data)
@@ -638,7 +574,7 @@ def _parse_trun(
     mdat_span: tuple[int, int],
     sample_budget: list[int],
 ) -> tuple[list[Sample], int]:
-    version, flags = _version_flags(trun, "trun")
+    version, flags = version_flags(trun, "trun")
     default_duration, default_size, default_flags = defaults
     try:
         (count,) = struct.unpack_from(">I", trun, 4)

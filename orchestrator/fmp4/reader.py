@@ -8,7 +8,13 @@ the buffered bytes do not yet hold one. No I/O happens here.
 
 A stream is a header followed by fragments::
 
-    ftyp  [uuid(Live Server Manifest)]  moov  (moof mdat)*  [mfra]
+    ftyp  [uuid(the format's manifest)]  moov  (moof mdat)*  [mfra]
+
+The reader is the same for every wire format. A format that opens its header with a manifest
+box (Smooth's Live Server Manifest) describes it with a :class:`ManifestBox` (its ``uuid``
+extended type, its name for messages, how to decode its text) and passes it in; the reader then
+keeps that box in :attr:`Header.manifest`, refuses a second one and, with ``require_manifest``,
+a ``moov`` that comes first.
 
 Events, in order:
   * :class:`Header` once the ``moov`` is complete (with the ``ftyp`` and manifest before it);
@@ -33,16 +39,15 @@ Every offset in an error message counts from the start of the stream.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from orchestrator.errors import BoxError, MediaError
 from orchestrator.fmp4.boxes import (
-    LIVE_SERVER_MANIFEST_UUID,
     ParsedFragment,
     TrackDefaults,
     TrackHeader,
     parse_fragment,
-    parse_live_server_manifest,
     parse_moov,
     parse_trex,
     read_box_header,
@@ -62,6 +67,17 @@ NEED_DATA = NeedData.NEED_DATA
 
 
 @dataclass(frozen=True)
+class ManifestBox:
+    """A wire format's manifest box in the header: a ``uuid`` box with extended type ``uuid``,
+    called ``name`` in messages, whose payload (after the 8-byte box header) ``decode`` turns
+    into text (raising BoxError)."""
+
+    uuid: bytes
+    name: str
+    decode: Callable[[bytes], str]
+
+
+@dataclass(frozen=True)
 class Header:
     """The stream header: the exact bytes of ftyp, manifest and moov, and what they say."""
 
@@ -69,7 +85,7 @@ class Header:
     manifest: bytes | None
     moov: bytes
     tracks: tuple[TrackHeader, ...]
-    smil: str | None
+    manifest_text: str | None  # the manifest decoded (Smooth: the SMIL document)
     defaults: dict[int, TrackDefaults] = field(repr=False)
 
     @property
@@ -105,9 +121,12 @@ Event = Header | Fragment | OtherBox
 class StreamReader:
     """Reads one fragmented-MP4 stream incrementally. See the module docstring."""
 
-    def __init__(self, *, require_manifest: bool = False) -> None:
+    def __init__(self, *, manifest: ManifestBox | None = None, require_manifest: bool = False) -> None:
+        if require_manifest and manifest is None:
+            raise ValueError("require_manifest needs the manifest box described")
         self._buffer = bytearray()
         self._consumed = 0  # stream offset of self._buffer[0]
+        self._manifest_box = manifest
         self._require_manifest = require_manifest
         self._ftyp: bytes | None = None
         self._manifest: bytes | None = None
@@ -188,26 +207,28 @@ class StreamReader:
                 raise MediaError(f"stream starts with {_name(box_type)}, expected ftyp")
             self._ftyp = data
             return None
-        if box_type == b"uuid" and _payload(data)[:16] == LIVE_SERVER_MANIFEST_UUID:
+        spec = self._manifest_box
+        if spec is not None and box_type == b"uuid" and _payload(data)[:16] == spec.uuid:
             if self._manifest is not None:
-                raise MediaError("two Live Server Manifest boxes in one header")
+                raise MediaError(f"two {spec.name} boxes in one header")
             self._manifest = data
             return None
         if box_type == b"moov":
-            if self._require_manifest and self._manifest is None:
-                raise MediaError("moov arrived before the Live Server Manifest box (ftyp, manifest, moov)")
+            if spec is not None and self._require_manifest and self._manifest is None:
+                raise MediaError(f"moov arrived before the {spec.name} box (ftyp, manifest, moov)")
             moov = _payload(data)
             try:
                 tracks = parse_moov(moov)
                 defaults = parse_trex(moov)
-                smil = parse_live_server_manifest(_payload(self._manifest)) if self._manifest else None
+                text = spec.decode(_payload(self._manifest)) if spec is not None and self._manifest else None
             except BoxError as exc:
                 raise BoxError(f"moov at offset {offset}: {exc}") from None
-            self.header = Header(self._ftyp, self._manifest, data, tuple(tracks), smil, defaults)
+            self.header = Header(self._ftyp, self._manifest, data, tuple(tracks), text, defaults)
             return self.header
         if box_type in (b"free", b"skip") or box_type == b"uuid":
-            # free/skip are padding; another uuid box here is the deprecated StreamManifestBox
-            # (ingest spec 3.2: SHOULD NOT be sent, and silently ignored if it is).
+            # free/skip are padding; another uuid box here is one the format does not use (for
+            # Smooth, the deprecated StreamManifestBox: ingest spec 3.2, SHOULD NOT be sent, and
+            # silently ignored if it is).
             return None
         raise MediaError(f"{_name(box_type)} at offset {offset} inside the header (expected manifest or moov)")
 

@@ -6,14 +6,17 @@ Theory of operation
 The ingest server (:mod:`orchestrator.ingest.server`) is a thin shell around three pieces of this
 module. None of them touches a socket, a file or a clock; time comes in as ``now``.
 
-* :class:`PostChecker` checks one POST body, bytes in, events out. It wraps
-  :class:`~orchestrator.fmp4.reader.StreamReader` with ``require_manifest=True``, so every POST
-  must open with ``ftyp``, the Live Server Manifest box and ``moov``, in that order (spec 3.1,
-  4.3). Then it checks each fragment: every ``traf`` carries a ``tfxd`` (3.3), and per track
-  within the POST the fragment time (tfxd ``fragment_absolute_time``, else tfdt) and the fragment
-  index (tfxd v2 ``fragment_index``, else ``mfhd.sequence_number``) strictly increase (3.8). A
-  fragment failing either check is *rejected*: counted, not archived, and the POST goes on. A
-  malformed box or header raises :class:`~orchestrator.errors.MediaError`, which ends the POST.
+* :class:`PostChecker` checks one POST body, bytes in, events out. What depends on the wire
+  format it asks the format's :class:`~orchestrator.wire.format.ReceiverRules` (Smooth's by
+  default, :mod:`orchestrator.wire.smooth`): it wraps
+  :class:`~orchestrator.fmp4.reader.StreamReader` with the format's manifest box, required, so
+  every Smooth POST must open with ``ftyp``, the Live Server Manifest box and ``moov``, in that
+  order (spec 3.1, 4.3). Then it checks each fragment: every ``traf`` passes the format's check
+  (Smooth: it carries a ``tfxd``, 3.3), and per track within the POST the fragment time and
+  index as the format reads them (Smooth: tfxd ``fragment_absolute_time``, else tfdt; tfxd v2
+  ``fragment_index``, else ``mfhd.sequence_number``) strictly increase (3.8). A fragment failing
+  either check is *rejected*: counted, not archived, and the POST goes on. A malformed box or
+  header raises :class:`~orchestrator.errors.MediaError`, which ends the POST.
 
 * :class:`PublishingPoint` is shared by every POST of every encoder group. Like the service in
   spec section 9 it keeps a single copy of each fragment, keyed by (stream, track,
@@ -58,9 +61,11 @@ definitions never share a file.
 The archive holds one file per (stream, track), ``<point path>/<stream id>/<track name>.mp4``:
 a single-track init segment (``ftyp`` + ``moov``), written with the track's first archived
 fragment, then that track's fragments in arrival order. A fragment carrying only that track is
-archived as the exact bytes received; one carrying several tracks is rebuilt per track with
-:func:`~orchestrator.fmp4.boxes.write_fragment` (samples, durations, composition offsets and the
-sync flag survive; other sample flags do not; tfdt is set to the tfxd time).
+archived as the exact bytes received; one carrying several tracks is rebuilt per track by the
+format (Smooth: :func:`~orchestrator.wire.smooth.write_fragment`; samples, durations,
+composition offsets and the sync flag survive; other sample flags do not; tfdt is set to the
+tfxd time). The init segment is the format's too (Smooth: the ``isml`` ftyp and the track's
+``moov``).
 
 Memory, bounded whatever the run time and the number of POSTs:
 
@@ -69,7 +74,9 @@ Memory, bounded whatever the run time and the number of POSTs:
   everything the index still remembers (its time at or below the newest time it forgot) is
   treated as a duplicate: it was archived then, or it arrives hours late and would land out of
   order in the archive; it is counted, never archived twice. ``gaps`` counts distinct indices
-  with a counter, not a set;
+  with a counter, not a set, and only for a continuous track (one whose ``hdlr`` is a kind with
+  a fragment for every index, :mod:`orchestrator.tracks`; an unknown handler counts as
+  continuous): a sparse track's missing indices are not gaps;
 * the per-POST log keeps the last ``POST_LOG_SIZE`` POSTs; each POST's record keeps its last
   ``FRAGMENT_LOG_SIZE`` fragments, fewer when many POSTs are active at once: a record opened
   while ``n`` POSTs are active keeps ``max(FRAGMENT_LOG_MIN, FRAGMENT_LOG_BUDGET // n)`` at
@@ -83,22 +90,23 @@ from __future__ import annotations
 
 import hashlib
 import re
-import xml.etree.ElementTree as ElementTree
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator.errors import IngestOverloaded, MediaError
-from orchestrator.fmp4 import boxes
+from orchestrator.errors import BoxError, IngestOverloaded, MediaError
+from orchestrator.fmp4.boxes import ParsedFragment, ParsedTraf
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, NeedData, StreamReader
+from orchestrator.tracks import is_continuous
+from orchestrator.wire import smooth
+from orchestrator.wire.format import FragmentTiming, ReceiverRules
 
 Outcome = Literal["archived", "duplicate", "rejected"]
 PostStatus = Literal["active", "ok", "error", "disconnected", "cancelled"]
 
 POST_LOG_SIZE = 200
 FRAGMENT_LOG_SIZE = 1000
-MAX_MANIFEST_ELEMENTS = 1000
+MAX_MANIFEST_ELEMENTS = smooth.MAX_MANIFEST_ELEMENTS
 DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
 FRAGMENT_LOG_BUDGET = 100_000  # fragment entries over the records of all active POSTs
 FRAGMENT_LOG_MIN = 10
@@ -106,8 +114,6 @@ DEDUP_WINDOW = 4096  # fragments remembered per track for de-duplication
 
 # --- addresses and names ------------------------------------------------------------------
 
-# MS-SSTR 9.2 / ingest spec 4: {publishing point path}.isml/Streams({identifier}).
-_STREAM_URL = re.compile(r"/(?P<point>.+)\.isml/streams\((?P<stream>.*)\)", re.IGNORECASE | re.DOTALL)
 # A name that is safe as one path component on any file system: no "..", no separators.
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -140,11 +146,11 @@ def parse_stream_path(path: str) -> StreamPath | None:
     are not all safe names (``..``, empty parts, odd characters), so that a request can never
     name a file outside the archive.
     """
-    match = _STREAM_URL.fullmatch(path)
+    match = smooth.parse_path(path)  # MS-SSTR 9.2 / ingest spec 4: {point}.isml/Streams({id})
     if match is None:
         return None
-    parts = tuple(match["point"].split("/"))
-    stream_id = match["stream"]
+    parts = tuple(match[0].split("/"))
+    stream_id = match[1]
     for part in (*parts, stream_id):
         if not is_safe_name(part):
             raise ValueError(f"unsafe name {part!r} in ingest path {path!r}")
@@ -156,41 +162,8 @@ def parse_stream_path(path: str) -> StreamPath | None:
 
 
 def track_names(smil: str | None) -> dict[int, str]:
-    """trackID -> trackName, from the ``<param>`` children of the Live Server Manifest's track
-    elements (MS-SSTR 2.2.7.3). A manifest that is not XML names no tracks. Raises MediaError
-    for one of more than ``MAX_MANIFEST_ELEMENTS`` elements, counted while parsing."""
-    if not smil:
-        return {}
-    parser: ElementTree.XMLPullParser[ElementTree.Element] = ElementTree.XMLPullParser(events=("start",))
-    root: ElementTree.Element | None = None
-    elements = 0
-    try:
-        for start in range(0, len(smil), 16384):
-            parser.feed(smil[start : start + 16384])
-            events: Iterator[Any] = parser.read_events()  # ("start", element) only, as asked
-            for _name, element in events:
-                root = element if root is None else root
-                elements += 1
-                if elements > MAX_MANIFEST_ELEMENTS:
-                    raise MediaError(f"the Live Server Manifest has more than {MAX_MANIFEST_ELEMENTS} elements, "
-                                     "the limit")  # fmt: skip
-        parser.close()
-    except ElementTree.ParseError:
-        return {}
-    if root is None:
-        return {}
-    names: dict[int, str] = {}
-    for element in root.iter():
-        params = {
-            (child.get("name") or "").lower(): child.get("value") or ""
-            for child in element
-            if child.tag.rsplit("}", 1)[-1] == "param"
-        }
-        track_id, name = params.get("trackid", ""), params.get("trackname", "")
-        # At most 10 digits: a trackID is 32 bits, and int() of 5,000 digits raises.
-        if track_id.isascii() and track_id.isdigit() and len(track_id) <= 10 and name:
-            names[int(track_id)] = name
-    return names
+    """See :func:`orchestrator.wire.smooth.track_names` (Smooth's manifest names the tracks)."""
+    return smooth.track_names(smil)
 
 
 # --- one POST -----------------------------------------------------------------------------
@@ -216,12 +189,14 @@ class CheckedFragment:
     rejected: str | None
 
 
-def _fragment_info(traf: boxes.ParsedTraf, sequence_number: int) -> FragmentInfo:
-    tfxd = traf.tfxd
-    if tfxd is None:
-        return FragmentInfo(traf.track_id, sequence_number, traf.base_time, traf.duration)
-    index = sequence_number if tfxd.fragment_index is None else tfxd.fragment_index
-    return FragmentInfo(traf.track_id, index, tfxd.absolute_time, tfxd.duration)
+def _fragment_info(rules: ReceiverRules, fragment: Fragment, traf_at: int) -> FragmentInfo:
+    parsed = fragment.parsed
+    traf = parsed.trafs[traf_at]
+    try:
+        timing = rules.timing(traf, parsed.sequence_number)
+    except BoxError as exc:
+        raise BoxError(f"fragment at offset {fragment.offset}: {exc}") from None
+    return FragmentInfo(traf.track_id, timing.index, timing.time, timing.duration)
 
 
 class PostChecker:
@@ -230,11 +205,13 @@ class PostChecker:
     ``next_event`` returns the :class:`~orchestrator.fmp4.reader.Header` once, then a
     :class:`CheckedFragment` per fragment; other top-level boxes after the header (``mfra``,
     ``free`` ...) are skipped, as the service ignores them (spec 3.2, 3.5). It raises
-    MediaError for a stream that cannot go on; the checker is then unusable.
+    MediaError for a stream that cannot go on; the checker is then unusable. ``rules``: the
+    wire format's checks (Smooth's by default).
     """
 
-    def __init__(self) -> None:
-        self._reader = StreamReader(require_manifest=True)
+    def __init__(self, rules: ReceiverRules = smooth.RECEIVER) -> None:
+        self.rules = rules
+        self._reader = StreamReader(manifest=rules.manifest, require_manifest=rules.require_manifest)
         self._last: dict[int, tuple[int, int]] = {}  # track -> (time, index) last accepted
 
     @property
@@ -271,19 +248,23 @@ class PostChecker:
         assert self._reader.header is not None  # the reader hands out fragments only after it
         declared = {track.track_id for track in self._reader.header.tracks}
         parsed = fragment.parsed
-        infos = []
+        infos: list[FragmentInfo] = []
         for traf in parsed.trafs:
             if traf.track_id not in declared:
                 raise MediaError(
                     f"fragment at offset {fragment.offset} carries track {traf.track_id}, "
                     f"which the moov does not declare"
                 )
-            infos.append(_fragment_info(traf, parsed.sequence_number))
+            infos.append(_fragment_info(self.rules, fragment, len(infos)))
         last = dict(self._last)
         for traf, info in zip(parsed.trafs, infos, strict=True):
-            if traf.tfxd is None:
-                return CheckedFragment(fragment, tuple(infos), f"track {traf.track_id}: traf has no tfxd")
-            time, index = traf.tfxd.absolute_time, info.index
+            problem = self.rules.problem(traf)
+            if problem is None and info.time is None:
+                problem = "traf gives no time"
+            if problem is not None:
+                return CheckedFragment(fragment, tuple(infos), f"track {traf.track_id}: {problem}")
+            time, index = info.time, info.index
+            assert time is not None
             previous = last.get(traf.track_id)
             if previous is not None and time <= previous[0]:
                 reason = f"track {traf.track_id}: time {time} does not follow {previous[0]}"
@@ -330,6 +311,7 @@ class _Track:
     timescale: int
     init: bytes = field(repr=False)  # dropped (b"") once written
     key: str = ""  # in /status: the track ID, and "<id>-<n>" for a later definition of it
+    continuous: bool = True  # a fragment for every index: a missing one is a gap
     init_written: bool = False
     received: int = 0
     archived: int = 0
@@ -347,7 +329,8 @@ class _Track:
 
     @property
     def gaps(self) -> int:
-        if self.first_index is None or self.last_index is None:
+        """Indices missing between the first and the last archived; 0 for a sparse track."""
+        if self.first_index is None or self.last_index is None or not self.continuous:
             return 0
         return self.last_index - self.first_index + 1 - self.distinct_indices
 
@@ -431,9 +414,11 @@ class PublishingPoint:
     """Every stream of every publishing point path, shared by all POSTs. See the module docstring.
 
     ``memory_budget``: bytes that all POSTs together may hold in their readers (buffered, or
-    declared by the box being received)."""
+    declared by the box being received). ``rules``: the wire format's checks (Smooth's by
+    default)."""
 
-    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET, rules: ReceiverRules = smooth.RECEIVER) -> None:
+        self.rules = rules
         self._streams: dict[StreamPath, _Stream] = {}
         self._log: deque[_PostRecord] = deque(maxlen=POST_LOG_SIZE)
         self._next_post_id = 1
@@ -508,13 +493,13 @@ class PublishingPoint:
         """The tracks a POST with ``header`` writes to, and notices. Computes everything before it
         changes anything, so a header that fails half-way leaves the stream as it was."""
         digest = hashlib.sha256(header.data).digest()
-        names = track_names(header.smil)
+        names = self.rules.track_names(header)
         files = set(stream.files)
         chosen: dict[int, _Track] = {}
         created: list[tuple[tuple[int, bytes], _Track]] = []
         notices = []
         for track in header.tracks:
-            init = boxes.write_ftyp() + boxes.write_moov([track])
+            init = self.rules.init_segment(track)
             definition = (track.track_id, hashlib.sha256(init).digest())
             known = stream.tracks.get(definition)
             if known is not None:
@@ -533,7 +518,7 @@ class PublishingPoint:
             files.add(f"{stem}.mp4")
             key = str(track.track_id) if not earlier else f"{track.track_id}-{len(earlier) + 1}"
             new = _Track(track.track_id, stem, (*path.point, path.stream_id, f"{stem}.mp4"), track.timescale, init,
-                         key=key)  # fmt: skip
+                         key=key, continuous=is_continuous(track.handler))  # fmt: skip
             chosen[track.track_id] = new
             created.append((definition, new))
             if earlier:
@@ -561,7 +546,7 @@ class PublishingPoint:
             track = tracks[info.track_id]
             writes = None
             if checked.rejected is None and not (info.time is not None and track.seen(info.time)):
-                data = _single_track_fragment(parsed, traf, info)
+                data = _single_track_fragment(self.rules, parsed, traf, info)
                 init = () if track.init_written else (ArchiveWrite(track.file, track.init, new_file=True),)
                 writes = (*init, ArchiveWrite(track.file, data))
             planned.append((track, info, writes))
@@ -584,7 +569,7 @@ class PublishingPoint:
                     )
                 decision = Decision(record.id, record.stream, info, "duplicate", reason, reason is not None)
             else:
-                assert info.time is not None  # accepted fragments carry a tfxd
+                assert info.time is not None  # accepted fragments give their time
                 decision = Decision(record.id, record.stream, info, "archived", writes=writes)
             record.fragments_seen += 1
             record.fragments.append((info, decision.outcome))
@@ -617,15 +602,12 @@ def _track_json(track: _Track) -> dict[str, Any]:
     }
 
 
-def _single_track_fragment(parsed: boxes.ParsedFragment, traf: boxes.ParsedTraf, info: FragmentInfo) -> bytes:
+def _single_track_fragment(rules: ReceiverRules, parsed: ParsedFragment, traf: ParsedTraf, info: FragmentInfo) -> bytes:
     """The ``moof`` + ``mdat`` of one track of ``parsed``: the received bytes if it is the only
-    track, else rebuilt with the same index, time, tfxd version (at least 1) and samples."""
+    track, else rebuilt by the format with the same index, time and samples."""
     if len(parsed.trafs) == 1:
         return parsed.data
-    tfxd = traf.tfxd
-    assert tfxd is not None  # accepted fragments carry a tfxd
-    run = boxes.TrackRun(traf.track_id, tfxd.absolute_time, traf.samples, info.index)
-    return boxes.write_fragment(parsed.sequence_number, [run], max(1, tfxd.version))
+    return rules.single_track_fragment(parsed, traf, FragmentTiming(info.index, info.time, info.duration))
 
 
 class Post:
@@ -635,7 +617,7 @@ class Post:
         self._point = point
         self._record = record
         self._stream = stream
-        self._checker = PostChecker()
+        self._checker = PostChecker(point.rules)
         self._tracks: dict[int, _Track] = {}
         self._queue: deque[_Pending | Decision] = deque()
         self._unconfirmed: _Pending | None = None

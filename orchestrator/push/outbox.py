@@ -50,6 +50,15 @@ one to its long-running POST. Four rules make this lossless:
 * **Order.** Resends and pending fragments leave in the order they were produced, so timestamps
   on the new POST continue from where the receiver last saw them.
 
+* **Sparse tracks.** The rules above that count per track assume a fragment for every index: a
+  track whose fragments say they are not continuous (``EncodedFragment.continuous``, a sparse
+  track of cues) has its last fragment whenever its last event was, maybe an hour ago. So for
+  such a track the seconds bound is an *age*: a pending fragment that ended more than
+  ``max_seconds`` before the newest fragment pushed (any track) is dropped, and is not counted
+  in ``pending_seconds``; and the per-track resend keeps its last fragments only while they are
+  that recent (an old cue is not sent again, nor kept for it). The byte bound, the unconfirmed
+  window and the fragment in flight apply to it as to any other.
+
 ``close()`` ends the stream: what is pending is still handed out, then ``finished`` is true.
 Pure: no clock, no I/O. The trio wake-up lives in :mod:`orchestrator.push.publisher`.
 """
@@ -61,6 +70,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from orchestrator.fmp4.stream import EncodedFragment
+
+
+def _end(fragment: EncodedFragment) -> Fraction:
+    """Where ``fragment`` ends, in seconds since the epoch."""
+    return Fraction(fragment.start + fragment.duration, fragment.timescale)
 
 
 @dataclass(frozen=True)
@@ -100,12 +114,15 @@ class Outbox:
         self._pending_bytes = 0
         self._pending_ticks: Counter[int] = Counter()  # track -> sum of pending durations
         self._timescales: dict[int, int] = {}
+        self._sparse_tracks: set[int] = set()  # tracks whose fragments are not continuous
         self._sent: deque[_Sent] = deque()
         self._sent_per_track: Counter[int] = Counter()  # entries of each track in ``_sent``
         self._sent_after_trim = 0  # len(_sent) after the last full trim
         self._taken_bytes = 0
         self._unacked = 0  # the most the open connection's send queue held unacknowledged
         self._in_flight: _Sent | None = None  # taken, not yet reported written
+        self._newest_end = Fraction(0)  # the latest end (seconds since the epoch) of any fragment pushed
+        self._sparse_pending = 0  # pending fragments of non-continuous tracks
         self.closed = False
         self.dropped = 0
         self.resent = 0
@@ -130,8 +147,7 @@ class Outbox:
             return None
         item = self._pending.popleft()
         fragment = item.fragment
-        self._pending_bytes -= len(fragment.data)
-        self._pending_ticks[fragment.track_id] -= fragment.duration
+        self._count_pending(fragment, -1)
         self._taken_bytes += len(fragment.data)
         self._sent.append(_Sent(fragment, self._taken_bytes, item.put_back))
         self._sent_per_track[fragment.track_id] += 1
@@ -165,8 +181,7 @@ class Outbox:
         self._in_flight = None
         for fragment, put_back in reversed(again):
             self._pending.appendleft(Taken(fragment, resend=True, put_back=put_back + 1))
-            self._pending_bytes += len(fragment.data)
-            self._pending_ticks[fragment.track_id] += fragment.duration
+            self._count_pending(fragment, +1)
         # Over the bound, the oldest resends give way first; they were sent once already, so they
         # are not counted as dropped.
         self._enforce_bound()
@@ -196,9 +211,10 @@ class Outbox:
     def pending_seconds(self) -> Fraction:
         """Media seconds pending: the largest over the stream's tracks."""
         return max(
-            (Fraction(ticks, self._timescales[track]) for track, ticks in self._pending_ticks.items()),
+            (Fraction(ticks, self._timescales[track]) for track, ticks in self._pending_ticks.items()
+             if track not in self._sparse_tracks),
             default=Fraction(0),
-        )
+        )  # fmt: skip
 
     @property
     def forward_buffer(self) -> list[EncodedFragment]:
@@ -214,9 +230,21 @@ class Outbox:
     def _append(self, item: Taken) -> None:
         fragment = item.fragment
         self._timescales[fragment.track_id] = fragment.timescale
+        if not fragment.continuous:
+            self._sparse_tracks.add(fragment.track_id)
+        self._newest_end = max(self._newest_end, _end(fragment))
         self._pending.append(item)
-        self._pending_bytes += len(fragment.data)
-        self._pending_ticks[fragment.track_id] += fragment.duration
+        self._count_pending(fragment, +1)
+
+    def _count_pending(self, fragment: EncodedFragment, sign: int) -> None:
+        self._pending_bytes += sign * len(fragment.data)
+        self._pending_ticks[fragment.track_id] += sign * fragment.duration
+        if not fragment.continuous:
+            self._sparse_pending += sign
+
+    def _recent(self, fragment: EncodedFragment) -> bool:
+        """Whether ``fragment`` ended within ``max_seconds`` of the newest fragment pushed."""
+        return self._newest_end - _end(fragment) <= self.limits.max_seconds
 
     def _next_victim(self) -> int | None:
         """Position in ``pending`` of the fragment to drop to get back within the bound, or None.
@@ -230,12 +258,13 @@ class Outbox:
             return 0
         over = {
             track for track, ticks in self._pending_ticks.items()
-            if Fraction(ticks, self._timescales[track]) > self.limits.max_seconds
+            if track not in self._sparse_tracks and Fraction(ticks, self._timescales[track]) > self.limits.max_seconds
         }  # fmt: skip
-        if not over:
+        if not over and not self._sparse_pending:
             return None
         for position, item in enumerate(self._pending):
-            if item.fragment.track_id in over:
+            fragment = item.fragment
+            if fragment.track_id in over or (not fragment.continuous and not self._recent(fragment)):
                 return position if position < len(self._pending) - 1 else None
         return None
 
@@ -245,8 +274,7 @@ class Outbox:
             item = self._pending[position]
             del self._pending[position]
             fragment = item.fragment
-            self._pending_bytes -= len(fragment.data)
-            self._pending_ticks[fragment.track_id] -= fragment.duration
+            self._count_pending(fragment, -1)
             if not item.resend:
                 dropped.append(fragment)
         self.dropped += len(dropped)
@@ -266,7 +294,7 @@ class Outbox:
             track = sent.fragment.track_id
             rank[track] += 1
             unconfirmed = self._taken_bytes - sent.end_offset < window and sent.put_back < self.limits.max_put_back
-            if rank[track] <= self.limits.resend_per_track or unconfirmed:
+            if self._kept_for_track(sent.fragment, rank[track]) or unconfirmed:
                 keep.append((sent.fragment, sent.put_back))
         keep.reverse()
         return keep
@@ -286,12 +314,17 @@ class Outbox:
                 return
             track = oldest.fragment.track_id
             rank = self._sent_per_track[track] - (in_flight is not None and in_flight.fragment.track_id == track)
-            if rank <= limits.resend_per_track:
+            if self._kept_for_track(oldest.fragment, rank):
                 return
             if self._taken_bytes - oldest.end_offset < window and oldest.put_back < limits.max_put_back:
                 return
             self._sent.popleft()
             self._sent_per_track[track] -= 1
+
+    def _kept_for_track(self, fragment: EncodedFragment, rank: int) -> bool:
+        """Whether a rewind resends ``fragment`` as one of the last ``resend_per_track`` of its
+        track (``rank``: 1 for the newest sent): a sparse track's only while it is recent."""
+        return rank <= self.limits.resend_per_track and (fragment.continuous or self._recent(fragment))
 
     def _trim_sent(self) -> None:
         """Forget everything a rewind could no longer select (a pass over ``sent``)."""

@@ -8,9 +8,9 @@ import pytest
 
 from orchestrator.encode.synthetic import FragmentTemplates, SyntheticStream, clip_for
 from orchestrator.errors import EncoderError
-from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
 from orchestrator.profile import load_profile, parse_profile
+from orchestrator.wire import smooth
 
 DEMO = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
 K = 14_080_000  # a fragment index in late 2026 for the demo's 2 s fragments
@@ -35,11 +35,11 @@ def test_fragment_is_stamped_from_the_shared_clock(profile):
         (clock,) = source.clocks
         (fragment,) = source.fragment(K)
         assert (fragment.index, fragment.start, fragment.duration) == (K, clock.start(K), clock.duration(K))
-        parsed = boxes.parse_fragment(fragment.data)
+        parsed = smooth.parse_fragment(fragment.data)
         assert parsed.sequence_number == K
         (traf,) = parsed.trafs
         assert traf.base_time == clock.start(K)
-        assert traf.tfxd == boxes.Tfxd(1, clock.start(K), clock.duration(K), None)
+        assert traf.tfxd == smooth.Tfxd(1, clock.start(K), clock.duration(K), None)
         assert [s.duration for s in traf.samples] == clock.sample_durations(K)
         assert all(s.is_sync for s in traf.samples)
 
@@ -48,7 +48,7 @@ def test_tfxd_version_2_carries_the_index(profile):
     text = DEMO.read_text().replace("tfxd_version = 1", "tfxd_version = 2")
     v2 = parse_profile(text, "v2.toml")
     (fragment,) = SyntheticStream(v2, v2.streams[0]).fragment(K)
-    assert boxes.parse_fragment(fragment.data).trafs[0].tfxd.fragment_index == K
+    assert smooth.parse_fragment(fragment.data).trafs[0].tfxd.fragment_index == K
 
 
 def test_consecutive_fragments_are_contiguous(profile):
@@ -68,7 +68,7 @@ def test_unsupported_audio_clip_is_a_clear_error(profile):
 
 def test_header_reads_back(profile):
     source = SyntheticStream(profile, profile.streams[1])
-    reader = StreamReader(require_manifest=True)
+    reader = smooth.reader(require_manifest=True)
     reader.feed(source.header.data)
     header = reader.next_event()
     assert isinstance(header, Header)
@@ -76,7 +76,7 @@ def test_header_reads_back(profile):
     (track,) = header.tracks
     # Track IDs are presentation-wide: the audio stream's only track is the presentation's second.
     assert (track.track_id, track.handler, track.timescale, track.codec) == (2, b"soun", 48000, "mp4a")
-    assert 'trackName" value="audio_eng"' in header.smil
+    assert 'trackName" value="audio_eng"' in header.manifest_text
 
 
 @pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffprobe: apt-get install ffmpeg (see README)")
@@ -107,7 +107,7 @@ def test_ffprobe_decodes_every_frame(profile, tmp_path, stream_index):
     assert expected_frames - (1 if stream_index else 0) <= decoded <= expected_frames
 
 
-# --- templates: the fast path, byte for byte the same as boxes.write_fragment ----------------
+# --- templates: the fast path, byte for byte the same as smooth.write_fragment ---------------
 
 VIDEO_TRACK = """  [[streams.tracks]]
   kind = "video"
@@ -180,10 +180,10 @@ def test_templated_fragment_reads_back_as_the_clock_and_clip_say():
     for k in (K, K + 1, K + 2):
         for fragment, clock, clip, track_id in zip(source.fragment(k), source.clocks, source.clips,
                                                    source.track_ids, strict=True):  # fmt: skip
-            (traf,) = boxes.parse_fragment(fragment.data).trafs
+            (traf,) = smooth.parse_fragment(fragment.data).trafs
             first = clock.first_frame(k)
             assert (traf.track_id, traf.base_time) == (track_id, clock.start(k))
-            assert traf.tfxd == boxes.Tfxd(1, clock.start(k), clock.duration(k), None)
+            assert traf.tfxd == smooth.Tfxd(1, clock.start(k), clock.duration(k), None)
             assert [s.duration for s in traf.samples] == clock.sample_durations(k)
             assert [s.data for s in traf.samples] == [
                 clip.samples[n % len(clip.samples)] for n in range(first, clock.first_frame(k + 1))

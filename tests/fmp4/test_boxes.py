@@ -18,26 +18,28 @@ import pytest
 from orchestrator.errors import BoxError
 from orchestrator.fmp4.boxes import (
     Box,
-    FragmentTemplate,
-    ParsedFragment,
-    ParsedTraf,
     Sample,
-    Tfxd,
     TrackDefaults,
     TrackHeader,
     TrackRun,
     box,
     full_box,
     parse_boxes,
+    parse_moov,
+    read_box_header,
+    write_moov,
+)
+from orchestrator.wire.smooth import (
+    FragmentTemplate,
+    ParsedFragment,
+    ParsedTraf,
+    Tfxd,
     parse_fragment,
     parse_live_server_manifest,
-    parse_moov,
     parse_tfxd,
-    read_box_header,
     write_fragment,
     write_ftyp,
     write_live_server_manifest,
-    write_moov,
     write_tfxd,
 )
 

@@ -1,6 +1,6 @@
 import xml.etree.ElementTree as ET
 
-from orchestrator.fmp4.manifest import ManifestTrack, live_server_manifest
+from orchestrator.wire.smooth import ManifestTrack, live_server_manifest
 
 SMIL = "{http://www.w3.org/2001/SMIL20/Language}"
 

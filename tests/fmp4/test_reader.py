@@ -10,17 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.errors import BoxError, MediaError
-from orchestrator.fmp4.boxes import (
-    Sample,
-    TrackHeader,
-    TrackRun,
-    box,
-    write_fragment,
-    write_ftyp,
-    write_live_server_manifest,
-    write_moov,
-)
+from orchestrator.fmp4.boxes import Sample, TrackHeader, TrackRun, box, write_moov
 from orchestrator.fmp4.reader import NEED_DATA, Event, Fragment, Header, OtherBox, StreamReader
+from orchestrator.wire import smooth
+from orchestrator.wire.smooth import write_fragment, write_ftyp, write_live_server_manifest
 
 MEDIA = Path(__file__).resolve().parents[2] / "orchestrator" / "encode" / "media"
 SMIL = '<smil xmlns="http://www.w3.org/2001/SMIL20/Language"><body><switch/></body></smil>'
@@ -47,7 +40,7 @@ STREAM = HEADER + b"".join(FRAGMENTS) + MFRA
 
 def events_of(chunks: list[bytes], reader: StreamReader | None = None) -> list[Event]:
     """Feed the chunks one by one, taking every event after each."""
-    reader = reader or StreamReader()
+    reader = reader or smooth.reader()
     events: list[Event] = []
     for chunk in chunks:
         reader.feed(chunk)
@@ -57,7 +50,7 @@ def events_of(chunks: list[bytes], reader: StreamReader | None = None) -> list[E
 
 
 def test_whole_stream_events() -> None:
-    reader = StreamReader(require_manifest=True)
+    reader = smooth.reader(require_manifest=True)
     events = events_of([STREAM], reader)
     assert [type(e) for e in events] == [Header, Fragment, Fragment, Fragment, OtherBox]
     header = events[0]
@@ -65,7 +58,7 @@ def test_whole_stream_events() -> None:
     assert header.data == HEADER  # the exact bytes, boxes in order
     assert (header.ftyp, header.manifest, header.moov) == (FTYP, MANIFEST, MOOV)
     assert header.tracks == tuple(TRACKS)
-    assert header.smil == SMIL
+    assert header.manifest_text == SMIL
     assert reader.header is header
     offset = len(HEADER)
     for k, event in enumerate(events[1:4]):
@@ -94,7 +87,7 @@ def test_any_split_gives_the_same_events(cuts: list[int]) -> None:
 
 
 def test_need_data_until_each_event_is_complete() -> None:
-    reader = StreamReader()
+    reader = smooth.reader()
     assert reader.next_event() is NEED_DATA
     reader.feed(HEADER[:-1])
     assert reader.next_event() is NEED_DATA
@@ -127,7 +120,7 @@ def test_free_box_inside_the_header_is_skipped() -> None:
 def test_deprecated_stream_manifest_box_in_the_header_is_ignored() -> None:
     # Ingest spec 3.2: the StreamManifestBox SHOULD NOT be sent and is silently ignored.
     stream_manifest = box(b"uuid", bytes(range(16)), b"\0\0\0\0<smil/>")
-    events = events_of([FTYP + MANIFEST + stream_manifest + MOOV + FRAGMENTS[0]], StreamReader(require_manifest=True))
+    events = events_of([FTYP + MANIFEST + stream_manifest + MOOV + FRAGMENTS[0]], smooth.reader(require_manifest=True))
     assert [type(e) for e in events] == [Header, Fragment]
     assert events[0].data == HEADER
 
@@ -135,12 +128,12 @@ def test_deprecated_stream_manifest_box_in_the_header_is_ignored() -> None:
 def test_manifest_is_optional_unless_required() -> None:
     [header] = events_of([FTYP + MOOV])
     assert isinstance(header, Header)
-    assert (header.manifest, header.smil, header.data) == (None, None, FTYP + MOOV)
+    assert (header.manifest, header.manifest_text, header.data) == (None, None, FTYP + MOOV)
 
 
 def media_error(data: bytes, *, require_manifest: bool = False) -> MediaError:
     """The MediaError (an ordering problem: not a malformed box) that reading ``data`` raises."""
-    reader = StreamReader(require_manifest=require_manifest)
+    reader = smooth.reader(require_manifest=require_manifest)
     with pytest.raises(MediaError) as caught:
         events_of([data], reader)
     assert type(caught.value) is MediaError
@@ -174,7 +167,7 @@ def test_moov_before_manifest_when_the_manifest_is_required() -> None:
 
 
 def test_malformed_box_raises_box_error() -> None:
-    reader = StreamReader()
+    reader = smooth.reader()
     reader.feed(HEADER + bytes(4) + b"moof")  # size 0
     assert isinstance(reader.next_event(), Header)
     with pytest.raises(BoxError, match="size 0"):
@@ -220,7 +213,7 @@ def test_manifest_with_a_64_bit_box_size_is_recognised() -> None:
 
     payload = MANIFEST[8:]
     large = struct.pack(">I4sQ", 1, b"uuid", 16 + len(payload)) + payload
-    [header, _] = events_of([FTYP + large + MOOV + FRAGMENTS[0]], StreamReader(require_manifest=True))
+    [header, _] = events_of([FTYP + large + MOOV + FRAGMENTS[0]], smooth.reader(require_manifest=True))
     assert isinstance(header, Header)
-    assert header.smil == SMIL
+    assert header.manifest_text == SMIL
     assert header.manifest == large

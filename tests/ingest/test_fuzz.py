@@ -27,6 +27,7 @@ from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA
 from orchestrator.ingest.receiver import Post, PublishingPoint, StreamPath
 from orchestrator.ingest.server import IngestApp, serve_app
+from orchestrator.wire import smooth
 from tests.ingest.test_receiver import AUDIO, VIDEO, header, init, run, smil
 
 BUDGET = 2 * 1024 * 1024
@@ -34,10 +35,10 @@ TIME_BOUND_S = 2.0
 OTHER = StreamPath(("live", "demo"), "other")
 FUZZED = StreamPath(("live", "demo"), "fuzzed")
 TWO_TRACKS = header((VIDEO, AUDIO), smil({1: "video", 2: "audio"}))
-FRAGMENTS = [boxes.write_fragment(k, [run(k, 1), run(k, 2, duration=1024)], tfxd_version=2) for k in range(4)]
+FRAGMENTS = [smooth.write_fragment(k, [run(k, 1), run(k, 2, duration=1024)], tfxd_version=2) for k in range(4)]
 VALID = TWO_TRACKS + b"".join(FRAGMENTS)
-OTHER_BODY = header() + b"".join(boxes.write_fragment(k, [run(k, 1)]) for k in range(4))
-OTHER_ARCHIVE = init(VIDEO) + b"".join(boxes.write_fragment(k, [run(k, 1)]) for k in range(4))
+OTHER_BODY = header() + b"".join(smooth.write_fragment(k, [run(k, 1)]) for k in range(4))
+OTHER_ARCHIVE = init(VIDEO) + b"".join(smooth.write_fragment(k, [run(k, 1)]) for k in range(4))
 CONTAINERS = {b"moov", b"trak", b"mdia", b"minf", b"stbl", b"mvex", b"moof", b"traf", b"dinf"}
 
 

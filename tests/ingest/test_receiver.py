@@ -24,6 +24,7 @@ from orchestrator.ingest.receiver import (
     parse_stream_path,
     track_names,
 )
+from orchestrator.wire import smooth
 
 AVC1 = boxes.box(b"avc1", bytes(78))
 MP4A = boxes.box(b"mp4a", bytes(28))
@@ -47,7 +48,7 @@ def smil(names: dict[int, str], creator: str = "test") -> str:
 
 def header(tracks: tuple[boxes.TrackHeader, ...] = (VIDEO,), manifest: str | None = None) -> bytes:
     manifest = smil({1: "video", 2: "audio"}) if manifest is None else manifest
-    return boxes.write_ftyp() + boxes.write_live_server_manifest(manifest) + boxes.write_moov(tracks)
+    return smooth.write_ftyp() + smooth.write_live_server_manifest(manifest) + boxes.write_moov(tracks)
 
 
 def run(index: int, track_id: int = 1, time: int | None = None, duration: int = FRAME) -> boxes.TrackRun:
@@ -57,7 +58,7 @@ def run(index: int, track_id: int = 1, time: int | None = None, duration: int = 
 
 
 def fragment(index: int, time: int | None = None, duration: int = FRAME, tfxd_version: int = 1) -> bytes:
-    return boxes.write_fragment(index, [run(index, 1, time, duration)], tfxd_version)
+    return smooth.write_fragment(index, [run(index, 1, time, duration)], tfxd_version)
 
 
 def fragment_without_tfxd(index: int, time: int) -> bytes:
@@ -107,7 +108,7 @@ def archived_bytes(decisions: list[Decision], name: str = "video.mp4") -> bytes:
 
 
 def init(track: boxes.TrackHeader) -> bytes:
-    return boxes.write_ftyp() + boxes.write_moov([track])
+    return smooth.write_ftyp() + boxes.write_moov([track])
 
 
 # --- one POST, byte by byte ---------------------------------------------------------------
@@ -216,8 +217,8 @@ def test_duplicate_with_another_index_or_duration_is_a_conflict() -> None:
     point = PublishingPoint()
     whole_post(point, header(), fragment(0), fragment(1), group="A")
     # Group B is misaligned: the same time with another index; group C: another duration.
-    other_index = boxes.write_fragment(7, [run(7, time=0)])
-    other_duration = boxes.write_fragment(1, [run(1, time=FRAME, duration=FRAME + 1)])
+    other_index = smooth.write_fragment(7, [run(7, time=0)])
+    other_duration = smooth.write_fragment(1, [run(1, time=FRAME, duration=FRAME + 1)])
     decisions = whole_post(point, header(), other_index, group="B")
     decisions += whole_post(point, header(), other_duration, fragment(2), group="C")
 
@@ -285,8 +286,8 @@ def test_time_or_index_going_backwards_within_a_post_is_rejected() -> None:
         header(),
         fragment(0),
         fragment(1),
-        boxes.write_fragment(2, [run(2, time=FRAME // 2)]),  # time goes back
-        boxes.write_fragment(1, [run(1, time=5 * FRAME)]),  # index repeats
+        smooth.write_fragment(2, [run(2, time=FRAME // 2)]),  # time goes back
+        smooth.write_fragment(1, [run(1, time=5 * FRAME)]),  # index repeats
         fragment(3),  # continues from the last accepted fragment
     )
 
@@ -298,8 +299,8 @@ def test_time_or_index_going_backwards_within_a_post_is_rejected() -> None:
 
 def test_fragment_index_comes_from_tfxd_v2_before_mfhd() -> None:
     checker = PostChecker()
-    tfxd_v2 = boxes.write_fragment(9, [boxes.TrackRun(1, 0, [boxes.Sample(b"x", FRAME)], 42)], tfxd_version=2)
-    tfxd_v1 = boxes.write_fragment(9, [boxes.TrackRun(1, FRAME, [boxes.Sample(b"x", FRAME)], 42)], tfxd_version=1)
+    tfxd_v2 = smooth.write_fragment(9, [boxes.TrackRun(1, 0, [boxes.Sample(b"x", FRAME)], 42)], tfxd_version=2)
+    tfxd_v1 = smooth.write_fragment(9, [boxes.TrackRun(1, FRAME, [boxes.Sample(b"x", FRAME)], 42)], tfxd_version=1)
     checker.feed(header() + tfxd_v2 + tfxd_v1)
     checker.next_event()
     first, second = checker.next_event(), checker.next_event()
@@ -314,8 +315,8 @@ def test_fragment_index_comes_from_tfxd_v2_before_mfhd() -> None:
 def test_moov_before_manifest_ends_the_post() -> None:
     point = PublishingPoint()
     post = point.open_post(PATH, "A", 0.0)
-    manifest = boxes.write_live_server_manifest(smil({1: "video"}))
-    post.feed(boxes.write_ftyp() + boxes.write_moov([VIDEO]) + manifest)
+    manifest = smooth.write_live_server_manifest(smil({1: "video"}))
+    post.feed(smooth.write_ftyp() + boxes.write_moov([VIDEO]) + manifest)
     with pytest.raises(MediaError, match="before the Live Server Manifest"):
         post.next_decision()
     post.close(1.0, "error", "moov before manifest")
@@ -332,7 +333,7 @@ def test_malformed_box_ends_the_post() -> None:
 
 def test_fragment_for_an_undeclared_track_ends_the_post() -> None:
     post = PublishingPoint().open_post(PATH, None, 0.0)
-    post.feed(header() + boxes.write_fragment(0, [run(0, track_id=2)]))
+    post.feed(header() + smooth.write_fragment(0, [run(0, track_id=2)]))
     with pytest.raises(MediaError, match="track 2, which the moov does not declare"):
         post.next_decision()
 
@@ -363,7 +364,7 @@ def test_empty_body_is_fine() -> None:
 def test_two_track_fragment_is_archived_per_track() -> None:
     point = PublishingPoint()
     both = (VIDEO, AUDIO)
-    frags = [boxes.write_fragment(k, [run(k, 1), run(k, 2, duration=1024)], tfxd_version=2) for k in range(2)]
+    frags = [smooth.write_fragment(k, [run(k, 1), run(k, 2, duration=1024)], tfxd_version=2) for k in range(2)]
     decisions = whole_post(point, header(both, smil({1: "video_hi", 2: "audio_en"})), *frags)
 
     assert [(d.fragment.track_id, d.fragment.index, d.outcome) for d in decisions] == [
@@ -373,10 +374,10 @@ def test_two_track_fragment_is_archived_per_track() -> None:
         (2, 1, "archived"),
     ]
     assert archived_bytes(decisions, "video_hi.mp4") == init(VIDEO) + b"".join(
-        boxes.write_fragment(k, [run(k, 1)], tfxd_version=2) for k in range(2)
+        smooth.write_fragment(k, [run(k, 1)], tfxd_version=2) for k in range(2)
     )
     assert archived_bytes(decisions, "audio_en.mp4") == init(AUDIO) + b"".join(
-        boxes.write_fragment(k, [run(k, 2, duration=1024)], tfxd_version=2) for k in range(2)
+        smooth.write_fragment(k, [run(k, 2, duration=1024)], tfxd_version=2) for k in range(2)
     )
     tracks = point.status()["publishing_points"]["live/demo"]["streams"]["video"]["tracks"]
     assert {k: (t["name"], t["timescale"], t["last_timestamp"]) for k, t in tracks.items()} == {
@@ -387,7 +388,7 @@ def test_two_track_fragment_is_archived_per_track() -> None:
 
 def test_rejection_of_a_two_track_fragment_counts_on_both_tracks() -> None:
     point = PublishingPoint()
-    frag = boxes.write_fragment(0, [run(0, 1), run(0, 2)])
+    frag = smooth.write_fragment(0, [run(0, 1), run(0, 2)])
     decisions = whole_post(point, header((VIDEO, AUDIO)), frag, frag)
     assert [d.outcome for d in decisions] == ["archived", "archived", "rejected", "rejected"]
     tracks = point.status()["publishing_points"]["live/demo"]["streams"]["video"]["tracks"]
@@ -405,7 +406,7 @@ def test_rejection_of_a_two_track_fragment_counts_on_both_tracks() -> None:
 )
 def test_track_file_names_are_safe_and_distinct(names: dict[int, str], expected: list[str]) -> None:
     point = PublishingPoint()
-    decisions = whole_post(point, header((VIDEO, AUDIO), smil(names)), boxes.write_fragment(0, [run(0, 1), run(0, 2)]))
+    decisions = whole_post(point, header((VIDEO, AUDIO), smil(names)), smooth.write_fragment(0, [run(0, 1), run(0, 2)]))
     assert [d.writes[-1].path[-1] for d in decisions] == expected
 
 

@@ -20,6 +20,7 @@ from orchestrator.ingest.receiver import (
     StreamPath,
     parse_stream_path,
 )
+from orchestrator.wire import smooth
 from tests.ingest.test_receiver import AUDIO, FRAME, PATH, VIDEO, drain, fragment, header, init, run, smil, video
 
 MIB = 1024 * 1024
@@ -27,7 +28,7 @@ MIB = 1024 * 1024
 
 def traf_children(tfhd_flags: int, truns: list[bytes], track_id: int = 1, time: int = 0) -> bytes:
     tfhd = boxes.full_box(b"tfhd", 0, tfhd_flags, struct.pack(">I", track_id))
-    tfxd = boxes.write_tfxd(boxes.Tfxd(1, time, FRAME))
+    tfxd = smooth.write_tfxd(smooth.Tfxd(1, time, FRAME))
     return boxes.box(b"traf", tfhd, *truns, tfxd)
 
 
@@ -79,14 +80,14 @@ def test_a_trun_of_zero_size_samples_is_refused_naming_the_limit() -> None:
 def test_huge_manifest_is_refused_as_soon_as_its_size_field_arrives() -> None:
     post = PublishingPoint().open_post(PATH, None, 0.0)
     declared = 40_000_000
-    manifest_start = struct.pack(">I4s", declared, b"uuid") + boxes.LIVE_SERVER_MANIFEST_UUID
+    manifest_start = struct.pack(">I4s", declared, b"uuid") + smooth.LIVE_SERVER_MANIFEST_UUID
     with pytest.raises(MediaError, match=f"declares {declared} bytes, over the limit of {MAX_HEADER_BOX_SIZE}"):
-        feed_all(post, boxes.write_ftyp() + manifest_start)
+        feed_all(post, smooth.write_ftyp() + manifest_start)
 
 
 def test_manifest_of_many_elements_is_refused_naming_the_limit() -> None:
     empty = "<smil>" + "<a/>" * 200_000 + "</smil>"  # 800 kB: under the box limit, 200,001 elements
-    body = boxes.write_ftyp() + boxes.write_live_server_manifest(empty) + boxes.write_moov([VIDEO])
+    body = smooth.write_ftyp() + smooth.write_live_server_manifest(empty) + boxes.write_moov([VIDEO])
     with pytest.raises(MediaError, match=f"more than {MAX_MANIFEST_ELEMENTS} elements, the limit"):
         feed_all(PublishingPoint().open_post(PATH, None, 0.0), body)
 
@@ -162,13 +163,13 @@ def test_a_failed_init_write_is_written_again_with_the_next_fragment() -> None:
 
 def test_an_exception_in_the_rebuild_ends_the_post_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     point = PublishingPoint()
-    body = header((VIDEO, AUDIO)) + boxes.write_fragment(0, [run(0, 1), run(0, 2, duration=1024)])
+    body = header((VIDEO, AUDIO)) + smooth.write_fragment(0, [run(0, 1), run(0, 2, duration=1024)])
 
     def broken(*args: object, **kwargs: object) -> bytes:
         raise struct.error("required argument is not an integer")
 
     with monkeypatch.context() as patch:
-        patch.setattr(boxes, "write_fragment", broken)
+        patch.setattr(smooth, "write_fragment", broken)
         post = point.open_post(PATH, None, 0.0)
         with pytest.raises(MediaError, match="cannot process this stream: error: required argument"):
             drain(post, body)
@@ -193,9 +194,9 @@ def _moov_with(track: boxes.TrackHeader, *, language_code: int | None = None) ->
 @pytest.mark.parametrize(
     ("name", "opening"),
     [
-        ("mdhd language 0", boxes.write_ftyp() + boxes.write_live_server_manifest(smil({1: "video"}))
+        ("mdhd language 0", smooth.write_ftyp() + smooth.write_live_server_manifest(smil({1: "video"}))
          + _moov_with(VIDEO, language_code=0)),
-        ("a 5,000-digit trackID in the manifest", boxes.write_ftyp() + boxes.write_live_server_manifest(
+        ("a 5,000-digit trackID in the manifest", smooth.write_ftyp() + smooth.write_live_server_manifest(
             smil({int("9" * 4000): "x", 1: "video"}).replace("9" * 4000, "9" * 5000)) + boxes.write_moov([VIDEO])),
     ],
 )  # fmt: skip
@@ -209,10 +210,10 @@ def test_odd_header_fields_are_accepted_and_the_stream_stays_usable(name: str, o
 
 def test_track_id_ffffffff_is_archived() -> None:
     top = boxes.TrackHeader(0xFFFFFFFF, b"vide", 90000, VIDEO.sample_entry, 192, 108)
-    frag = boxes.write_fragment(0, [boxes.TrackRun(0xFFFFFFFF, 0, [boxes.Sample(b"x" * 8, FRAME)], 0)])
+    frag = smooth.write_fragment(0, [boxes.TrackRun(0xFFFFFFFF, 0, [boxes.Sample(b"x" * 8, FRAME)], 0)])
     decisions = drain(PublishingPoint().open_post(PATH, None, 0.0), header((top,)), frag)
     assert [d.outcome for d in decisions] == ["archived"]
-    assert decisions[0].writes[0].data == boxes.write_ftyp() + boxes.write_moov([top])
+    assert decisions[0].writes[0].data == smooth.write_ftyp() + boxes.write_moov([top])
 
 
 def test_composition_offset_over_31_bits_is_a_clear_error_and_the_stream_goes_on() -> None:

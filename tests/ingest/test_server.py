@@ -24,9 +24,10 @@ import trio
 
 from orchestrator.encode.synthetic import load_clip
 from orchestrator.fmp4 import boxes
-from orchestrator.fmp4.manifest import ManifestTrack, live_server_manifest
 from orchestrator.ingest.receiver import DEFAULT_MEMORY_BUDGET
 from orchestrator.ingest.server import IngestApp, run_ingest_server, serve_app, serve_ingest
+from orchestrator.wire import smooth
+from orchestrator.wire.smooth import ManifestTrack, live_server_manifest
 
 INGEST = "/live/demo.isml/Streams(video)"
 FRAMES_PER_FRAGMENT = 5
@@ -45,7 +46,7 @@ class Media:
 
     @property
     def init(self) -> bytes:
-        return boxes.write_ftyp() + boxes.write_moov([self.track])
+        return smooth.write_ftyp() + boxes.write_moov([self.track])
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +54,13 @@ def media() -> Media:
     clip = load_clip("video.mp4")
     track = boxes.TrackHeader(1, b"vide", 90000, clip.sample_entry, 192, 108)
     smil = live_server_manifest([ManifestTrack("video", 1, "video", 200_000, 90000, "avc1", width=192, height=108)])
-    header = boxes.write_ftyp() + boxes.write_live_server_manifest(smil) + boxes.write_moov([track])
+    header = smooth.write_ftyp() + smooth.write_live_server_manifest(smil) + boxes.write_moov([track])
     fragments = []
     for k in range(FRAGMENTS):
         frames = clip.samples[k * FRAMES_PER_FRAGMENT : (k + 1) * FRAMES_PER_FRAGMENT]
         samples = [boxes.Sample(data, FRAME, is_sync=True) for data in frames]
         run = boxes.TrackRun(1, k * FRAMES_PER_FRAGMENT * FRAME, samples, k)
-        fragments.append(boxes.write_fragment(k, [run], tfxd_version=2))
+        fragments.append(smooth.write_fragment(k, [run], tfxd_version=2))
     return Media(track, header, tuple(fragments))
 
 
@@ -246,7 +247,7 @@ async def test_client_gone_mid_body_keeps_what_was_archived(server: Server, medi
 
 
 async def test_broken_header_answers_400_with_the_reason(server: Server, media: Media) -> None:
-    moov_first = boxes.write_ftyp() + boxes.write_moov([media.track])
+    moov_first = smooth.write_ftyp() + boxes.write_moov([media.track])
     async with httpx.AsyncClient() as client:
         response = await client.post(server.url + INGEST, content=chunks(moov_first, *media.fragments[:2]))
         assert response.status_code == 400

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from orchestrator import tracks
 from orchestrator.clock import TrackClock
 from orchestrator.encode.continuity import (
     ClockIdentity,
@@ -208,3 +209,58 @@ def test_final_reached_when_a_lagging_track_skips_past_it():
 def on_clock_of(clocks, stream: str, track: int, k: int) -> EncodedFragment:
     clock = clocks[stream][track - 1]
     return EncodedFragment(stream, track, k, clock.start(k), clock.duration(k), clock.timescale, b"x")
+
+
+# --- sparse tracks: no fragment k for every k, and nothing waits for one -----------------------
+
+CUES = TrackClock(EPOCH, Fraction(2), 1000, Fraction(1, 1000))  # a sparse track's clock: 1 ms ticks
+SPARSE_CLOCKS = {"avc": [VIDEO, AUDIO, CUES]}
+SPARSE_KINDS = {"avc": [tracks.VIDEO, tracks.AUDIO, tracks.SPARSE]}
+
+
+def sparse_on_clock(track: int, k: int) -> EncodedFragment:
+    clock = SPARSE_CLOCKS["avc"][track - 1]
+    return EncodedFragment("avc", track, k, clock.start(k), clock.duration(k), clock.timescale, b"x",
+                           continuous=track != 3)  # fmt: skip
+
+
+def test_a_sparse_track_that_sent_nothing_does_not_hold_the_stream_back():
+    gate = Continuity(SPARSE_CLOCKS, kinds=SPARSE_KINDS)
+    gate.watch_final(17)
+    for k in (16, 17):
+        assert gate.judge(sparse_on_clock(1, k)).verdict is Verdict.ACCEPTED
+        assert gate.judge(sparse_on_clock(2, k)).verdict is Verdict.ACCEPTED
+    assert gate.completed("avc") == 17
+    assert gate.final_reached
+    assert gate.resume_floor() == 18
+    # The state file has an entry for the stream; the silent sparse track's is the completed index.
+    assert gate.snapshot() == {"avc": [17, 17, 17]}
+
+
+def test_a_sparse_track_skips_indices_without_counting_them_and_never_moves_completed():
+    gate = Continuity(SPARSE_CLOCKS, kinds=SPARSE_KINDS)
+    assert gate.judge(sparse_on_clock(3, 10)).skipped == 0
+    assert gate.judge(sparse_on_clock(3, 25)).skipped == 0  # 14 indices without a cue: normal
+    assert gate.completed("avc") is None  # the continuous tracks have sent nothing yet
+    assert gate.judge(sparse_on_clock(1, 20)).verdict is Verdict.ACCEPTED
+    assert gate.judge(sparse_on_clock(2, 20)).verdict is Verdict.ACCEPTED
+    assert gate.completed("avc") == 20  # not 25: the sparse track is ahead, and does not count
+    assert gate.judge(sparse_on_clock(1, 23)).skipped == 2  # a continuous track's jump still counts
+    assert gate.judge(sparse_on_clock(3, 25)).verdict is Verdict.REPEAT
+    assert gate.snapshot() == {"avc": [23, 20, 25]}
+
+
+def test_a_stream_of_sparse_tracks_only_has_completed_its_most_advanced_one():
+    gate = Continuity({"cues": [CUES]}, kinds={"cues": [tracks.SPARSE]})
+    assert gate.completed("cues") is None
+    gate.judge(EncodedFragment("cues", 1, 4, CUES.start(4), CUES.duration(4), 1000, b"x", continuous=False))
+    assert gate.completed("cues") == 4
+
+
+def test_without_kinds_every_track_is_continuous_as_before():
+    gate = Continuity(SPARSE_CLOCKS)
+    gate.judge(sparse_on_clock(1, 16))
+    gate.judge(sparse_on_clock(2, 16))
+    assert gate.completed("avc") is None  # the third track gates, as every track did before kinds
+    with pytest.raises(ValueError, match="one kind per track"):
+        Continuity(SPARSE_CLOCKS, kinds={"avc": [tracks.VIDEO]})

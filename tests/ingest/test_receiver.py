@@ -509,3 +509,15 @@ def test_fragment_log_shrinks_with_many_active_posts(monkeypatch) -> None:
     assert sizes == [30, 15, 10, receiver.FRAGMENT_LOG_MIN]  # budget // active, at least the minimum (30 // 4 = 7)
     drain(posts[3], header(), b"".join(fragment(k) for k in range(25)))
     assert len(posts[3]._record.fragments) == receiver.FRAGMENT_LOG_MIN
+
+
+@pytest.mark.parametrize(("handler", "gaps"), [(b"vide", 7), (b"meta", 0), (b"hint", 7)])
+def test_a_missing_index_is_a_gap_only_on_a_continuous_track(handler: bytes, gaps: int) -> None:
+    """Indices 0, 5 and 9 archived: 7 missing. A sparse (``meta``) track has them missing by
+    design; a handler no kind uses counts as continuous, as every track did before kinds."""
+    point = PublishingPoint()
+    track = boxes.TrackHeader(1, handler, 90000, AVC1, 192, 108)
+    decisions = whole_post(point, header((track,)), fragment(0), fragment(5), fragment(9))
+    assert outcomes(decisions) == [(0, "archived"), (5, "archived"), (9, "archived")]
+    status = video(point)
+    assert (status["first_index"], status["last_index"], status["gaps"]) == (0, 9, gaps)

@@ -278,3 +278,66 @@ def test_constant_time_forgetting_selects_exactly_what_a_full_pass_would(ops, pe
             assert new.rewind() == old.rewind()
         assert len(new._sent) <= 2 * len(old._sent) + 8
     assert drain(new) == drain(old)
+
+
+# --- sparse tracks: fragments now and then, so the per-track rules read an age ----------------
+
+CUES = 3
+
+
+def cue(index: int, start_s: int, duration_s: int = 1) -> EncodedFragment:
+    """A sparse track's fragment: 1 ms ticks, ``continuous=False``."""
+    return EncodedFragment("s", CUES, index, start_s * 1000, duration_s * 1000, 1000, b"c" * 10, continuous=False)
+
+
+def test_a_sparse_fragment_is_dropped_by_age_not_by_its_tracks_seconds():
+    outbox = Outbox(limits())  # max_seconds 10
+    assert outbox.push(cue(0, 0)) == []  # ends at 1 s
+    for k in range(5):
+        assert outbox.push(frag(k)) == []  # video up to 10 s: within the bound, and so is the cue (9 s old)
+    dropped = outbox.push(frag(5))  # video ends at 12 s: the cue is 11 s behind, video 12 s pending
+    assert [(f.track_id, f.index) for f in dropped] == [(CUES, 0), (VIDEO, 0)]
+    assert outbox.pending_seconds == 10
+    assert drain(outbox) == [(VIDEO, k, False) for k in range(1, 6)]
+
+
+def test_a_long_sparse_fragment_is_neither_dropped_nor_counted_as_backlog():
+    outbox = Outbox(limits())
+    outbox.push(frag(0))
+    assert outbox.push(cue(0, 0, duration_s=20)) == []  # 20 s long: its track's sum would exceed 10 s
+    assert outbox.pending_seconds == 2  # the video's 2 s; a cue's duration is no backlog
+    for k in range(1, 4):
+        assert outbox.push(frag(k)) == []
+    assert drain(outbox) == [(VIDEO, 0, False), (CUES, 0, False), (VIDEO, 1, False), (VIDEO, 2, False),
+                             (VIDEO, 3, False)]  # fmt: skip
+
+
+def test_an_old_sparse_fragment_is_not_sent_again_after_a_failure_but_a_recent_one_is():
+    old = Outbox(limits())
+    old.push(cue(0, 0))  # ends at 1 s
+    for k in range(10):
+        old.push(frag(k))  # video to 20 s
+    drain(old)
+    assert [(f.track_id, f.index) for f in old.rewind()] == [(VIDEO, 8), (VIDEO, 9)]  # the cue is 19 s old
+
+    recent = Outbox(limits())
+    for k in range(8):
+        recent.push(frag(k))
+    recent.push(cue(0, 15))  # ends at 16 s, 4 s before the newest video
+    for k in (8, 9):
+        recent.push(frag(k))
+    drain(recent)
+    assert [(f.track_id, f.index) for f in recent.rewind()] == [(CUES, 0), (VIDEO, 8), (VIDEO, 9)]
+
+
+def test_an_old_sparse_fragment_does_not_stay_in_the_forward_buffer():
+    outbox = Outbox(limits())
+    outbox.push(cue(0, 0))
+    drain(outbox)
+    assert outbox.forward_buffer == [cue(0, 0)]  # the newest thing sent: kept for a resend
+    for k in range(10):
+        outbox.push(frag(k))
+        drain(outbox)
+    assert [(f.track_id, f.index) for f in outbox.forward_buffer] == [(VIDEO, 8), (VIDEO, 9)]
+    # Forgotten, not only skipped (video 7 is forgotten at the next take, as before sparse tracks).
+    assert [(s.fragment.track_id, s.fragment.index) for s in outbox._sent] == [(VIDEO, 7), (VIDEO, 8), (VIDEO, 9)]

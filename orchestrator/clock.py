@@ -26,6 +26,12 @@ frames), consecutive fragments differ by exactly one frame, in a repeating patte
 
 Wall-clock time enters only as an integer count of nanoseconds since the Unix epoch (``now_ns``),
 passed in by the caller; this module never reads a clock itself.
+
+Everything here is arithmetic on the clock, never a statement that fragment k exists: a sparse
+track (:data:`orchestrator.tracks.SPARSE`, ``continuous=False``) shares the same fragment
+boundaries but has a fragment only for some k. So :func:`fragment_due_ns` says when fragment k
+*would* be complete, and a caller that waits for fragments must wait only for those of
+continuous tracks (:class:`orchestrator.encode.continuity.Continuity` does).
 """
 
 from __future__ import annotations
@@ -149,7 +155,8 @@ class TrackClock:
 
 
 def fragment_due_ns(clocks: list[TrackClock], k: int) -> int:
-    """When fragment k of a stream is complete on every one of its tracks."""
+    """When fragment k of a stream is complete on every one of its tracks (that has one: a
+    sparse track may have none, and no one should wait for it)."""
     return max(clock.end_ns(k) for clock in clocks)
 
 

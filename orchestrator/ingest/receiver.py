@@ -174,9 +174,10 @@ class FragmentInfo:
     """One track's part of a fragment, as counters and logs see it."""
 
     track_id: int
-    index: int  # tfxd v2 fragment_index, else mfhd.sequence_number
-    time: int | None  # tfxd fragment_absolute_time, else tfdt; None if the traf has neither
-    duration: int  # tfxd fragment_duration, else the sum of the sample durations
+    # As the wire format reads them (Smooth: :meth:`~orchestrator.wire.smooth.SmoothReceiverRules.timing`).
+    index: int  # Smooth: tfxd v2 fragment_index, else mfhd.sequence_number
+    time: int | None  # Smooth: tfxd fragment_absolute_time, else tfdt; None if the traf has neither
+    duration: int  # Smooth: tfxd fragment_duration, else the sum of the sample durations
 
 
 @dataclass(frozen=True)

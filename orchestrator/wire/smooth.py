@@ -47,7 +47,7 @@ from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.boxes import MovieFragmentTemplate, Sample, TrackRun
 from orchestrator.fmp4.reader import Header, ManifestBox, StreamReader
 from orchestrator.fmp4.stream import StreamHeader
-from orchestrator.tracks import TrackDescription
+from orchestrator.tracks import TrackDescription, kind_of_handler
 from orchestrator.wire.format import FragmentTiming, RequestPlan
 
 if TYPE_CHECKING:
@@ -165,10 +165,11 @@ def live_server_manifest(tracks: Sequence[ManifestTrack]) -> str:
     return "".join(lines)
 
 
-def track_names(smil: str | None) -> dict[int, str]:
-    """trackID -> trackName, from the ``<param>`` children of the Live Server Manifest's track
-    elements (MS-SSTR 2.2.7.3). A manifest that is not XML names no tracks. Raises MediaError
-    for one of more than ``MAX_MANIFEST_ELEMENTS`` elements, counted while parsing."""
+def _manifest_tracks(smil: str | None) -> dict[int, dict[str, str]]:
+    """trackID -> the track element's ``<param>`` values (names lower-cased), for every element
+    with a trackID and a trackName param (the last such element of an ID wins). A manifest that
+    is not XML has no tracks. Raises MediaError for one of more than ``MAX_MANIFEST_ELEMENTS``
+    elements, counted while parsing."""
     if not smil:
         return {}
     parser: ElementTree.XMLPullParser[ElementTree.Element] = ElementTree.XMLPullParser(events=("start",))
@@ -189,7 +190,7 @@ def track_names(smil: str | None) -> dict[int, str]:
         return {}
     if root is None:
         return {}
-    names: dict[int, str] = {}
+    found: dict[int, dict[str, str]] = {}
     for element in root.iter():
         params = {
             (child.get("name") or "").lower(): child.get("value") or ""
@@ -199,8 +200,45 @@ def track_names(smil: str | None) -> dict[int, str]:
         track_id, name = params.get("trackid", ""), params.get("trackname", "")
         # At most 10 digits: a trackID is 32 bits, and int() of 5,000 digits raises.
         if track_id.isascii() and track_id.isdigit() and len(track_id) <= 10 and name:
-            names[int(track_id)] = name
-    return names
+            found[int(track_id)] = params
+    return found
+
+
+def track_names(smil: str | None) -> dict[int, str]:
+    """trackID -> trackName, from the ``<param>`` children of the Live Server Manifest's track
+    elements (MS-SSTR 2.2.7.3). A manifest that is not XML names no tracks. Raises MediaError
+    for one of more than ``MAX_MANIFEST_ELEMENTS`` elements, counted while parsing."""
+    return {track_id: params["trackname"] for track_id, params in _manifest_tracks(smil).items()}
+
+
+def describe(header: Header) -> tuple[TrackDescription, ...]:
+    """The track descriptions a Smooth header was written from: what a relay, which has no
+    profile, knows of a stream an encoder sent (``moov`` for the codec configuration, timescale,
+    size and language; the manifest for names, bitrates and audio parameters). Writing
+    :func:`header` from them gives the same bytes back for a header this module wrote. Raises
+    MediaError for a track the manifest does not describe or a handler no kind uses."""
+    manifest = _manifest_tracks(header.manifest_text)
+
+    def number(params: dict[str, str], key: str, track_id: int) -> int:
+        value = params.get(key, "0")
+        if not (value.isascii() and value.isdigit() and len(value) <= 10):
+            raise MediaError(f"track {track_id}: the manifest's {key} {value[:20]!r} is not a number")
+        return int(value)
+
+    out = []
+    for track in header.tracks:
+        kind = kind_of_handler(track.handler)
+        params = manifest.get(track.track_id)
+        if kind is None:
+            raise MediaError(f"track {track.track_id}: handler {track.handler!r} is no track kind")
+        if params is None:
+            raise MediaError(f"track {track.track_id}: the Live Server Manifest does not describe it")
+        out.append(TrackDescription(
+            track.track_id, params["trackname"], kind, track.timescale, number(params, "systembitrate", track.track_id),
+            track.sample_entry, track.width, track.height, track.language,
+            number(params, "samplingrate", track.track_id), number(params, "channels", track.track_id),
+        ))  # fmt: skip
+    return tuple(out)
 
 
 def header(stream_id: str, tracks: Sequence[TrackDescription]) -> StreamHeader:

@@ -11,19 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from orchestrator.encode.synthetic import SyntheticStream
+from orchestrator.errors import MediaError
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.boxes import MovieFragmentTemplate, Sample, TrackHeader, TrackRun
 from orchestrator.fmp4.reader import NEED_DATA, Header, ManifestBox
 from orchestrator.fmp4.stream import StreamHeader
 from orchestrator.ingest.receiver import Decision, PublishingPoint, StreamPath
-from orchestrator.profile import Endpoint
+from orchestrator.profile import Endpoint, load_profile
 from orchestrator.tracks import AUDIO, VIDEO, TrackDescription
 from orchestrator.wire import smooth
 from orchestrator.wire.format import FragmentTiming, RequestPlan, WireFormat
 
+DEMO = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
 TOY_FTYP = boxes.write_ftyp(b"toy1", 0, (b"toy1", b"iso6"))
 
 
@@ -197,3 +201,38 @@ def test_the_receivers_format_checks_decide_what_is_rejected() -> None:
         ("rejected", "track 1: traf has no tfxd")]  # fmt: skip
     [decision] = post(PublishingPoint(rules=TOY.receiver), header.data + toy_fragment)
     assert (decision.outcome, decision.fragment.index, decision.fragment.time) == ("archived", 5, 900_000)
+
+
+def test_a_relay_describes_a_smooth_header_it_received_and_writes_the_same_bytes() -> None:
+    """What an encoder sent is all a relay has: the descriptions read back from the header are
+    the ones it was written from, and writing them again gives the very same bytes."""
+    written = SMOOTH.header("main", TRACKS)
+    reader = smooth.reader(require_manifest=True)
+    reader.feed(written.data)
+    received = reader.next_event()
+    assert isinstance(received, Header)
+    assert smooth.describe(received) == TRACKS
+    assert SMOOTH.header("main", smooth.describe(received)).data == written.data
+
+
+def test_describing_a_header_whose_manifest_misses_a_track_is_a_clear_error() -> None:
+    one = smooth.header("main", TRACKS[:1])  # the manifest of the video track only...
+    data = one.data[: -len(boxes.write_moov(one.tracks))] + boxes.write_moov([*one.tracks, TrackHeader(
+        2, b"soun", 48000, MP4A)])  # ...and a moov with the audio track too  # fmt: skip
+    reader = smooth.reader(require_manifest=True)
+    reader.feed(data)
+    received = reader.next_event()
+    assert isinstance(received, Header)
+    with pytest.raises(MediaError, match="track 2: the Live Server Manifest does not describe it"):
+        smooth.describe(received)
+
+
+def test_the_synthetic_encoders_headers_describe_back_to_the_profiles_tracks() -> None:
+    profile = load_profile(DEMO, now_ns=1_800_000_000 * 10**9)
+    for stream in profile.streams:
+        source = SyntheticStream(profile, stream)
+        reader = smooth.reader(require_manifest=True)
+        reader.feed(source.header.data)
+        received = reader.next_event()
+        assert isinstance(received, Header)
+        assert smooth.describe(received) == profile.describe(stream, [c.sample_entry for c in source.clips])

@@ -191,7 +191,8 @@ Track = Annotated[VideoTrack | AudioTrack, Field(discriminator="kind")]
 
 
 class Stream(_Model):
-    """One fragmented-MP4 bitstream, POSTed to ``<publishing point>/Streams(<id>)``."""
+    """One fragmented-MP4 bitstream, pushed as its wire format's requests (Smooth: one long POST
+    to ``<publishing point>/Streams(<id>)``; see ``orchestrator.wire``)."""
 
     id: str = Field(pattern=NAME_PATTERN)
     tracks: list[Track] = Field(min_length=1)

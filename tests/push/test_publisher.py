@@ -332,7 +332,7 @@ def test_unacked_bytes_reads_what_the_send_queue_holds_for_a_peer_that_does_not_
     """The measure the publisher feeds to the outbox's unconfirmed window (Linux SIOCOUTQ)."""
     import socket
 
-    from orchestrator.push.publisher import _unacked_bytes
+    from orchestrator.push.connection import unacked_bytes as _unacked_bytes
 
     with socket.create_server(("127.0.0.1", 0)) as server:
         sender = socket.create_connection(server.getsockname())

@@ -11,14 +11,16 @@ any moment:
 * ``status``: the answer to requests that start from now on. A probe (a ``Content-Length``
   body) is answered after its body; a chunked request is answered at once if the status is not
   2xx (a refusal, which the publisher reads during the body), else after its body;
+* ``silent``: requests that end from now on get no answer (a hung server);
 * ``refuse``: connects fail (connection refused), after ``connect_delay`` seconds;
 * ``read_rate`` / ``buffer``: the receiver reads ``read_rate`` bytes a second (None: at once;
   0: never, a stall) and up to ``buffer`` bytes wait unread (the socket buffers): a write
   completes when what does not fit has been read, or fails at its deadline (``within``);
 * ``close_after``: each new connection dies (a reset) once its body reached that many bytes;
   the write that crosses the line fails and the bytes beyond it are lost;
-* ``answer_after``: (bytes, status): the endpoint answers ``status`` once the body of a chunked
-  request reached that many bytes, and keeps the connection open (a refusal mid-stream);
+* ``answer_after``: (bytes, status): the endpoint answers ``status`` once the body of the next
+  chunked request reached that many bytes, and keeps the connection open (a refusal
+  mid-stream); once: it is then cleared;
 * :meth:`MemoryEndpoint.reset`: every open connection dies now.
 
 Bytes count as received once written (the buffer is the receiver's). Time is trio's clock, so
@@ -52,6 +54,7 @@ class MemoryRequest:
     chunks: list[bytes] = field(default_factory=list)
     complete: bool = False  # the body ended (zero-length chunk, or the whole Content-Length)
     status: int | None = None  # what the endpoint answered, if it did
+    answered: float | None = None  # when
     ended: float | None = None  # when the body ended, the connection died or was closed
 
     @property
@@ -71,6 +74,7 @@ class MemoryEndpoint:
         self.read_rate = read_rate
         self.buffer = buffer
         self.refuse = False
+        self.silent = False
         self.connect_delay = 0.0
         self.close_after: int | None = None
         self.answer_after: tuple[int, int] | None = None
@@ -86,6 +90,7 @@ class MemoryEndpoint:
 
     async def connect(self, target: Target, ca_file: Path | None, within: float) -> MemoryConnection:
         self.connects.append(trio.current_time())
+        self.changed()
         if self.connect_delay:
             with trio.move_on_after(within):
                 await trio.sleep(self.connect_delay)
@@ -109,6 +114,10 @@ class MemoryEndpoint:
         deadline). Cancellation: simply stops waiting."""
         while not predicate():
             await self._changed.wait()
+
+    async def next_change(self) -> None:
+        """Until a request or connection changes. Cancellation: simply stops waiting."""
+        await self._changed.wait()
 
     def changed(self) -> None:
         self._changed.set()
@@ -145,6 +154,7 @@ class MemoryConnection:
         if self._answer is None and self.request is not None:
             self._answer = Response(status, REASONS.get(status, ""))
             self.request.status = status
+            self.request.answered = trio.current_time()
             self._event.set()
             self.endpoint.changed()
 
@@ -180,6 +190,7 @@ class MemoryConnection:
         self.endpoint.changed()
         answer_after = self.endpoint.answer_after
         if answer_after is not None and request.content_length is None and self.body_bytes >= answer_after[0]:
+            self.endpoint.answer_after = None
             self._answer_now(answer_after[1])
 
     async def end_body(self, within: float) -> None:
@@ -189,7 +200,8 @@ class MemoryConnection:
         request.complete = True
         request.ended = trio.current_time()
         self.endpoint.changed()
-        self._answer_now(self.endpoint.status)
+        if not self.endpoint.silent:
+            self._answer_now(self.endpoint.status)
 
     async def receive_response(self) -> Response:
         await self._event.wait()

@@ -175,6 +175,7 @@ async def test_after_a_reset_the_next_post_resends_the_forward_buffer_first(auto
         rig.push(0, 1, 2)
         await rig.wait_for(lambda: len(rig.endpoint.posts) == 1 and len(rig.endpoint.posts[0].chunks) == 4)
         rig.endpoint.reset()
+        await rig.wait_for(lambda: rig.publisher.state.failures == 1)
         rig.push(3)
         await rig.wait_for(lambda: len(rig.endpoint.posts) == 2 and len(rig.endpoint.posts[1].chunks) == 4)
 

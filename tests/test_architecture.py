@@ -39,6 +39,8 @@ PURE_CORE = [
     "fmp4/stream",
     "push/outbox",
     "push/reconnect",
+    "push/lifecycle",
+    "push/failures",
     "encode/continuity",
     "encode/recut",
     "encode/lock",

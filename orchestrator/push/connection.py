@@ -1,4 +1,5 @@
 """HTTP/1.1 for the publishers: one connection per request, framed by h11, over trio streams.
+The real implementation of the :class:`~orchestrator.push.transport.Transport` seam.
 
 A publisher makes two kinds of request, both on a connection of their own: the probe (an
 empty POST sent with ``Connection: close``) and the long-running chunked POST, which owns its
@@ -20,7 +21,8 @@ once, over TLS too), and the socket of the POST in hand for ``SIOCOUTQ``.
 What is kept from before, and tested: TLS verification always on (the default trust plus an
 optional extra CA bundle, :func:`tls_context`), server name checked; ``TCP_NODELAY`` and
 ``TCP_USER_TIMEOUT`` (:func:`socket_options`); connect, write and read deadlines; errors turned
-into :class:`~orchestrator.errors.EndpointError` with the reason along the exception's causes.
+into :class:`~orchestrator.errors.EndpointError` with the reason along the exception's causes
+(by :mod:`orchestrator.push.failures`, where every request failure is mapped).
 Not supported: HTTP proxies (``HTTP(S)_PROXY`` is ignored; ingest endpoints are reached
 directly) and redirects (a 3xx is an error, as it was).
 """
@@ -33,7 +35,6 @@ import ssl
 import struct
 import termios
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ import trio
 
 from orchestrator.errors import EndpointError
 from orchestrator.push.failures import timed_out, transport_error
-from orchestrator.push.transport import Response
+from orchestrator.push.transport import Response, Target
 
 # The probe's connection and the POST's: never more than two at once per publisher, one file each.
 FILES_PER_PUBLISHER = 2
@@ -54,29 +55,6 @@ MAX_RESPONSE_BYTES = 64 * 1024
 # What a failed socket or TLS operation raises: turned into an EndpointError by
 # orchestrator.push.failures.transport_error.
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a request goes: from an ``http(s)://host[:port]/path`` URL."""
-
-    url: str
-    tls: bool
-    host: str
-    port: int
-    host_header: str
-    path: bytes  # the request target: path and query, percent-encoded
-
-    @classmethod
-    def parse(cls, url: str) -> Target:
-        parsed = httpx.URL(url)  # httpx's URL parser: IDNA, percent-encoding, default ports
-        if parsed.scheme not in ("http", "https"):
-            raise ValueError(f"{url}: only http and https URLs can be pushed to")
-        tls = parsed.scheme == "https"
-        port = parsed.port or (443 if tls else 80)
-        host = parsed.host
-        netloc = parsed.netloc.decode("ascii")
-        return cls(url, tls, host, port, netloc, parsed.raw_path)
 
 
 class Connector:

@@ -36,9 +36,8 @@ from pathlib import Path
 import trio
 
 from orchestrator.errors import EndpointError
-from orchestrator.push.connection import Target
 from orchestrator.push.failures import timed_out
-from orchestrator.push.transport import Response
+from orchestrator.push.transport import Response, Target
 
 REASONS = {200: "OK", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 503: "Service Unavailable"}
 

@@ -47,7 +47,7 @@ from orchestrator.fmp4.stream import StreamHeader
 from orchestrator.ops.metrics import LabelledChildren, Metrics
 from orchestrator.ops.state import PublisherState
 from orchestrator.profile import Endpoint
-from orchestrator.push.connection import Connector, Target
+from orchestrator.push.connection import Connector
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.lifecycle import (
     ABANDON,
@@ -86,7 +86,7 @@ from orchestrator.push.lifecycle import (
 from orchestrator.push.lifecycle import PublisherSettings as PublisherSettings  # re-exported: callers import it here
 from orchestrator.push.outbox import Taken
 from orchestrator.push.reconnect import Failure
-from orchestrator.push.transport import Connection, Response, Transport
+from orchestrator.push.transport import Connection, Response, Target, Transport
 
 log = logging.getLogger(__name__)
 

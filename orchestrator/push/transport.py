@@ -15,11 +15,34 @@ at byte N; for tests that need no real peer).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
-if TYPE_CHECKING:
-    from orchestrator.push.connection import Target
+import httpx
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a request goes: from an ``http(s)://host[:port]/path`` URL."""
+
+    url: str
+    tls: bool
+    host: str
+    port: int
+    host_header: str
+    path: bytes  # the request target: path and query, percent-encoded
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parsed = httpx.URL(url)  # httpx's URL parser: IDNA, percent-encoding, default ports
+        if parsed.scheme not in ("http", "https"):
+            raise ValueError(f"{url}: only http and https URLs can be pushed to")
+        tls = parsed.scheme == "https"
+        port = parsed.port or (443 if tls else 80)
+        host = parsed.host
+        netloc = parsed.netloc.decode("ascii")
+        return cls(url, tls, host, port, netloc, parsed.raw_path)
 
 
 class Response(NamedTuple):

@@ -48,6 +48,7 @@ from orchestrator.ops.metrics import LabelledChildren, Metrics
 from orchestrator.ops.state import PublisherState
 from orchestrator.profile import Endpoint
 from orchestrator.push.connection import Connector
+from orchestrator.push.failures import answered_mid_body
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.lifecycle import (
     ABANDON,
@@ -337,7 +338,12 @@ class Publisher:
             except EndpointError as exc:
                 # An answer during the body (a refusal) says more than the write error it caused.
                 answer = self._answer
-                event = Answered(answer.status, answer.reason) if isinstance(answer, Response) else Failed(exc)
+                if not isinstance(answer, Response):
+                    event: Event = Failed(exc)
+                elif isinstance(action, Finish):  # it came before the end of the body was written
+                    event = Failed(answered_mid_body(self.url, answer.status, answer.reason))
+                else:
+                    event = Answered(answer.status, answer.reason)
                 action = machine.handle(event, trio.current_time())
 
     def _look(self, version: int) -> Event:

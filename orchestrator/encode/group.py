@@ -39,7 +39,8 @@ from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.ops.metrics import LabelledChildren, Metrics
 from orchestrator.ops.state import EncoderState, GroupState
 from orchestrator.profile import Profile
-from orchestrator.push.fanout import FanOut
+from orchestrator.push.fanout import FanOut, Route
+from orchestrator.push.handoff import HeaderBoard
 from orchestrator.wallclock import WallClock
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,16 @@ class GroupEncoder(Sink):
         self.instance_pid: int | None = None  # the running instance's process, for a process backend
         # Metric children looked up once per (stream, group) / endpoint labels, not per fragment.
         self._children: dict[tuple[str, ...], LabelledChildren] = {}
+
+    @property
+    def headers(self) -> Mapping[str, HeaderBoard]:
+        """The stream header board of each stream (the fan-out's)."""
+        return self.fanout.boards
+
+    @property
+    def outputs(self) -> Mapping[str, Sequence[Route]]:
+        """The routes (an outbox per endpoint) of each stream (the fan-out's)."""
+        return {stream_id: list(self.fanout.routes(stream_id)) for stream_id in self.fanout.boards}
 
     # --- the sink ---------------------------------------------------------------------------
 

@@ -135,6 +135,7 @@ class MemoryConnection:
         self._dead: str | None = None
         self._answer: Response | None = None
         self._event = trio.Event()  # set when an answer is ready or the connection died
+        self._died = trio.Event()
         self._unread = 0.0  # bytes in the buffer at ``_unread_at``
         self._unread_at = trio.current_time()
 
@@ -143,6 +144,7 @@ class MemoryConnection:
     def die(self, why: str) -> None:
         if self._dead is None:
             self._dead = why
+            self._died.set()
             if self.request is not None and self.request.ended is None:
                 self.request.ended = trio.current_time()
             self.endpoint._open.discard(self)
@@ -180,9 +182,12 @@ class MemoryConnection:
             await self._check()
         done_at = self._make_room(len(data))
         if done_at is None or done_at - trio.current_time() > within:
-            await trio.sleep(within)  # the deadline passes first
+            with trio.move_on_after(within):  # the deadline passes first, unless the connection dies
+                await self._died.wait()
+            await self._check()
             raise timed_out(self.target.url, "write", within)
-        await trio.sleep_until(done_at)
+        with trio.move_on_at(done_at):
+            await self._died.wait()
         await self._check()
         request.chunks.append(data)
         self.body_bytes += len(data)
@@ -217,6 +222,7 @@ class MemoryConnection:
         self.endpoint._open.discard(self)
         if self._dead is None:
             self._dead = "closed by the publisher"
+            self._died.set()
             self._event.set()
         self.endpoint.changed()
         await trio.lowlevel.checkpoint()

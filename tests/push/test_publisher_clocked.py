@@ -243,6 +243,23 @@ async def test_a_stalled_receiver_ends_the_post_at_the_publishers_own_send_timeo
     assert rig.metric("orchestrator_post_failures_total", reason="transport") == 1
 
 
+async def test_a_stalled_post_that_the_endpoint_resets_fails_at_once_not_at_the_send_timeout(autojump_clock):
+    endpoint = MemoryEndpoint(read_rate=0, buffer=8 * 1024)
+    rig = Rig(endpoint)
+
+    async def scenario():
+        rig.push(0)
+        await rig.wait_for(lambda: endpoint.posts)
+        await trio.sleep(1.0)
+        endpoint.reset()
+        await rig.wait_for(lambda: rig.publisher.state.failures >= 1)
+
+    await run(rig, scenario)
+    post = endpoint.posts[0]
+    assert post.ended - post.started == pytest.approx(1.0)
+    assert "reset by the endpoint" in rig.publisher.state.last_error
+
+
 async def test_a_slow_but_steady_receiver_is_not_cut(autojump_clock):
     """Each fragment takes 2 s to be read (under the 3 s send timeout); the POST takes 20 s."""
     rig = Rig(MemoryEndpoint(buffer=8 * 1024))

@@ -44,7 +44,8 @@ from orchestrator.encode.ffmpeg import (
     plan_ffmpeg,
     run_ffmpeg_encoder,  # fmt: skip
 )
-from orchestrator.encode.group import GroupEncoder, InstanceRunner, Output, Sink, run_synthetic_encoder
+from orchestrator.encode.group import GroupEncoder
+from orchestrator.encode.instance import InstanceRunner, Sink, run_synthetic_encoder
 from orchestrator.encode.statefile import hold_group_lock, read_state, state_path
 from orchestrator.encode.synthetic import SharedFragments, SyntheticStream
 from orchestrator.errors import EncoderError, ListenError, ProfileError
@@ -57,7 +58,8 @@ from orchestrator.ops.view import StatusView
 from orchestrator.profile import FfmpegEncoder, Profile, parse_listen
 from orchestrator.push.connection import FILES_PER_PUBLISHER, Connector
 from orchestrator.push.connection import tls_context as tls_context  # re-exported: tests and callers use it from here
-from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
+from orchestrator.push.fanout import FanOut
+from orchestrator.push.handoff import EndpointOutbox
 from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import IdleSweeper, Publisher, PublisherSettings, auth_for
 from orchestrator.wallclock import SystemWallClock, WallClock
@@ -314,6 +316,7 @@ async def _run_groups(
     profile, metrics = plan.profile, plan.metrics
     publishers: list[Publisher] = []
     encoders: list[GroupEncoder] = []
+    fanouts: list[FanOut] = []
     count = len(profile.streams) * sum(len(profile.groups[g].endpoints) for g in plan.groups)
     ensure_open_files(files_needed(count, FILES_PER_PUBLISHER))
     connector = Connector(plan.settings.send_timeout)  # one connection per request: see orchestrator.push.connection
@@ -326,29 +329,29 @@ async def _run_groups(
         metrics.backlog_limit_seconds.labels(group_name).set(float(group.max_backlog.seconds))
         metrics.backlog_limit_bytes.labels(group_name).set(int(group.max_backlog.bytes))
         metrics.initialise_group(group_name, [stream.id for stream in profile.streams])
-        outputs: dict[str, list[Output]] = {}
-        headers: dict[str, HeaderBoard] = {}
+        fanout = FanOut(group_name, metrics)  # the encoder's output to every endpoint's outbox
+        fanouts.append(fanout)
         states: dict[str, EncoderState] = {}
         group_state = GroupState(group_name)
         running.groups.append(group_state)
         for stream in profile.streams:
-            headers[stream.id] = HeaderBoard(group_name, stream.id)
+            board = fanout.add_stream(stream.id)
             states[stream.id] = EncoderState(group_name, stream.id)
             running.encoders.append(states[stream.id])
             for i, endpoint in enumerate(group.endpoints):
                 outbox = EndpointOutbox(limits)
                 publisher = Publisher(
-                    group=group_name, stream_id=stream.id, endpoint=endpoint, header=headers[stream.id],
+                    group=group_name, stream_id=stream.id, endpoint=endpoint, header=board,
                     outbox=outbox, metrics=metrics, settings=plan.settings, connector=connector,
                     authorization=plan.auth[(group_name, i)], connect_slots=connect_slots,
                     idle_sweeper=idle_sweeper)  # fmt: skip
                 publishers.append(publisher)
                 metrics.initialise_endpoint(publisher.labels)
                 running.publishers.append(publisher.state)
-                outputs.setdefault(stream.id, []).append(Output(outbox, publisher.state, publisher.labels))
+                fanout.add_route(stream.id, outbox, publisher.state, publisher.labels)
         encoder = GroupEncoder(
-            group=group_name, profile=profile, runner=plan.runner(group_name, wall), outputs=outputs,
-            headers=headers, states=states, metrics=metrics, wall=wall, restored=plan.restored[group_name],
+            group=group_name, profile=profile, runner=plan.runner(group_name, wall), fanout=fanout,
+            states=states, metrics=metrics, wall=wall, restored=plan.restored[group_name],
             state_dir=profile.state.dir, stall_after=options.stall_after, group_state=group_state)  # fmt: skip
         encoders.append(encoder)
         running.group_encoders.append(encoder)
@@ -377,8 +380,8 @@ async def _run_groups(
                     for encoder in encoders:
                         finishing.start_soon(encoder.finish, options.shutdown_grace * 2 / 3)
                 encoders_nursery.cancel_scope.deadline = trio.current_time() + 1.0
-            for publisher in publishers:
-                publisher.outbox.close()
+            for fanout in fanouts:
+                fanout.close()
             view.stop()
             publishers_nursery.cancel_scope.deadline = deadline
 

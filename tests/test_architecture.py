@@ -42,6 +42,8 @@ PURE_CORE = [
     "wire/smooth",
     "push/outbox",
     "push/reconnect",
+    "push/lifecycle",
+    "push/failures",
     "encode/continuity",
     "encode/recut",
     "encode/lock",

@@ -1,17 +1,12 @@
-"""Encoder instances and their supervisor.
-
-An *encoder instance* serves one group: it encodes every stream of the presentation and hands
-each stream's header and per-track fragments to a sink, starting at a fragment index it is
-given. Two backends exist: :func:`run_synthetic_encoder` (below, no dependencies) and
-:func:`orchestrator.encode.ffmpeg.run_ffmpeg_encoder`. Index and timestamps come only from the shared
-clock, never from a counter of the instance's own.
+"""The group's encoder supervisor: runs the group's encoder instance (see
+:mod:`orchestrator.encode.instance`), gates its output and hands it to the push side.
 
 :class:`GroupEncoder` supervises the group's instance and is its sink:
 
 * every fragment passes the group's :class:`~orchestrator.encode.continuity.Continuity` gate (on the
-  shared clock, never an index twice, never backwards) before it is pushed, without waiting, to
-  the outbox of every endpoint of its stream; a full outbox drops its oldest fragment, counted
-  and logged;
+  shared clock, never an index twice, never backwards) before it is handed, without waiting, to
+  the group's :class:`~orchestrator.push.fanout.FanOut`, which pushes it to the outbox of every
+  endpoint of its stream (a full outbox drops its oldest fragment, counted and logged there);
 * an instance that returns, raises, or emits no fragment for ``stall_after`` seconds is
   stopped and restarted with capped backoff; the restart is counted
   (``orchestrator_encoder_restarts_total{reason}``) and logged, and the new instance starts at
@@ -29,74 +24,26 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
-from orchestrator.clock import TrackClock, fragment_due_ns, live_index
+from orchestrator.clock import TrackClock, live_index
 from orchestrator.encode.continuity import ClockIdentity, Continuity, Verdict, encode_state
+from orchestrator.encode.instance import InstanceRunner
+from orchestrator.encode.instance import Sink as Sink  # re-exported: encode/ffmpeg.py still imports it from here
 from orchestrator.encode.statefile import write_state
-from orchestrator.encode.synthetic import SharedFragments, SyntheticStream
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.ops.metrics import LabelledChildren, Metrics
-from orchestrator.ops.state import EncoderState, GroupState, PublisherState
+from orchestrator.ops.state import EncoderState, GroupState
 from orchestrator.profile import Profile
-from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
+from orchestrator.push.fanout import FanOut, Route
+from orchestrator.push.handoff import HeaderBoard
 from orchestrator.wallclock import WallClock
 
 log = logging.getLogger(__name__)
-
-
-class Sink:
-    """What an encoder instance hands its output to. Neither method ever blocks."""
-
-    def header(self, header: StreamHeader) -> None:
-        raise NotImplementedError
-
-    def fragment(self, fragment: EncodedFragment) -> None:
-        raise NotImplementedError
-
-    def instance_started(self, pid: int) -> None:
-        """A process backend reports the process it started (for logs, status and drills)."""
-
-
-InstanceRunner = Callable[[int, Sink], Awaitable[None]]
-"""Runs one encoder instance from fragment index ``first_index`` until cancelled or failed."""
-
-
-async def run_synthetic_encoder(
-    profile: Profile, first_index: int, sink: Sink, *, wall: WallClock, shared: SharedFragments | None = None
-) -> None:
-    """Release every stream's fragments on the shared clock from ``first_index`` on.
-
-    Fragment k is released when it is complete on every track of every stream (its due time),
-    built from the packaged clips (through ``shared``, if given: groups of one process then
-    share each fragment object). Cancellation: stops between fragments (a fragment set is
-    built and handed over in one step, with no checkpoint in between).
-    """
-    sources = [SyntheticStream(profile, stream) for stream in profile.streams]
-    for source in sources:
-        sink.header(source.header)
-    # The due time per distinct set of track clocks (usually one or two for any number of streams).
-    clock_sets = list({tuple(source.clocks): source.clocks for source in sources}.values())
-    k = first_index
-    while True:
-        await wall.sleep_until_ns(max(fragment_due_ns(clocks, k) for clocks in clock_sets))
-        for source in sources:
-            for fragment in source.fragment(k) if shared is None else shared.fragment(source, k):
-                sink.fragment(fragment)
-        k += 1
-
-
-@dataclass(frozen=True)
-class Output:
-    """One endpoint the stream goes to: its outbox, and the publisher state for logging."""
-
-    outbox: EndpointOutbox
-    publisher: PublisherState
-    labels: tuple[str, str, str, str]
 
 
 @dataclass(frozen=True)
@@ -118,8 +65,7 @@ class GroupEncoder(Sink):
         group: str,
         profile: Profile,
         runner: InstanceRunner,
-        outputs: Mapping[str, Sequence[Output]],
-        headers: dict[str, HeaderBoard],
+        fanout: FanOut,
         states: dict[str, EncoderState],
         metrics: Metrics,
         wall: WallClock,
@@ -132,8 +78,7 @@ class GroupEncoder(Sink):
         self.group = group
         self.profile = profile
         self.runner = runner
-        self.outputs = outputs
-        self.headers = headers
+        self.fanout = fanout
         self.states = states
         self.metrics = metrics
         self.wall = wall
@@ -165,12 +110,20 @@ class GroupEncoder(Sink):
         # Metric children looked up once per (stream, group) / endpoint labels, not per fragment.
         self._children: dict[tuple[str, ...], LabelledChildren] = {}
 
+    @property
+    def headers(self) -> Mapping[str, HeaderBoard]:
+        """The stream header board of each stream (the fan-out's)."""
+        return self.fanout.boards
+
+    @property
+    def outputs(self) -> Mapping[str, Sequence[Route]]:
+        """The routes (an outbox per endpoint) of each stream (the fan-out's)."""
+        return {stream_id: list(self.fanout.routes(stream_id)) for stream_id in self.fanout.boards}
+
     # --- the sink ---------------------------------------------------------------------------
 
     def header(self, header: StreamHeader) -> None:
-        board = self.headers.get(header.stream_id)
-        if board is not None:
-            board.announce(header)
+        self.fanout.header(header)
 
     def fragment(self, fragment: EncodedFragment) -> None:
         stream_id = fragment.stream_id
@@ -215,13 +168,7 @@ class GroupEncoder(Sink):
         return children
 
     def _release(self, fragment: EncodedFragment) -> None:
-        for output in self.outputs.get(fragment.stream_id, ()):
-            for lost in output.outbox.push(fragment):
-                self._metric_children(output.labels).dropped_fragments.inc()
-                output.publisher.dropped += 1
-                log.warning(
-                    "publisher.backlog.dropped group=%s stream=%s endpoint=%s index=%d track=%d reason=backlog_full",
-                    self.group, fragment.stream_id, output.publisher.endpoint, lost.index, lost.track_id)  # fmt: skip
+        self.fanout.fragment(fragment)  # to every endpoint's outbox; drops counted and logged there
 
     def instance_started(self, pid: int) -> None:
         self.instance_pid = pid

@@ -1,4 +1,5 @@
 """HTTP/1.1 for the publishers: one connection per request, framed by h11, over trio streams.
+The real implementation of the :class:`~orchestrator.push.transport.Transport` seam.
 
 A publisher makes two kinds of request, both on a connection of their own: the probe (an
 empty POST sent with ``Connection: close``) and the long-running chunked POST, which owns its
@@ -20,25 +21,30 @@ once, over TLS too), and the socket of the POST in hand for ``SIOCOUTQ``.
 What is kept from before, and tested: TLS verification always on (the default trust plus an
 optional extra CA bundle, :func:`tls_context`), server name checked; ``TCP_NODELAY`` and
 ``TCP_USER_TIMEOUT`` (:func:`socket_options`); connect, write and read deadlines; errors turned
-into :class:`~orchestrator.errors.EndpointError` with the reason along the exception's causes.
+into :class:`~orchestrator.errors.EndpointError` with the reason along the exception's causes
+(by :mod:`orchestrator.push.failures`, where every request failure is mapped).
 Not supported: HTTP proxies (``HTTP(S)_PROXY`` is ignored; ingest endpoints are reached
 directly) and redirects (a 3xx is an error, as it was).
 """
 
 from __future__ import annotations
 
+import fcntl
 import socket
 import ssl
+import struct
+import termios
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import h11
 import httpx
 import trio
 
-from orchestrator.errors import EndpointError, reason_of
+from orchestrator.errors import EndpointError
+from orchestrator.push.failures import timed_out, transport_error
+from orchestrator.push.transport import Response, Target
 
 # The probe's connection and the POST's: never more than two at once per publisher, one file each.
 FILES_PER_PUBLISHER = 2
@@ -46,36 +52,9 @@ RECEIVE_SIZE = 16 * 1024
 # The most of a response we read: a status line, headers and a short body. A server that sends
 # more is answered by closing the connection (we never need a response's body).
 MAX_RESPONSE_BYTES = 64 * 1024
-# What a failed socket or TLS operation raises: turned into an EndpointError by transport_error.
+# What a failed socket or TLS operation raises: turned into an EndpointError by
+# orchestrator.push.failures.transport_error.
 TRANSPORT_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError)
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a request goes: from an ``http(s)://host[:port]/path`` URL."""
-
-    url: str
-    tls: bool
-    host: str
-    port: int
-    host_header: str
-    path: bytes  # the request target: path and query, percent-encoded
-
-    @classmethod
-    def parse(cls, url: str) -> Target:
-        parsed = httpx.URL(url)  # httpx's URL parser: IDNA, percent-encoding, default ports
-        if parsed.scheme not in ("http", "https"):
-            raise ValueError(f"{url}: only http and https URLs can be pushed to")
-        tls = parsed.scheme == "https"
-        port = parsed.port or (443 if tls else 80)
-        host = parsed.host
-        netloc = parsed.netloc.decode("ascii")
-        return cls(url, tls, host, port, netloc, parsed.raw_path)
-
-
-class Response(NamedTuple):
-    status: int
-    reason: str
 
 
 class Connector:
@@ -107,7 +86,7 @@ class Connector:
                     stream = trio.SSLStream(tcp, context, server_hostname=target.host, https_compatible=True)
                     await stream.do_handshake()
                 return HttpConnection(target, stream, tcp.socket, None if context is not None else raw)
-            raise EndpointError(target.url, f"timed out (connect, {within:g} s)")
+            raise timed_out(target.url, "connect", within)
         except BaseException as exc:
             if stream is not None:
                 await trio.aclose_forcefully(stream)
@@ -184,7 +163,7 @@ class HttpConnection:
             except TRANSPORT_ERRORS as exc:
                 raise transport_error(self.target.url, exc) from exc
             return
-        raise EndpointError(self.target.url, f"timed out (write, {within:g} s)")
+        raise timed_out(self.target.url, "write", within)
 
     async def receive_response(self) -> Response:
         """Read the response (status line, headers, and a body up to ``MAX_RESPONSE_BYTES``,
@@ -226,9 +205,22 @@ class HttpConnection:
             raise EndpointError(self.target.url, "no response")
         return Response(response.status_code, response.reason.decode("latin-1"))
 
+    def unacked_bytes(self) -> int:
+        """Bytes in the TCP socket's send queue the peer has not acknowledged (SIOCOUTQ)."""
+        return unacked_bytes(self.socket)
+
     async def aclose(self) -> None:
         """Close at once (no TLS close_notify wait). Cancellation: closes anyway."""
         await trio.aclose_forcefully(self._stream)
+
+
+def unacked_bytes(sock: Any) -> int:
+    """Bytes in the socket's send queue the peer has not acknowledged (Linux ``SIOCOUTQ``, the
+    same ioctl number as ``TIOCOUTQ``); 0 where unsupported or once the socket is gone."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return 0
 
 
 async def _open_tcp(
@@ -257,13 +249,6 @@ async def _open_tcp(
             raise
         return trio.SocketStream(sock), raw
     raise error
-
-
-def transport_error(url: str, exc: BaseException) -> EndpointError:
-    """A failed socket or TLS operation as an EndpointError, with the reason along its causes
-    (a TLS verification failure arrives as an empty BrokenResourceError caused by the
-    ``SSLCertVerificationError`` that says what is wrong)."""
-    return EndpointError(url, f"connection failed: {type(exc).__name__}: {reason_of(exc)}")
 
 
 def tls_context(ca_file: Path | None) -> ssl.SSLContext:

@@ -1,8 +1,9 @@
-"""The hand-off between a group's encoder and its publishers.
+"""The hand-off between what produces a stream and its publishers.
 
-The encoder pushes every fragment into one :class:`EndpointOutbox` per endpoint without ever
-waiting (the outbox's bounds decide what is kept), and announces the stream header on a
-:class:`HeaderBoard`; each publisher waits on both. Trio events only: no sockets here.
+The fan-out (:mod:`orchestrator.push.fanout`, fed by the group's encoder or a relay) pushes
+every fragment into one :class:`EndpointOutbox` per endpoint without ever waiting (the outbox's
+bounds decide what is kept), and announces the stream header on a :class:`HeaderBoard`; each
+publisher waits on both. Trio events only: no sockets here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 class EndpointOutbox:
-    """An :class:`~orchestrator.push.outbox.Outbox` with a trio wake-up: the encoder pushes without
+    """An :class:`~orchestrator.push.outbox.Outbox` with a trio wake-up: the fan-out pushes without
     ever waiting, the publisher waits for the next fragment."""
 
     def __init__(self, limits: OutboxLimits) -> None:

@@ -1,5 +1,4 @@
-"""Publisher: pushes one stream to one ingest endpoint over a long-running chunked HTTP POST,
-and never gives up on it.
+"""Publisher: pushes one stream to one ingest endpoint, and never gives up on it.
 
 One :class:`Publisher` task runs per (group, stream, endpoint). It follows the ingest spec,
 sections 4 and 7:
@@ -26,56 +25,73 @@ exponential backoff with jitter, forever) and starts again with a new probe and 
 Fragments produced meanwhile wait in the outbox's bounded backlog and go out as fast as the
 connection allows once the endpoint is back.
 
-HTTP is :mod:`orchestrator.push.connection` (h11 over trio streams, one connection per request);
-its failures arrive as :mod:`orchestrator.errors` types.
+The decisions (what to do next, when to give up on an idle POST, how long to back off, which
+error a status means) are the pure :class:`~orchestrator.push.lifecycle.Lifecycle` and
+:mod:`orchestrator.push.failures`; this shell does the I/O each action asks for, through the
+:class:`~orchestrator.push.transport.Transport` seam (:mod:`orchestrator.push.connection` in
+``up``: h11 over trio streams, one connection per request), and reports metrics, state and log
+events. A reader task reads the endpoint's answer for the whole life of a POST, so an answer
+(or the connection closing) during the body ends it at once.
 """
 
 from __future__ import annotations
 
 import base64
-import fcntl
 import logging
-import random
-import struct
-import termios
 import time
-from dataclasses import dataclass, field
-from typing import Any, Literal
 
 import trio
 
-from orchestrator.errors import (
-    EndpointError,
-    EndpointNotFound,
-    EndpointRejected,
-    EndpointUnauthorized,
-)
+from orchestrator.errors import EndpointError, EndpointNotFound, EndpointUnauthorized
 from orchestrator.fmp4.stream import StreamHeader
 from orchestrator.ops.metrics import LabelledChildren, Metrics
 from orchestrator.ops.state import PublisherState
 from orchestrator.profile import Endpoint
-from orchestrator.push.connection import Connector, HttpConnection, Response, Target
+from orchestrator.push.connection import Connector
+from orchestrator.push.failures import answered_mid_body
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
+from orchestrator.push.lifecycle import (
+    ABANDON,
+    BACKED_OFF,
+    DONE,
+    DRAINED,
+    EMPTY,
+    HEADER_CHANGED,
+    HEADER_SENT,
+    NEXT,
+    OPENED,
+    PROBE,
+    READY,
+    SEND_FRAGMENT,
+    SMOOTH,
+    TIMED_OUT,
+    WAIT_FOR_WORK,
+    WORK,
+    WRITTEN_NEW,
+    WRITTEN_RESEND,
+    Action,
+    Answered,
+    BackOff,
+    Completed,
+    Event,
+    Failed,
+    Finish,
+    Lifecycle,
+    Open,
+    RequestPlan,
+    Rewind,
+    Rewound,
+    SendHeader,
+    Wait,
+)
+from orchestrator.push.lifecycle import PublisherSettings as PublisherSettings  # re-exported: callers import it here
 from orchestrator.push.outbox import Taken
-from orchestrator.push.reconnect import Failure, RetryPolicy, classify_status
+from orchestrator.push.reconnect import Failure
+from orchestrator.push.transport import Connection, Response, Target, Transport
 
 log = logging.getLogger(__name__)
 
 USER_AGENT = "orchestrator"
-
-
-@dataclass(frozen=True)
-class PublisherSettings:
-    connect_timeout: float = 10.0  # spec 7.1
-    send_timeout: float = 4.0  # spec 7.2: between N and 2N for N-second fragments
-    response_timeout: float = 10.0  # waiting for the final response after the last chunk
-    idle_timeout: float = 8.0  # end a POST with nothing to send (spec 7.6)
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-
-    @classmethod
-    def for_fragment_duration(cls, seconds: float, **overrides: Any) -> PublisherSettings:
-        settings = {"send_timeout": max(2.0, 1.5 * seconds), "idle_timeout": 3.0 * seconds, **overrides}
-        return cls(**settings)
 
 
 class Publisher:
@@ -89,11 +105,12 @@ class Publisher:
         outbox: EndpointOutbox,
         metrics: Metrics,
         settings: PublisherSettings,
-        connector: Connector | None = None,
+        connector: Transport | None = None,
         authorization: str | None = None,
         extra_headers: dict[str, str] | None = None,
         connect_slots: trio.CapacityLimiter | None = None,
         idle_sweeper: IdleSweeper | None = None,
+        plan: RequestPlan = SMOOTH,
     ) -> None:
         self.group = group
         self.stream_id = stream_id
@@ -104,8 +121,9 @@ class Publisher:
         self.outbox = outbox
         self.metrics = metrics
         self.settings = settings
+        self.lifecycle = Lifecycle(self.url, settings, plan)
         # One per process (it holds the TLS contexts); a publisher on its own makes its own.
-        self.connector = connector or Connector(settings.send_timeout)
+        self.connector: Transport = connector or Connector(settings.send_timeout)
         # Shared by the publishers of one process: how many probes may be under way at once, so
         # that 4,000 publishers starting together do not overflow the server's SYN queue with 4,000
         # connects in the same millisecond (the ones dropped retry after 1, 3, 7 s: connect
@@ -121,13 +139,9 @@ class Publisher:
         if authorization is not None:
             headers["Authorization"] = authorization  # never logged: the log lines name the endpoint
         self._headers = list(headers.items())
-        self._failed_since_last_post = False
-        self._new_in_post = 0  # fragments sent for the first time on the current POST
-        self._answer: Response | EndpointError | None = None  # what the server said (or did) during the POST
+        self._answer: Response | EndpointError | None = None  # what the server said (or did) during the request
         self._answered = trio.Event()
         self._backlog_shown: tuple[int, int] | None = None  # (fragments, bytes) last written
-        self._waited = False  # the last _next_fragment waited (other tasks ran meanwhile)
-        self._idle_at = 0.0  # trio time at which the open POST has been idle for idle_timeout
         metrics.seconds_since_push.track(labels, self._seconds_since_push)
         # The labelled children, each looked up once, when first used (so a series appears when
         # it first has a value, as before): at thousands of pushes a second, prometheus-client's
@@ -139,45 +153,53 @@ class Publisher:
 
     async def run(self) -> None:
         """Probe, then POST; on failure rewind the outbox, wait per the retry policy and start
-        again, forever, until the outbox is closed and drained.
+        again, forever, until the outbox is closed and drained: each step is what the lifecycle
+        says next.
 
         Cancellation: the POST in flight is abandoned (its connection closed without the final
         chunk); fragments still queued are lost for this endpoint. For a clean end, close the
         outbox instead and let ``run`` return.
         """
-        consecutive_failures = 0
-        while await self.outbox.wait_for_work():
-            self._new_in_post = 0
-            try:
+        machine = self.lifecycle
+        action: Action = WAIT_FOR_WORK
+        while True:
+            if action is WAIT_FOR_WORK:
+                event: Event = WORK if await self.outbox.wait_for_work() else DRAINED
+                action = machine.handle(event, trio.current_time())
+            elif action is PROBE:
                 if self.connect_slots is None:
-                    await self._probe()
+                    event = await self._probe()
                 else:
                     async with self.connect_slots:
-                        await self._probe()
-                await self._post()
-                consecutive_failures = 0
-            except EndpointError as exc:
-                # A POST that carried new fragments was a working connection: retry at once.
-                consecutive_failures = 1 if self._new_in_post else consecutive_failures + 1
-                failure = classify_status(exc.status_code) if exc.status_code else Failure.TRANSPORT
-                self._record_failure(failure, exc)
+                        event = await self._probe()
+                action = machine.handle(event, trio.current_time())
+            elif isinstance(action, Open):
+                action = await self._request(action)
+            elif isinstance(action, Completed):
+                log.info("publisher.post.ended %s status=%d", self._log_fields(), action.status)
+                action = WAIT_FOR_WORK
+            elif isinstance(action, Rewind):
+                self._record_failure(action.failure, action.error)
                 self._rewind()
-                if self.outbox.outbox.closed and consecutive_failures > 2:
-                    log.warning("publisher.abandoned %s reason=stopping_while_endpoint_down fragments=%d",
-                                self._log_fields(), len(self.outbox.outbox))  # fmt: skip
-                    return
-                delay = self.settings.retry.delay(consecutive_failures, failure, random.random())
-                log.info("publisher.retry %s in_seconds=%.2f attempt=%d", self._log_fields(), delay,
-                         consecutive_failures)  # fmt: skip
-                self.state.retry_delay = delay
-                await trio.sleep(delay)
-            finally:
-                self._set_connected(False)
                 self._update_backlog()
+                action = machine.handle(Rewound(stopping=self.outbox.outbox.closed), trio.current_time())
+            elif isinstance(action, BackOff):
+                log.info("publisher.retry %s in_seconds=%.2f attempt=%d", self._log_fields(), action.delay,
+                         action.attempt)  # fmt: skip
+                self.state.retry_delay = action.delay
+                await trio.sleep_until(action.until)
+                action = machine.handle(BACKED_OFF, trio.current_time())
+            elif action is ABANDON:
+                log.warning("publisher.abandoned %s reason=stopping_while_endpoint_down fragments=%d",
+                            self._log_fields(), len(self.outbox.outbox))  # fmt: skip
+                return
+            elif action is DONE:
+                return
+            else:  # pragma: no cover - the lifecycle gives no other action outside a request
+                raise AssertionError(f"unexpected action {action!r}")
 
     def _rewind(self) -> None:
         again = self.outbox.outbox.rewind()
-        self._failed_since_last_post = True
         if again:
             log.info("publisher.rewind %s resend=%d first_index=%d", self._log_fields(), len(again),
                      min(f.index for f in again))  # fmt: skip
@@ -199,14 +221,17 @@ class Publisher:
     def _request_headers(self, close: bool = False) -> list[tuple[str, str]]:
         return [*self._headers, ("Connection", "close")] if close else self._headers
 
-    async def _connect(self) -> HttpConnection:
+    async def _connect(self) -> Connection:
         return await self.connector.connect(self.target, self.endpoint.ca_file, within=self.settings.connect_timeout)
 
-    async def _probe(self) -> None:
+    async def _probe(self) -> Event:
         """The empty-body POST (spec 4, requirement 1): cheap, and fails fast on bad URLs and
         credentials before we start streaming. Sent with ``Connection: close``, so the POST that
-        follows always opens a new connection."""
-        connection = await self._connect()
+        follows always opens a new connection. Returns what happened, as the lifecycle's event."""
+        try:
+            connection = await self._connect()
+        except EndpointError as exc:
+            return Failed(exc)
         try:
             await connection.send_head(self._request_headers(close=True), content_length=0,
                                        within=self.settings.send_timeout)  # fmt: skip
@@ -214,63 +239,136 @@ class Publisher:
             response: Response | None = None
             with trio.move_on_after(self.settings.response_timeout):
                 response = await connection.receive_response()
-            if response is None:
-                raise EndpointError(self.url, f"timed out (response, {self.settings.response_timeout:g} s)")
+        except EndpointError as exc:
+            return Failed(exc)
         finally:
             await connection.aclose()
-        _raise_for_status(self.url, response)
-        log.debug("publisher.probe.ok %s status=%d", self._log_fields(), response.status)
+        if response is None:
+            return TIMED_OUT
+        if 200 <= response.status < 300:
+            log.debug("publisher.probe.ok %s status=%d", self._log_fields(), response.status)
+        return Answered(response.status, response.reason)
 
-    async def _post(self) -> None:
+    async def _request(self, opening: Open) -> Action:
+        """One request (a POST), from its connect to its answer; returns the lifecycle's first
+        action after it (:class:`Completed` or :class:`Rewind`)."""
+        machine = self.lifecycle
         header = await self.header.wait()
+        version = self.header.version
         self.metrics.posts_opened.labels(*self.labels).inc()
-        if self._failed_since_last_post:
-            self._failed_since_last_post = False
+        if opening.reconnect:
             self.state.reconnects += 1
             self.metrics.reconnects.labels(*self.labels).inc()
         log.info("publisher.post.started %s url=%s backlog=%d", self._log_fields(), self.url,
                  len(self.outbox.outbox))  # fmt: skip
-        self._new_in_post = 0
         self._answer = None
         self._answered = trio.Event()
-        connection = await self._connect()
-        failed: EndpointError | None = None
+        try:
+            connection = await self._connect()
+        except EndpointError as exc:
+            return machine.handle(Failed(exc), trio.current_time())
         # up shares one sweeper among its publishers; a publisher on its own runs one for itself.
         sweeper = self.idle_sweeper or IdleSweeper()
         try:
-            self._idle_at = trio.current_time() + self.settings.idle_timeout
+            action = machine.handle(OPENED, trio.current_time())
             sweeper.watch(self)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_answer, connection)
                 if sweeper is not self.idle_sweeper:
                     nursery.start_soon(sweeper.run)
-                try:
-                    await self._send_body(connection, header, self.header.version)
-                except EndpointError as exc:
-                    failed = exc  # raised below, outside the nursery (which would wrap it in a group)
-                if failed is None:
-                    with trio.move_on_after(self.settings.response_timeout):
-                        await self._answered.wait()
+                action = await self._exchange(connection, header, version, action)
                 nursery.cancel_scope.cancel()
         finally:
             sweeper.unwatch(self)
             await connection.aclose()
+            self._set_connected(False)
+            self._update_backlog()
+        return action
+
+    async def _exchange(self, connection: Connection, header: StreamHeader, version: int, action: Action) -> Action:
+        """Do what the lifecycle says while the request is open: the head and the stream header,
+        then fragments as they come, each one chunk written within ``send_timeout`` (a fragment
+        counts as pushed once its write completed), then the end of the body and the answer.
+
+        The wait for the next fragment has no cancel scope: entering and leaving one with a
+        deadline per fragment was a fifth of ``up``'s CPU at 4,000 POSTs (trio registers every
+        deadline in a heap). What would cancel the wait wakes it instead: a pushed fragment, the
+        outbox closing, the answer (:meth:`_read_answer`), the idle sweeper."""
+        machine, outbox, timeout = self.lifecycle, self.outbox, self.settings.send_timeout
+        box = outbox.outbox
+        waited = False  # the last wait let other tasks run: the next write needs no checkpoint
+        while True:
+            try:
+                if action is SEND_FRAGMENT:
+                    item = box.take()
+                    assert item is not None  # the lifecycle asks only after READY
+                    self._update_backlog()
+                    box.observe_unacked(connection.unacked_bytes())
+                    await connection.send_chunk(item.fragment.data, timeout, checkpoint=not waited)
+                    box.written()
+                    self._on_pushed(item)
+                    waited = False
+                    action = machine.handle(WRITTEN_RESEND if item.resend else WRITTEN_NEW, trio.current_time())
+                elif action is NEXT:
+                    action = machine.handle(self._look(version), trio.current_time())
+                elif isinstance(action, Wait):
+                    await outbox.wait_for_change()
+                    waited = True
+                    action = machine.handle(self._look(version), trio.current_time())
+                elif isinstance(action, SendHeader):
+                    await connection.send_head(self._request_headers(), content_length=None, within=timeout)
+                    if action.with_header:
+                        await connection.send_chunk(header.data, timeout)
+                        self._m.bytes_pushed.inc(len(header.data))
+                    self._set_connected(True)
+                    action = machine.handle(HEADER_SENT, trio.current_time())
+                elif isinstance(action, Finish):
+                    if action.reason == "idle":
+                        log.info("publisher.post.ending %s reason=idle seconds=%g", self._log_fields(),
+                                 self.settings.idle_timeout)  # fmt: skip
+                    elif action.reason == "header_changed":
+                        log.info("publisher.post.ending %s reason=header_changed", self._log_fields())
+                    self._update_backlog()
+                    await connection.end_body(timeout)
+                    with trio.move_on_after(action.within):
+                        await self._answered.wait()
+                    action = machine.handle(self._answer_event() or TIMED_OUT, trio.current_time())
+                else:
+                    return action  # the request is over: Completed or Rewind
+            except EndpointError as exc:
+                # An answer during the body (a refusal) says more than the write error it caused.
+                answer = self._answer
+                if not isinstance(answer, Response):
+                    event: Event = Failed(exc)
+                elif isinstance(action, Finish):  # it came before the end of the body was written
+                    event = Failed(answered_mid_body(self.url, answer.status, answer.reason))
+                else:
+                    event = Answered(answer.status, answer.reason)
+                action = machine.handle(event, trio.current_time())
+
+    def _look(self, version: int) -> Event:
+        """What the open request has to do now, as the lifecycle's event."""
+        if self._answered.is_set():
+            event = self._answer_event()
+            assert event is not None
+            return event
+        if self.header.version != version:
+            return HEADER_CHANGED
+        box = self.outbox.outbox
+        if len(box):
+            return READY
+        self._update_backlog()
+        return DRAINED if box.finished else EMPTY
+
+    def _answer_event(self) -> Event | None:
         answer = self._answer
         if isinstance(answer, Response):
-            # An answer during the body (a refusal) says more than the write error it caused.
-            _raise_for_status(self.url, answer)
-            if failed is not None:
-                raise EndpointRejected(self.url, f"the server answered HTTP {answer.status} before the body ended",
-                                       answer.status)  # fmt: skip
-        elif failed is not None:
-            raise failed
-        elif isinstance(answer, EndpointError):
-            raise answer
-        else:
-            raise EndpointError(self.url, f"timed out (response, {self.settings.response_timeout:g} s)")
-        log.info("publisher.post.ended %s status=%d", self._log_fields(), answer.status)
+            return Answered(answer.status, answer.reason)
+        if isinstance(answer, EndpointError):
+            return Failed(answer)
+        return None
 
-    async def _read_answer(self, connection: HttpConnection) -> None:
+    async def _read_answer(self, connection: Connection) -> None:
         """For the life of the POST, read what the server sends: its response, normally after the
         last chunk; a response or the connection closing *during* the body means the POST is
         over, so the wait for the next fragment, if one is in progress, is woken (and the
@@ -285,63 +383,10 @@ class Publisher:
         self._answered.set()
         self.outbox.wake()
 
-    async def _send_body(self, connection: HttpConnection, header: StreamHeader, header_version: int) -> None:
-        """The POST: head, the stream header, then fragments as they come, each one chunk
-        written within ``send_timeout``; a fragment counts as pushed once its write completed."""
-        timeout = self.settings.send_timeout
-        await connection.send_head(self._request_headers(), content_length=None, within=timeout)
-        await connection.send_chunk(header.data, timeout)
-        self._m.bytes_pushed.inc(len(header.data))
-        self._set_connected(True)
-        while True:
-            if self.header.version != header_version:
-                log.info("publisher.post.ending %s reason=header_changed", self._log_fields())
-                break
-            self._waited = False
-            item = await self._next_fragment()
-            self._update_backlog()
-            if item is None:
-                break
-            if item == "idle":
-                log.info("publisher.post.ending %s reason=idle seconds=%g", self._log_fields(),
-                         self.settings.idle_timeout)  # fmt: skip
-                break
-            self.outbox.outbox.observe_unacked(_unacked_bytes(connection.socket))
-            await connection.send_chunk(item.fragment.data, timeout, checkpoint=not self._waited)
-            self.outbox.outbox.written()
-            self._on_pushed(item)
-        await connection.end_body(timeout)
-
-    async def _next_fragment(self) -> Taken | Literal["idle"] | None:
-        """The next fragment for the open POST; None once the outbox is closed and drained;
-        "idle" once ``idle_timeout`` passed with nothing to send (see :class:`IdleSweeper`). An
-        EndpointError if :meth:`_read_answer` saw the server answer or close the connection:
-        then the POST ends at once.
-
-        This runs for every fragment, so it waits without a cancel scope: entering and leaving
-        one with a deadline per fragment was a fifth of ``up``'s CPU at 4,000 POSTs (trio
-        registers every deadline in a heap). What would cancel the wait wakes it instead."""
-        outbox = self.outbox
-        while True:
-            if self._answered.is_set():
-                raise EndpointError(self.url, "the server answered or closed the connection while the POST was "
-                                              "waiting for a fragment")  # fmt: skip
-            if len(outbox.outbox):
-                self._idle_at = trio.current_time() + self.settings.idle_timeout
-                return outbox.outbox.take()
-            if outbox.outbox.finished:
-                return None
-            if trio.current_time() >= self._idle_at:
-                return "idle"
-            await outbox.wait_for_change()
-            self._waited = True
-
     def _on_pushed(self, item: Taken) -> None:
         fragment, m = item.fragment, self._m
         if item.resend:
             m.resent_fragments.inc()
-        else:
-            self._new_in_post += 1
         m.fragments_pushed.inc()
         m.bytes_pushed.inc(len(fragment.data))
         m.last_pushed_index.set(fragment.index)
@@ -401,29 +446,8 @@ class IdleSweeper:
             await trio.sleep(self.interval)
             now = trio.current_time()
             for publisher in self._watched:
-                if now >= publisher._idle_at:
+                if now >= publisher.lifecycle.idle_at:
                     publisher.outbox.wake()
-
-
-def _unacked_bytes(sock: Any) -> int:
-    """Bytes in the socket's send queue the peer has not acknowledged (Linux ``SIOCOUTQ``, the
-    same ioctl number as ``TIOCOUTQ``); 0 where unsupported or once the socket is gone."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]  # type: ignore[no-any-return]
-    except (OSError, ValueError):
-        return 0
-
-
-def _raise_for_status(url: str, response: Response) -> None:
-    status = response.status
-    if 200 <= status < 300:
-        return
-    reason = f"HTTP {status} {response.reason}".strip()
-    if status in (401, 403):
-        raise EndpointUnauthorized(url, f"{reason}: credentials missing or refused", status)
-    if status == 404:
-        raise EndpointNotFound(url, f"{reason}: publishing point not found", status)
-    raise EndpointRejected(url, reason, status)
 
 
 def auth_for(endpoint: Endpoint) -> str | None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 
 class Failure(enum.Enum):
+    """What kind of failure ended a request (:mod:`orchestrator.push.failures` maps errors to it)."""
+
     TRANSPORT = "transport"  # connect/read/write error or timeout
     SERVER = "server"  # 5xx
     UNAUTHORIZED = "unauthorized"  # 401/403
@@ -40,13 +42,3 @@ class RetryPolicy:
         else:
             nominal = min(self.cap, self.base * 2 ** (consecutive_failures - 2))
         return nominal * (1 + self.jitter * (2 * jitter_fraction - 1))
-
-
-def classify_status(status_code: int) -> Failure:
-    if status_code in (401, 403):
-        return Failure.UNAUTHORIZED
-    if status_code == 404:
-        return Failure.NOT_FOUND
-    if status_code >= 500:
-        return Failure.SERVER
-    return Failure.REJECTED

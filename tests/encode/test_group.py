@@ -14,7 +14,8 @@ import trio
 
 from orchestrator.clock import fragment_due_ns, live_index
 from orchestrator.encode.continuity import ClockIdentity, decode_state
-from orchestrator.encode.group import GroupEncoder, Output, RestartPolicy, Sink, run_synthetic_encoder
+from orchestrator.encode.group import GroupEncoder, RestartPolicy
+from orchestrator.encode.instance import Sink, run_synthetic_encoder
 from orchestrator.encode.statefile import read_state
 from orchestrator.encode.synthetic import SharedFragments
 from orchestrator.errors import EncoderError
@@ -22,7 +23,8 @@ from orchestrator.fmp4.stream import EncodedFragment
 from orchestrator.ops.metrics import Metrics
 from orchestrator.ops.state import EncoderState, PublisherState
 from orchestrator.profile import load_profile
-from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
+from orchestrator.push.fanout import FanOut
+from orchestrator.push.handoff import EndpointOutbox
 from orchestrator.push.outbox import OutboxLimits
 from orchestrator.wallclock import TrioWallClock
 
@@ -46,13 +48,14 @@ class Rig:
         self.wall = wall or TrioWallClock(START_NS)
         self.metrics = Metrics()
         self.outboxes = {s.id: EndpointOutbox(limits) for s in self.profile.streams}
-        labels = {s.id: (s.id, "primary", "a", "eu") for s in self.profile.streams}
-        outputs = {s.id: [Output(self.outboxes[s.id], PublisherState("primary", s.id, "a"), labels[s.id])]
-                   for s in self.profile.streams}  # fmt: skip
-        self.headers = {s.id: HeaderBoard("primary", s.id) for s in self.profile.streams}
+        fanout = FanOut("primary", self.metrics)
+        for s in self.profile.streams:
+            state = PublisherState("primary", s.id, "a")
+            fanout.add_route(s.id, self.outboxes[s.id], state, (s.id, "primary", "a", "eu"))
+        self.headers = fanout.boards
         self.encoder = GroupEncoder(
-            group="primary", profile=self.profile, runner=runner_factory(self), outputs=outputs,
-            headers=self.headers, states={s.id: EncoderState("primary", s.id) for s in self.profile.streams},
+            group="primary", profile=self.profile, runner=runner_factory(self), fanout=fanout,
+            states={s.id: EncoderState("primary", s.id) for s in self.profile.streams},
             metrics=self.metrics, wall=self.wall, restored=restored, state_dir=state_dir, stall_after=stall_after,
             restart=RestartPolicy(base=0.5, cap=2.0))  # fmt: skip
         self.clocks = self.encoder.clocks

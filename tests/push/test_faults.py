@@ -53,11 +53,17 @@ async def run_fault(tmp_path, inject, *, outage: float, heal=None):
     return rig, healed_at
 
 
-async def test_connection_reset_mid_body(tmp_path):
+@pytest.mark.parametrize(("fault", "options", "outage"), [
+    (Fault.RESET, {}, 0.5),
+    (Fault.BLACKHOLE, {}, 7.0),
+    (Fault.DRIP, {"drip_bytes_per_second": 4000}, 8.0),  # ~1/10 of the stream's rate
+    (Fault.CLOSE_AFTER, {"close_after_bytes": 150_000}, 8.0),  # about two video fragments
+], ids=["connection_reset_mid_body", "black_hole", "slow_drip", "connections_closed_after_a_few_bytes"])  # fmt: skip
+async def test_a_fault_for_a_while(tmp_path, fault, options, outage):
     async def inject(rig):
-        rig.proxy.set_fault(Fault.RESET)
+        rig.proxy.set_fault(fault, **options)
 
-    await run_fault(tmp_path, inject, outage=0.5)
+    await run_fault(tmp_path, inject, outage=outage)
 
 
 async def test_endpoint_refusing_connections_for_a_while(tmp_path):
@@ -69,27 +75,6 @@ async def test_endpoint_refusing_connections_for_a_while(tmp_path):
     reopened = [p["started"] for p in rig.posts("primary") if p["started"] >= healed_at]
     assert reopened
     assert reopened[0] - healed_at <= 1.0 + 1.0 + 0.5
-
-
-async def test_black_hole(tmp_path):
-    async def inject(rig):
-        rig.proxy.set_fault(Fault.BLACKHOLE)
-
-    await run_fault(tmp_path, inject, outage=7.0)
-
-
-async def test_slow_drip(tmp_path):
-    async def inject(rig):
-        rig.proxy.set_fault(Fault.DRIP, drip_bytes_per_second=4000)  # ~1/10 of the stream's rate
-
-    await run_fault(tmp_path, inject, outage=8.0)
-
-
-async def test_connections_closed_after_a_few_bytes(tmp_path):
-    async def inject(rig):
-        rig.proxy.set_fault(Fault.CLOSE_AFTER, close_after_bytes=150_000)  # about two video fragments
-
-    await run_fault(tmp_path, inject, outage=8.0)
 
 
 @pytest.mark.parametrize("status", [503, 401])

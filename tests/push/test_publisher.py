@@ -68,15 +68,28 @@ class Recorder:
                 await self.changed.wait()
 
 
-async def push_one_fragment_and_end(recorder, publisher, queue, source, *, already_queued=False):
+def start_publisher(nursery: trio.Nursery, publisher: Publisher) -> trio.Event:
+    """Run ``publisher`` in ``nursery``; the event is set when its ``run()`` returns (which it
+    does by itself once its outbox is closed and drained)."""
+    returned = trio.Event()
+
+    async def run() -> None:
+        await publisher.run()
+        returned.set()
+
+    nursery.start_soon(run)
+    return returned
+
+
+async def push_one_fragment_and_end(recorder, returned, queue, source, *, already_queued=False):
     """Queue one fragment, see it arrive in a POST body, then end the stream cleanly."""
     if not already_queued:
         queue.push(source.fragment(K)[0])
     await recorder.wait_for(lambda: any(len(r["chunks"]) >= 2 for r in recorder.requests))
     queue.close()
     with trio.fail_after(5):
-        while publisher.state.connected or not recorder.requests[-1]["complete"]:
-            await trio.sleep(0.01)
+        await returned.wait()
+    assert recorder.requests[-1]["complete"]
 
 
 @pytest.fixture
@@ -110,7 +123,7 @@ async def test_probe_then_chunked_post_with_header_then_fragments(profile):
     async with trio.open_nursery() as nursery:
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
         publisher, source = make_publisher(profile, port, queue, metrics)
-        nursery.start_soon(publisher.run)
+        returned = start_publisher(nursery, publisher)
         fragments = [f for k in range(K, K + 3) for f in source.fragment(k)]
         for fragment in fragments:
             queue.push(fragment)
@@ -122,8 +135,7 @@ async def test_probe_then_chunked_post_with_header_then_fragments(profile):
         nursery.cancel_scope.deadline = trio.current_time() + 5
         # run() returns by itself once the queue is closed and drained; then stop the server.
         with trio.fail_after(5):
-            while publisher.state.connected:
-                await trio.sleep(0.01)
+            await returned.wait()
         nursery.cancel_scope.cancel()
 
     probe, post = recorder.requests
@@ -163,11 +175,11 @@ async def test_refusing_endpoint_is_named_counted_and_retried(profile, caplog, s
         _, port = await nursery.start(serve_asgi, recorder, "127.0.0.1", 0, "recorder")
         publisher, source = make_publisher(profile, port, queue, metrics, retry=fast)
         queue.push(source.fragment(K)[0])
-        nursery.start_soon(publisher.run)
+        returned = start_publisher(nursery, publisher)
         await recorder.wait_for(lambda: len(recorder.requests) >= 3)
         # The endpoint is fixed: the publisher notices on its next retry and streams.
         recorder.status = 200
-        await push_one_fragment_and_end(recorder, publisher, queue, source, already_queued=True)
+        await push_one_fragment_and_end(recorder, returned, queue, source, already_queued=True)
         nursery.cancel_scope.cancel()
 
     failures = metrics.registry.get_sample_value("orchestrator_post_failures_total", {**labels(), "reason": reason})
@@ -189,12 +201,12 @@ async def test_unreachable_endpoint_is_retried_until_it_appears(profile):
     async with trio.open_nursery() as nursery:
         publisher, source = make_publisher(profile, port, queue, metrics, retry=fast)
         queue.push(source.fragment(K)[0])
-        nursery.start_soon(publisher.run)
+        returned = start_publisher(nursery, publisher)
         with trio.fail_after(5):
             while publisher.state.failures < 3:
                 await trio.sleep(0.01)
         await nursery.start(serve_asgi, recorder, "127.0.0.1", port, "recorder")
-        await push_one_fragment_and_end(recorder, publisher, queue, source, already_queued=True)
+        await push_one_fragment_and_end(recorder, returned, queue, source, already_queued=True)
         nursery.cancel_scope.cancel()
     transport = metrics.registry.get_sample_value(
         "orchestrator_post_failures_total", {**labels(), "reason": "transport"}
@@ -332,7 +344,7 @@ def test_unacked_bytes_reads_what_the_send_queue_holds_for_a_peer_that_does_not_
     """The measure the publisher feeds to the outbox's unconfirmed window (Linux SIOCOUTQ)."""
     import socket
 
-    from orchestrator.push.publisher import _unacked_bytes
+    from orchestrator.push.connection import unacked_bytes as _unacked_bytes
 
     with socket.create_server(("127.0.0.1", 0)) as server:
         sender = socket.create_connection(server.getsockname())

@@ -1,6 +1,7 @@
 import pytest
 
-from orchestrator.push.reconnect import Failure, RetryPolicy, classify_status
+from orchestrator.push.failures import classify_status
+from orchestrator.push.reconnect import Failure, RetryPolicy
 
 
 def test_first_retry_is_immediate_then_exponential_capped():

@@ -340,12 +340,6 @@ class Endpoint(_Model):
                              "text; use https://")  # fmt: skip
         return self
 
-    def stream_url(self, stream_id: str) -> str:
-        """Smooth's per-stream POST URL. The wire format owns URLs
-        (``orchestrator.wire.smooth.PLAN.url(endpoint.url, stream_id)``); this stays until the
-        publisher asks the format's request plan (tests/wire checks that the two agree)."""
-        return f"{self.url}/Streams({stream_id})"
-
     @property
     def is_loopback(self) -> bool:
         return is_loopback_host(urlsplit(self.url).hostname or "")

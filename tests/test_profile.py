@@ -15,6 +15,7 @@ import pytest
 from orchestrator.clock import TrackClock
 from orchestrator.errors import ProfileError
 from orchestrator.profile import AudioTrack, Credentials, VideoTrack, json_schema, load_profile, parse_profile
+from orchestrator.wire import smooth
 
 DEMO = Path(__file__).parent.parent / "profiles" / "demo.toml"
 DEMO_TEXT = DEMO.read_text(encoding="utf-8")
@@ -61,7 +62,9 @@ def test_demo_profile_loads() -> None:
     assert sorted(profile.groups) == ["backup", "primary"]
     for group in profile.groups.values():
         assert [e.name for e in group.endpoints] == ["region-a", "region-b"]
-        assert group.endpoints[0].stream_url("video") == "http://127.0.0.1:18081/live/demo.isml/Streams(video)"
+        assert (
+            smooth.PLAN.url(group.endpoints[0].url, "video") == "http://127.0.0.1:18081/live/demo.isml/Streams(video)"
+        )
         assert group.endpoints[0].is_loopback
     assert profile.metrics.listen == "127.0.0.1:9464"
     assert profile.track_clock(video) == TrackClock(DEMO_EPOCH_NS, Fraction(2), 90000, Fraction(1001, 30000))

@@ -86,7 +86,8 @@ class GroupEncoder(Sink):
             s.id: [profile.track_clock(t) for t in s.tracks] for s in profile.streams
         }
         self.track_ids = {s.id: profile.track_ids(s) for s in profile.streams}
-        self.continuity = Continuity(self.clocks, restored, self.track_ids)
+        kinds = {s.id: [t.track_kind for t in s.tracks] for s in profile.streams}
+        self.continuity = Continuity(self.clocks, restored, self.track_ids, kinds)
         self.state_dir = state_dir
         self.state_name = f"{profile.presentation.name}.{group}"
         self.fragment_seconds = float(profile.presentation.fragment_duration)

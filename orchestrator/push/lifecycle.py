@@ -28,8 +28,8 @@ IDLE; or, if the outbox is closed and the endpoint has failed three times in a r
 ``backoff_until``. The per-chunk send deadline and the connect deadline are the transport's
 (``within`` on each call), the response deadline is :attr:`Finish.within`.
 
-The :class:`RequestPlan` says how a stream maps onto requests, so that a format with one
-request per segment (CMAF ingest) is a different plan, not a different publisher:
+The wire format's :class:`~orchestrator.wire.format.RequestPlan` says how a stream maps onto
+requests, so that a format with one request per segment (CMAF ingest) is a different plan, not a different publisher:
 
 * ``per="stream"``: one long request; after it ends (idle, header change) the next one starts
   with a probe again if ``probe_first``.
@@ -54,22 +54,10 @@ from typing import Any, Literal
 from orchestrator.errors import EndpointError
 from orchestrator.push.failures import answered_mid_body, failure_of, status_error, timed_out
 from orchestrator.push.reconnect import Failure, RetryPolicy
+from orchestrator.wire import smooth
+from orchestrator.wire.format import RequestPlan
 
-
-@dataclass(frozen=True)
-class RequestPlan:
-    """How a stream's bytes map onto HTTP requests."""
-
-    per: Literal["stream", "segment"] = "stream"
-    probe_first: bool = True  # an empty POST first (spec 4 requirement 1): fails fast on bad URLs, credentials
-    header_on_every_request: bool = True  # the stream header opens every request, not only a session's first
-
-    def __post_init__(self) -> None:
-        if self.per not in ("stream", "segment"):
-            raise ValueError(f"a request plan is per stream or per segment, not {self.per!r}")
-
-
-SMOOTH = RequestPlan(per="stream", probe_first=True, header_on_every_request=True)
+SMOOTH = smooth.PLAN
 """Smooth Streaming live ingest: one long chunked POST per stream, an empty POST before each."""
 
 

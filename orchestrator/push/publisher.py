@@ -78,7 +78,6 @@ from orchestrator.push.lifecycle import (
     Finish,
     Lifecycle,
     Open,
-    RequestPlan,
     Rewind,
     Rewound,
     SendHeader,
@@ -88,6 +87,7 @@ from orchestrator.push.lifecycle import PublisherSettings as PublisherSettings  
 from orchestrator.push.outbox import Taken
 from orchestrator.push.reconnect import Failure
 from orchestrator.push.transport import Connection, Response, Target, Transport
+from orchestrator.wire.format import RequestPlan
 
 log = logging.getLogger(__name__)
 
@@ -111,11 +111,19 @@ class Publisher:
         connect_slots: trio.CapacityLimiter | None = None,
         idle_sweeper: IdleSweeper | None = None,
         plan: RequestPlan = SMOOTH,
+        url: str | None = None,
     ) -> None:
         self.group = group
         self.stream_id = stream_id
         self.endpoint = endpoint
-        self.url = endpoint.stream_url(stream_id)
+        # The request URL is the wire format's (Smooth: <publishing point>/Streams(<id>)). A
+        # per-segment plan names a URL per segment, which the shell does not build yet (CMAF
+        # ingest): such a publisher is given its one URL explicitly.
+        if url is None:
+            if plan.per != "stream":
+                raise ValueError("a per-segment request plan needs an explicit url until segment URLs are wired")
+            url = plan.url(endpoint.url, stream_id)
+        self.url = url
         self.target = Target.parse(self.url)
         self.header = header
         self.outbox = outbox

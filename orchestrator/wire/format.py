@@ -55,6 +55,8 @@ class RequestPlan:
     path: str
 
     def __post_init__(self) -> None:
+        if self.per not in ("stream", "segment"):
+            raise ValueError(f"a request plan is per stream or per segment, not {self.per!r}")
         if "{stream}" not in self.path:
             raise ValueError(f"request path {self.path!r} does not name the stream ({{stream}})")
         per_track = "{track}" in self.path or "{index}" in self.path

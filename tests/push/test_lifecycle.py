@@ -37,13 +37,16 @@ from orchestrator.push.lifecycle import (
     Lifecycle,
     LifecycleError,
     PublisherSettings,
-    RequestPlan,
     Rewind,
     Rewound,
     State,
     Wait,
 )
 from orchestrator.push.reconnect import Failure, RetryPolicy
+from orchestrator.wire.format import RequestPlan
+
+SEGMENT_PATH = "/{stream}/{track}/{index}"
+STREAM_PATH = "/Streams({stream})"
 
 URL = "http://ingest.example/live/x.isml/Streams(video)"
 SETTINGS = PublisherSettings(send_timeout=3.0, response_timeout=10.0, idle_timeout=6.0,
@@ -228,7 +231,7 @@ def test_events_out_of_order_are_a_bug_in_the_shell():
 
 
 def test_a_per_segment_plan_sends_one_fragment_per_request_without_probing_between():
-    m = machine(RequestPlan(per="segment", probe_first=True, header_on_every_request=False))
+    m = machine(RequestPlan(per="segment", probe_first=True, header_on_every_request=False, path=SEGMENT_PATH))
     walk(m, [
         (WORK, 0.0, PROBE),
         (Answered(200), 0.0, OPEN),
@@ -251,7 +254,10 @@ def test_a_per_segment_plan_sends_one_fragment_per_request_without_probing_betwe
 
 def test_a_plan_is_per_stream_or_per_segment():
     with pytest.raises(ValueError, match="per stream or per segment"):
-        RequestPlan(per="frame")  # type: ignore[arg-type]
-    assert RequestPlan(per="segment", probe_first=False).probe_first is False
-    m = machine(RequestPlan(per="stream", probe_first=False))
+        RequestPlan(per="frame", probe_first=True, header_on_every_request=True, path=STREAM_PATH)  # type: ignore[arg-type]
+    assert (
+        RequestPlan(per="segment", probe_first=False, header_on_every_request=True, path=SEGMENT_PATH).probe_first
+        is False
+    )
+    m = machine(RequestPlan(per="stream", probe_first=False, header_on_every_request=True, path=STREAM_PATH))
     assert m.handle(WORK, 0.0) is OPEN

@@ -17,11 +17,12 @@ from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.ops.metrics import Metrics
 from orchestrator.profile import Endpoint, load_profile
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
-from orchestrator.push.lifecycle import PublisherSettings, RequestPlan
+from orchestrator.push.lifecycle import PublisherSettings
 from orchestrator.push.memory import MemoryEndpoint
 from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import IdleSweeper, Publisher
 from orchestrator.push.reconnect import RetryPolicy
+from orchestrator.wire.format import RequestPlan
 
 DEMO = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
 K = 14_080_000
@@ -29,6 +30,7 @@ K = 14_080_000
 LIMITS = OutboxLimits(max_seconds=Fraction(60), max_bytes=64 * 1024 * 1024, unconfirmed_bytes=0)
 SETTINGS = PublisherSettings(connect_timeout=2.0, send_timeout=3.0, response_timeout=3.0, idle_timeout=6.0,
                              retry=RetryPolicy(base=0.5, cap=2.0, slow=15.0, jitter=0.0))  # fmt: skip
+SEGMENT_PATH = "/{stream}/{track}/{index}"
 LABELS = {"stream": "video", "group": "primary", "endpoint": "memory", "region": "test"}
 
 
@@ -42,7 +44,7 @@ class Rig:
         self.outbox = EndpointOutbox(LIMITS)
         self.metrics = Metrics()
         self.endpoint = endpoint
-        extra = {} if plan is None else {"plan": plan}
+        extra = {} if plan is None else {"plan": plan, "url": "http://ingest.test/live/demo.isml/Streams(video)"}
         self.publisher = Publisher(
             group="primary", stream_id="video", header=self.board, outbox=self.outbox, metrics=self.metrics,
             endpoint=Endpoint(name="memory", region="test", url="http://ingest.test/live/demo.isml"),
@@ -296,7 +298,10 @@ async def test_no_answer_after_the_body_is_a_failure_at_the_response_timeout(aut
 
 
 async def test_a_per_segment_plan_sends_each_fragment_in_a_request_of_its_own(autojump_clock):
-    rig = Rig(MemoryEndpoint(), plan=RequestPlan(per="segment", probe_first=True, header_on_every_request=False))
+    rig = Rig(
+        MemoryEndpoint(),
+        plan=RequestPlan(per="segment", probe_first=True, header_on_every_request=False, path=SEGMENT_PATH),
+    )
 
     async def scenario():
         rig.push(0, 1)

@@ -170,7 +170,6 @@ def test_a_per_segment_plan_has_a_url_per_track_and_segment() -> None:
 def test_smooth_plans_one_long_post_per_stream_with_a_probe() -> None:
     endpoint = Endpoint(name="a", url="http://127.0.0.1:18081/live/demo.isml", region="r")
     assert SMOOTH.plan.url(endpoint.url, "video") == "http://127.0.0.1:18081/live/demo.isml/Streams(video)"
-    assert SMOOTH.plan.url(endpoint.url, "video") == endpoint.stream_url("video")  # until the publisher asks the plan
     assert (SMOOTH.plan.per, SMOOTH.plan.probe_first, SMOOTH.plan.header_on_every_request) == ("stream", True, True)
     with pytest.raises(ValueError, match="one URL per stream"):
         SMOOTH.plan.url(endpoint.url, "video", "video")

@@ -57,6 +57,17 @@ from orchestrator.testing.profiles import (  # noqa: F401  re-exported: the rig 
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "profiles" / "demo.toml"
+# The backup group's endpoints as profiles/demo.toml writes them (tests cut them out or edit them).
+DEMO_BACKUP_ENDPOINTS = """\
+  [[groups.backup.endpoints]]
+  name = "region-a"
+  region = "eu-west"
+  url = "http://127.0.0.1:18081/live/demo.isml"
+  [[groups.backup.endpoints]]
+  name = "region-b"
+  region = "us-east"
+  url = "http://127.0.0.1:18082/live/demo.isml"
+"""
 LOG_TAIL = 3000
 
 # Fast enough for short tests, same shape as production (spec 7.1, 7.2): a 3 s send timeout for

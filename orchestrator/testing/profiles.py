@@ -108,6 +108,30 @@ def profile_text(*, groups: Mapping[str, Table], name: str = "rig",
     return "\n".join(lines) + "\n" + (f"\n{extra}\n" if extra else "")
 
 
+def ladder(port: int) -> dict[str, Any]:
+    """:func:`profile_text`'s keywords for the ffmpeg ladder of ``tests/encode/test_ffmpeg.py`` (and
+    ``bench/encoder_cpu.py``): streams ``hi`` (360p), ``lo`` (180p + audio) and ``audio``, the audio
+    track shared; both groups on ffmpeg (ultrafast), the backup restarted after 2 silent fragments."""
+    return {
+        "name": "ladder",
+        "streams": {
+            "hi": [video("video_360p", bitrate=500_000)],
+            "lo": [video("video_180p", bitrate=150_000, width=320, height=180), audio(bitrate=96_000)],
+            "audio": [audio(bitrate=96_000)],
+        },
+        "groups": {
+            "primary": group(endpoint(port, name="region-a", region="eu-west"), encoder=ffmpeg()),
+            "backup": group(endpoint(port, name="region-a", region="eu-west"), encoder=ffmpeg(), stall_fragments=2),
+        },
+    }
+
+
+class Raw(str):
+    """A value written into the TOML as it is (an inline table a test already has as text)."""
+
+    __slots__ = ()
+
+
 def build_profile(**keys: Any) -> Profile:
     """The parsed profile for :func:`profile_text`'s keywords."""
     return parse_profile(profile_text(**keys), f"{keys.get('name', 'rig')}.toml")
@@ -120,6 +144,8 @@ def write_profile(path: Path, **keys: Any) -> Path:
 
 
 def _value(value: Any) -> str:
+    if isinstance(value, Raw):
+        return str(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

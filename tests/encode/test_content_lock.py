@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry
 from orchestrator.ingest.server import IngestApp, serve_app
 from orchestrator.profile import parse_profile
 from orchestrator.supervisor import UpOptions, run_up
-from orchestrator.testing import profiles as rig
+from orchestrator.testing import profiles
 
 pytestmark = [
     pytest.mark.integration,
@@ -42,13 +42,14 @@ def lock_profile(primary_source: str, backup_source: str, primary_port: int, bac
                  metrics: dict | None = None) -> str:  # fmt: skip
     """One stream (320x180 29.97 fps video, mono audio); each group on ffmpeg with its source (an
     inline table, as TOML text) and its own ingest server. Metrics off unless given."""
-    primary = rig.group(rig.endpoint(primary_port, name="a", region="eu-west"),
-                        encoder=rig.ffmpeg(source=rig.Raw(primary_source)))  # fmt: skip
-    backup = rig.group(rig.endpoint(backup_port, name="b", region="eu-north"),
-                       encoder=rig.ffmpeg(source=rig.Raw(backup_source)))  # fmt: skip
-    streams = {"av": [rig.video("video", bitrate=1_000_000, width=320, height=180), rig.audio("audio", channels=1)]}
+    primary = profiles.group(profiles.endpoint(primary_port, name="a", region="eu-west"),
+                             encoder=profiles.ffmpeg(source=profiles.Raw(primary_source)))  # fmt: skip
+    backup = profiles.group(profiles.endpoint(backup_port, name="b", region="eu-north"),
+                            encoder=profiles.ffmpeg(source=profiles.Raw(backup_source)))  # fmt: skip
+    video = profiles.video("video", bitrate=1_000_000, width=320, height=180)
+    streams = {"av": [video, profiles.audio("audio", channels=1)]}
     groups = {"primary": primary, "backup": backup}
-    return rig.profile_text(name="lock", streams=streams, groups=groups, metrics=metrics)
+    return profiles.profile_text(name="lock", streams=streams, groups=groups, metrics=metrics)
 
 
 SIDE = (32, 18)  # pictures are compared at this size, in gray

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import trio
+from rig import wait_for
 
 from orchestrator.fmp4 import boxes
 from orchestrator.ingest.server import IngestApp
@@ -60,15 +61,21 @@ async def status_of(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
     return response.json()  # type: ignore[no-any-return]
 
 
-async def wait_for_status(url: str, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    """Poll /status (at most 300 times, 10 ms apart) until ``predicate`` holds."""
+async def wait_for_status(url: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 5.0
+                          ) -> dict[str, Any]:  # fmt: skip
+    """Poll /status (10 ms apart) until ``predicate`` holds; the status that matched."""
+    seen: list[dict[str, Any]] = []
     async with httpx.AsyncClient() as client:
-        for _ in range(300):
-            status = await status_of(client, url)
-            if predicate(status):
-                return status
-            await trio.sleep(0.01)
-    raise AssertionError(f"status never matched: {json.dumps(status, indent=2)}")
+
+        async def matches() -> bool:
+            seen.append(await status_of(client, url))
+            return predicate(seen[-1])
+
+        try:
+            await wait_for(matches, timeout, "a /status that matches", interval=0.01)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the last one: {json.dumps(seen[-1:], indent=2)}") from None
+    return seen[-1]
 
 
 def video_track(status: dict[str, Any]) -> dict[str, Any]:

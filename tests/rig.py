@@ -15,6 +15,7 @@ orchestrator (as processes, as an operator starts them, or in-process on trio).
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import os
 import re
@@ -27,6 +28,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import httpx
@@ -83,6 +85,16 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def load_module(path: Path, name: str) -> ModuleType:
+    """The Python file at ``path`` (a benchmark, a generator script) imported as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tails(logs: Iterable[Path]) -> str:

@@ -22,27 +22,22 @@ import argparse
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "encode"))
+from orchestrator.testing.profiles import SYNTHETIC, ladder, profile_text
 
-from test_ffmpeg import PROFILE  # noqa: E402  the same presentation as the integration test
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from rig import free_port  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 STREAMS = 3
 GROUPS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -79,9 +74,11 @@ def children(pid: int) -> list[int]:
 
 def measure(backend: str, seconds: float, workdir: Path) -> tuple[float, float, float, float]:
     port = free_port()
-    text = PROFILE.format(port=port)
+    keys = ladder(port)  # the same presentation as the integration test (tests/encode/test_ffmpeg.py)
     if backend == "synthetic":
-        text = text.replace('{ backend = "ffmpeg", preset = "ultrafast" }', '{ backend = "synthetic" }')
+        for group in keys["groups"].values():
+            group["encoder"] = dict(SYNTHETIC)
+    text = profile_text(**keys)
     profile = workdir / f"{backend}.toml"
     profile.write_text(text)
     exe = [sys.executable, "-m", "orchestrator"]

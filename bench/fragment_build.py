@@ -28,28 +28,24 @@ from collections import deque
 from collections.abc import Callable
 
 from orchestrator.encode.synthetic import FragmentTemplates, SyntheticStream
-from orchestrator.profile import parse_profile
+from orchestrator.profile import Profile
+from orchestrator.testing.profiles import audio, build_profile, two_groups, video
 
 K = 14_080_000  # a 2 s fragment index in late 2026
 
-VIDEO = 'kind = "video"\nbitrate = 250_000\nwidth = 192\nheight = 108\n'
+VIDEO = {"bitrate": 250_000, "width": 192, "height": 108}
 TRACKS = {
-    "video 192x108 25 fps, 90 kHz": VIDEO + 'frame_rate = "25"',
-    "video 29.97 fps, 90 kHz": VIDEO + 'frame_rate = "30000/1001"',
-    "audio AAC 44.1 kHz stereo": 'kind = "audio"\nbitrate = 64_000\nsample_rate = 44100\nchannels = 2',
-    "audio AAC 48 kHz stereo": 'kind = "audio"\nbitrate = 64_000\nsample_rate = 48000\nchannels = 2',
+    "video 192x108 25 fps, 90 kHz": video("t", **VIDEO, frame_rate="25"),
+    "video 29.97 fps, 90 kHz": video("t", **VIDEO, frame_rate="30000/1001"),
+    "audio AAC 44.1 kHz stereo": audio("t", bitrate=64_000, sample_rate=44100),
+    "audio AAC 48 kHz stereo": audio("t", bitrate=64_000, sample_rate=48000),
 }
 
 
-def profile_text(track: str, fragment_seconds: int) -> str:
-    groups = "\n".join(
-        f'[groups.{g}]\nencoder = {{ backend = "synthetic" }}\n[[groups.{g}.endpoints]]\nname = "e"\n'
-        f'region = "r"\nurl = "http://127.0.0.1:1/live/b.isml"\n'
-        for g in ("primary", "backup")
-    )
-    return (f'[presentation]\nname = "bench"\nfragment_duration = {fragment_seconds}\n'
-            f"epoch = 2026-01-01T00:00:00Z\n\n[[streams]]\nid = \"s\"\n[[streams.tracks]]\nname = \"t\"\n"
-            f"{track}\n\n{groups}")  # fmt: skip
+def bench_profile(track: dict[str, object], fragment_seconds: int) -> Profile:
+    """One stream of one track; the endpoints are never contacted."""
+    return build_profile(name="bench", fragment_duration=fragment_seconds, streams={"s": [track]},
+                         groups=two_groups(1), metrics={})  # fmt: skip
 
 
 def best_us(build: Callable[[int], object], ks: range, repeat: int, alive: int = 1) -> float:
@@ -80,7 +76,7 @@ def main() -> None:
     print(f"{'track':32} {'bytes':>7} {'write_fragment µs':>18} {'template µs':>12} {'speed-up':>9} "
           f"{'cold µs':>8} {'templates':>10} {'w_f µs, alive':>14} {'tpl µs, alive':>14}")  # fmt: skip
     for name, track in TRACKS.items():
-        profile = parse_profile(profile_text(track, args.fragment_seconds), "bench.toml")
+        profile = bench_profile(track, args.fragment_seconds)
         templates = FragmentTemplates()
         source = SyntheticStream(profile, profile.streams[0], templates)
         ks = range(K, K + args.fragments)

@@ -44,7 +44,6 @@ import contextlib
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
@@ -65,9 +64,12 @@ from orchestrator.push.connection import Connector
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import Publisher, PublisherSettings
+from orchestrator.testing import profiles
 from orchestrator.wire import smooth
 
-EPOCH = "2026-01-01T00:00:00Z"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test rig's free_port
+from rig import free_port
+
 FRAGMENT_SECONDS = 2
 ON_TIME_NS = NS_PER_SECOND
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -75,21 +77,15 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def write_profile(path: Path, n: int, endpoints: list[str]) -> None:
-    lines = [
-        "[presentation]", 'name = "scale"', f"fragment_duration = {FRAGMENT_SECONDS}", f"epoch = {EPOCH}",
-        "video_timescale = 90000", "tfxd_version = 1", "",
-        "[metrics]", 'listen = "127.0.0.1:0"', "",
-    ]  # fmt: skip
-    for i in range(n):
-        lines += ["[[streams]]", f'id = "s{i:04d}"', "  [[streams.tracks]]", '  kind = "video"',
-                  f'  name = "v{i:04d}"', "  bitrate = 250_000", "  width = 192", "  height = 108",
-                  '  frame_rate = "25"', ""]  # fmt: skip
-    for group in ("primary", "backup"):
-        lines += [f"[groups.{group}]", 'encoder = { backend = "synthetic" }']
-        for j, url in enumerate(endpoints):
-            lines += [f"  [[groups.{group}.endpoints]]", f'  name = "e{j}"', f'  region = "r{j}"', f'  url = "{url}"']
-        lines.append("")
-    path.write_text("\n".join(lines))
+    """``n`` streams of one small video track each, both groups synthetic, every group pushing to
+    every one of ``endpoints``."""
+    streams = {f"s{i:04d}": [profiles.video(f"v{i:04d}", bitrate=250_000, width=192, height=108, frame_rate="25")]
+               for i in range(n)}  # fmt: skip
+    points = [profiles.endpoint(name=f"e{j}", region=f"r{j}", url=url) for j, url in enumerate(endpoints)]
+    profiles.write_profile(path, name="scale", fragment_duration=FRAGMENT_SECONDS, streams=streams,
+                           presentation={"video_timescale": 90000, "tfxd_version": 1},
+                           metrics={"listen": "127.0.0.1:0"},
+                           groups={g: profiles.group(*points) for g in ("primary", "backup")})  # fmt: skip
 
 
 def raise_nofile() -> None:
@@ -110,12 +106,6 @@ def cpu_seconds(pid: int) -> float:
 
 def rss_bytes(pid: int) -> int:
     return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_sink() -> tuple[subprocess.Popen[str], int]:

@@ -2,16 +2,28 @@
 
     OrchestratorError
     ├── ProfileError            the user's profile: file, key path and reason
+    ├── SourceError*            an encoder's source cannot be used: key path below the group's encoder, and why
+    │   └── FileLockError*      a file source that cannot be locked to the clock (frame rate, streams, length)
     ├── MediaError              bytes that are not the fragmented MP4 we expect
-    │   └── BoxError            a box that is truncated, oversized or malformed
+    │   ├── BoxError            a box that is truncated, oversized or malformed
+    │   └── ScanError*          the count sink's request scanner met a malformed request or box (testing/)
     ├── IngestOverloaded        the ingest server's memory budget is used up: retry later
     ├── EncoderError            one of our encoder instances misbehaved
-    ├── InstanceLocked          another instance of the same group holds the state directory
+    ├── StateError              the group's state directory cannot be used as it is
+    │   ├── InstanceLocked      another instance of the same group holds the state directory
+    │   └── StateMismatch*      a state file written for another presentation, group or clock
+    ├── StatusUnreadable        ``orchestrator status`` cannot read a running instance's /status
     ├── ListenError             an address to listen on is taken: names it and who set it
     └── EndpointError           the remote ingest endpoint refused or failed
         ├── EndpointUnauthorized    401 / 403: credentials are wrong or missing
         ├── EndpointNotFound        404: the publishing point does not exist
         └── EndpointRejected        any other non-2xx answer
+
+    * also a ``ValueError``, as they were before they joined the tree: the callers that plan a run
+      catch a bad value as ``ValueError`` (``int()``, ``Fraction()``, ``json``) and these alike.
+
+Every exception class in the package sits in this tree (``tests/test_errors.py`` walks them all);
+the few defined beside their code (``FfmpegExited`` in ``encode/ffmpeg.py``) derive from a branch here.
 
 Foreign exceptions (httpx, OSError, trio) are converted where they enter, in the shells; the
 pure core raises only ``MediaError`` / ``BoxError`` and ``ProfileError``.
@@ -34,12 +46,32 @@ class ProfileError(OrchestratorError):
         super().__init__("\n".join(lines))
 
 
+class SourceError(OrchestratorError, ValueError):
+    """A source that cannot be used; ``key`` is its key path below the group's encoder."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(message)
+
+
+class FileLockError(SourceError):
+    """A file source that cannot be locked to the clock; the message says why."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("source.path", message)
+
+
 class MediaError(OrchestratorError):
     """Bytes that are not a valid fragmented-MP4 live ingest stream."""
 
 
 class BoxError(MediaError):
     """A single ISO BMFF box is malformed (bad size, truncated payload, unknown version)."""
+
+
+class ScanError(MediaError, ValueError):
+    """The count sink's request scanner (``testing/bodyscan.py``) met a malformed request line,
+    chunk size or box."""
 
 
 class IngestOverloaded(OrchestratorError):
@@ -51,8 +83,21 @@ class EncoderError(OrchestratorError):
     """An encoder instance failed: it exited, produced bad output, or could not start."""
 
 
-class InstanceLocked(OrchestratorError):
+class StateError(OrchestratorError):
+    """The group's state directory (its lock and its continuity state file) cannot be used as it is."""
+
+
+class InstanceLocked(StateError):
     """Another ``orchestrator up`` already runs this group with this state directory."""
+
+
+class StateMismatch(StateError, ValueError):
+    """The state file belongs to another presentation or clock."""
+
+
+class StatusUnreadable(OrchestratorError):
+    """``orchestrator status`` cannot read a running instance's ``/status`` (unreachable, not 200,
+    or not a status document)."""
 
 
 class ListenError(OrchestratorError):

@@ -39,7 +39,6 @@ from orchestrator.encode.continuity import ClockIdentity, decode_state
 from orchestrator.encode.ffmpeg import (
     HOW_TO_GET_FFMPEG,
     FfmpegPlan,
-    SourceError,
     find_ffmpeg,
     plan_ffmpeg,
     run_ffmpeg_encoder,  # fmt: skip
@@ -48,7 +47,7 @@ from orchestrator.encode.group import GroupEncoder
 from orchestrator.encode.instance import InstanceRunner, Sink, run_synthetic_encoder
 from orchestrator.encode.statefile import hold_group_lock, read_state, state_path
 from orchestrator.encode.synthetic import SharedFragments, SyntheticStream
-from orchestrator.errors import EncoderError, ListenError, ProfileError
+from orchestrator.errors import EncoderError, ListenError, ProfileError, SourceError
 from orchestrator.gcpacer import GcPacer, paced_collection
 from orchestrator.ops.listener import serve_listener
 from orchestrator.ops.metrics import Metrics

@@ -19,69 +19,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import trio
 from prometheus_client import CollectorRegistry
+from rig import TEST_SETTINGS, build_profile, endpoint, group, loopback_ingest, up_in_process, wait_for
 
-from orchestrator.ingest.server import IngestApp, serve_app
-from orchestrator.profile import Profile, parse_profile
+from orchestrator.ingest.server import IngestApp
+from orchestrator.profile import Profile
 from orchestrator.push.publisher import PublisherSettings
-from orchestrator.push.reconnect import RetryPolicy
-from orchestrator.supervisor import Running, UpOptions, run_up
+from orchestrator.supervisor import Running
 from orchestrator.testing.faultproxy import FaultProxy
 
-PROFILE = """
-[presentation]
-name = "faults"
-fragment_duration = 2
-epoch = 2026-01-01T00:00:00Z
 
-[[streams]]
-id = "video"
-  [[streams.tracks]]
-  kind = "video"
-  name = "video_360p"
-  bitrate = 800_000
-  width = 640
-  height = 360
-  frame_rate = "30000/1001"
-
-[[streams]]
-id = "audio"
-  [[streams.tracks]]
-  kind = "audio"
-  name = "audio_eng"
-  bitrate = 128_000
-  sample_rate = 48000
-  channels = 2
-
-[groups.primary]
-encoder = {{ backend = "synthetic" }}
-max_backlog = {{ seconds = {backlog_seconds}, bytes = "64MiB" }}
-  [[groups.primary.endpoints]]
-  name = "region-a"
-  region = "eu-west"
-  url = "http://127.0.0.1:{proxy_port}/live/faults.isml"
-
-[groups.backup]
-encoder = {{ backend = "synthetic" }}
-  [[groups.backup.endpoints]]
-  name = "region-a"
-  region = "eu-west"
-  url = "http://127.0.0.1:{backup_port}/live/faults.isml"
-
-[metrics]
-enabled = false
-
-[state]
-dir = "{state_dir}"
-"""
-
-# Fast enough for short tests, same shape as production (spec 7.1, 7.2): a 3 s send timeout for
-# 2 s fragments, retries capped at 1 s.
-TEST_SETTINGS = PublisherSettings(
-    connect_timeout=2.0, send_timeout=3.0, response_timeout=3.0, idle_timeout=6.0,
-    retry=RetryPolicy(base=0.2, cap=1.0, slow=1.0, jitter=0.1),
-)  # fmt: skip
+def faults_profile(proxy_port: int, backup_port: int, backlog_seconds: int, state_dir: Path) -> Profile:
+    """Two streams (29.97 fps video; 48 kHz stereo AAC), 2 s fragments; the primary pushes through
+    the proxy with a bounded backlog, the backup to ``backup_port``."""
+    return build_profile(name="faults", state_dir=state_dir, groups={
+        "primary": group(endpoint(proxy_port, name="region-a", region="eu-west"),
+                         max_backlog={"seconds": backlog_seconds, "bytes": "64MiB"}),
+        "backup": group(endpoint(backup_port, name="region-a", region="eu-west")),
+    })  # fmt: skip
 
 
 @dataclass
@@ -114,11 +69,7 @@ class Rig:
         return self.profile.track_ids(self.profile.stream(stream))[0]
 
     async def wait_until(self, predicate, timeout: float, what: str) -> None:
-        with trio.move_on_after(timeout) as scope:
-            while not predicate():
-                await trio.sleep(0.05)
-        if scope.cancelled_caught:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await wait_for(predicate, timeout, what)
 
     async def wait_fragments(self, group: str, count: int, timeout: float = 20.0) -> None:
         def enough() -> bool:
@@ -146,32 +97,19 @@ async def fault_rig(tmp_path: Path, *, backlog_seconds: int = 120, groups=("prim
     ``backup_through_proxy``: both groups' endpoints sit behind the proxy (a fault hits both).
     ``proxy_receive_buffer``: the proxy's SO_RCVBUF (small by default, so a black hole stalls a
     sender quickly); None keeps the kernel's default buffers, as a real receiver has them."""
-    async with trio.open_nursery() as nursery:
-        app = IngestApp(tmp_path / "archive")
-        _, ingest_port = await nursery.start(serve_app, app, "127.0.0.1", 0)
-        proxy = FaultProxy(("127.0.0.1", ingest_port), receive_buffer=proxy_receive_buffer)
-        _, proxy_port = await nursery.start(proxy.run)
-        backup_port = proxy_port if backup_through_proxy else ingest_port
-        text = PROFILE.format(proxy_port=proxy_port, backup_port=backup_port, backlog_seconds=backlog_seconds,
-                              state_dir=tmp_path / "state")  # fmt: skip
-        profile = parse_profile(text, "faults.toml")
+    async with loopback_ingest(tmp_path / "archive", proxy=True, receive_buffer=proxy_receive_buffer) as loopback:
+        assert loopback.proxy is not None
+        assert loopback.proxy_port is not None
+        backup_port = loopback.proxy_port if backup_through_proxy else loopback.port
+        profile = faults_profile(loopback.proxy_port, backup_port, backlog_seconds, tmp_path / "state")
         registry = CollectorRegistry()
-        options = UpOptions(groups=list(groups), status="off", handle_signals=False, shutdown_grace=8.0,
-                            publisher_settings=settings)  # fmt: skip
-        running = await nursery.start(lambda task_status: run_up(profile, options, registry=registry,
-                                                                 task_status=task_status))  # fmt: skip
-        rig = Rig(app, proxy, running, profile, registry)
-        try:
-            yield rig
-        finally:
-            rig.proxy.heal()
-            running.stop.set()
-            # run_up returns by itself after its graceful stop; then the servers go.
-            with trio.fail_after(15):
-                while running.stop.is_set() and any(p.connected for p in running.publishers):
-                    await trio.sleep(0.05)
-                await trio.sleep(0.2)
-            nursery.cancel_scope.cancel()
+        async with up_in_process(profile, registry, groups=list(groups), shutdown_grace=8.0,
+                                 publisher_settings=settings) as running:  # fmt: skip
+            rig = Rig(loopback.app, loopback.proxy, running, profile, registry)
+            try:
+                yield rig
+            finally:
+                rig.proxy.heal()  # then up_in_process stops ``up`` gracefully, and the servers go
 
 
 def assert_merged_timeline_whole(rig: Rig) -> None:

@@ -8,6 +8,7 @@ wall clock); ``app`` is what wires everything together (the supervisor and the C
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,71 @@ def test_pure_core_module_opens_with_a_theory_of_operation(module):
 def test_sub_package_says_what_lives_there_and_what_it_may_import(package):
     docstring = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text())) or ""
     assert "import" in docstring, f"orchestrator/{package}/__init__.py must say what it may import"
+
+
+# --- the seams stated one by one (each fails on a planted violation) ------------------------------
+
+
+def test_push_does_not_import_encode():
+    """The push side (publishers, outboxes, the fan-out to endpoints) serves any source of
+    fragments (an encoder group today, a relay later): it never imports the encoders."""
+    offending = {
+        module: sorted(i for i in imported_modules(MODULES[module]) if area_of(i) == "encode")
+        for module in MODULES
+        if area_of(module) == "push"
+    }
+    assert not {m: i for m, i in offending.items() if i}, f"push imports encode: {offending}"
+    assert "encode" not in MAY_IMPORT["push"]
+
+
+def test_push_importing_encode_is_reported(monkeypatch):
+    """The check itself: a push module that imports the group encoder fails both the layering
+    test and the push-does-not-import-encode rule."""
+    planted = PACKAGE / "push" / "_planted.py"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "from orchestrator.encode.group import Sink\n")
+    monkeypatch.setitem(MODULES, "orchestrator.push._planted", planted)
+    with pytest.raises(AssertionError, match=r"push imports encode.*orchestrator\.encode\.group"):
+        test_push_does_not_import_encode()
+    with pytest.raises(AssertionError, match=r"orchestrator/push/_planted\.py \(push\).*orchestrator\.encode\.group"):
+        test_layering("orchestrator.push._planted")
+
+
+# --- the README's module table names every module --------------------------------------------------
+
+README = PACKAGE.parent / "README.md"
+NOT_IN_TABLE = {"__init__.py", "__main__.py"}  # each folder's __init__ says what lives there; __main__ runs cli
+
+
+def table_rows(readme: str) -> set[str]:
+    """The modules named in the first column of the README's module table (``| `a.py`, `b.py` | pure | ...``)."""
+    names: set[str] = set()
+    for cell in re.findall(r"^\| ((?:`[\w/]+\.py`(?:, )?)+) \| ?(?:pure|shell)? ?\|", readme, flags=re.MULTILINE):
+        names.update(re.findall(r"`([\w/]+\.py)`", cell))
+    return names
+
+
+def table_problems(modules: set[str], readme: str) -> list[str]:
+    listed = table_rows(readme)
+    missing = [f"{m} has no row in the README's module table" for m in sorted(modules - listed)]
+    stale = [f"the README's module table names {m}, which does not exist" for m in sorted(listed - modules)]
+    return missing + stale
+
+
+def package_files() -> set[str]:
+    return {str(p.relative_to(PACKAGE)) for p in MODULES.values() if p.name not in NOT_IN_TABLE}
+
+
+def test_every_module_has_a_row_in_the_readme_module_table():
+    assert len(table_rows(README.read_text())) > 30
+    problems = table_problems(package_files(), README.read_text())
+    assert not problems, "\n".join(problems)
+
+
+def test_a_module_missing_from_the_readme_table_is_reported():
+    readme = README.read_text()
+    assert table_problems(package_files() | {"wire/_planted.py"}, readme) == [
+        "wire/_planted.py has no row in the README's module table"
+    ]
+    assert table_problems(package_files() - {"gcpacer.py"}, readme) == [
+        "the README's module table names gcpacer.py, which does not exist"
+    ]

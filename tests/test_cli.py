@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from rig import DEMO_BACKUP_ENDPOINTS
 
 DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
 
@@ -43,15 +44,7 @@ def test_validate_demo_ok():
     ('language = "eng"', 'language = "eng"\n  colour = "blue"', "streams[1].tracks[0].colour: unknown key"),
     ("fragment_duration = 2 ", "fragment_duration = 10 ",
      "presentation.fragment_duration: fragment duration 10 s is outside 2 to 6 s"),
-    ("""  [[groups.backup.endpoints]]
-  name = "region-a"
-  region = "eu-west"
-  url = "http://127.0.0.1:18081/live/demo.isml"
-  [[groups.backup.endpoints]]
-  name = "region-b"
-  region = "us-east"
-  url = "http://127.0.0.1:18082/live/demo.isml"
-""", "", "groups.backup.endpoints: required key is missing"),
+    (DEMO_BACKUP_ENDPOINTS, "", "groups.backup.endpoints: required key is missing"),
 ])  # fmt: skip
 def test_validate_malformed_profile_names_file_key_and_reason(tmp_path, old, new, expected):
     path = write_variant(tmp_path, old, new)

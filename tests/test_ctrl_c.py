@@ -15,13 +15,11 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_integration import DEMO, free_port, get_status, wait_until
+from rig import demo_profile, free_port, get_status, wait_until
 
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, StreamReader
 
@@ -43,47 +41,30 @@ def archived_indices(path: Path) -> list[int]:
     return indices
 
 
-def test_ctrl_c_to_the_process_group_stops_cleanly_with_ffmpeg_untouched(tmp_path: Path):
+def test_ctrl_c_to_the_process_group_stops_cleanly_with_ffmpeg_untouched(tmp_path: Path, orchestrators):
     ports = [free_port(), free_port()]
-    text = DEMO.read_text()
-    text = text.replace("127.0.0.1:18081", f"127.0.0.1:{ports[0]}").replace("127.0.0.1:18082", f"127.0.0.1:{ports[1]}")
-    text = text.replace('listen = "127.0.0.1:9464"', f'listen = "127.0.0.1:{free_port()}"')
-    text = text.replace('dir = "demo-state"', f'dir = "{tmp_path / "state"}"')
-    text, real = re.subn(
-        r'preset = "veryfast", fallback = "synthetic"', 'preset = "ultrafast", fallback = "none"', text
-    )
-    assert real == 2
-    profile = tmp_path / "event.toml"
-    profile.write_text(text)
-    log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        # Its own session, as a shell gives a foreground job its own process group: the group is
-        # what a terminal signals, and the test's own process is not in it.
-        up = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", "up", str(profile), "--local-ingest", str(tmp_path / "archive"),
-             "--status", "log"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            start_new_session=True)  # fmt: skip
-    try:
+    profile = demo_profile(tmp_path / "event.toml", (ports[0], ports[1]), metrics=f"127.0.0.1:{free_port()}",
+                           state_dir=tmp_path / "state", encoder="ffmpeg")  # fmt: skip
+    # Its own session, as a shell gives a foreground job its own process group: the group is
+    # what a terminal signals, and the test's own process is not in it.
+    orchestrator = orchestrators("up", str(profile), "--local-ingest", str(tmp_path / "archive"), "--status", "log",
+                                 log="up.log", start_new_session=True)  # fmt: skip
+    up, log = orchestrator.process, orchestrator.log
 
-        def fragments(port: int, group: str) -> int:
-            status = get_status(port, posts=True) or {"post_log": []}
-            return min(
-                [sum(len(p["fragments"]) for p in status["post_log"] if p["encoder_group"] == group and
-                     p["stream"] == stream) for stream in ("video", "audio")])  # fmt: skip
+    def fragments(port: int, group: str) -> int:
+        status = get_status(port, posts=True) or {"post_log": []}
+        return min(
+            [sum(len(p["fragments"]) for p in status["post_log"] if p["encoder_group"] == group and
+                 p["stream"] == stream) for stream in ("video", "audio")])  # fmt: skip
 
-        wait_until(lambda: all(fragments(p, g) >= 3 for p in ports for g in ("primary", "backup")), 60,
-                   "3 fragments per stream from both groups at both endpoints", [log])  # fmt: skip
-        assert up.poll() is None
-        before = len(log.read_bytes())
-        signalled = time.monotonic()
-        os.killpg(up.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
-        code = up.wait(STOP_BOUND + 5)
-        took = time.monotonic() - signalled
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+    wait_until(lambda: all(fragments(p, g) >= 3 for p in ports for g in ("primary", "backup")), 60,
+               "3 fragments per stream from both groups at both endpoints", [log])  # fmt: skip
+    assert up.poll() is None
+    before = len(log.read_bytes())
+    signalled = time.monotonic()
+    os.killpg(up.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+    code = up.wait(STOP_BOUND + 5)
+    took = time.monotonic() - signalled
     after = log.read_bytes()[before:].decode()
     assert code == 0, after[-3000:]
     assert took <= STOP_BOUND, f"stopped in {took:.1f} s"

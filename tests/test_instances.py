@@ -8,7 +8,6 @@ group), and with metrics on the only message was ``error: [Errno 98] Address alr
 from __future__ import annotations
 
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_integration import DEMO, free_port, wait_until
+from rig import demo_profile, free_port
 
 from orchestrator.encode.statefile import hold_group_lock
 from orchestrator.errors import InstanceLocked
@@ -27,24 +26,8 @@ pytestmark = pytest.mark.integration
 def demo_variant(
     tmp_path: Path, *, metrics: str | None, state: bool = True, ports: tuple[int, int] | None = None
 ) -> Path:
-    a, b = ports or (free_port(), free_port())
-    text = DEMO.read_text().replace("127.0.0.1:18081", f"127.0.0.1:{a}").replace("127.0.0.1:18082", f"127.0.0.1:{b}")
-    text = re.sub(r"^encoder = .*$", 'encoder = { backend = "synthetic" }', text, flags=re.MULTILINE)
-    if metrics is None:
-        text = text.replace('listen = "127.0.0.1:9464"', "enabled = false")
-    else:
-        text = text.replace('listen = "127.0.0.1:9464"', f'listen = "{metrics}"')
-    state_line = f'dir = "{tmp_path / "state"}"' if state else ""
-    text = text.replace('[state]\ndir = "demo-state"', f"[state]\n{state_line}")
-    path = tmp_path / "event.toml"
-    path.write_text(text)
-    return path
-
-
-def start(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "orchestrator", *args], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    return demo_profile(tmp_path / "event.toml", ports or (free_port(), free_port()), metrics=metrics,
+                        state_dir=tmp_path / "state" if state else None)  # fmt: skip
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -60,40 +43,29 @@ def taken_port() -> Iterator[int]:
         yield s.getsockname()[1]
 
 
-def test_a_second_instance_of_a_group_is_refused_naming_group_holder_and_directory(tmp_path):
+def test_a_second_instance_of_a_group_is_refused_naming_group_holder_and_directory(tmp_path, up_process):
     profile = demo_variant(tmp_path, metrics=None)
-    log = tmp_path / "first.log"
-    first = start("up", str(profile), "--group", "primary", "--status", "log", log=log)
+    first = up_process(profile, "--group", "primary", log="first.log")
     try:
-        wait_until(lambda: "supervisor.started" in log.read_text(), 30, "the first instance", [log])
         second = run("up", str(profile), "--group", "primary", "--status", "log")
-        other_group = start("up", str(profile), "--group", "backup", "--status", "log", log=tmp_path / "b.log")
-        try:
-            wait_until(lambda: "supervisor.started" in (tmp_path / "b.log").read_text(), 30, "the backup group",
-                       [tmp_path / "b.log"])  # fmt: skip  # another group of the same profile is fine
-        finally:
-            other_group.terminate()
-            assert other_group.wait(30) == 0
-        assert first.poll() is None, "the first instance must keep running"
+        other_group = up_process(profile, "--group", "backup", log="b.log")  # another group of the profile is fine
+        assert other_group.stop() == 0
+        assert first.process.poll() is None, "the first instance must keep running"
     finally:
-        first.terminate()
-        assert first.wait(30) == 0
+        assert first.stop() == 0
     assert second.returncode == 1
     message = second.stderr
     assert "group 'primary' is already running" in message
     assert f"state directory {tmp_path / 'state'}" in message
-    assert f"pid {first.pid} on host {socket.gethostname()}" in message
+    assert f"pid {first.process.pid} on host {socket.gethostname()}" in message
     assert "supervisor.started" not in message  # refused before going live
     assert (tmp_path / "state" / "demo.primary.lock").exists()
 
 
-def test_the_lock_is_released_when_the_holder_is_killed(tmp_path):
+def test_the_lock_is_released_when_the_holder_is_killed(tmp_path, up_process):
     profile = demo_variant(tmp_path, metrics=None)
-    log = tmp_path / "first.log"
-    first = start("up", str(profile), "--group", "primary", "--status", "log", log=log)
-    wait_until(lambda: "supervisor.started" in log.read_text(), 30, "the first instance", [log])
+    first = up_process(profile, "--group", "primary", log="first.log")
     first.kill()
-    first.wait(10)
     # Free again (the kernel released it); taken now by this process, and refused to a second holder.
     with (
         hold_group_lock(tmp_path / "state", "demo.primary", "primary"),
@@ -103,16 +75,11 @@ def test_the_lock_is_released_when_the_holder_is_killed(tmp_path):
         pass
 
 
-def test_without_a_state_dir_nothing_is_locked_and_the_log_says_so(tmp_path):
+def test_without_a_state_dir_nothing_is_locked_and_the_log_says_so(tmp_path, up_process):
     profile = demo_variant(tmp_path, metrics=None, state=False)
-    log = tmp_path / "up.log"
-    up = start("up", str(profile), "--group", "primary", "--status", "log", log=log)
-    try:
-        wait_until(lambda: "supervisor.started" in log.read_text(), 30, "the instance", [log])
-    finally:
-        up.terminate()
-        assert up.wait(30) == 0
-    assert "supervisor.lock.none group=primary reason='no [state] dir" in log.read_text()
+    up = up_process(profile, "--group", "primary")
+    assert up.stop() == 0
+    assert "supervisor.lock.none group=primary reason='no [state] dir" in up.text()
 
 
 def test_metrics_address_in_use_names_the_address_and_the_profile_key(tmp_path, taken_port):

@@ -10,70 +10,21 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 import httpx
 import pytest
+from rig import demo_profile, free_port, get_status, wait_until
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "profiles" / "demo.toml"
 MIN_FRAGMENTS = 6
 needs_ffprobe = pytest.mark.skipif(
     shutil.which("ffprobe") is None, reason="needs ffprobe: apt-get install ffmpeg (see README)"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def orchestrator(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", *args], stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-
-
-def stop(process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> int:
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        pytest.fail(f"process did not stop on SIGTERM within {timeout} s; log:\n{log.read_text()[-4000:]}")
-
-
-def wait_until(predicate, timeout: float, what: str, logs: list[Path]) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
-    pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tails}")
-
-
-def get_status(port: int, posts: bool = False) -> dict | None:
-    try:
-        response = httpx.get(f"http://127.0.0.1:{port}/status" + ("?posts=1" if posts else ""), timeout=2)
-    except httpx.TransportError:
-        return None
-    return response.json() if response.status_code == 200 else None
 
 
 def track_status(status: dict, stream: str) -> dict:
@@ -82,31 +33,9 @@ def track_status(status: dict, stream: str) -> dict:
 
 
 def profile_for(tmp_path: Path, ports: list[int], metrics_port: int) -> Path:
-    text = DEMO.read_text()
-    text = text.replace("127.0.0.1:18081", f"127.0.0.1:{ports[0]}").replace("127.0.0.1:18082", f"127.0.0.1:{ports[1]}")
-    text = text.replace('listen = "127.0.0.1:9464"', f'listen = "127.0.0.1:{metrics_port}"')
-    # The skeleton's end-to-end path, on the synthetic encoder (tests/test_ffmpeg.py runs ffmpeg).
-    text, swapped = re.subn(r"^encoder = .*$", 'encoder = { backend = "synthetic" }', text, flags=re.MULTILINE)
-    assert swapped == 2
-    path = tmp_path / "event.toml"
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture
-def ingest_servers(tmp_path: Path) -> Iterator[list[tuple[int, Path, Path]]]:
-    servers = []
-    for region in ("region-a", "region-b"):
-        port, archive, log = free_port(), tmp_path / region, tmp_path / f"ingest-{region}.log"
-        process = orchestrator("ingest", "--listen", f"127.0.0.1:{port}", "--archive", str(archive), log=log)
-        servers.append((process, port, archive, log))
-    try:
-        for _, port, _, log in servers:
-            wait_until(lambda port=port: get_status(port) is not None, 20, "ingest server to listen", [log])
-        yield [(port, archive, log) for _, port, archive, log in servers]
-    finally:
-        codes = [stop(process, log) for process, _, _, log in servers]
-    assert codes == [0, 0], "ingest servers must exit 0 on SIGTERM"
+    # The skeleton's end-to-end path, on the synthetic encoder (tests/encode/test_ffmpeg.py runs ffmpeg).
+    return demo_profile(tmp_path / "event.toml", (ports[0], ports[1]), metrics=f"127.0.0.1:{metrics_port}",
+                        state_dir=tmp_path / "state")  # fmt: skip
 
 
 def ffprobe_packets(path: Path) -> list[tuple[int, bool]]:
@@ -120,13 +49,13 @@ def ffprobe_packets(path: Path) -> list[tuple[int, bool]]:
 
 
 @needs_ffprobe
-def test_primary_and_backup_push_aligned_fragments_to_two_regions(tmp_path, ingest_servers):
-    ports = [port for port, _, _ in ingest_servers]
+def test_primary_and_backup_push_aligned_fragments_to_two_regions(tmp_path, ingest_server, up_process):
+    servers = [ingest_server("region-a"), ingest_server("region-b")]
+    ports = [server.port for server in servers]
     metrics_port = free_port()
     profile = profile_for(tmp_path, ports, metrics_port)
-    up_log = tmp_path / "up.log"
-    up = orchestrator("up", str(profile), "--status", "log", log=up_log)
-    logs = [up_log] + [log for _, _, log in ingest_servers]
+    up = up_process(profile, ready=None)
+    logs = [up.log] + [server.log for server in servers]
     try:
 
         def enough() -> bool:
@@ -144,8 +73,8 @@ def test_primary_and_backup_push_aligned_fragments_to_two_regions(tmp_path, inge
         wait_until(enough, 60, f"{MIN_FRAGMENTS} fragments archived per track in both regions", logs)
         metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
     finally:
-        code = stop(up, up_log)
-    assert code == 0, up_log.read_text()[-3000:]
+        code = up.stop()
+    assert code == 0, up.text()[-3000:]
 
     # Metrics were live while running: every group pushed every stream to every endpoint.
     for group in ("primary", "backup"):
@@ -158,13 +87,13 @@ def test_primary_and_backup_push_aligned_fragments_to_two_regions(tmp_path, inge
                 assert lines, f"no pushed-fragments metric for {group}/{stream}/{endpoint}"
                 assert float(lines[0].rsplit(" ", 1)[1]) >= MIN_FRAGMENTS - 1
 
-    up_text = up_log.read_text()
+    up_text = up.text()
     assert "supervisor.stopped" in up_text
     assert "status stream=video index=" in up_text  # the plain per-stream status line (not a TTY)
 
     clock_durations = {"video": Fraction(2), "audio": Fraction(2)}
-    for port, archive, _ in ingest_servers:
-        status = get_status(port, posts=True)
+    for server in servers:
+        status = server.status(posts=True)
         assert status is not None
         for stream in ("video", "audio"):
             track = track_status(status, stream)
@@ -194,7 +123,7 @@ def test_primary_and_backup_push_aligned_fragments_to_two_regions(tmp_path, inge
                 assert by_group["primary"][k] == by_group["backup"][k], f"fragment {k} differs between groups"
 
             # The archive is one playable, continuous fragmented MP4 per track.
-            file = archive / track["file"]
+            file = server.archive / track["file"]
             packets = ffprobe_packets(file)
             # ffprobe's packet "duration" for the synthetic H.264 comes from the clip's VUI (25 fps),
             # so continuity is judged on presentation timestamps: one frame apart, always.
@@ -211,19 +140,16 @@ def test_primary_and_backup_push_aligned_fragments_to_two_regions(tmp_path, inge
 
 
 @needs_ffprobe
-def test_up_with_local_ingest_runs_the_demo_without_outside_servers(tmp_path):
+def test_up_with_local_ingest_runs_the_demo_without_outside_servers(tmp_path, up_process):
     ports = [free_port(), free_port()]
     profile = profile_for(tmp_path, ports, free_port())
     archive = tmp_path / "archive"
-    log = tmp_path / "up.log"
-    process = orchestrator("up", str(profile), "--local-ingest", str(archive), "--duration", "7", "--status", "log",
-                           log=log)  # fmt: skip
+    up = up_process(profile, "--local-ingest", str(archive), "--duration", "7", ready=None)
     try:
-        code = process.wait(60)
+        code = up.process.wait(60)
     except subprocess.TimeoutExpired:
-        process.kill()
         pytest.fail("up --duration 7 did not end by itself")
-    assert code == 0, log.read_text()[-3000:]
+    assert code == 0, up.text()[-3000:]
     files = sorted(p.relative_to(archive) for p in archive.rglob("*.mp4"))
     assert [str(p) for p in files] == [
         f"127.0.0.1-{port}/live/demo/{stream}/{track}.mp4"

@@ -11,6 +11,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from rig import DEMO_BACKUP_ENDPOINTS as BACKUP_ENDPOINTS
 
 from orchestrator.clock import TrackClock
 from orchestrator.errors import ProfileError
@@ -22,16 +23,6 @@ DEMO_TEXT = DEMO.read_text(encoding="utf-8")
 DEMO_EPOCH_NS = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
 
 REGION_A_URL = 'url = "http://127.0.0.1:18081/live/demo.isml"\n'
-BACKUP_ENDPOINTS = """\
-  [[groups.backup.endpoints]]
-  name = "region-a"
-  region = "eu-west"
-  url = "http://127.0.0.1:18081/live/demo.isml"
-  [[groups.backup.endpoints]]
-  name = "region-b"
-  region = "us-east"
-  url = "http://127.0.0.1:18082/live/demo.isml"
-"""
 
 
 def edited(old: str, new: str) -> str:

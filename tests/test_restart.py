@@ -12,54 +12,11 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from test_integration import free_port, get_status, orchestrator, stop, wait_until
+from rig import audio, get_status, two_groups, video, wait_until, write_profile
 
 from orchestrator.profile import load_profile
 
 pytestmark = pytest.mark.integration
-
-PROFILE = """
-[presentation]
-name = "restart"
-fragment_duration = 2
-epoch = 2026-01-01T00:00:00Z
-
-[[streams]]
-id = "av"
-  [[streams.tracks]]
-  kind = "video"
-  name = "video"
-  bitrate = 800_000
-  width = 640
-  height = 360
-  frame_rate = 25
-  [[streams.tracks]]
-  kind = "audio"
-  name = "audio"
-  bitrate = 128_000
-  sample_rate = 44100
-  channels = 2
-
-[groups.primary]
-encoder = {{ backend = "synthetic" }}
-  [[groups.primary.endpoints]]
-  name = "ingest"
-  region = "here"
-  url = "http://127.0.0.1:{port}/live/restart.isml"
-
-[groups.backup]
-encoder = {{ backend = "synthetic" }}
-  [[groups.backup.endpoints]]
-  name = "ingest"
-  region = "here"
-  url = "http://127.0.0.1:{port}/live/restart.isml"
-
-[metrics]
-enabled = false
-
-[state]
-dir = "{state}"
-"""
 
 
 def fragments_by_process(port: int, group: str, boundary_post: int) -> tuple[dict, dict]:
@@ -77,62 +34,51 @@ def fragments_by_process(port: int, group: str, boundary_post: int) -> tuple[dic
     return before, after
 
 
-def test_killed_orchestrator_restarts_and_continues_the_timeline(tmp_path: Path):
-    port = free_port()
-    profile_path = tmp_path / "restart.toml"
-    profile_path.write_text(PROFILE.format(port=port, state=tmp_path / "state"))
+def test_killed_orchestrator_restarts_and_continues_the_timeline(tmp_path: Path, ingest_server, up_process):
+    ingest = ingest_server("ingest", archive=tmp_path / "archive")
+    port = ingest.port
+    profile_path = write_profile(tmp_path / "restart.toml", name="restart", groups=two_groups(port),
+                                 streams={"av": [video("video", frame_rate=25), audio("audio", sample_rate=44100)]},
+                                 state_dir=tmp_path / "state")  # fmt: skip
     profile = load_profile(profile_path)
-    logs = [tmp_path / name for name in ("ingest.log", "backup.log", "primary-1.log", "primary-2.log")]
-    ingest = orchestrator("ingest", "--listen", f"127.0.0.1:{port}", "--archive", str(tmp_path / "archive"),
-                          log=logs[0])  # fmt: skip
-    backup = primary = None
-    try:
-        wait_until(lambda: get_status(port) is not None, 20, "the ingest server", logs)
-        backup = orchestrator("up", str(profile_path), "--group", "backup", "--status", "log", log=logs[1])
-        primary = orchestrator("up", str(profile_path), "--group", "primary", "--status", "log", log=logs[2])
+    logs = [ingest.log] + [tmp_path / name for name in ("backup.log", "primary-1.log", "primary-2.log")]
+    backup = up_process(profile_path, "--group", "backup", log=logs[1], ready=None)
+    primary = up_process(profile_path, "--group", "primary", log=logs[2], ready=None)
 
-        def primary_fragments() -> int:
-            status = get_status(port, posts=True) or {"post_log": []}
-            return sum(len(p["fragments"]) for p in status["post_log"] if p["encoder_group"] == "primary")
+    def primary_fragments() -> int:
+        status = get_status(port, posts=True) or {"post_log": []}
+        return sum(len(p["fragments"]) for p in status["post_log"] if p["encoder_group"] == "primary")
 
-        wait_until(lambda: primary_fragments() >= 6, 30, "3 fragments from the first primary process", logs)
-        primary.send_signal(signal.SIGKILL)
-        assert primary.wait(10) == -signal.SIGKILL
-        status = get_status(port, posts=True)
-        boundary = status["posts"]["total"] + 1  # every later POST comes from the new process
-        killed_at = primary_fragments()
-        assert (tmp_path / "state" / "restart.primary.json").exists()
+    wait_until(lambda: primary_fragments() >= 6, 30, "3 fragments from the first primary process", logs)
+    primary.process.send_signal(signal.SIGKILL)
+    assert primary.process.wait(10) == -signal.SIGKILL
+    status = get_status(port, posts=True)
+    boundary = status["posts"]["total"] + 1  # every later POST comes from the new process
+    killed_at = primary_fragments()
+    assert (tmp_path / "state" / "restart.primary.json").exists()
 
-        primary = orchestrator("up", str(profile_path), "--group", "primary", "--status", "log", log=logs[3])
-        wait_until(lambda: primary_fragments() >= killed_at + 6, 30, "3 fragments from the restarted primary", logs)
-        assert stop(primary, logs[3]) == 0
-        primary = None
-        assert stop(backup, logs[1]) == 0
-        backup = None
+    primary = up_process(profile_path, "--group", "primary", log=logs[3], ready=None)
+    wait_until(lambda: primary_fragments() >= killed_at + 6, 30, "3 fragments from the restarted primary", logs)
+    assert primary.stop() == 0
+    assert backup.stop() == 0
 
-        before, after = fragments_by_process(port, "primary", boundary)
-        clocks = [profile.track_clock(t) for t in profile.streams[0].tracks]
-        for track, clock in enumerate(clocks, start=1):
-            assert before[track], f"track {track}: nothing from the first process"
-            assert after[track], f"track {track}: nothing from the restarted process"
-            for index, time in before[track] + after[track]:
-                assert time == clock.start(index), f"track {track}: index {index} is off the shared clock"
-            last_sent = max(index for index, _ in before[track])
-            first_again = min(index for index, _ in after[track])
-            assert first_again > last_sent, f"track {track}: index {first_again} sent again after the restart"
-            assert min(t for _, t in after[track]) > max(t for _, t in before[track])
-            indices = [index for index, _ in after[track]]
-            assert indices == sorted(indices)
+    before, after = fragments_by_process(port, "primary", boundary)
+    clocks = [profile.track_clock(t) for t in profile.streams[0].tracks]
+    for track, clock in enumerate(clocks, start=1):
+        assert before[track], f"track {track}: nothing from the first process"
+        assert after[track], f"track {track}: nothing from the restarted process"
+        for index, time in before[track] + after[track]:
+            assert time == clock.start(index), f"track {track}: index {index} is off the shared clock"
+        last_sent = max(index for index, _ in before[track])
+        first_again = min(index for index, _ in after[track])
+        assert first_again > last_sent, f"track {track}: index {first_again} sent again after the restart"
+        assert min(t for _, t in after[track]) > max(t for _, t in before[track])
+        indices = [index for index, _ in after[track]]
+        assert indices == sorted(indices)
 
-        merged = get_status(port)["publishing_points"]["live/restart"]["streams"]["av"]
-        assert merged["header_mismatches"] == 0
-        for track in merged["tracks"].values():
-            assert track["gaps"] == 0, track
-            assert track["conflicts"] == 0, track
-        assert "supervisor.state.restored group=primary" in logs[3].read_text()
-    finally:
-        for process in (primary, backup):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
-        stop(ingest, logs[0])
+    merged = get_status(port)["publishing_points"]["live/restart"]["streams"]["av"]
+    assert merged["header_mismatches"] == 0
+    for track in merged["tracks"].values():
+        assert track["gaps"] == 0, track
+        assert track["conflicts"] == 0, track
+    assert "supervisor.state.restored group=primary" in logs[3].read_text()

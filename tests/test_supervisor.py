@@ -9,89 +9,48 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import trio
 from prometheus_client import CollectorRegistry
-from test_integration import wait_until
+from rig import audio, build_profile, endpoint, group, loopback_ingest, up_in_process, video, wait_until, write_profile
 
-from orchestrator.ingest.server import IngestApp, serve_app
-from orchestrator.profile import parse_profile
 from orchestrator.push.publisher import PublisherSettings
 from orchestrator.push.reconnect import RetryPolicy
-from orchestrator.supervisor import UpOptions, run_up
-from orchestrator.testing.faultproxy import Fault, FaultProxy
+from orchestrator.testing.faultproxy import Fault
 
 pytestmark = pytest.mark.integration
 
-PROFILE = """
-[presentation]
-name = "two"
-fragment_duration = 2
-epoch = 2026-01-01T00:00:00Z
 
-[[streams]]
-id = "av"
-  [[streams.tracks]]
-  kind = "video"
-  name = "video"
-  bitrate = 800_000
-  width = 640
-  height = 360
-  frame_rate = 25
-  [[streams.tracks]]
-  kind = "audio"
-  name = "audio"
-  bitrate = 128_000
-  sample_rate = 48000
-  channels = 2
-
-[groups.primary]
-encoder = {{ backend = "synthetic" }}
-  [[groups.primary.endpoints]]
-  name = "healthy"
-  region = "a"
-  url = "http://127.0.0.1:{healthy}/live/two.isml"
-  [[groups.primary.endpoints]]
-  name = "stuck"
-  region = "b"
-  url = "http://127.0.0.1:{stuck}/live/two.isml"
-
-[groups.backup]
-encoder = {{ backend = "synthetic" }}
-  [[groups.backup.endpoints]]
-  name = "healthy"
-  region = "a"
-  url = "http://127.0.0.1:{healthy}/live/two.isml"
-
-[metrics]
-enabled = false
-"""
+def two(healthy: int, stuck: int) -> dict:
+    """The profile's keys: one stream, video and audio; the primary pushes to a healthy and a
+    stuck endpoint, the backup to the healthy one."""
+    return {
+        "name": "two",
+        "streams": {"av": [video("video", frame_rate=25), audio("audio")]},
+        "groups": {
+            "primary": group(endpoint(healthy, name="healthy", region="a"), endpoint(stuck, name="stuck", region="b")),
+            "backup": group(endpoint(healthy, name="healthy", region="a")),
+        },
+    }
 
 
 async def test_other_endpoints_never_wait_for_a_stuck_one(tmp_path):
     registry = CollectorRegistry()
     settings = PublisherSettings(connect_timeout=2.0, send_timeout=3.0, response_timeout=3.0, idle_timeout=6.0,
                                  retry=RetryPolicy(base=0.2, cap=1.0, jitter=0.0))  # fmt: skip
-    async with trio.open_nursery() as nursery:
-        app = IngestApp(tmp_path / "archive")
-        _, port = await nursery.start(serve_app, app, "127.0.0.1", 0)
-        proxy = FaultProxy(("127.0.0.1", port))
-        _, proxy_port = await nursery.start(proxy.run)
+    async with loopback_ingest(tmp_path / "archive", proxy=True) as loopback:
+        app, proxy = loopback.app, loopback.proxy
+        assert proxy is not None
+        assert loopback.proxy_port is not None
         proxy.set_fault(Fault.BLACKHOLE)  # stuck from the start: accepts, never answers
-        profile = parse_profile(PROFILE.format(healthy=port, stuck=proxy_port), "two.toml")
-        options = UpOptions(groups=["primary"], status="off", handle_signals=False, shutdown_grace=3.0,
-                            publisher_settings=settings)  # fmt: skip
-        async with trio.open_nursery() as up:
-            running = await up.start(lambda task_status: run_up(profile, options, registry=registry,
-                                                                task_status=task_status))  # fmt: skip
+        profile = build_profile(**two(healthy=loopback.port, stuck=loopback.proxy_port))
+        async with up_in_process(profile, registry, groups=["primary"], shutdown_grace=3.0,
+                                 publisher_settings=settings):  # fmt: skip
 
             def value(name, endpoint, **extra):
                 labels = {"stream": "av", "group": "primary", "endpoint": endpoint, "region": "a" if endpoint ==
@@ -112,9 +71,7 @@ async def test_other_endpoints_never_wait_for_a_stuck_one(tmp_path):
             stuck_since = value("orchestrator_seconds_since_last_push", "stuck")
             healthy_backlog = value("orchestrator_backlog_fragments", "healthy")
             encoder_up = registry.get_sample_value("orchestrator_encoder_up", {"group": "primary"})
-            running.stop.set()
-        proxy.heal()
-        nursery.cancel_scope.cancel()
+            proxy.heal()  # the graceful stop need not wait out the stuck endpoint
     assert 0 < worst <= 2.0 + 1.0, f"the healthy endpoint waited {worst:.1f} s between pushes"
     assert healthy_backlog == 0
     assert encoder_up == 1
@@ -130,37 +87,24 @@ async def test_other_endpoints_never_wait_for_a_stuck_one(tmp_path):
         assert track["fragments_archived"] >= 5
 
 
-def test_a_second_signal_cancels_at_once(tmp_path: Path):
+def test_a_second_signal_cancels_at_once(tmp_path: Path, up_process):
     """The first SIGTERM starts a graceful stop that would wait (up to the 10 s grace) for an
     endpoint that accepts connections and never answers; the second cancels everything now."""
     with socket.socket() as hole:
         hole.bind(("127.0.0.1", 0))
         hole.listen(64)  # never accepted: connections complete, nothing is ever answered
         port = hole.getsockname()[1]
-        text = PROFILE.format(healthy=port, stuck=port).replace(
-            "[metrics]\nenabled = false", "[metrics]\nenabled = false"
-        )
-        profile = tmp_path / "two.toml"
-        profile.write_text(text)
-        log = tmp_path / "up.log"
-        with log.open("wb") as out:
-            up = subprocess.Popen(
-                [sys.executable, "-m", "orchestrator", "up", str(profile), "--group", "primary", "--status", "log"],
-                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
-        try:
-            wait_until(lambda: "encoder.started" in log.read_text(), 40, "the group to start", [log])
-            time.sleep(2.5)  # a fragment is queued for the silent endpoint
-            up.send_signal(signal.SIGTERM)
-            wait_until(lambda: "supervisor.stopping" in log.read_text(), 10, "the graceful stop to begin", [log])
-            time.sleep(0.5)
-            second = time.monotonic()
-            up.send_signal(signal.SIGTERM)
-            code = up.wait(10)
-            took = time.monotonic() - second
-        finally:
-            if up.poll() is None:
-                up.kill()
-                up.wait()
+        profile = write_profile(tmp_path / "two.toml", **two(healthy=port, stuck=port))
+        orchestrator = up_process(profile, "--group", "primary", ready="encoder.started", timeout=40)
+        up, log = orchestrator.process, orchestrator.log
+        time.sleep(2.5)  # a fragment is queued for the silent endpoint
+        up.send_signal(signal.SIGTERM)
+        wait_until(lambda: "supervisor.stopping" in log.read_text(), 10, "the graceful stop to begin", [log])
+        time.sleep(0.5)
+        second = time.monotonic()
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(10)
+        took = time.monotonic() - second
     text = log.read_text()
     assert "supervisor.signal signal=SIGTERM action=graceful_stop" in text
     assert "supervisor.signal signal=SIGTERM action=cancel_now" in text

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from orchestrator.clock import TrackClock
+from orchestrator.errors import StateMismatch
 from orchestrator.fmp4.stream import EncodedFragment
 from orchestrator.tracks import TrackKind
 
@@ -202,10 +203,6 @@ class ClockIdentity:
     presentation: str
     epoch_ns: int
     fragment_duration: Fraction
-
-
-class StateMismatch(ValueError):
-    """The state file belongs to another presentation or clock."""
 
 
 def encode_state(identity: ClockIdentity, group: str, snapshot: Mapping[str, Sequence[int]],

@@ -53,7 +53,6 @@ from orchestrator.encode.group import Sink
 from orchestrator.encode.lock import (
     LIVE_TIMESCALE,
     PTS_WRAP,
-    FileLockError,
     FileTiming,
     LiveLock,
     choose_live_lock,
@@ -62,7 +61,7 @@ from orchestrator.encode.lock import (
 )
 from orchestrator.encode.recut import Cut, TrackRecutter, anchor_frame, start_index
 from orchestrator.encode.statefile import read_state, write_state
-from orchestrator.errors import EncoderError
+from orchestrator.errors import EncoderError, FileLockError, SourceError
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
 from orchestrator.fmp4.stream import EncodedFragment
@@ -476,14 +475,6 @@ def plan_ffmpeg(config: FfmpegEncoder, executable: str, *, needs_video: bool = T
     if isinstance(config.source, FileSource):
         timing = probe_file(executable, config.source.path, needs_video=needs_video, needs_audio=needs_audio)
     return FfmpegPlan(executable, config, burn_in, live_url, timing)
-
-
-class SourceError(ValueError):
-    """A source that cannot be used; ``key`` is its key path below the group's encoder."""
-
-    def __init__(self, key: str, message: str) -> None:
-        self.key = key
-        super().__init__(message)
 
 
 def check_file_sources(profile: Profile) -> list[tuple[str, str]]:

@@ -50,16 +50,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from orchestrator.clock import NS_PER_SECOND, TrackClock
+from orchestrator.errors import FileLockError
 
 US_PER_SECOND = 1_000_000
 PLAYLIST_SECONDS = 86400
 """How much looped content one ffconcat list covers; when it ends, ffmpeg exits and the restart
 re-locks (each group at its own time, so the other group covers the seam)."""
 MAX_PLAYLIST_ENTRIES = 20_000
-
-
-class FileLockError(ValueError):
-    """A file source that cannot be locked to the clock; the message says why."""
 
 
 @dataclass(frozen=True)

@@ -16,14 +16,11 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from orchestrator.errors import StatusUnreadable
 from orchestrator.ops.status import down
 from orchestrator.ops.view import table
 
 OK, DOWN, UNREADABLE = 0, 1, 3
-
-
-class StatusUnreadable(Exception):
-    pass
 
 
 def fetch(client: httpx.Client, url: str) -> dict[str, Any]:

@@ -25,12 +25,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from orchestrator.errors import ScanError
+
 MAX_HEAD = 16 * 1024
 MAX_MOOF = 1024 * 1024
-
-
-class ScanError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
-from orchestrator.testing.bodyscan import FragmentSeen, RequestEnded, RequestScanner, RequestStarted, ScanError
+from orchestrator.errors import ScanError
+from orchestrator.testing.bodyscan import FragmentSeen, RequestEnded, RequestScanner, RequestStarted
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -12,6 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from rig import load_module
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "orchestrator-rules.yml"
@@ -31,12 +31,7 @@ def tool(name: str) -> str:
 
 
 def generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("grafana_generate", GENERATOR)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(GENERATOR, "grafana_generate")
 
 
 def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:

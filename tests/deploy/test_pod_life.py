@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from kube import KUBERNETES, Pod, configmap_profile, group_of, materialise, pod_spec, render
-from test_integration import free_port, get_status, orchestrator, stop, wait_until
+from rig import Orchestrator, free_port, get_status, wait_until
 
 from orchestrator.profile import parse_profile
 
@@ -108,7 +108,7 @@ def test_pod_life_ready_graceful_stop_restart_and_kill(tmp_path: Path):
     streams = [s.id for s in profile.streams]
     tracks = {(s.id, track_id) for s in profile.streams for track_id in profile.track_ids(s)}
     logs: list[Path] = []
-    servers: list[subprocess.Popen[bytes]] = []
+    servers: list[Orchestrator] = []
     runs: list[PodRun] = []
 
     def start(n: int) -> PodRun:
@@ -168,7 +168,7 @@ def test_pod_life_ready_graceful_stop_restart_and_kill(tmp_path: Path):
             time.sleep(0.5)
         for host, port in ingest.items():
             logs.append(tmp_path / f"ingest-{host}.log")
-            servers.append(orchestrator("ingest", "--listen", f"127.0.0.1:{port}", "--archive",
+            servers.append(Orchestrator("ingest", "--listen", f"127.0.0.1:{port}", "--archive",
                                         str(tmp_path / "archive" / host), log=logs[-1]))  # fmt: skip
         since_1 = {port: 1 for port in ports}
         deadline = time.monotonic() + 40 + 10 * fragment  # the publisher's retry backoff is capped at 8 s (+25 %)
@@ -225,5 +225,5 @@ def test_pod_life_ready_graceful_stop_restart_and_kill(tmp_path: Path):
             if run.process.poll() is None:
                 run.process.kill()
                 run.process.wait()
-        for server, log in zip(servers, [p for p in logs if p.name.startswith("ingest-")], strict=True):
-            stop(server, log)
+        for server in servers:
+            server.stop()

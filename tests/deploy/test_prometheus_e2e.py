@@ -20,7 +20,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 import httpx
 import pytest
+import rig
 import trio
 from promkit import DASHBOARD, RULES, concrete, dashboard_queries, tool
 
@@ -39,49 +39,20 @@ from orchestrator.testing.faultproxy import Fault, FaultProxy
 pytestmark = pytest.mark.integration
 
 FRAGMENT = 2  # seconds; a stall is 3 fragment durations
-PROFILE = """
-[presentation]
-name = "e2e"
-fragment_duration = {fragment}
-epoch = 2026-01-01T00:00:00Z
 
-[[streams]]
-id = "video"
-  [[streams.tracks]]
-  kind = "video"
-  name = "video_180p"
-  bitrate = 200_000
-  width = 320
-  height = 180
-  frame_rate = 15
 
-[[streams]]
-id = "audio"
-  [[streams.tracks]]
-  kind = "audio"
-  name = "audio_eng"
-  bitrate = 64_000
-  sample_rate = 48000
-  channels = 2
+def e2e_profile(primary_proxy: int, backup_proxy: int) -> str:
+    """Two streams (180p 15 fps video, stereo audio), both groups on ffmpeg's test pattern (no
+    burnt-in clock), each through its own proxy; metrics on a free port."""
+    encoder = rig.ffmpeg(source={"kind": "testpattern", "burn_in_clock": False})
+    return rig.profile_text(
+        name="e2e", fragment_duration=FRAGMENT, metrics={"enabled": True, "listen": "127.0.0.1:0"},
+        streams={"video": [rig.video("video_180p", bitrate=200_000, width=320, height=180, frame_rate=15)],
+                 "audio": [rig.audio(bitrate=64_000)]},
+        groups={g: rig.group(rig.endpoint(port, name="region-a", region="eu-west"), encoder=encoder)
+                for g, port in (("primary", primary_proxy), ("backup", backup_proxy))},
+    )  # fmt: skip
 
-[groups.primary]
-encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {{ kind = "testpattern", burn_in_clock = false }} }}
-  [[groups.primary.endpoints]]
-  name = "region-a"
-  region = "eu-west"
-  url = "http://127.0.0.1:{primary_proxy}/live/e2e.isml"
-
-[groups.backup]
-encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {{ kind = "testpattern", burn_in_clock = false }} }}
-  [[groups.backup.endpoints]]
-  name = "region-a"
-  region = "eu-west"
-  url = "http://127.0.0.1:{backup_proxy}/live/e2e.isml"
-
-[metrics]
-enabled = true
-listen = "127.0.0.1:0"
-"""
 
 PROMETHEUS_CONFIG = """
 global:
@@ -107,12 +78,6 @@ def shortened_for(rules: str) -> str:
     out = re.sub(r"for: (\w+)", cut, rules)
     assert out != rules
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Processes:
@@ -180,8 +145,7 @@ async def test_alerts_fire_and_resolve_and_dashboard_queries_return_data(tmp_pat
         proxies = {group: FaultProxy(("127.0.0.1", ingest_port)) for group in ("primary", "backup")}
         ports = {group: (await nursery.start(proxy.run))[1] for group, proxy in proxies.items()}
         profile = tmp_path / "e2e.toml"
-        profile.write_text(PROFILE.format(fragment=FRAGMENT, primary_proxy=ports["primary"],
-                                          backup_proxy=ports["backup"]))  # fmt: skip
+        profile.write_text(e2e_profile(ports["primary"], ports["backup"]))
         try:
             ups = {}
             for group in ("primary", "backup"):
@@ -199,7 +163,7 @@ async def test_alerts_fire_and_resolve_and_dashboard_queries_return_data(tmp_pat
             config = tmp_path / "prometheus.yml"
             config.write_text(PROMETHEUS_CONFIG.format(rules=rules, primary=f"127.0.0.1:{metrics['primary']}",
                                                        backup=f"127.0.0.1:{metrics['backup']}"))  # fmt: skip
-            web = free_port()
+            web = rig.free_port()
             await processes.start("prometheus", [
                 prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{web}", "--log.level=warn"])  # fmt: skip

@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 from orchestrator.ingest.server import IngestApp, serve_app
 from orchestrator.profile import parse_profile
 from orchestrator.supervisor import UpOptions, run_up
+from orchestrator.testing import profiles
 
 pytestmark = [
     pytest.mark.integration,
@@ -36,46 +37,20 @@ pytestmark = [
                        reason="needs ffmpeg and ffprobe: apt-get install ffmpeg (see README)"),
 ]  # fmt: skip
 
-PROFILE = """
-[presentation]
-name = "lock"
-fragment_duration = 2
-epoch = 2026-01-01T00:00:00Z
 
-[[streams]]
-id = "av"
-  [[streams.tracks]]
-  kind = "video"
-  name = "video"
-  bitrate = 1_000_000
-  width = 320
-  height = 180
-  frame_rate = "30000/1001"
-  [[streams.tracks]]
-  kind = "audio"
-  name = "audio"
-  bitrate = 128_000
-  sample_rate = 48000
-  channels = 1
+def lock_profile(primary_source: str, backup_source: str, primary_port: int, backup_port: int,
+                 metrics: dict | None = None) -> str:  # fmt: skip
+    """One stream (320x180 29.97 fps video, mono audio); each group on ffmpeg with its source (an
+    inline table, as TOML text) and its own ingest server. Metrics off unless given."""
+    primary = profiles.group(profiles.endpoint(primary_port, name="a", region="eu-west"),
+                             encoder=profiles.ffmpeg(source=profiles.Raw(primary_source)))  # fmt: skip
+    backup = profiles.group(profiles.endpoint(backup_port, name="b", region="eu-north"),
+                            encoder=profiles.ffmpeg(source=profiles.Raw(backup_source)))  # fmt: skip
+    video = profiles.video("video", bitrate=1_000_000, width=320, height=180)
+    streams = {"av": [video, profiles.audio("audio", channels=1)]}
+    groups = {"primary": primary, "backup": backup}
+    return profiles.profile_text(name="lock", streams=streams, groups=groups, metrics=metrics)
 
-[groups.primary]
-encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {primary_source} }}
-  [[groups.primary.endpoints]]
-  name = "a"
-  region = "eu-west"
-  url = "http://127.0.0.1:{primary_port}/live/lock.isml"
-
-[groups.backup]
-encoder = {{ backend = "ffmpeg", preset = "ultrafast", source = {backup_source} }}
-  [[groups.backup.endpoints]]
-  name = "b"
-  region = "eu-north"
-  url = "http://127.0.0.1:{backup_port}/live/lock.isml"
-
-[metrics]
-{metrics}
-"""
-NO_METRICS = "enabled = false"  # one process runs both groups here: nothing to scrape
 
 SIDE = (32, 18)  # pictures are compared at this size, in gray
 DECIMATED_RATE = 3000  # audio is compared at this rate: a lag step is 16 samples at 48 kHz
@@ -178,8 +153,7 @@ async def run_two_groups(tmp_path: Path, source: str, *, backup_delay: float, ki
     async with trio.open_nursery() as servers:
         apps = [IngestApp(tmp_path / name) for name in ("primary", "backup")]
         ports = [(await servers.start(serve_app, app, "127.0.0.1", 0))[1] for app in apps]
-        text = PROFILE.format(primary_source=source, backup_source=source, primary_port=ports[0],
-                              backup_port=ports[1], metrics=NO_METRICS)  # fmt: skip
+        text = lock_profile(source, source, ports[0], ports[1])  # one process runs both groups: no metrics
         profile = parse_profile(text, "lock.toml")
 
         def fragments(app: IngestApp) -> int:

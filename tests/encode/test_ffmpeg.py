@@ -31,6 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import rig
 import trio
 from prometheus_client import CollectorRegistry
 
@@ -39,72 +40,13 @@ from orchestrator.ingest.server import IngestApp, serve_app
 from orchestrator.profile import parse_profile
 from orchestrator.push.handoff import EndpointOutbox
 from orchestrator.supervisor import UpOptions, run_up
+from orchestrator.testing.profiles import ladder, profile_text
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(shutil.which("ffmpeg") is None or shutil.which("ffprobe") is None,
                        reason="needs ffmpeg and ffprobe: apt-get install ffmpeg (see README)"),
 ]  # fmt: skip
-
-PROFILE = """
-[presentation]
-name = "ladder"
-fragment_duration = 2
-epoch = 2026-01-01T00:00:00Z
-
-[[streams]]
-id = "hi"
-  [[streams.tracks]]
-  kind = "video"
-  name = "video_360p"
-  bitrate = 500_000
-  width = 640
-  height = 360
-  frame_rate = "30000/1001"
-
-[[streams]]
-id = "lo"
-  [[streams.tracks]]
-  kind = "video"
-  name = "video_180p"
-  bitrate = 150_000
-  width = 320
-  height = 180
-  frame_rate = "30000/1001"
-  [[streams.tracks]]
-  kind = "audio"
-  name = "audio_eng"
-  bitrate = 96_000
-  sample_rate = 48000
-  channels = 2
-
-[[streams]]
-id = "audio"
-  [[streams.tracks]]
-  kind = "audio"
-  name = "audio_eng"
-  bitrate = 96_000
-  sample_rate = 48000
-  channels = 2
-
-[groups.primary]
-encoder = {{ backend = "ffmpeg", preset = "ultrafast" }}
-  [[groups.primary.endpoints]]
-  name = "region-a"
-  region = "eu-west"
-  url = "http://127.0.0.1:{port}/live/ladder.isml"
-
-[groups.backup]
-encoder = {{ backend = "ffmpeg", preset = "ultrafast" }}
-stall_fragments = 2
-  [[groups.backup.endpoints]]
-  name = "region-a"
-  region = "eu-west"
-  url = "http://127.0.0.1:{port}/live/ladder.isml"
-
-[metrics]
-enabled = false
-"""
 
 # (stream, track ID, frame ticks). Track IDs are presentation-wide: the audio is track 3 in both
 # streams that carry it.
@@ -142,9 +84,8 @@ def fragments_from(app: IngestApp, group: str) -> dict[tuple[str, int], dict[int
 
 
 async def wait_for_fragments(app: IngestApp, group: str, count: int, timeout: float) -> None:
-    with trio.fail_after(timeout):
-        while not all(len(fragments_from(app, group).get((s, t), ())) >= count for s, t, _ in TRACKS):
-            await trio.sleep(0.1)
+    await rig.wait_for(lambda: all(len(fragments_from(app, group).get((s, t), ())) >= count for s, t, _ in TRACKS),
+                   timeout, f"{count} fragments per track from {group}")  # fmt: skip
 
 
 def assert_merged_timeline_whole(app: IngestApp) -> None:
@@ -180,7 +121,7 @@ async def test_ladder_on_real_ffmpeg_survives_a_killed_encoder(tmp_path, monkeyp
     async with trio.open_nursery() as servers:
         app = IngestApp(tmp_path / "archive")
         _, port = await servers.start(serve_app, app, "127.0.0.1", 0)
-        profile = parse_profile(PROFILE.format(port=port), "ladder.toml")
+        profile = parse_profile(profile_text(**ladder(port)), "ladder.toml")
         options = UpOptions(status="off", handle_signals=False, shutdown_grace=8.0)
         async with trio.open_nursery() as up:  # ends when run_up returns after its graceful stop
             running = await up.start(lambda task_status: run_up(profile, options, registry=registry,
@@ -282,9 +223,7 @@ async def test_a_looped_file_and_a_live_udp_input_land_on_the_same_clock(tmp_pat
          "-i", "sine=frequency=440:sample_rate=44100", "-t", "3", "-c:v", "libx264", "-preset", "ultrafast",
          "-g", "25", "-c:a", "aac", "-shortest", str(clip)],
         check=True)  # fmt: skip
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        udp_port = s.getsockname()[1]
+    udp_port = rig.free_port(socket.SOCK_DGRAM)
     sender = subprocess.Popen(
         ["ffmpeg", "-v", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i", str(clip), "-c", "copy",
          "-f", "mpegts", f"udp://127.0.0.1:{udp_port}?pkt_size=1316"])  # fmt: skip
@@ -297,7 +236,7 @@ async def test_a_looped_file_and_a_live_udp_input_land_on_the_same_clock(tmp_pat
             live_source = f'source = {{ kind = "live", url = "udp://127.0.0.1:{udp_port}?overrun_nonfatal=1" }}'
             # The production stall window (3 fragments): the short one the kill test uses for
             # speed is shorter than a live input's start (ffmpeg probes the MPEG-TS first).
-            text = PROFILE.format(port=port).replace("stall_fragments = 2\n", "")
+            text = profile_text(**ladder(port)).replace("stall_fragments = 2\n", "")
             text = text.replace('preset = "ultrafast" }', f'preset = "ultrafast", {file_source} }}', 1)  # primary
             text = text.replace('preset = "ultrafast" }', f'preset = "ultrafast", {live_source} }}', 1)  # backup
             profile = parse_profile(text, "sources.toml")

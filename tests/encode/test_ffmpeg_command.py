@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 import trio
-from test_ffmpeg import PROFILE
 
 from orchestrator.encode.ffmpeg import STDERR_BURST, STDERR_PERIOD, FfmpegExited, _StderrLog, find_ffmpeg
 from orchestrator.encode.ffmpeg_command import FileInputs, build_argv, keyframe_expression, plan_encodes
 from orchestrator.errors import EncoderError, ProfileError
 from orchestrator.profile import FileSource, LiveSource, PatternSource, load_profile, parse_profile
+from orchestrator.testing import profiles
 
 
 def ladder(extra: str = ""):
     """The presentation of tests/test_ffmpeg.py; ``extra`` replaces the primary's encoder options."""
-    text = PROFILE.format(port=1)
+    text = profiles.profile_text(**profiles.ladder(1))
     if extra:
         text = text.replace('backend = "ffmpeg", preset = "ultrafast" }', f'backend = "ffmpeg"{extra} }}', 1)
     return parse_profile(text, "ladder.toml")
@@ -115,7 +115,7 @@ def test_file_and_live_sources():
 def test_tracks_with_different_anchors_share_one_file_input_each_shifted_to_its_own_first_frame():
     """A 15 fps rendition starts at its own first frame: the input opens at the earliest track's
     position and the later one is shifted (setpts) before its frame-rate conversion."""
-    text = PROFILE.format(port=1).replace(
+    text = profiles.profile_text(**profiles.ladder(1)).replace(
         'frame_rate = "30000/1001"\n\n[[streams]]\nid = "lo"', 'frame_rate = "30000/1001"\n\n[[streams]]\nid = "lo"', 1
     )
     text = text.replace(

@@ -21,7 +21,8 @@ from typing import BinaryIO
 
 import pytest
 import trio
-from test_content_lock import PROFILE, assert_same_content, make_clip
+from rig import free_port
+from test_content_lock import assert_same_content, lock_profile, make_clip
 
 from orchestrator.ingest.server import IngestApp, serve_app
 
@@ -35,12 +36,6 @@ pytestmark = [
 
 SKEW = "+0.2"  # the backup host's wall clock, seconds ahead
 DELAY = 0.15  # the backup's path from the contribution feed, seconds longer
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def relay(listen: trio.socket.SocketType, primary: int, backup: int) -> None:
@@ -89,8 +84,7 @@ async def test_a_live_source_shows_the_same_pictures_and_sound_despite_clock_ske
             sources = [f'{{ kind = "live", url = "udp://127.0.0.1:{ports[i]}?overrun_nonfatal=1", '
                        f'peers = ["http://127.0.0.1:{metrics[1 - i]}/metrics"] }}' for i in range(2)]  # fmt: skip
             for i, group in enumerate(("primary", "backup")):  # one host each: its own metrics port
-                text = PROFILE.format(primary_source=sources[0], backup_source=sources[1], primary_port=ingest[0],
-                                      backup_port=ingest[1], metrics=f'listen = "127.0.0.1:{metrics[i]}"')  # fmt: skip
+                text = lock_profile(sources[0], sources[1], ingest[0], ingest[1], {"listen": f"127.0.0.1:{metrics[i]}"})
                 (tmp_path / f"{group}.toml").write_text(text)
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             skewed = {**env, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}

@@ -8,11 +8,11 @@ last ``/status`` after ``up`` had reached its ``--duration`` and ended every POS
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from rig import load_module
 
 SCALE = Path(__file__).resolve().parents[2] / "bench" / "scale.py"
 
@@ -20,12 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def load_scale() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_scale", SCALE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(SCALE, "bench_scale")
 
 
 def test_every_post_active_at_both_ends_of_the_window(tmp_path):

@@ -12,103 +12,32 @@ import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 import trio
+from ingestkit import (
+    A_STOPS,
+    FRAGMENTS,
+    FRAME,
+    FRAMES_PER_FRAGMENT,
+    INGEST,
+    Media,
+    Server,
+    chunks,
+    halves,
+    status_of,
+    video_track,
+    wait_for_status,
+)
 
-from orchestrator.encode.synthetic import load_clip
 from orchestrator.fmp4 import boxes
 from orchestrator.ingest.receiver import DEFAULT_MEMORY_BUDGET
-from orchestrator.ingest.server import IngestApp, run_ingest_server, serve_app, serve_ingest
+from orchestrator.ingest.server import run_ingest_server, serve_ingest
 from orchestrator.wire import smooth
-from orchestrator.wire.smooth import ManifestTrack, live_server_manifest
-
-INGEST = "/live/demo.isml/Streams(video)"
-FRAMES_PER_FRAGMENT = 5
-FRAME = 3000  # ticks at 90 kHz: 30 fps
-FRAGMENTS = 10  # 50 frames: the whole clip
-A_STOPS = 6  # group A sends fragments 0..5 only
-
-
-@dataclass(frozen=True)
-class Media:
-    """A one-track stream of the packaged H.264 clip (50 intra frames), re-stamped at 90 kHz."""
-
-    track: boxes.TrackHeader
-    header: bytes
-    fragments: tuple[bytes, ...]
-
-    @property
-    def init(self) -> bytes:
-        return smooth.write_ftyp() + boxes.write_moov([self.track])
-
-
-@pytest.fixture(scope="module")
-def media() -> Media:
-    clip = load_clip("video.mp4")
-    track = boxes.TrackHeader(1, b"vide", 90000, clip.sample_entry, 192, 108)
-    smil = live_server_manifest([ManifestTrack("video", 1, "video", 200_000, 90000, "avc1", width=192, height=108)])
-    header = smooth.write_ftyp() + smooth.write_live_server_manifest(smil) + boxes.write_moov([track])
-    fragments = []
-    for k in range(FRAGMENTS):
-        frames = clip.samples[k * FRAMES_PER_FRAGMENT : (k + 1) * FRAMES_PER_FRAGMENT]
-        samples = [boxes.Sample(data, FRAME, is_sync=True) for data in frames]
-        run = boxes.TrackRun(1, k * FRAMES_PER_FRAGMENT * FRAME, samples, k)
-        fragments.append(smooth.write_fragment(k, [run], tfxd_version=2))
-    return Media(track, header, tuple(fragments))
-
-
-@dataclass
-class Server:
-    app: IngestApp
-    url: str
-    archive: Path
-
-
-@pytest.fixture
-async def server(nursery: trio.Nursery, tmp_path: Path) -> Server:
-    app = IngestApp(tmp_path / "archive")
-    host, port = await nursery.start(serve_app, app, "127.0.0.1", 0)
-    return Server(app, f"http://{host}:{port}", tmp_path / "archive")
-
-
-async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
-    """A chunked request body, yielding to other tasks between chunks."""
-    for part in parts:
-        yield part
-        await trio.sleep(0)
-
-
-def halves(data: bytes) -> tuple[bytes, bytes]:
-    return data[: len(data) // 2], data[len(data) // 2 :]
-
-
-async def status_of(client: httpx.AsyncClient, url: str) -> dict[str, Any]:
-    response = await client.get(f"{url}/status?posts=1")
-    assert response.status_code == 200
-    assert response.headers["content-type"] == "application/json; charset=utf-8"
-    return response.json()  # type: ignore[no-any-return]
-
-
-async def wait_for(url: str, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-    """Poll /status (at most 300 times, 10 ms apart) until ``predicate`` holds."""
-    async with httpx.AsyncClient() as client:
-        for _ in range(300):
-            status = await status_of(client, url)
-            if predicate(status):
-                return status
-            await trio.sleep(0.01)
-    raise AssertionError(f"status never matched: {json.dumps(status, indent=2)}")
-
-
-def video_track(status: dict[str, Any]) -> dict[str, Any]:
-    return status["publishing_points"]["live/demo"]["streams"]["video"]["tracks"]["1"]  # type: ignore[no-any-return]
 
 
 async def test_two_groups_post_the_same_fragments_and_one_copy_of_each_is_archived(
@@ -229,14 +158,14 @@ async def test_client_gone_mid_body_keeps_what_was_archived(server: Server, medi
         yield media.fragments[0]
         yield media.fragments[1]
         yield media.fragments[2][:100]
-        await wait_for(server.url, lambda s: video_track(s)["fragments_archived"] == 2)
+        await wait_for_status(server.url, lambda s: video_track(s)["fragments_archived"] == 2)
         raise Cut
 
     with trio.fail_after(10):
         async with httpx.AsyncClient() as client:
             with pytest.raises(Cut):
                 await client.post(server.url + INGEST, content=body(), headers={"X-Encoder-Group": "A"})
-        status = await wait_for(server.url, lambda s: s["post_log"][0]["status"] != "active")
+        status = await wait_for_status(server.url, lambda s: s["post_log"][0]["status"] != "active")
 
     (post,) = status["post_log"]
     assert (post["status"], post["reason"]) == ("disconnected", "the client went away mid-body")

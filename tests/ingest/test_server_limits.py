@@ -18,14 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from ingestkit import INGEST, Media, Server, chunks, status_of, video_track, wait_for_status
 
 from orchestrator.fmp4 import boxes
 from orchestrator.ingest.server import IngestApp, serve_app
 from orchestrator.ops.httpserve import ConnectionStats, serve_asgi
 from tests.ingest.test_receiver_limits import hostile_fragment, trun
-from tests.ingest.test_server import INGEST, Media, Server, chunks, media, server, status_of, video_track, wait_for
-
-__all__ = ["media", "server"]  # fixtures, shared
 
 
 async def test_a_write_that_fails_mid_fragment_is_cut_back_and_the_resend_archived(
@@ -40,7 +38,7 @@ async def test_a_write_that_fails_mid_fragment_is_cut_back_and_the_resend_archiv
 
     async def body() -> AsyncIterator[bytes]:
         yield media.header + media.fragments[0]
-        await wait_for(server.url, lambda s: video_track(s)["fragments_archived"] == 1)
+        await wait_for_status(server.url, lambda s: video_track(s)["fragments_archived"] == 1)
         resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + len(media.fragments[1]) // 2, limits[1]))
         yield media.fragments[1]
 
@@ -226,7 +224,7 @@ async def test_memory_budget_over_http_answers_503_with_retry_after(nursery: tri
 
     async with httpx.AsyncClient() as client, trio.open_nursery() as posts:
         posts.start_soon(lambda: client.post(url + INGEST, content=holding()))
-        await wait_for(url, lambda s: s["memory"]["reserved"] >= 900_000)
+        await wait_for_status(url, lambda s: s["memory"]["reserved"] >= 900_000)
         opening = media.header + media.fragments[0][:moof_end] + (200_000).to_bytes(4, "big") + b"mdat"
         refused = await client.post(url + "/live/demo.isml/Streams(audio)", content=opening)
         posts.cancel_scope.cancel()

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from opsrig import ops_up, wait_for
+from opsrig import ops_up
+from rig import wait_for
 
 from orchestrator import supervisor
 from orchestrator.testing.faultproxy import Fault

@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-from orchestrator.ops.state import EncoderState, GroupState, LiveState, PublisherState
+from opsrig import NOW_MONO, NOW_WALL, live
+
+from orchestrator.ops.state import GroupState, LiveState, PublisherState
 from orchestrator.ops.status import down, endpoint_state, not_ready, status_document
-
-NOW_WALL = 1_800_000_000.0
-NOW_MONO = 5000.0
-
-
-def live() -> LiveState:
-    state = LiveState(presentation="demo", fragment_duration=2.0)
-    state.groups += [GroupState("primary", up=True, restarts=2, last_exit_code=-9), GroupState("backup", up=True)]
-    state.encoders += [EncoderState("primary", "video", last_index=41), EncoderState("backup", "video", 42)]
-    a = PublisherState("primary", "video", "region-a", "eu-west", connected=True, last_push_monotonic=NOW_MONO - 1.5)
-    b = PublisherState("primary", "video", "region-b", "us-east")
-    b.set_connected(False, NOW_WALL - 30)
-    b.record_failure("transport", "connection failed: ConnectError", NOW_WALL - 2)
-    b.set_backlog(30, 123_456, 28.0)
-    c = PublisherState("backup", "video", "region-a", "eu-west", connected=True, last_push_monotonic=NOW_MONO - 0.5)
-    state.publishers += [a, b, c]
-    return state
 
 
 def test_endpoint_states() -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from opsrig import NOW_MONO, NOW_WALL, live
 from rich.console import Console
-from test_status import NOW_MONO, NOW_WALL, live
 
 from orchestrator.ops.state import GroupState
 from orchestrator.ops.status import status_document

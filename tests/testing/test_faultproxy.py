@@ -56,6 +56,14 @@ async def connect(proxy: FaultProxy) -> trio.SocketStream:
     return stream
 
 
+async def answered(proxy: FaultProxy, data: bytes) -> trio.SocketStream:
+    """A new connection through the proxy that sent ``data`` and got the server's "ok" back."""
+    client = await connect(proxy)
+    await client.send_all(data)
+    assert await client.receive_some(100) == b"ok"
+    return client
+
+
 @pytest.fixture(autouse=True)
 async def close_clients():
     yield
@@ -66,9 +74,7 @@ async def close_clients():
 async def test_pass_forwards_both_ways():
     async with trio.open_nursery() as nursery:
         proxy, received = await start(nursery)
-        client = await connect(proxy)
-        await client.send_all(b"hello")
-        assert await client.receive_some(100) == b"ok"
+        client = await answered(proxy, b"hello")
         assert b"".join(received) == b"hello"
         assert proxy.bytes_client_to_server == 5
         await client.aclose()
@@ -78,25 +84,19 @@ async def test_pass_forwards_both_ways():
 async def test_reset_breaks_open_connections_and_new_ones_pass():
     async with trio.open_nursery() as nursery:
         proxy, _ = await start(nursery)
-        client = await connect(proxy)
-        await client.send_all(b"x")
-        await client.receive_some(100)
+        client = await answered(proxy, b"x")
         proxy.set_fault(Fault.RESET)
         with pytest.raises(trio.BrokenResourceError):
             await use_until_broken(client)
         assert proxy.connections_reset == 1
-        again = await connect(proxy)
-        await again.send_all(b"y")
-        assert await again.receive_some(100) == b"ok"
+        await answered(proxy, b"y")
         nursery.cancel_scope.cancel()
 
 
 async def test_refuse_resets_new_connections_before_any_byte():
     async with trio.open_nursery() as nursery:
         proxy, received = await start(nursery)
-        existing = await connect(proxy)
-        await existing.send_all(b"a")
-        await existing.receive_some(100)
+        existing = await answered(proxy, b"a")
         proxy.set_fault(Fault.REFUSE)
         fresh = await connect(proxy)
         with pytest.raises(trio.BrokenResourceError):
@@ -111,9 +111,7 @@ async def test_refuse_resets_new_connections_before_any_byte():
 async def test_down_resets_open_connections_and_refuses_new_ones_until_healed():
     async with trio.open_nursery() as nursery:
         proxy, _ = await start(nursery)
-        existing = await connect(proxy)
-        await existing.send_all(b"a")
-        await existing.receive_some(100)
+        existing = await answered(proxy, b"a")
         proxy.set_fault(Fault.DOWN)
         with pytest.raises(trio.BrokenResourceError):
             await use_until_broken(existing)
@@ -122,9 +120,7 @@ async def test_down_resets_open_connections_and_refuses_new_ones_until_healed():
             await use_until_broken(fresh)
         assert (proxy.connections_reset, proxy.connections_refused) == (1, 1)
         proxy.heal()
-        again = await connect(proxy)
-        await again.send_all(b"y")
-        assert await again.receive_some(100) == b"ok"
+        await answered(proxy, b"y")
         nursery.cancel_scope.cancel()
 
 
@@ -141,18 +137,14 @@ async def test_black_hole_stalls_the_sender_and_heal_resets_it():
         proxy.heal()
         with pytest.raises(trio.BrokenResourceError):
             await use_until_broken(client)
-        fresh = await connect(proxy)
-        await fresh.send_all(b"q")
-        assert await fresh.receive_some(100) == b"ok"
+        await answered(proxy, b"q")
         nursery.cancel_scope.cancel()
 
 
 async def test_stall_stops_reading_keeps_connections_open_and_buffers_absorb_writes():
     async with trio.open_nursery() as nursery:
         proxy, received = await start(nursery, receive_buffer=None)  # the kernel's default buffers
-        client = await connect(proxy)
-        await client.send_all(b"a")
-        assert await client.receive_some(100) == b"ok"
+        client = await answered(proxy, b"a")
         proxy.set_fault(Fault.STALL)
         # What a hung receiver does: the writes still complete (socket buffers take them)...
         with trio.fail_after(5):
@@ -174,9 +166,7 @@ async def test_stall_stops_reading_keeps_connections_open_and_buffers_absorb_wri
         with pytest.raises(trio.BrokenResourceError):
             await use_until_broken(client)
         assert proxy.connections_reset == 2
-        again = await connect(proxy)
-        await again.send_all(b"y")
-        assert await again.receive_some(100) == b"ok"
+        await answered(proxy, b"y")
         nursery.cancel_scope.cancel()
 
 

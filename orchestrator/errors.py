@@ -14,6 +14,7 @@
     │   └── StateMismatch*      a state file written for another presentation, group or clock
     ├── StatusUnreadable        ``orchestrator status`` cannot read a running instance's /status
     ├── ListenError             an address to listen on is taken: names it and who set it
+    ├── LifecycleError          a publisher's shell fed its request lifecycle an event it does not expect: our bug
     └── EndpointError           the remote ingest endpoint refused or failed
         ├── EndpointUnauthorized    401 / 403: credentials are wrong or missing
         ├── EndpointNotFound        404: the publishing point does not exist
@@ -102,6 +103,11 @@ class StatusUnreadable(OrchestratorError):
 
 class ListenError(OrchestratorError):
     """We could not listen on an address; the message names it and the key or option that set it."""
+
+
+class LifecycleError(OrchestratorError):
+    """The publisher's shell fed its request lifecycle an event the current state does not
+    expect (``push/lifecycle.py``): a bug in the shell, never the endpoint's doing."""
 
 
 class EndpointError(OrchestratorError):

@@ -51,7 +51,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator.errors import EndpointError
+from orchestrator.errors import EndpointError, LifecycleError
 from orchestrator.push.failures import answered_mid_body, failure_of, status_error, timed_out
 from orchestrator.push.reconnect import Failure, RetryPolicy
 from orchestrator.wire import smooth
@@ -84,10 +84,6 @@ class State(enum.Enum):
     REWINDING = "rewinding"  # a failure: the shell records it and rewinds the outbox
     BACKING_OFF = "backing_off"  # waiting until ``backoff_until``
     DONE = "done"  # the outbox is finished (or abandoned): the publisher returns
-
-
-class LifecycleError(RuntimeError):
-    """The shell fed an event the current state does not expect: a bug in the shell."""
 
 
 # --- events: what the shell saw or did ------------------------------------------------------

@@ -65,6 +65,7 @@ class Process:
     state_failures_at: tuple[int, ...] = ()
     content_offset: float = 0.0
     instance: str = ""
+    runs: tuple[str, ...] = ()  # the other groups this same process runs (model it as one Process per group)
 
     def __post_init__(self) -> None:
         self.instance = self.instance or f"{self.group}:9464"
@@ -99,7 +100,7 @@ class Process:
         add("orchestrator_fragment_duration_seconds", {"presentation": PRESENTATION}, F)
         for g in GROUPS:
             add("orchestrator_profile_group_info", {"presentation": PRESENTATION, "group": g},
-                1 if g == self.group else 0)  # fmt: skip
+                1 if g == self.group or g in self.runs else 0)  # fmt: skip
         add("orchestrator_wall_clock_seconds", {}, t + self.skew)
         add("orchestrator_backlog_limit_seconds", {"group": self.group}, 120)
         add("orchestrator_backlog_limit_bytes", {"group": self.group}, 64 * 2**20)

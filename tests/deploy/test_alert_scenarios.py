@@ -16,7 +16,17 @@ from pathlib import Path
 import pytest
 import yaml
 from promkit import tool
-from scenarios import CROSS_RULES, ENDPOINTS, GROUP_RULES, PRESENTATION, STREAMS, Process, Scenario, promtool_file
+from scenarios import (
+    CROSS_RULES,
+    ENDPOINTS,
+    GROUP_RULES,
+    GROUPS,
+    PRESENTATION,
+    STREAMS,
+    Process,
+    Scenario,
+    promtool_file,
+)
 
 ALL_ALERTS = sorted(
     rule["alert"]
@@ -144,6 +154,12 @@ def scenarios() -> list[Scenario]:
         (330, "OrchestratorClockSkew", [warning(backup, group="backup")]),
     ]))  # fmt: skip
 
+    both = [Process(g, phase=4, skew=3.0, down_at=420, instance="both:9464", runs=GROUPS) for g in GROUPS]
+    out.append(Scenario("one process runs both groups: its clock 3 s ahead, then its scrapes fail", both, 600, [
+        (330, "OrchestratorClockSkew", [warning(p, group=p.group) for p in both]),
+        (510, "OrchestratorDown", [warning(p, group=p.group) for p in both]),
+    ]))  # fmt: skip
+
     pair = [Process("primary", phase=0), Process("backup", phase=9, content_offset=0.2)]
     out.append(Scenario("the backup shows content 0.2 s apart", pair, 300, [
         (60, "OrchestratorGroupsContentDiffers", []),
@@ -195,3 +211,34 @@ def test_every_alert_fires_in_some_scenario_and_is_quiet_in_the_healthy_ones() -
     assert set(ALL_ALERTS) - fires == set(), "alerts never shown firing"
     healthy_checked = {alert for s in SCENARIOS if s.name.startswith("healthy") for _, alert, _ in s.expect}
     assert healthy_checked == set(ALL_ALERTS)
+
+
+def critical_alerts(paths: list[Path]) -> list[str]:
+    return [rule["alert"] for path in paths for group in yaml.safe_load(path.read_text())["groups"]
+            for rule in group["rules"] if rule.get("labels", {}).get("severity") == "critical"]  # fmt: skip
+
+
+def regional_scenario(tmp_path: Path, files: list[Path], *, stalled_warning: bool) -> subprocess.CompletedProcess[str]:
+    """promtool on ``files`` loaded as a regional Prometheus that scrapes only the primary (the
+    backup runs, unseen, in another region), the primary stalling from 2 min: no critical alert
+    of ``files`` may fire."""
+
+    def dead_from_2m(t: float, stream: str, endpoint: str) -> bool:
+        return t < 120
+
+    primary = Process("primary", phase=7, pushing=dead_from_2m)
+    expect = [(t, name, []) for t in (300, 600) for name in critical_alerts(files)]
+    if stalled_warning:
+        expect += [(300, "OrchestratorStreamStalled", [warning(primary, stream=s, group="primary") for s in STREAMS])]
+    scenario = Scenario("regional Prometheus, its one group stalls", [primary], 660, expect)
+    path = promtool_file([scenario], tmp_path, files)
+    return subprocess.run([tool("promtool"), "test", "rules", path.name], capture_output=True, text=True,
+                          check=False, cwd=tmp_path)  # fmt: skip
+
+
+def test_a_regional_prometheus_that_sees_one_group_pages_nobody(tmp_path: Path) -> None:
+    """The per-group rules are right where one group is seen: its stall is a warning, never a
+    page, since that Prometheus cannot know whether the other group covers. (The rules as they
+    were paged "stalled in every group" here.)"""
+    result = regional_scenario(tmp_path, [GROUP_RULES], stalled_warning=True)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]

@@ -551,3 +551,16 @@ def test_prometheusrule_passes_promtool(directory: Path, tmp_path: Path):
     path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_each_ingest_endpoint_has_one_name_and_region_in_every_group():
+    """The cross-group rules match an endpoint across groups by (endpoint, endpoint_region): a
+    region spelt differently in one group would make two endpoints of one, each half-fed."""
+    profile = profile_of(render(OVERLAYS[0]))
+    regions: dict[str, set[str]] = {}
+    for group in profile.groups.values():
+        for endpoint in group.endpoints:
+            regions.setdefault(endpoint.name, set()).add(endpoint.region)
+    assert all(len(r) == 1 for r in regions.values()), regions
+    assert all(len([g for g in profile.groups.values() if name in {e.name for e in g.endpoints}]) == len(
+        profile.groups) for name in regions)  # fmt: skip

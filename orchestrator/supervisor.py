@@ -235,8 +235,10 @@ async def run_up(
     plan = _Planned(profile, options, metrics)
     running = Running(presentation=profile.presentation.name,
                       fragment_duration=float(profile.presentation.fragment_duration))  # fmt: skip
-    metrics.fragment_duration.set(running.fragment_duration)
+    metrics.describe_profile(profile.presentation.name, list(profile.groups), plan.groups,
+                             profile.presentation.epoch_ns / 1e9, running.fragment_duration)  # fmt: skip
     metrics.endpoint_state.watch(running)
+    metrics.push_lag.watch(running)
 
     with contextlib.ExitStack() as locks:
         plan.lock_groups(locks)

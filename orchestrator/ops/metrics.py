@@ -1,15 +1,33 @@
 """Prometheus metrics of the orchestrator, created against an injectable registry.
 
 Labels: ``stream`` (stream id), ``group`` (encoder group), ``endpoint`` (endpoint name),
-``region``. No label or value ever holds a URL's credentials or a secret. They are served, with
-the health and status routes, by :mod:`orchestrator.ops.listener`.
+``endpoint_region`` (the endpoint's region: not ``region``, which Prometheus setups commonly use
+as an external label for the region of the Prometheus itself), and ``presentation`` on the
+series a ruler that sees every group aggregates over (``orchestrator_profile_group_info``,
+``orchestrator_fragment_duration_seconds``, ``orchestrator_seconds_since_last_push``,
+``orchestrator_push_lag_seconds``). No label or value ever holds a URL's credentials or a secret.
+They are served, with the health and status routes, by :mod:`orchestrator.ops.listener`.
+
+The series the alert rules (deploy/prometheus/) are built on exist from the process start, so
+that "never pushed" and "a group nobody runs" are visible, and they do not move with the moment
+Prometheus scrapes them, so that series scraped at different phases of an interval compare:
+
+- ``orchestrator_seconds_since_last_push``: since the last push, or since the publisher started
+  while it has pushed nothing;
+- ``orchestrator_push_lag_seconds``: when the last fragment was pushed minus the end of that
+  fragment on the shared clock (a property of the push, the same whenever it is read);
+- ``orchestrator_profile_group_info``: every group of the profile, 1 where this process runs it;
+- ``orchestrator_wall_clock_seconds``: this process's wall clock when scraped, against which
+  the scrape's own timestamp shows a clock that is off.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -17,7 +35,7 @@ from prometheus_client.registry import Collector
 from orchestrator.ops.state import LiveState
 from orchestrator.ops.status import STATES, endpoint_state
 
-_ENDPOINT = ("stream", "group", "endpoint", "region")
+_ENDPOINT = ("stream", "group", "endpoint", "endpoint_region")
 LIVE_LOCK_METRIC = "orchestrator_live_lock_offset_ticks"
 
 
@@ -99,7 +117,11 @@ class Metrics:
         self.fragment_duration = Gauge(
             "orchestrator_fragment_duration_seconds",
             "The presentation's fragment duration (the alert rules count stalls in fragment durations)",
-            registry=r)  # fmt: skip
+            ("presentation",), registry=r)  # fmt: skip
+        self.profile_group = Gauge(
+            "orchestrator_profile_group_info",
+            "Every group of the profile: 1 for a group this process runs, 0 for one it expects elsewhere",
+            ("presentation", "group"), registry=r)  # fmt: skip
         self.backlog_limit_seconds = Gauge(
             "orchestrator_backlog_limit_seconds", "The group's max_backlog.seconds: beyond it, fragments are dropped",
             ("group",), registry=r)  # fmt: skip
@@ -121,6 +143,19 @@ class Metrics:
             ("group", "origin"), registry=r)  # fmt: skip
         self.seconds_since_push = _SecondsSincePush(r)
         self.endpoint_state = _EndpointState(r)
+        self.push_lag = _PushLag(r)
+        _WallClock(r)
+
+    def describe_profile(
+        self, presentation: str, groups: list[str], running: list[str], epoch_seconds: float, fragment_duration: float
+    ) -> None:
+        """What the rules compare between processes: the presentation's name, fragment duration
+        and shared-clock epoch, and every group of its profile (``running``: the ones here)."""
+        self.fragment_duration.labels(presentation).set(fragment_duration)
+        for group in groups:
+            self.profile_group.labels(presentation, group).set(1 if group in running else 0)
+        self.seconds_since_push.presentation = presentation
+        self.push_lag.set_profile(presentation, epoch_seconds, fragment_duration)
 
     def initialise_endpoint(self, labels: tuple[str, str, str, str]) -> None:
         """Export the endpoint's counters at 0 from the start, so that ``increase()`` in the
@@ -167,25 +202,84 @@ class _EndpointState(Collector):
 
 class _SecondsSincePush(Collector):
     """``orchestrator_seconds_since_last_push``, computed at scrape time from each publisher's
-    last push, so it keeps growing while a stream is stalled (a gauge set on push would not)."""
+    last push, so it keeps growing while a stream is stalled (a gauge set on push would not).
+    Before a publisher's first push it counts from when the publisher was tracked (its start):
+    a process that never pushes shows an age that grows, not a missing series (which no alert
+    sees)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._sources: dict[tuple[str, str, str, str], Callable[[], float | None]] = {}
+        self._sources: dict[tuple[str, str, str, str], tuple[Callable[[], float | None], float]] = {}
+        self.presentation = ""
         registry.register(self)
 
     def track(self, labels: tuple[str, str, str, str], seconds_since: Callable[[], float | None]) -> None:
-        self._sources[labels] = seconds_since
+        self._sources[labels] = (seconds_since, time.monotonic())
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily(
             "orchestrator_seconds_since_last_push",
-            "Seconds since a fragment was last written to the endpoint's POST (absent before the first)",
-            labels=_ENDPOINT)  # fmt: skip
-        for labels, source in self._sources.items():
+            "Seconds since a fragment was last written to the endpoint's POST (before the first: since the "
+            "publisher started)", labels=("presentation", *_ENDPOINT))  # fmt: skip
+        for labels, (source, tracked) in self._sources.items():
             value = source()
-            if value is not None:
-                family.add_metric(labels, value)
+            family.add_metric((self.presentation, *labels), time.monotonic() - tracked if value is None else value)
         yield family
+
+
+class _PushLag(Collector):
+    """``orchestrator_push_lag_seconds``: the wall time at which the endpoint's last fragment was
+    pushed minus the end of that fragment on the shared clock (epoch + (index + 1) x duration).
+
+    It is a property of the last push, not of the moment it is read: two groups in step show
+    the same lag whatever the phase at which each is scraped (their raw fragment indices,
+    scraped seconds apart, differ by up to a fragment per 2 s of phase). A group k fragments
+    behind shows k fragment durations more. Absent before the first push."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._live: LiveState | None = None
+        self._presentation = ""
+        self._epoch = 0.0
+        self._duration = 0.0
+        registry.register(self)
+
+    def set_profile(self, presentation: str, epoch_seconds: float, fragment_duration: float) -> None:
+        self._presentation, self._epoch, self._duration = presentation, epoch_seconds, fragment_duration
+
+    def watch(self, live: LiveState) -> None:
+        self._live = live
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "orchestrator_push_lag_seconds",
+            "Wall time of the endpoint's last push minus the end of that fragment on the shared clock",
+            labels=("presentation", *_ENDPOINT))  # fmt: skip
+        try:
+            now_monotonic = trio.current_time()  # the publishers' clock (PublisherState.last_push_monotonic)
+        except RuntimeError:  # read outside trio (a test reading the registry afterwards)
+            yield family
+            return
+        now_wall = time.time()
+        for p in self._live.publishers if self._live is not None else ():
+            if p.last_index is None or p.last_push_monotonic is None:
+                continue
+            pushed_wall = now_wall - (now_monotonic - p.last_push_monotonic)
+            lag = pushed_wall - (self._epoch + (p.last_index + 1) * self._duration)
+            family.add_metric((self._presentation, p.stream_id, p.group, p.endpoint, p.region), lag)
+        yield family
+
+
+class _WallClock(Collector):
+    """``orchestrator_wall_clock_seconds``: ``time.time()`` when scraped. Its value minus the
+    sample's timestamp (Prometheus's clock at the scrape) is this host's clock error plus the
+    scrape's latency: the shared clock is the wall clock, so a group on a wrong clock encodes
+    fragment indices out of step with the others."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        registry.register(self)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily("orchestrator_wall_clock_seconds", "Unix time on this host when scraped",
+                                value=time.time())  # fmt: skip
 
 
 class LabelledChildren:

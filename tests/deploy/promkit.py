@@ -14,7 +14,8 @@ import pytest
 from rig import load_module
 
 ROOT = Path(__file__).resolve().parents[2]
-RULES = ROOT / "deploy" / "prometheus" / "orchestrator-rules.yml"
+GROUP_RULES = ROOT / "deploy" / "prometheus" / "orchestrator-group-rules.yml"
+CROSS_RULES = ROOT / "deploy" / "prometheus" / "orchestrator-cross-group-rules.yml"
 DASHBOARD = ROOT / "grafana" / "orchestrator.json"
 GENERATOR = ROOT / "grafana" / "generate.py"
 HOW_TO_GET = "install Debian's prometheus package (sudo apt-get install prometheus); .ci/run installs it"

@@ -77,3 +77,41 @@ def test_promtool_parses_every_query(tmp_path: Path) -> None:
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(queries)} rules found" in result.stdout
+
+
+def test_group_names_come_from_the_data() -> None:
+    """No query names a group (a third group appears by itself) or the old `region` label."""
+    for title, expr in dashboard_queries(json.loads(DASHBOARD.read_text())):
+        assert not re.search(r'\bgroup\s*=~?\s*"', expr), title
+        assert not re.search(r"(?<![\w.])region\b", expr), title
+
+
+def test_a_group_that_vanished_is_a_red_row_not_a_missing_one(tmp_path: Path) -> None:
+    """The "fragments flowing" panel, evaluated by promtool on the backup's pod leaving service
+    discovery (tests/deploy/scenarios.py): the backup stays, as 0 (red)."""
+    from scenarios import Process, Scenario
+
+    (expr,) = [e for title, e in dashboard_queries(json.loads(DASHBOARD.read_text())) if title.startswith(
+        "Fragments flowing")]  # fmt: skip
+    scenario = Scenario("backup gone", [Process("primary", phase=0), Process("backup", phase=9, gone_at=300)], 600)
+    case = scenario.test_case()
+    del case["alert_rule_test"]
+    case["promql_expr_test"] = [{"expr": concrete(expr), "eval_time": "450s", "exp_samples": [
+        {"labels": '{stream="video", group="primary"}', "value": 1},
+        {"labels": '{stream="audio", group="primary"}', "value": 1},
+        {"labels": '{group="backup"}', "value": 0},
+    ]}]  # fmt: skip
+    path = tmp_path / "dashboard.test.yml"
+    path.write_text(json.dumps({"evaluation_interval": "15s", "tests": [case]}))
+    result = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_the_groups_in_step_panel_shows_lag_not_indices() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = dashboard_queries(dashboard)
+    lag = " ".join(e for title, e in queries if title == "Push lag behind the shared clock, per stream and group")
+    assert "orchestrator_push_lag_seconds" in lag
+    content = " ".join(e for title, e in queries if title == "Content offset, per stream, track and group")
+    assert "orchestrator_content_offset_seconds" in content
+    assert not any("last_encoded_fragment_index" in e and " - " in e for _, e in queries)

@@ -40,7 +40,9 @@ from orchestrator.ops.listener import ROUTES
 from orchestrator.profile import parse_listen, parse_profile
 from orchestrator.supervisor import UpOptions
 
-RULES = ROOT / "deploy" / "prometheus" / "orchestrator-rules.yml"
+GROUP_RULES = ROOT / "deploy" / "prometheus" / "orchestrator-group-rules.yml"
+CROSS_RULES = ROOT / "deploy" / "prometheus" / "orchestrator-cross-group-rules.yml"
+GLOBAL = KUBERNETES / "global"
 CONTAINERFILE = ROOT / "deploy" / "container" / "Containerfile"
 overlays = pytest.mark.parametrize("overlay", OVERLAYS, ids=[p.name for p in OVERLAYS])
 OPERATOR_API = "monitoring.coreos.com/v1"  # CRDs: kubernetes-validate has no schema for them
@@ -77,7 +79,9 @@ def test_there_is_a_primary_and_a_backup_overlay():
     assert {"primary", "backup"} <= {p.name for p in OVERLAYS}
 
 
-@pytest.mark.parametrize("directory", [*OVERLAYS, SHARED], ids=[*(p.name for p in OVERLAYS), "shared"])
+@pytest.mark.parametrize(
+    "directory", [*OVERLAYS, SHARED, GLOBAL], ids=[*(p.name for p in OVERLAYS), "shared", "global"]
+)
 def test_renders_and_passes_kubernetes_validate_strict(directory: Path, tmp_path: Path):
     objects = render(directory)
     assert objects
@@ -252,8 +256,9 @@ def test_a_third_region_as_the_readme_says(tmp_path: Path):
     assert group_of(overlays["backup2"]) == "backup2"
     assert "backup2" in profile_of(overlays["backup2"]).groups
     assert_groups_apart(overlays)
-    budget = one(render(tree / "shared"), "PodDisruptionBudget")
-    assert all(selects(budget["spec"]["selector"], pod_labels(objects)) for objects in overlays.values())
+    budget = one(overlays["backup2"], "PodDisruptionBudget")
+    assert selects(budget["spec"]["selector"], pod_labels(overlays["backup2"]))
+    assert not selects(budget["spec"]["selector"], pod_labels(overlays["backup"]))
     names = [one(objects, "StatefulSet")["metadata"]["name"] for objects in overlays.values()]
     assert len(set(names)) == 3
 
@@ -269,14 +274,49 @@ def test_each_group_is_pinned_to_its_own_region():
     assert len(set(regions.values())) == len(regions), f"two groups in one region: {regions}"
 
 
-def test_the_disruption_budget_never_lets_a_drain_take_two_groups():
-    budget = one(render(SHARED), "PodDisruptionBudget")
-    assert budget["spec"] == {**budget["spec"], "maxUnavailable": 1}
+@overlays
+def test_no_drain_or_autoscaler_evicts_a_group_during_an_event(overlay: Path):
+    """Each group has its own budget allowing no voluntary eviction (with one cluster per region,
+    a budget over every group of a namespace covers one pod and lets both regions drain at once),
+    and asks the autoscalers not to evict it."""
+    objects = render(overlay)
+    budget = one(objects, "PodDisruptionBudget")
+    assert budget["spec"].get("maxUnavailable") == 0
     assert "minAvailable" not in budget["spec"]
-    for overlay in OVERLAYS:
-        assert selects(budget["spec"]["selector"], pod_labels(render(overlay))), overlay.name
-    # A budget per overlay would put two budgets on one pod, and its eviction would then fail.
-    assert not any(o["kind"] == "PodDisruptionBudget" for overlay in OVERLAYS for o in render(overlay))
+    assert selects(budget["spec"]["selector"], pod_labels(objects))
+    for other in OVERLAYS:
+        if other != overlay:
+            assert not selects(budget["spec"]["selector"], pod_labels(render(other))), other.name
+    annotations = one(objects, "StatefulSet")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    assert annotations["karpenter.sh/do-not-disrupt"] == "true"
+    assert not any(o["kind"] == "PodDisruptionBudget" for o in render(SHARED))
+
+
+@overlays
+def test_a_new_image_or_profile_restarts_no_group_by_itself(overlay: Path):
+    """Both overlays render the same profile (the same ConfigMap hash) and image: with the default
+    RollingUpdate any change would restart every group at once. OnDelete: the operator restarts
+    one group at a time (README, "Changing a running deployment")."""
+    statefulset = one(render(overlay), "StatefulSet")
+    assert statefulset["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    readme = (ROOT / "README.md").read_text()
+    assert "kubectl wait --for=condition=Ready pod/orchestrator-primary-0" in readme
+    assert readme.index("pod/orchestrator-primary-0") < readme.index("pod/orchestrator-backup-0")
+
+
+@overlays
+def test_guaranteed_qos_and_a_priority_class(overlay: Path):
+    objects = render(overlay)
+    for spec in pod_spec(objects)["containers"]:
+        resources = spec["resources"]
+        assert resources["requests"] == resources["limits"], f"{spec['name']}: not Guaranteed QoS"
+        assert set(resources["limits"]) >= {"cpu", "memory"}
+    name = pod_spec(objects)["priorityClassName"]
+    (priority,) = [o for o in render(SHARED) if o["kind"] == "PriorityClass"]
+    assert priority["metadata"]["name"] == name
+    assert priority["value"] >= 1_000_000
+    assert not priority.get("globalDefault", False)
 
 
 # --- probes, graceful stop ------------------------------------------------------------------------------
@@ -426,7 +466,52 @@ def test_metrics_service_selects_its_groups_pod_on_the_metrics_port(overlay: Pat
     assert port["targetPort"] in {p["name"] for p in container(objects)["ports"]}
 
 
-def test_podmonitor_scrapes_every_group_as_the_job_the_rules_select():
+# Target labels the Prometheus operator gives a PodMonitor's targets; and external labels regional
+# Prometheus setups commonly carry (kube-prometheus-stack: prometheus, prometheus_replica; Thanos:
+# cluster, region, replica).
+OPERATOR_TARGET_LABELS = {"job", "instance", "endpoint", "namespace", "pod", "container", "service"}
+COMMON_EXTERNAL_LABELS = {"region", "cluster", "replica", "prometheus", "prometheus_replica", "tenant"}
+
+
+def metric_label_names() -> set[str]:
+    from orchestrator.ops.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.describe_profile("p", ["g"], ["g"], 0.0, 2.0)
+    metrics.initialise_endpoint(("s", "g", "e", "r"))
+    metrics.initialise_group("g", ["s"])
+    metrics.seconds_since_push.track(("s", "g", "e", "r"), lambda: 1.0)
+    return {label for family in metrics.registry.collect() for s in family.samples for label in s.labels}
+
+
+def test_podmonitor_keeps_the_orchestrators_own_labels():
+    """Our `endpoint` label collides with the operator's target label of that name: the PodMonitor
+    must honour ours, or every endpoint alert names endpoint "metrics"."""
+    monitor = one(render(SHARED), "PodMonitor")
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    colliding = metric_label_names() & OPERATOR_TARGET_LABELS
+    assert colliding == {"endpoint"}
+    assert endpoint.get("honorLabels") is True
+    assert endpoint["interval"] == "15s"  # the interval the rules assume (README)
+
+
+def test_no_metric_label_collides_with_a_common_external_label():
+    assert metric_label_names() & COMMON_EXTERNAL_LABELS == set()
+    for path in (GROUP_RULES, CROSS_RULES):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                assert not re.search(r"(?<![\w.])region\b", rule["expr"]), rule["alert"]
+                assert "$labels.region" not in str(rule["annotations"]), rule["alert"]
+
+
+def test_the_operator_objects_carry_the_label_kube_prometheus_stack_selects():
+    for directory in (SHARED, GLOBAL):
+        for obj in render(directory):
+            if obj["apiVersion"] == OPERATOR_API:
+                assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack", obj["kind"]
+
+
+def test_podmonitor_scrapes_every_group():
     monitor = one(render(SHARED), "PodMonitor")
     for overlay in OVERLAYS:
         objects = render(overlay)
@@ -434,29 +519,48 @@ def test_podmonitor_scrapes_every_group_as_the_job_the_rules_select():
         (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
         assert endpoint["port"] in {p["name"] for p in container(objects)["ports"]}
         assert endpoint["path"] == "/metrics"
-    (job,) = [r["replacement"] for r in endpoint["relabelings"] if r.get("targetLabel") == "job"]
-    selected = set(re.findall(r'job\s*=\s*"([^"]+)"', RULES.read_text()))
-    assert selected == {job}, f"the rules select job {selected}, the PodMonitor sets job={job!r}"
 
 
-def test_prometheusrule_is_generated_from_the_alert_rules(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("directory", "rules"), [(SHARED, GROUP_RULES), (GLOBAL, CROSS_RULES)], ids=["shared", "global"]
+)
+def test_prometheusrule_is_generated_from_the_alert_rules(directory: Path, rules: Path):
+    """shared/ (every cluster that runs a group) carries the per-group rules and only them;
+    global/ (where every region is seen) the cross-group rules."""
     sys.path.insert(0, str(KUBERNETES))
     try:
         import generate_prometheusrule
     finally:
         sys.path.remove(str(KUBERNETES))
-    committed = (SHARED / "prometheusrule.yaml").read_text()
-    stale = "shared/prometheusrule.yaml is stale: run .venv/bin/python deploy/kubernetes/generate_prometheusrule.py"
-    assert committed == generate_prometheusrule.render(RULES.read_text()), stale
-    rule = one(render(SHARED), "PrometheusRule")
-    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    committed = (directory / "prometheusrule.yaml").read_text()
+    stale = "prometheusrule.yaml is stale: run .venv/bin/python deploy/kubernetes/generate_prometheusrule.py"
+    name = one(render(directory), "PrometheusRule")["metadata"]["name"]
+    assert committed == generate_prometheusrule.render(rules, name), stale
+    rule = one(render(directory), "PrometheusRule")
+    assert rule["spec"]["groups"] == yaml.safe_load(rules.read_text())["groups"]
     assert rule["spec"]["groups"], "no alert rules"
+    for overlay in OVERLAYS:
+        assert not any(o["kind"] == "PrometheusRule" for o in render(overlay))
 
 
-def test_prometheusrule_passes_promtool(tmp_path: Path):
+@pytest.mark.parametrize("directory", [SHARED, GLOBAL], ids=["shared", "global"])
+def test_prometheusrule_passes_promtool(directory: Path, tmp_path: Path):
     promtool = tool("promtool")
-    rule = one(render(SHARED), "PrometheusRule")
+    rule = one(render(directory), "PrometheusRule")
     path = tmp_path / "from-prometheusrule.yml"
     path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
     result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_each_ingest_endpoint_has_one_name_and_region_in_every_group():
+    """The cross-group rules match an endpoint across groups by (endpoint, endpoint_region): a
+    region spelt differently in one group would make two endpoints of one, each half-fed."""
+    profile = profile_of(render(OVERLAYS[0]))
+    regions: dict[str, set[str]] = {}
+    for group in profile.groups.values():
+        for endpoint in group.endpoints:
+            regions.setdefault(endpoint.name, set()).add(endpoint.region)
+    assert all(len(r) == 1 for r in regions.values()), regions
+    assert all(len([g for g in profile.groups.values() if name in {e.name for e in g.endpoints}]) == len(
+        profile.groups) for name in regions)  # fmt: skip

@@ -1,17 +1,21 @@
-"""End to end with a real Prometheus: the alert rules and the dashboard against a real `up`.
+"""End to end with a real Prometheus, at production settings: the shipped alert rules (both files,
+unmodified: no `for:` is shortened) and the dashboard against two real `up` processes.
 
 On loopback: one ingest server; a fault proxy in front of it for each group; two `orchestrator
 up` processes (``--group primary`` and ``--group backup``, one per pod as deployed), each
 encoding with real ffmpeg and serving its metrics on a port of its own; and the real
-`prometheus` binary, scraping both every second and evaluating a copy of
-deploy/prometheus/orchestrator-rules.yml whose `for:` durations are shortened (the rules under
-test are otherwise untouched) every second.
+`prometheus` binary, scraping every 15 s (the interval the rules assume) the targets it finds by
+file-based service discovery, and evaluating both rule files every 15 s.
 
-Shown through Prometheus's HTTP API (/api/v1/alerts): cutting the primary's endpoints fires
-OrchestratorStreamStalled for the primary (each stream), and not the all-groups alert; cutting
-the backup's too fires OrchestratorStreamStalledInAllGroups; after the heal both resolve. Then
-the primary's ffmpeg is killed (a restart and an exit code to show) and every query of the
-Grafana dashboard runs against that Prometheus: each must parse and return data.
+Shown through Prometheus's HTTP API (/api/v1/alerts), in one scenario of about four minutes: a
+healthy pair pages nobody (and raises no warning); both groups cut off from the ingest, the
+backup's target removed from the discovery file at the same moment (as Kubernetes removes an
+evicted pod's) and the primary's ffmpeg killed (for the encoder panels), page
+OrchestratorStreamOffAir and OrchestratorEndpointReceivingNothing, critical; healed, the off-air
+page resolves and OrchestratorGroupMissing pages, naming the backup. Then every query of the
+Grafana dashboard runs against that Prometheus: each must parse and return data. The longer
+scenarios (for: 5m, 15-minute windows, scrape phases) run in promtool:
+tests/deploy/test_alert_scenarios.py.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +35,7 @@ import httpx
 import pytest
 import rig
 import trio
-from promkit import DASHBOARD, RULES, concrete, dashboard_queries, tool
+from promkit import CROSS_RULES, DASHBOARD, GROUP_RULES, concrete, dashboard_queries, tool
 
 from orchestrator.encode.ffmpeg import HOW_TO_GET_FFMPEG, find_ffmpeg
 from orchestrator.ingest.server import IngestApp, serve_app
@@ -49,35 +54,34 @@ def e2e_profile(primary_proxy: int, backup_proxy: int) -> str:
         name="e2e", fragment_duration=FRAGMENT, metrics={"enabled": True, "listen": "127.0.0.1:0"},
         streams={"video": [rig.video("video_180p", bitrate=200_000, width=320, height=180, frame_rate=15)],
                  "audio": [rig.audio(bitrate=64_000)]},
-        groups={g: rig.group(rig.endpoint(port, name="region-a", region="eu-west"), encoder=encoder)
+        groups={g: rig.group(rig.endpoint(port, name="ingest-a", region="eu-west"), encoder=encoder)
                 for g, port in (("primary", primary_proxy), ("backup", backup_proxy))},
     )  # fmt: skip
 
 
+SCRAPE = 15  # seconds: scrape and evaluation interval, as in production
 PROMETHEUS_CONFIG = """
 global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-  evaluation_interval: 1s
+  scrape_interval: 15s
+  scrape_timeout: 10s
+  evaluation_interval: 15s
 rule_files:
-  - {rules}
+  - {group_rules}
+  - {cross_rules}
 scrape_configs:
   - job_name: orchestrator
-    static_configs:
-      - targets: ["{primary}", "{backup}"]
+    file_sd_configs:
+      - files: ["{targets}"]
+        refresh_interval: 5s
 """
 
 
-def shortened_for(rules: str) -> str:
-    """The rules with each `for:` cut to a few seconds (30 s -> 2 s, 1 m -> 3 s, 5 m -> 5 s)."""
-    table = {"30s": "2s", "1m": "3s", "5m": "5s"}
-
-    def cut(match: re.Match[str]) -> str:
-        return f"for: {table[match.group(1)]}"
-
-    out = re.sub(r"for: (\w+)", cut, rules)
-    assert out != rules
-    return out
+def write_targets(path: Path, addresses: list[str]) -> None:
+    """The file-based service discovery file, replaced at once (as Kubernetes service discovery
+    drops a deleted pod's target): a reader never sees it half written."""
+    scratch = path.with_suffix(".tmp")
+    scratch.write_text(json.dumps([{"targets": addresses}]))
+    scratch.replace(path)
 
 
 class Processes:
@@ -158,17 +162,19 @@ async def test_alerts_fire_and_resolve_and_dashboard_queries_return_data(tmp_pat
                 return found if all(found.values()) else None  # type: ignore[return-value]
 
             metrics = await wait_for(metrics_ports, 30, "both up processes to serve metrics", processes)
-            rules = tmp_path / "rules.yml"
-            rules.write_text(shortened_for(RULES.read_text()))
+            targets = tmp_path / "targets.json"
+            addresses = {group: f"127.0.0.1:{port}" for group, port in metrics.items()}
+            write_targets(targets, list(addresses.values()))
             config = tmp_path / "prometheus.yml"
-            config.write_text(PROMETHEUS_CONFIG.format(rules=rules, primary=f"127.0.0.1:{metrics['primary']}",
-                                                       backup=f"127.0.0.1:{metrics['backup']}"))  # fmt: skip
+            config.write_text(PROMETHEUS_CONFIG.format(group_rules=GROUP_RULES, cross_rules=CROSS_RULES,
+                                                       targets=targets))  # fmt: skip
             web = rig.free_port()
             await processes.start("prometheus", [
                 prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                 f"--web.listen-address=127.0.0.1:{web}", "--log.level=warn"])  # fmt: skip
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{web}", timeout=5) as api:
-                await run_scenario(api, proxies, ups, processes)
+                await run_scenario(api, proxies, ups, processes,
+                                   lambda: write_targets(targets, [addresses["primary"]]))  # fmt: skip
         finally:
             for proxy in proxies.values():
                 proxy.heal()
@@ -177,7 +183,7 @@ async def test_alerts_fire_and_resolve_and_dashboard_queries_return_data(tmp_pat
 
 
 async def run_scenario(api: httpx.AsyncClient, proxies: dict[str, FaultProxy], ups: dict[str, trio.Process],
-                       processes: Processes) -> None:  # fmt: skip
+                       processes: Processes, remove_backup_target: Callable[[], None]) -> None:  # fmt: skip
     async def query(expr: str) -> list[dict[str, Any]]:
         try:
             response = await api.get("/api/v1/query", params={"query": expr})
@@ -193,79 +199,91 @@ async def run_scenario(api: httpx.AsyncClient, proxies: dict[str, FaultProxy], u
         response = await api.get("/api/v1/alerts")
         return response.json()["data"]["alerts"]
 
-    async def firing(name: str) -> list[dict[str, str]]:
-        return [a["labels"] for a in await alerts() if a["labels"]["alertname"] == name and a["state"] == "firing"]
-
-    async def present(name: str) -> list[dict[str, str]]:  # pending or firing
-        return [a["labels"] for a in await alerts() if a["labels"]["alertname"] == name]
+    async def firing(name: str | None = None) -> list[dict[str, str]]:
+        return [a["labels"] for a in await alerts()
+                if a["state"] == "firing" and name in (None, a["labels"]["alertname"])]  # fmt: skip
 
     async def both_groups_pushing() -> bool:
-        fresh = await query(f"orchestrator_seconds_since_last_push < {FRAGMENT}")
+        fresh = await query(f"orchestrator_seconds_since_last_push < {3 * FRAGMENT}")
         return {(s["metric"]["group"], s["metric"]["stream"]) for s in fresh} == {
             (g, s) for g in ("primary", "backup") for s in ("video", "audio")}  # fmt: skip
 
-    await wait_for(both_groups_pushing, 60, "Prometheus to see both groups pushing both streams", processes)
-    assert await present("OrchestratorStreamStalled") == []
-    assert await present("OrchestratorStreamStalledInAllGroups") == []
+    await wait_for(both_groups_pushing, 90, "Prometheus to see both groups pushing both streams", processes)
 
-    # 1. The primary's endpoints cut: its streams stall; the backup still covers them.
-    proxies["primary"].set_fault(Fault.DOWN)
+    # 1. A healthy pair pages nobody, and warns nobody, over two evaluations and more. (Before
+    #    the first pushes, the ages since the start may have set an off-air alert pending; the
+    #    evaluation after both groups pushed clears it, before its `for:` ends.)
+    await trio.sleep(SCRAPE + 5)
+    deadline = trio.current_time() + 2 * SCRAPE + 5
+    while trio.current_time() < deadline:
+        assert await firing() == [], "a healthy pair must raise no alert"
+        pending = [a["labels"] for a in await alerts() if a["labels"]["severity"] == "critical"]
+        assert pending == [], f"nothing critical pending: {pending}"
+        await trio.sleep(2)
 
-    async def primary_stalled() -> list[dict[str, str]] | None:
-        labels = await firing("OrchestratorStreamStalled")
-        return labels if {(a["group"], a["stream"]) for a in labels} == {("primary", "video"),
-                                                                          ("primary", "audio")} else None  # fmt: skip
+    # The groups' push lags behind the shared clock, read from targets scraped at their own
+    # phases: real pushes a fraction of a fragment after each fragment's end, in step.
+    lags = {s["metric"]["group"]: float(s["value"][1])
+            for s in await query("min by (group) (orchestrator_push_lag_seconds)")}  # fmt: skip
+    assert set(lags) == {"primary", "backup"}
+    assert all(0 < lag < 2 * FRAGMENT for lag in lags.values()), lags
+    assert abs(lags["primary"] - lags["backup"]) < FRAGMENT, lags
 
-    stalled = await wait_for(primary_stalled, 40, "OrchestratorStreamStalled firing for the primary", processes)
-    assert all(a["severity"] == "warning" for a in stalled)
-    assert await present("OrchestratorStreamStalledInAllGroups") == []
-    down = await wait_for(lambda: firing("OrchestratorEndpointDown"), 20, "OrchestratorEndpointDown", processes)
-    assert {(a["group"], a["endpoint"], a["region"]) for a in down} == {("primary", "region-a", "eu-west")}
+    # 2. Both groups cut off from the ingest: off air, critical, per stream at the endpoint, and
+    #    the endpoint receiving nothing. At the same moment the backup's target leaves service
+    #    discovery (its pod evicted, as a region outage would), and the primary's ffmpeg is
+    #    killed (a restart and an exit code for the encoder panels of the dashboard).
+    for proxy in proxies.values():
+        proxy.set_fault(Fault.DOWN)
+    remove_backup_target()
+    (ffmpeg_pid,) = children(ups["primary"].pid)
+    os.kill(ffmpeg_pid, signal.SIGKILL)
 
-    # 2. The backup's endpoints cut too: viewers affected, critical.
-    proxies["backup"].set_fault(Fault.DOWN)
+    async def off_air() -> list[dict[str, str]] | None:
+        labels = await firing("OrchestratorStreamOffAir")
+        expected = {("video", "ingest-a"), ("audio", "ingest-a")}
+        return labels if {(a["stream"], a["endpoint"]) for a in labels} == expected else None
 
-    async def all_stalled() -> list[dict[str, str]] | None:
-        labels = await firing("OrchestratorStreamStalledInAllGroups")
-        return labels if {a["stream"] for a in labels} == {"video", "audio"} else None
+    paged = await wait_for(off_air, 150, "OrchestratorStreamOffAir firing for both streams", processes)
+    assert {a["severity"] for a in paged} == {"critical"}
+    assert {a["presentation"] for a in paged} == {"e2e"}
+    nothing = await firing("OrchestratorEndpointReceivingNothing")
+    assert [(a["endpoint"], a["endpoint_region"], a["severity"]) for a in nothing] == [("ingest-a", "eu-west",
+                                                                                         "critical")]  # fmt: skip
 
-    critical = await wait_for(all_stalled, 40, "OrchestratorStreamStalledInAllGroups firing", processes)
-    assert all(a["severity"] == "critical" for a in critical)
-    assert {a["group"] for a in await firing("OrchestratorStreamStalled")} == {"primary", "backup"}
-
-    # 3. Heal: both alerts resolve (leave /api/v1/alerts).
+    # 3. Healed: the primary is on air again (off air resolves), and the backup, still gone from
+    #    service discovery, is paged as missing by name: redundancy lost.
     for proxy in proxies.values():
         proxy.heal()
 
-    async def resolved() -> bool:
-        names = {a["labels"]["alertname"] for a in await alerts()}
-        return not names & {"OrchestratorStreamStalled", "OrchestratorStreamStalledInAllGroups"}
+    async def backup_missing() -> list[dict[str, str]] | None:
+        return await firing("OrchestratorGroupMissing") or None
 
-    await wait_for(resolved, 60, "both stall alerts to resolve after the heal", processes)
-    await wait_for(both_groups_pushing, 30, "both groups pushing again", processes)
+    missing = await wait_for(backup_missing, 240, "OrchestratorGroupMissing firing for the backup", processes)
+    assert [(a["group"], a["presentation"], a["severity"]) for a in missing] == [("backup", "e2e", "critical")]
 
-    # 4. Kill the primary's ffmpeg: a restart and an exit code for the encoder panels.
-    (ffmpeg_pid,) = children(ups["primary"].pid)
-    os.kill(ffmpeg_pid, signal.SIGKILL)
+    async def on_air() -> bool:
+        return await firing("OrchestratorStreamOffAir") == []
+
+    await wait_for(on_air, 60, "OrchestratorStreamOffAir to resolve: the primary alone is on air", processes)
 
     async def exit_code_seen() -> bool:
         return any(s["value"][1] == "-9" for s in await query('orchestrator_encoder_last_exit_code{group="primary"}'))
 
-    await wait_for(exit_code_seen, 30, "the primary's exit code -9 in Prometheus", processes)
-    await wait_for(both_groups_pushing, 30, "both groups pushing after the encoder restart", processes)
+    assert await exit_code_seen(), "the primary's exit code -9 in Prometheus"
 
-    # 5. Every dashboard query parses and returns data, as Grafana would send it.
+    # 4. Every dashboard query parses and returns data, as Grafana would send it.
     dashboard = json.loads(DASHBOARD.read_text())
     instant_targets = {t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if t.get("instant")}
     empty = []
     now = time.time()
     for title, expr in dashboard_queries(dashboard):
-        sent = concrete(expr, rate_interval="15s", range_="2m")
+        sent = concrete(expr, rate_interval="1m", range_="5m")
         if expr in instant_targets:
             response = await api.get("/api/v1/query", params={"query": sent})
         else:
-            response = await api.get("/api/v1/query_range", params={"query": sent, "start": now - 120, "end": now,
-                                                                      "step": 1})  # fmt: skip
+            response = await api.get("/api/v1/query_range", params={"query": sent, "start": now - 300, "end": now,
+                                                                      "step": SCRAPE})  # fmt: skip
         body = response.json()
         assert body["status"] == "success", f"{title}: {sent}: {body}"
         if not body["data"]["result"]:

@@ -126,7 +126,7 @@ async def test_an_answer_during_the_body_ends_the_post_at_once_with_its_status(t
     assert server.refused_at is not None
     assert noticed - server.refused_at < 0.5  # at once, not at the next fragment (2 s) or the idle timeout (60 s)
     assert "503" in (publisher.state.last_error or "")
-    labels = {"stream": "video", "group": "primary", "endpoint": "refusing", "region": "test"}
+    labels = {"stream": "video", "group": "primary", "endpoint": "refusing", "endpoint_region": "test"}
     assert metrics.registry.get_sample_value("orchestrator_post_failures_total", {**labels, "reason": "server"}) == 1
     # The refused POST's fragment went again, before the next one: nothing lost.
     assert server.delivered == [len(source.header.data) + len(first.data) + len(second.data)]

@@ -30,7 +30,7 @@ from orchestrator.testing.faultproxy import Fault
 
 pytestmark = pytest.mark.integration
 
-PRIMARY = {"stream": "video", "group": "primary", "endpoint": "region-a", "region": "eu-west"}
+PRIMARY = {"stream": "video", "group": "primary", "endpoint": "region-a", "endpoint_region": "eu-west"}
 
 
 async def run_fault(tmp_path, inject, *, outage: float, heal=None):

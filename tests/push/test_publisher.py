@@ -102,7 +102,7 @@ def endpoint_at(port: int) -> Endpoint:
 
 
 def labels(group="primary"):
-    return {"stream": "video", "group": group, "endpoint": "local", "region": "test"}
+    return {"stream": "video", "group": group, "endpoint": "local", "endpoint_region": "test"}
 
 
 def make_publisher(profile, port, queue, metrics, retry=None, settings=None):

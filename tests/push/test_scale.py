@@ -64,5 +64,5 @@ async def test_150_posts_open_at_once_from_one_process():
     assert sink.counts.max_open_posts == PUBLISHERS
     assert sink.counts.open_posts == 0  # every POST ended cleanly
     assert sum(metrics.registry.get_sample_value("orchestrator_fragments_pushed_total",
-               {"stream": f"s{i}", "group": "primary", "endpoint": "local", "region": "test"})
+               {"stream": f"s{i}", "group": "primary", "endpoint": "local", "endpoint_region": "test"})
                for i in range(PUBLISHERS)) == PUBLISHERS  # fmt: skip

@@ -77,7 +77,7 @@ def test_what_a_full_outbox_drops_is_counted_and_logged_for_that_endpoint_only(c
     assert [i for _, _, i in pending(small)] == [K + 3] * tracks
     assert len(pending(wide)) == 4 * tracks
     value = metrics.registry.get_sample_value
-    labels = {"stream": stream, "group": "primary", "region": "eu"}
+    labels = {"stream": stream, "group": "primary", "endpoint_region": "eu"}
     assert value("orchestrator_dropped_fragments_total", {**labels, "endpoint": "small"}) == 3 * tracks
     assert value("orchestrator_dropped_fragments_total", {**labels, "endpoint": "wide"}) is None
     small_state = next(r.publisher for r in fanout.routes(stream) if r.outbox is small)

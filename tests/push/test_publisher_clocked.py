@@ -31,7 +31,7 @@ LIMITS = OutboxLimits(max_seconds=Fraction(60), max_bytes=64 * 1024 * 1024, unco
 SETTINGS = PublisherSettings(connect_timeout=2.0, send_timeout=3.0, response_timeout=3.0, idle_timeout=6.0,
                              retry=RetryPolicy(base=0.5, cap=2.0, slow=15.0, jitter=0.0))  # fmt: skip
 SEGMENT_PATH = "/{stream}/{track}/{index}"
-LABELS = {"stream": "video", "group": "primary", "endpoint": "memory", "region": "test"}
+LABELS = {"stream": "video", "group": "primary", "endpoint": "memory", "endpoint_region": "test"}
 
 
 class Rig:

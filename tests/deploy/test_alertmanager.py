@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_alert_scenarios import ALL_ALERTS, SCENARIOS
+from scenarios import ALL_ALERTS, SCENARIOS
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"

@@ -123,7 +123,7 @@ async def test_a_stuck_endpoint_keeps_only_the_newest_fragments_and_counts_the_r
     assert len(kept) == 3
     assert kept[-1].index - kept[0].index == 2
     assert rig.metric("orchestrator_dropped_fragments_total", stream="video", group="primary", endpoint="a",
-                      region="eu") == 7  # fmt: skip
+                      endpoint_region="eu") == 7  # fmt: skip
 
 
 async def test_a_crashed_instance_is_restarted_and_continues_the_index(autojump_clock, caplog):

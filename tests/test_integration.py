@@ -81,7 +81,9 @@ def test_primary_and_backup_push_aligned_fragments_to_two_regions(tmp_path, inge
         for stream in ("video", "audio"):
             for endpoint in ("region-a", "region-b"):
                 labels = (f'endpoint="{endpoint}"', f'group="{group}"', f'stream="{stream}"')
-                pushed = [line for line in metrics.splitlines() if line.startswith("orchestrator_fragments_pushed_total{")]
+                pushed = [
+                    line for line in metrics.splitlines() if line.startswith("orchestrator_fragments_pushed_total{")
+                ]
                 lines = [line for line in pushed if all(label in line for label in labels)]
                 assert lines, f"no pushed-fragments metric for {group}/{stream}/{endpoint}"
                 assert float(lines[0].rsplit(" ", 1)[1]) >= MIN_FRAGMENTS - 1

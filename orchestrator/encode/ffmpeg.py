@@ -45,8 +45,8 @@ from orchestrator.encode.ffmpeg_command import (
     Encode,
     FileInputs,
     build_argv,
-    file_playlists,
     plan_encodes,
+    plan_instance,
     priming_frames,
 )
 from orchestrator.encode.group import Sink
@@ -60,7 +60,7 @@ from orchestrator.encode.lock import (
     content_offset_ns,
     file_timing,
 )
-from orchestrator.encode.recut import Cut, TrackRecutter, anchor_frame, start_index
+from orchestrator.encode.recut import Cut, TrackRecutter
 from orchestrator.encode.statefile import read_state, write_state
 from orchestrator.errors import EncoderError
 from orchestrator.fmp4 import boxes
@@ -282,15 +282,21 @@ async def run_ffmpeg_encoder(
         now_ns = wall.now_ns() + LIVE_START_MARGIN_NS
     else:
         now_ns = wall.now_ns()
-    anchors = [anchor_frame(e.clock, now_ns) for e in encodes]
-    first = start_index([e.clock for e in encodes], anchors, first_index)
+    start = plan_instance(
+        encodes,
+        now_ns,
+        first_index,
+        timing=plan.file_timing,
+        source_path=str(source.path.resolve()) if isinstance(source, FileSource) else "",
+    )
+    anchors, first = list(start.anchors), start.first_index
     recutters = [TrackRecutter(e.clock, anchor=a, first_index=first, priming_frames=priming_frames(e))
                  for e, a in zip(encodes, anchors, strict=True)]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="orchestrator-ffmpeg-") as scratch:
         files = None
         if isinstance(source, FileSource):
-            assert plan.file_timing is not None
-            files = _write_playlists(Path(scratch), source, plan.file_timing, encodes, anchors)
+            assert start.playlists is not None
+            files = _write_playlists(Path(scratch), start.playlists)
         argv = build_argv(plan.executable, profile, source, encodes, anchors, preset=plan.config.preset,
                           burn_in=plan.burn_in, live_url=plan.live_url, files=files,
                           live_offset=live_offset)  # fmt: skip
@@ -388,10 +394,8 @@ async def _live_lock(profile: Profile, source: LiveSource, plan: FfmpegPlan, *, 
     return lock, effective
 
 
-def _write_playlists(scratch: Path, source: FileSource, timing: FileTiming, encodes: list[Encode],
-                     anchors: list[int]) -> FileInputs:  # fmt: skip
+def _write_playlists(scratch: Path, texts: tuple[str | None, str | None]) -> FileInputs:
     """The ffconcat lists that open the file at the clock position (lock.py), in ``scratch``."""
-    texts = file_playlists(str(source.path.resolve()), timing, encodes, anchors)
     paths: list[str | None] = []
     for name, text in zip(("video.ffconcat", "audio.ffconcat"), texts, strict=True):
         if text is None:

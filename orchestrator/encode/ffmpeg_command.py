@@ -33,7 +33,7 @@ from pathlib import Path
 
 from orchestrator.clock import TrackClock
 from orchestrator.encode.lock import FileTiming, file_entries, live_clock_shift, pattern_box_x, tone_expression
-from orchestrator.encode.recut import keyframe_boundary
+from orchestrator.encode.recut import anchor_frame, keyframe_boundary, start_index
 from orchestrator.profile import AudioTrack, FileSource, LiveSource, PatternSource, Profile, VideoTrack
 
 AAC_PRIMING_FRAMES = 1
@@ -134,6 +134,29 @@ def file_playlists(source_path: str, timing: FileTiming, encodes: Sequence[Encod
     for group in (video, audio):
         texts.append(file_entries(source_path, _start(group) % timing.loop, timing.loop) if group else None)
     return texts[0], texts[1]
+
+
+@dataclass(frozen=True)
+class InstancePlan:
+    """Where an instance starts: each encode's anchor (the shared frame its first output frame
+    is), the first fragment it emits, and for a file source the ffconcat texts (video, audio)."""
+
+    anchors: tuple[int, ...]
+    first_index: int
+    playlists: tuple[str | None, str | None] | None
+
+
+def plan_instance(encodes: Sequence[Encode], now_ns: int, requested: int, *, timing: FileTiming | None = None,
+                  source_path: str = "") -> InstancePlan:  # fmt: skip
+    """The pure start of an instance at wall-clock ``now_ns`` asked to start at fragment
+    ``requested`` (the group's continuity): every encode's anchor is its first frame at or after
+    now, the first fragment the one every track can fill from its first frame, and the playlists
+    open the file at the clock position of the anchors (never at the first fragment's: frames
+    between the anchor and the first fragment are encoded and discarded by the recutter)."""
+    anchors = tuple(anchor_frame(e.clock, now_ns) for e in encodes)
+    first = start_index([e.clock for e in encodes], anchors, requested)
+    playlists = None if timing is None else file_playlists(source_path, timing, encodes, anchors)
+    return InstancePlan(anchors, first, playlists)
 
 
 def _inputs(source: PatternSource | FileSource | LiveSource, video: Sequence[tuple[Encode, int]],

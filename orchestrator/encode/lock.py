@@ -148,6 +148,15 @@ def _us(seconds: Fraction) -> int:
     return round(seconds * US_PER_SECOND)
 
 
+def _round_half_even(numerator: int, denominator: int) -> int:
+    """``round(Fraction(numerator, denominator))`` (ties to even) for a positive denominator."""
+    quotient, remainder = divmod(numerator, denominator)
+    twice = 2 * remainder
+    if twice > denominator or (twice == denominator and quotient % 2):
+        quotient += 1
+    return quotient
+
+
 def _seconds_text(us: int) -> str:
     return f"{us // US_PER_SECOND}.{us % US_PER_SECOND:06d}"
 
@@ -159,8 +168,13 @@ def file_entries(path: str, inpoint: Fraction, loop: Fraction) -> str:
     count = min(MAX_PLAYLIST_ENTRIES, int(PLAYLIST_SECONDS // loop) + 2)
     lines = ["ffconcat version 1.0"]
     previous = 0
+    # end of entry i = round((i + 1) * L - inpoint) in us, in integers (a Fraction per entry cost
+    # 0.3 s for a day of a 4 s clip): (i + 1) * a / b - c / d over the common denominator b * d.
+    step_us, in_us = loop * US_PER_SECOND, inpoint * US_PER_SECOND
+    a, b, c, d = step_us.numerator, step_us.denominator, in_us.numerator, in_us.denominator
+    den = b * d
     for i in range(count):
-        end = _us(loop * (i + 1) - inpoint)
+        end = _round_half_even((i + 1) * a * d - c * b, den)
         lines.append(f"file {quoted}")
         if i == 0 and inpoint:
             lines.append(f"inpoint {_seconds_text(_us(inpoint))}")

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 
-from orchestrator.clock import TrackClock
+from orchestrator.clock import TrackClock, live_index
 from orchestrator.encode.lock import (
     MAX_PLAYLIST_ENTRIES,
     PTS_WRAP,
@@ -141,3 +141,152 @@ def test_the_exported_content_offset_is_the_same_for_groups_on_one_lock():
     lock = LiveLock.establish(123_456, NOW)
     assert lock.content_offset_seconds() == ((123_456 - NOW) % PTS_WRAP) / 90000
     assert live_clock_shift(NOW - 123_456) == f"PTS+{NOW - 123_456}/90000/TB"
+
+
+# --- restarts, swept: every instance of every group shows position(n) at shared frame n ----------------
+
+SWEEP_PROFILE = """
+[presentation]
+name = "sweep"
+fragment_duration = 2
+epoch = 2026-01-01T00:00:00Z
+[[streams]]
+id = "av"
+  [[streams.tracks]]
+  kind = "video"
+  name = "video"
+  bitrate = 500_000
+  width = 320
+  height = 180
+  frame_rate = "{rate}"
+{audio}
+[groups.primary]
+encoder = {{ backend = "ffmpeg", source = {{ kind = "file", path = "clip.mp4" }} }}
+  [[groups.primary.endpoints]]
+  name = "a"
+  region = "eu-west"
+  url = "http://127.0.0.1:1/live/sweep.isml"
+[groups.backup]
+encoder = {{ backend = "ffmpeg", source = {{ kind = "file", path = "clip.mp4" }} }}
+  [[groups.backup.endpoints]]
+  name = "b"
+  region = "eu-north"
+  url = "http://127.0.0.1:2/live/sweep.isml"
+"""
+SWEEP_AUDIO = """  [[streams.tracks]]
+  kind = "audio"
+  name = "audio"
+  bitrate = 64_000
+  sample_rate = 48000
+  channels = 1
+"""
+# (frame rate, video frames, decoded audio samples): lengths that are and are not a multiple of the
+# 2 s fragment, a loop equal to the video (64 s, 3000 AAC frames) and a few samples longer (60 s
+# decodes to 2,880,512 samples), and the 4.004 s NTSC clip of the picture tests.
+SWEEP_CLIPS = [("25", 1600, 3_072_000), ("25", 1500, 2_880_512), ("25", 1525, 2_928_640),
+               ("30000/1001", 120, 192_224)]  # fmt: skip
+SWEEP_PHASES = [Fraction(i, 8) * 2 + Fraction(13, 1000) for i in range(8)]  # of the 2 s fragment
+SWEEP_DELAYS = [Fraction(33, 10), Fraction(65, 10), Fraction(777, 100), Fraction(1234, 100)]  # backup's late start
+LATENCY_NS = 400_000_000  # a fragment reaches the group this long after its end (encoder delay)
+T0_NS = 1_796_000_000_123_456_789  # the primary's start: 2026-11-30, not on any boundary
+
+
+def _list_entries(text: str) -> list[tuple[int, int]]:
+    """(in-point, duration) of each ffconcat entry, in microseconds."""
+    entries: list[tuple[int, int]] = []
+    inpoint = 0
+    for line in text.splitlines()[:200]:  # the few passes a check plays through
+        key, _, value = line.partition(" ")
+        if key == "inpoint":
+            inpoint = round(Fraction(value) * 10**6)
+        elif key == "duration":
+            entries.append((inpoint, round(Fraction(value) * 10**6)))
+            inpoint = 0
+    return entries
+
+
+def _shown_us(entries: list[tuple[int, int]], t_us: Fraction) -> Fraction:
+    """The file position (us) that an ffconcat list shows at ``t_us`` after its start: what
+    ffmpeg's concat demuxer and ``fps``/``atrim`` from 0 make of it."""
+    start = 0
+    for inpoint, duration in entries:
+        if t_us < start + duration:
+            return t_us - start + inpoint
+        start += duration
+    raise AssertionError("the list ended")
+
+
+def _instance_content(encodes, timing, now_ns: int, requested: int, fragments: int) -> tuple[int, dict]:
+    """Start an instance as run_ffmpeg_encoder does (plan_instance, TrackRecutter); feed each
+    recutter numbered samples (output frame m carries m); returns the first index and, per
+    track and shared frame n, the file position (us) the output frame re-cut as n shows."""
+    from orchestrator.encode.ffmpeg_command import plan_instance, priming_frames
+    from orchestrator.encode.recut import TrackRecutter
+    from orchestrator.fmp4.boxes import Sample
+
+    start = plan_instance(encodes, now_ns, requested, timing=timing, source_path="clip.mp4")
+    assert start.playlists is not None
+    shown: dict[tuple[int, int], Fraction] = {}
+    for encode, anchor in zip(encodes, start.anchors, strict=True):
+        text = start.playlists[0 if encode.is_video else 1]
+        assert text is not None
+        entries = _list_entries(text)
+        recutter = TrackRecutter(encode.clock, anchor=anchor, first_index=start.first_index,
+                                 priming_frames=priming_frames(encode))  # fmt: skip
+        output = -priming_frames(encode)  # the encoder's priming frames come first, then output frame 0
+        end = encode.clock.first_frame(start.first_index + fragments)
+        while recutter.next_frame < end:
+            cut = recutter.push(Sample(output.to_bytes(8, "big", signed=True), 1, True))
+            output += 1
+            if cut is None:
+                continue
+            for i, sample in enumerate(cut.samples):
+                n = encode.clock.first_frame(cut.index) + i
+                m = int.from_bytes(sample.data, "big", signed=True)
+                shown[encode.track_id, n] = _shown_us(entries, m * encode.clock.frame_duration * 10**6)
+    return start.first_index, shown
+
+
+@pytest.mark.parametrize(("rate", "frames", "samples"), SWEEP_CLIPS)
+@pytest.mark.parametrize("audio", [True, False], ids=["audio", "no_audio"])
+@pytest.mark.parametrize("ending", ["killed", "exited"])
+def test_every_restart_shows_the_clock_position_whatever_the_phase_the_delay_and_the_clip(
+    rate, frames, samples, audio, ending
+):
+    """The issue-18 scenario as exact integers: the primary starts at T0, the backup some
+    seconds later (never a multiple of the fragment), the primary's ffmpeg ends 15 s + a phase
+    of a fragment into its run (killed: restarted at once; exited by itself: after the 0.5 s
+    back-off of a second failure) and the group restarts it at the live fragment or the one after
+    the last it emitted. In every instance, every re-cut frame n shows the file at position(n)
+    (to the microsecond of the ffconcat list), so fragment k is the same in every group."""
+    from orchestrator.encode.ffmpeg_command import plan_encodes
+    from orchestrator.profile import parse_profile
+
+    profile = parse_profile(SWEEP_PROFILE.format(rate=rate, audio=SWEEP_AUDIO if audio else ""), "sweep.toml")
+    encodes = plan_encodes(profile)
+    probed = probe(rate=rate, real=rate, packets=str(frames), audio=audio)
+    timing = file_timing(probed, samples if audio else None, needs_video=True, needs_audio=audio)
+    clocks = [e.clock for e in encodes]
+    d_ns = 2 * 10**9
+
+    def check(shown):
+        for (track_id, n), at in shown.items():
+            encode = encodes[track_id - 1]
+            expected = position(encode.clock, n, timing.loop) * 10**6
+            off = (at - expected) % (timing.loop * 10**6)  # at a seam, the end of a pass is its next start
+            assert min(off, timing.loop * 10**6 - off) <= 1, (track_id, n, float(off) / 10**6)
+
+    for delay in SWEEP_DELAYS:
+        backup_ns = T0_NS + int(delay * 10**9)
+        _, shown = _instance_content(encodes, timing, backup_ns, live_index(clocks, backup_ns), 2)
+        check(shown)
+    _, shown = _instance_content(encodes, timing, T0_NS, live_index(clocks, T0_NS), 1)
+    check(shown)
+    for phase in SWEEP_PHASES:
+        kill_ns = (T0_NS + 15 * 10**9) // d_ns * d_ns + int(phase * 10**9)
+        last = live_index(clocks, kill_ns - LATENCY_NS) - 1  # what the group had emitted
+        restart_ns = kill_ns + (0 if ending == "killed" else 500_000_000)
+        requested = max(live_index(clocks, restart_ns), last + 1)
+        again, shown = _instance_content(encodes, timing, restart_ns, requested, 3)
+        assert again >= requested
+        check(shown)

@@ -126,6 +126,24 @@ def test_the_33_bit_wrap_is_unwrapped_and_a_jump_is_a_discontinuity():
     assert not lock.fits(PTS_WRAP // 2, NOW)
 
 
+@pytest.mark.parametrize("pts", [5_000, PTS_WRAP - 450_000])  # mid-range, and 5 s before the 33-bit wrap
+def test_the_fits_window_is_10_s_either_way_and_not_one_tick_more(pts):
+    """At its edges: a source whose newest frame maps to now +-10 s (900,000 ticks) keeps its
+    mapping, one tick beyond does not; a source that jumps 30 s is on another timeline, in either
+    direction, and a 30 s jump re-establishes rather than keeping a mapping 30 s off the clock."""
+    lock = LiveLock.establish(pts, NOW)
+    for ahead in (0, 1, 899_999, 900_000):
+        assert lock.fits(pts, NOW - ahead), ahead  # the source's frame maps ahead of now
+        assert lock.fits(pts, NOW + ahead), ahead  # ... or behind it
+        assert lock.effective(pts, NOW + ahead)[1] == -ahead
+    assert not lock.fits(pts, NOW - 900_001)
+    assert not lock.fits(pts, NOW + 900_001)
+    jumped = (pts + 30 * 90000) % PTS_WRAP  # the sender restarted 30 s of timestamps further on
+    assert not lock.fits(jumped, NOW)
+    assert not lock.fits((pts - 30 * 90000) % PTS_WRAP, NOW)
+    assert choose_live_lock(jumped, NOW, [lock], lock) == (LiveLock.establish(jumped, NOW), "established")
+
+
 def test_a_peer_that_fits_wins_then_the_saved_mapping_then_a_new_one():
     peer, saved = LiveLock.establish(7, NOW), LiveLock.establish(7, NOW - 90_000 * 3)
     stale = LiveLock.establish(7, NOW - 90_000 * 3600)

@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -59,6 +61,7 @@ from orchestrator.encode.lock import (
     choose_live_lock,
     content_offset_ns,
     file_timing,
+    measured_offset_frames,
 )
 from orchestrator.encode.recut import Cut, TrackRecutter
 from orchestrator.encode.statefile import read_state, write_state
@@ -146,17 +149,31 @@ class FfmpegPlan:
     file_timing: FileTiming | None = None
 
 
-class _StderrLog:
-    """ffmpeg's stderr into the log, rate-limited, keeping the last lines for the exit error."""
+SHOWINFO = re.compile(r"\[Parsed_showinfo_\d+ @ [^]]+\] \[info\] n:\s*\d+ pts:\s*(-?\d+) .*?pos:\s*(-?\d+)")
+"""A line of the ``showinfo`` probe (ffmpeg_command.build_argv): output frame (pts), file position."""
 
-    def __init__(self, group: str) -> None:
+
+class _StderrLog:
+    """ffmpeg's stderr into the log, rate-limited, keeping the last lines for the exit error.
+    Lines at ffmpeg's info level (``-loglevel level+info``, asked for when the delivered frames
+    are probed) go to the debug log; the probe's frame lines go to ``on_frame``."""
+
+    def __init__(self, group: str, on_frame: Callable[[int, int], None] | None = None) -> None:
         self.group = group
+        self.on_frame = on_frame
         self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self._window_start = -STDERR_PERIOD
         self._in_window = 0
         self._suppressed = 0
 
     def line(self, text: str) -> None:
+        if "[info] " in text:
+            frame = SHOWINFO.search(text)
+            if frame is not None and self.on_frame is not None:
+                self.on_frame(int(frame[1]), int(frame[2]))
+            elif frame is None:
+                log.debug("ffmpeg.stderr group=%s line=%r", self.group, text)
+            return
         self.tail.append(text)
         now = trio.current_time()
         if now - self._window_start >= STDERR_PERIOD:
@@ -198,8 +215,36 @@ class _Recut:
         self.header_seen = False
         self.loop: Fraction | None = None
         self.live_lock: LiveLock | None = None
+        # The measured content offset (file sources): the first video encode's output frames as
+        # ffmpeg reported them (showinfo: output frame m -> file byte position -> file frame).
+        self.probed: tuple[Encode, int, FileTiming] | None = None  # encode, its anchor, the file
+        self._frame_at: dict[int, int] = {}  # file byte position -> file frame
+        self._delivered: dict[int, int] = {}  # output frame m -> file frame
         d = profile.presentation.fragment_duration
         self.max_lag_ns = 2 * d.numerator * NS_PER_SECOND // d.denominator + NS_PER_SECOND
+
+    def probe(self, encode: Encode, anchor: int, timing: FileTiming) -> None:
+        self.probed = (encode, anchor, timing)
+        self._frame_at = {pos: j for j, pos in enumerate(timing.frame_positions)}
+
+    def delivered(self, output_frame: int, file_position: int) -> None:
+        """ffmpeg's report (stderr) that output frame ``output_frame`` is the picture at ``file_position``."""
+        frame = self._frame_at.get(file_position)
+        if frame is not None:
+            self._delivered[output_frame] = frame
+        if len(self._delivered) > 64:  # reports no fragment asked for (an instance's frames before its first)
+            del self._delivered[min(self._delivered)]
+
+    def _measured_offset(self, frame: int) -> float | None:
+        """Seconds of the file between the picture ffmpeg delivered as shared ``frame`` and the
+        one the lock puts there (lock.measured_offset_frames); None when ffmpeg's report of that
+        frame is not in (yet): the metric keeps its last value."""
+        assert self.probed is not None
+        encode, anchor, timing = self.probed
+        source = self._delivered.pop(frame - anchor, None)
+        if source is None or timing.frame_rate is None:
+            return None
+        return float(measured_offset_frames(encode.clock, frame, source, timing) / timing.frame_rate)
 
     def header(self, event: Header) -> None:
         if self.header_seen:
@@ -243,12 +288,16 @@ class _Recut:
                                                encode.clock.timescale, data))  # fmt: skip
         if self.metrics is not None:
             frame = encode.clock.first_frame(cut.index)
+            offset: float | None
             if self.live_lock is not None:
                 offset = self.live_lock.content_offset_seconds()
+            elif self.probed is not None and self.probed[0] is encode:
+                offset = self._measured_offset(frame)
             else:
                 offset = content_offset_ns(encode.clock, frame, self.loop) / NS_PER_SECOND
-            for stream_id in encode.stream_ids:
-                self.metrics.content_offset.labels(stream_id, self.group, encode.track.name).set(offset)
+            if offset is not None:
+                for stream_id in encode.stream_ids:
+                    self.metrics.content_offset.labels(stream_id, self.group, encode.track.name).set(offset)
         lag_ns = self.wall.now_ns() - encode.clock.end_ns(cut.index)
         if lag_ns > self.max_lag_ns:
             behind = lag_ns / NS_PER_SECOND
@@ -292,6 +341,10 @@ async def run_ffmpeg_encoder(
     anchors, first = list(start.anchors), start.first_index
     recutters = [TrackRecutter(e.clock, anchor=a, first_index=first, priming_frames=priming_frames(e))
                  for e, a in zip(encodes, anchors, strict=True)]  # fmt: skip
+    # A file source's first video encode is probed: ffmpeg reports which picture each of its
+    # fragments opens with, and the content offset metric is measured from that.
+    timing = plan.file_timing
+    probed = bool(timing is not None and timing.frame_positions and encodes and encodes[0].is_video)
     with tempfile.TemporaryDirectory(prefix="orchestrator-ffmpeg-") as scratch:
         files = None
         if isinstance(source, FileSource):
@@ -299,9 +352,9 @@ async def run_ffmpeg_encoder(
             files = _write_playlists(Path(scratch), start.playlists)
         argv = build_argv(plan.executable, profile, source, encodes, anchors, preset=plan.config.preset,
                           burn_in=plan.burn_in, live_url=plan.live_url, files=files,
-                          live_offset=live_offset)  # fmt: skip
+                          live_offset=live_offset, probe_delivered=probed)  # fmt: skip
         await _run(argv, plan, profile, encodes, recutters, sink, first, group=group, wall=wall, metrics=metrics,
-                   live_lock=lock)  # fmt: skip
+                   live_lock=lock, probe_anchor=anchors[0] if probed else None)  # fmt: skip
 
 
 LIVE_PROBE_TIMEOUT = 15.0
@@ -408,7 +461,8 @@ def _write_playlists(scratch: Path, texts: tuple[str | None, str | None]) -> Fil
 
 async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: list[Encode],
                recutters: list[TrackRecutter], sink: Sink, first: int, *, group: str, wall: WallClock,
-               metrics: Metrics | None, live_lock: LiveLock | None = None) -> None:  # fmt: skip
+               metrics: Metrics | None, live_lock: LiveLock | None = None,
+               probe_anchor: int | None = None) -> None:  # fmt: skip
     """Start ffmpeg with ``argv`` and re-cut its output until it ends (see run_ffmpeg_encoder)."""
     source = plan.config.source
     secret = plan.live_url if isinstance(source, LiveSource) and source.url_env else None
@@ -417,7 +471,10 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
     output = _Recut(profile, encodes, recutters, sink, group=group, wall=wall, metrics=metrics)
     output.loop = plan.file_timing.loop if plan.file_timing is not None else None
     output.live_lock = live_lock
-    stderr = _StderrLog(group)
+    if probe_anchor is not None:
+        assert plan.file_timing is not None
+        output.probe(encodes[0], probe_anchor, plan.file_timing)
+    stderr = _StderrLog(group, output.delivered)
     # Its own session (setsid): a terminal's Ctrl-C (SIGINT to the foreground process group) and
     # a SIGHUP reach the orchestrator only, which finishes the fragment in flight and then stops
     # ffmpeg itself; ffmpeg is never killed behind its back.
@@ -546,6 +603,22 @@ def probe_file(executable: str, path: Path, *, needs_video: bool, needs_audio: b
         timing = file_timing(json.loads(done.stdout), samples, needs_video=needs_video, needs_audio=needs_audio)
     except (FileLockError, ValueError) as exc:
         raise SourceError("source.path", f"{path}: {exc}") from None
+    if timing.frame_rate is not None:
+        timing = dataclasses.replace(timing, frame_positions=_frame_positions(ffprobe, path))
     log.info("ffmpeg.source.probed path=%s loop_s=%.6f video_frames=%s frame_rate=%s audio_samples=%s",
              path, float(timing.loop), timing.video_frames, timing.frame_rate, timing.audio_samples)  # fmt: skip
     return timing
+
+
+def _frame_positions(ffprobe: str, path: Path) -> tuple[int, ...]:
+    """Byte position of each video frame's packet, in presentation order (a packet read, no
+    decode); empty when ffprobe cannot tell (the measured content offset is then not exported)."""
+    argv = [ffprobe, "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts,pos", "-of", "csv=p=0",
+            str(path)]  # fmt: skip
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=600, check=False, text=True)
+        packets = sorted(tuple(int(v) for v in line.split(",")[:2]) for line in done.stdout.split() if line.strip())
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return ()
+    positions = tuple(pos for _, pos in packets)
+    return positions if done.returncode == 0 and len(set(positions)) == len(positions) else ()

@@ -218,10 +218,14 @@ def build_argv(
     live_url: str | None = None,
     files: FileInputs | None = None,
     live_offset: int | None = None,
+    probe_delivered: bool = False,
 ) -> list[str]:
     """The whole argv. ``anchors[i]`` is the shared frame that encode i's first output frame is;
     ``files`` the ffconcat lists a file source is read through (:func:`file_playlists`);
-    ``live_offset`` the effective offset of a live source's lock (:class:`LiveLock.effective`)."""
+    ``live_offset`` the effective offset of a live source's lock (:class:`LiveLock.effective`);
+    ``probe_delivered``: the first video encode's fragment-opening frames pass a ``showinfo``
+    (on stderr, at info level: the frame's ``pts`` is its output frame, ``pos`` the byte position
+    of the file packet it was decoded from), so the content offset is measured, not restated."""
     video = [(e, a) for e, a in zip(encodes, anchors, strict=True) if e.is_video]
     audio = [(e, a) for e, a in zip(encodes, anchors, strict=True) if not e.is_video]
     video_input = "0:v:0"
@@ -255,7 +259,12 @@ def build_argv(
                 # counted from 0, after shifting this encode's first frame to 0.
                 shift = f"setpts=PTS-{_seconds(lead)}/TB," if lead else ""
                 rate = f"{shift}fps={_rate(t.frame_rate)}:start_time=0"
-            graph.append(f"[vsrc{i}]{rate},scale={t.width}:{t.height},format=yuv420p[v{i}]")
+            if probe_delivered and i == 0:
+                select = keyframe_expression(e.clock, a).removeprefix("expr:")
+                graph.append(f"[vsrc{i}]{rate},split=2[vfps{i}][probe];[probe]select='{select}',showinfo,nullsink")
+                graph.append(f"[vfps{i}]scale={t.width}:{t.height},format=yuv420p[v{i}]")
+            else:
+                graph.append(f"[vsrc{i}]{rate},scale={t.width}:{t.height},format=yuv420p[v{i}]")
     if audio:
         labels = "".join(f"[asrc{i}]" for i in range(len(audio)))
         graph.append(f"[{audio_input}]asplit={len(audio)}{labels}")
@@ -277,7 +286,8 @@ def build_argv(
                          f"aformat=sample_fmts=fltp:channel_layouts={'mono' if t.channels == 1 else 'stereo'}"
                          f"[a{i}]")  # fmt: skip
 
-    argv = [str(executable), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+warning"]
+    level = "level+info" if probe_delivered else "level+warning"
+    argv = [str(executable), "-hide_banner", "-nostdin", "-nostats", "-loglevel", level]
     argv += _inputs(source, video, audio, live_url, files, burn_in)
     argv += ["-filter_complex", ";".join(graph)]
     for i in range(len(video)):

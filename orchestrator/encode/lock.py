@@ -71,6 +71,9 @@ class FileTiming:
     frame_rate: Fraction | None
     audio_samples: int | None
     sample_rate: int | None
+    frame_positions: tuple[int, ...] = ()
+    """Byte position in the file of each video frame's packet, in presentation order (ffprobe):
+    how a picture ffmpeg delivered (``showinfo``'s ``pos``) is told apart from its neighbours."""
 
 
 def _fraction(text: str) -> Fraction | None:
@@ -193,6 +196,19 @@ def content_offset_ns(clock: TrackClock, frame: int, loop: Fraction | None) -> i
         return 0
     t = frame * clock.frame_duration
     return round(((position(clock, frame, loop) - t) % loop) * NS_PER_SECOND)
+
+
+def measured_offset_frames(clock: TrackClock, frame: int, source_frame: int, timing: FileTiming) -> int:
+    """How many file frames the picture ffmpeg delivered as shared ``frame`` (file frame
+    ``source_frame``, as ffmpeg reported it) is after the one the lock puts there (the file frame
+    nearest ``position(frame)``), folded into ``[-N/2, N/2)``: 0 when the content is locked, in
+    every group; a group whose restart landed a fragment off shows it (e.g. 50 at 25 fps, 2 s)."""
+    assert timing.frame_rate is not None
+    assert timing.video_frames is not None
+    count = timing.video_frames
+    expected = position(clock, frame, timing.loop) * timing.frame_rate
+    nearest = int(expected + Fraction(1, 2)) % count  # the fps filter's rounding: halves go up
+    return (source_frame - nearest + count // 2) % count - count // 2
 
 
 # --- test pattern ------------------------------------------------------------------------------

@@ -335,3 +335,6 @@ async def test_each_group_shows_the_clip_frame_the_clock_says_across_a_late_star
                                                   {"group": "primary", "reason": "killed"}) == 1  # fmt: skip
     assert_clip_frames(primary, "primary")
     assert_clip_frames(backup, "backup")
+    for group in ("primary", "backup"):  # measured from the pictures ffmpeg reported delivering
+        labels = {"stream": "av", "group": group, "track": "video"}
+        assert registries[group].get_sample_value("orchestrator_content_offset_seconds", labels) == 0

@@ -248,3 +248,23 @@ def test_a_video_fragment_that_does_not_open_with_a_keyframe_is_rejected_counted
         assert sink.fragments == []
         assert rejected == 1
         assert any("reason=no_keyframe" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_probed_file_source_reports_each_fragments_first_picture_and_the_log_reads_it():
+    profile = ladder()
+    encodes = plan_encodes(profile)
+    argv = build_argv("ffmpeg", profile, FileSource(kind="file", path=Path("clip.mp4")), encodes, [100, 100, 200],
+                      preset="veryfast", burn_in=False, files=FileInputs("v.ffconcat", "a.ffconcat"),
+                      probe_delivered=True)  # fmt: skip
+    assert argv[argv.index("-loglevel") + 1] == "level+info"
+    graph = argv[argv.index("-filter_complex") + 1]
+    select = keyframe_expression(encodes[0].clock, 100).removeprefix("expr:")
+    assert f"split=2[vfps0][probe];[probe]select='{select}',showinfo,nullsink;[vfps0]scale=640:360" in graph
+    seen = []
+    log = _StderrLog("primary", lambda m, pos: seen.append((m, pos)))
+    log.line("[Parsed_showinfo_5 @ 0x55d0c0a1b2c0] [info] n:   3 pts:    250 pts_time:8.34167 duration:1 "
+             "pos:   123456 fmt:yuv420p sar:1/1 s:640x360 i:P iskey:1 type:I checksum:CA8E6229")  # fmt: skip
+    log.line("[info] Stream mapping:")
+    log.line("[h264 @ 0x1] [warning] something")
+    assert seen == [(250, 123456)]
+    assert list(log.tail) == ["[h264 @ 0x1] [warning] something"]  # info lines are not ffmpeg's last words

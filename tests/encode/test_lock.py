@@ -308,3 +308,24 @@ def test_every_restart_shows_the_clock_position_whatever_the_phase_the_delay_and
         again, shown = _instance_content(encodes, timing, restart_ns, requested, 3)
         assert again >= requested
         check(shown)
+
+
+def test_the_measured_offset_counts_file_frames_between_what_ffmpeg_delivered_and_the_lock():
+    """0 for the picture the lock puts at frame n, +-k for a picture k frames later/earlier,
+    folded into [-N/2, N/2): the 50-frame offset of issue 18 reads 50 (2 s at 25 fps)."""
+    from orchestrator.encode.lock import measured_offset_frames
+
+    pal = TrackClock(0, Fraction(2), 90000, Fraction(1, 25))
+    exact = file_timing(probe(rate="25", real="25", packets="1600"), 3_072_000, needs_video=True, needs_audio=True)
+    longer = file_timing(probe(rate="25", real="25", packets="1500"), 2_880_512, needs_video=True, needs_audio=True)
+    n = 729_487_550  # clip frame n mod 1600 = 1150
+    assert measured_offset_frames(pal, n, 1150, exact) == 0
+    assert measured_offset_frames(pal, n, 1100, exact) == -50
+    assert measured_offset_frames(pal, n, 1200, exact) == 50
+    assert measured_offset_frames(pal, n + 450, 0, exact) == 0  # across the seam: 1600 -> 0
+    assert measured_offset_frames(pal, n + 450, 1599, exact) == -1
+    # A loop 0.2667 frames longer than the video: the nearest file frame, whatever the pass.
+    for m in (n, n + 1, n + 1500, n + 10**6):
+        nearest = int(position(pal, m, longer.loop) * 25 + Fraction(1, 2)) % 1500
+        assert measured_offset_frames(pal, m, nearest, longer) == 0
+        assert measured_offset_frames(pal, m, (nearest + 50) % 1500, longer) == 50

@@ -70,6 +70,7 @@ from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
 from orchestrator.fmp4.stream import EncodedFragment, build_header
 from orchestrator.ops.metrics import LIVE_LOCK_METRIC, Metrics
+from orchestrator.ops.state import EncoderState
 from orchestrator.profile import FfmpegEncoder, FileSource, LiveSource, PatternSource, Profile
 from orchestrator.wallclock import WallClock
 
@@ -220,6 +221,11 @@ class _Recut:
         self.probed: tuple[Encode, int, FileTiming] | None = None  # encode, its anchor, the file
         self._frame_at: dict[int, int] = {}  # file byte position -> file frame
         self._delivered: dict[int, int] = {}  # output frame m -> file frame
+        # /status shows each stream's lock and the content offset of its first track. The group
+        # encoder (the sink) keeps the per-stream state; a sink without one (tests) shows nothing.
+        self.states: dict[str, EncoderState] = getattr(sink, "states", {})
+        self.first_tracks = {stream.id: profile.track_ids(stream)[0] for stream in profile.streams}
+        self.lock_origin = "pattern"
         d = profile.presentation.fragment_duration
         self.max_lag_ns = 2 * d.numerator * NS_PER_SECOND // d.denominator + NS_PER_SECOND
 
@@ -286,18 +292,21 @@ class _Recut:
         for stream_id in encode.stream_ids:
             self.sink.fragment(EncodedFragment(stream_id, encode.track_id, cut.index, cut.start, cut.duration,
                                                encode.clock.timescale, data))  # fmt: skip
-        if self.metrics is not None:
-            frame = encode.clock.first_frame(cut.index)
-            offset: float | None
-            if self.live_lock is not None:
-                offset = self.live_lock.content_offset_seconds()
-            elif self.probed is not None and self.probed[0] is encode:
-                offset = self._measured_offset(frame)
-            else:
-                offset = content_offset_ns(encode.clock, frame, self.loop) / NS_PER_SECOND
-            if offset is not None:
-                for stream_id in encode.stream_ids:
+        frame = encode.clock.first_frame(cut.index)
+        offset: float | None
+        if self.live_lock is not None:
+            offset = self.live_lock.content_offset_seconds()
+        elif self.probed is not None and self.probed[0] is encode:
+            offset = self._measured_offset(frame)
+        else:
+            offset = content_offset_ns(encode.clock, frame, self.loop) / NS_PER_SECOND
+        if offset is not None:
+            for stream_id in encode.stream_ids:
+                if self.metrics is not None:
                     self.metrics.content_offset.labels(stream_id, self.group, encode.track.name).set(offset)
+                state = self.states.get(stream_id)
+                if state is not None and self.first_tracks.get(stream_id) == encode.track_id:
+                    state.lock, state.content_offset = self.lock_origin, offset
         lag_ns = self.wall.now_ns() - encode.clock.end_ns(cut.index)
         if lag_ns > self.max_lag_ns:
             behind = lag_ns / NS_PER_SECOND
@@ -324,10 +333,12 @@ async def run_ffmpeg_encoder(
     encodes = plan_encodes(profile)
     source = plan.config.source
     live_offset = lock = None
+    origin = "file" if isinstance(source, FileSource) else "pattern"
     if isinstance(source, LiveSource):
         # The mapping first (it reads the source for a moment); then the first frame far enough
         # ahead that ffmpeg has opened the input when the source reaches it.
-        lock, live_offset = await _live_lock(profile, source, plan, group=group, wall=wall, metrics=metrics)
+        lock, live_offset, origin = await _live_lock(profile, source, plan, group=group, wall=wall,
+                                                     metrics=metrics)  # fmt: skip
         now_ns = wall.now_ns() + LIVE_START_MARGIN_NS
     else:
         now_ns = wall.now_ns()
@@ -354,7 +365,7 @@ async def run_ffmpeg_encoder(
                           burn_in=plan.burn_in, live_url=plan.live_url, files=files,
                           live_offset=live_offset, probe_delivered=probed)  # fmt: skip
         await _run(argv, plan, profile, encodes, recutters, sink, first, group=group, wall=wall, metrics=metrics,
-                   live_lock=lock, probe_anchor=anchors[0] if probed else None)  # fmt: skip
+                   live_lock=lock, probe_anchor=anchors[0] if probed else None, lock_origin=origin)  # fmt: skip
 
 
 LIVE_PROBE_TIMEOUT = 15.0
@@ -419,7 +430,7 @@ def _saved_lock(profile: Profile, group: str) -> LiveLock | None:
 
 
 async def _live_lock(profile: Profile, source: LiveSource, plan: FfmpegPlan, *, group: str, wall: WallClock,
-                     metrics: Metrics | None) -> tuple[LiveLock, int]:  # fmt: skip
+                     metrics: Metrics | None) -> tuple[LiveLock, int, str]:  # fmt: skip
     """Choose the source-timestamp -> clock mapping for this instance (lock.choose_live_lock),
     save it, export it; returns it and its effective (unwrapped) offset."""
     assert plan.live_url is not None
@@ -444,7 +455,7 @@ async def _live_lock(profile: Profile, source: LiveSource, plan: FfmpegPlan, *, 
                         json.dumps({"offset": lock.offset}).encode())  # fmt: skip
         except OSError as exc:
             log.error("encoder.live.state_write_failed group=%s error=%s", group, exc)
-    return lock, effective
+    return lock, effective, origin
 
 
 def _write_playlists(scratch: Path, texts: tuple[str | None, str | None]) -> FileInputs:
@@ -462,7 +473,7 @@ def _write_playlists(scratch: Path, texts: tuple[str | None, str | None]) -> Fil
 async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: list[Encode],
                recutters: list[TrackRecutter], sink: Sink, first: int, *, group: str, wall: WallClock,
                metrics: Metrics | None, live_lock: LiveLock | None = None,
-               probe_anchor: int | None = None) -> None:  # fmt: skip
+               probe_anchor: int | None = None, lock_origin: str = "pattern") -> None:  # fmt: skip
     """Start ffmpeg with ``argv`` and re-cut its output until it ends (see run_ffmpeg_encoder)."""
     source = plan.config.source
     secret = plan.live_url if isinstance(source, LiveSource) and source.url_env else None
@@ -471,6 +482,7 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
     output = _Recut(profile, encodes, recutters, sink, group=group, wall=wall, metrics=metrics)
     output.loop = plan.file_timing.loop if plan.file_timing is not None else None
     output.live_lock = live_lock
+    output.lock_origin = lock_origin
     if probe_anchor is not None:
         assert plan.file_timing is not None
         output.probe(encodes[0], probe_anchor, plan.file_timing)

@@ -60,6 +60,7 @@ from orchestrator.encode.lock import (
     LiveLock,
     choose_live_lock,
     content_offset_ns,
+    converge,
     file_timing,
     measured_offset_frames,
 )
@@ -69,7 +70,7 @@ from orchestrator.errors import EncoderError
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
 from orchestrator.fmp4.stream import EncodedFragment, build_header
-from orchestrator.ops.metrics import LIVE_LOCK_METRIC, Metrics
+from orchestrator.ops.metrics import LIVE_LOCK_ESTABLISHED_METRIC, LIVE_LOCK_METRIC, Metrics
 from orchestrator.ops.state import EncoderState
 from orchestrator.profile import FfmpegEncoder, FileSource, LiveSource, PatternSource, Profile
 from orchestrator.wallclock import WallClock
@@ -226,6 +227,8 @@ class _Recut:
         self.states: dict[str, EncoderState] = getattr(sink, "states", {})
         self.first_tracks = {stream.id: profile.track_ids(stream)[0] for stream in profile.streams}
         self.lock_origin = "pattern"
+        self.move_to: LiveLock | None = None  # set by _converge: end at the next fragment boundary
+        self.moved = False  # that boundary was reached: nothing more is emitted, the instance ends
         d = profile.presentation.fragment_duration
         self.max_lag_ns = 2 * d.numerator * NS_PER_SECOND // d.denominator + NS_PER_SECOND
 
@@ -273,6 +276,8 @@ class _Recut:
             encode = self.encodes[traf.track_id - 1]
             recutter = self.recutters[traf.track_id - 1]
             for sample in traf.samples:
+                if self.moved:
+                    return
                 cut = recutter.push(sample)
                 if cut is not None:
                     self._emit(encode, cut)
@@ -307,6 +312,14 @@ class _Recut:
                 state = self.states.get(stream_id)
                 if state is not None and self.first_tracks.get(stream_id) == encode.track_id:
                     state.lock, state.content_offset = self.lock_origin, offset
+        if self.move_to is not None and all(r.index == cut.index + 1 for r in self.recutters):
+            # Every track has completed fragment cut.index: a boundary. The restart runs on move_to.
+            if self.metrics is not None:
+                self.metrics.live_lock_moves.labels(self.group).inc()
+            log.warning("encoder.live.moved group=%s after_index=%d offset=%d established_by=%s", self.group,
+                        cut.index, self.move_to.offset, self.move_to.by)  # fmt: skip
+            self.moved = True
+            return
         lag_ns = self.wall.now_ns() - encode.clock.end_ns(cut.index)
         if lag_ns > self.max_lag_ns:
             behind = lag_ns / NS_PER_SECOND
@@ -397,24 +410,38 @@ async def _probe_live(executable: str, url: str, *, video: bool, wall: WallClock
     raise EncoderError(f"live source: no packet within {LIVE_PROBE_TIMEOUT:g} s")
 
 
-async def _peer_locks(peers: Sequence[str], group: str) -> list[LiveLock]:
-    """The live locks the other groups export (their /metrics). A peer that does not answer is
-    logged and skipped. Cancellation: the requests are abandoned."""
-    found = []
+def parse_peer_locks(text: str, group: str) -> list[LiveLock]:
+    """The live locks another process exports on /metrics (every group but ``group``), each with
+    its identity (when and by whom it was established) when exported."""
+    offsets: dict[str, int] = {}
+    identity: dict[str, tuple[int, str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            owner = sample.labels.get("group")
+            if owner is None or owner == group:
+                continue
+            if family.name == LIVE_LOCK_METRIC and 0 <= sample.value < PTS_WRAP:
+                offsets[owner] = int(sample.value)
+            elif family.name == LIVE_LOCK_ESTABLISHED_METRIC:
+                identity[owner] = (int(sample.value), sample.labels.get("established_by", ""))
+    return [LiveLock(offset, *identity.get(owner, (0, ""))) for owner, offset in offsets.items()]
+
+
+async def _peer_locks(peers: Sequence[str], group: str) -> tuple[list[LiveLock], list[str]]:
+    """The live locks the other groups export (their /metrics), and the peers that did not
+    answer (skipped: the caller logs and exports that). Cancellation: the requests are abandoned."""
+    found: list[LiveLock] = []
+    failed: list[str] = []
     async with httpx.AsyncClient(timeout=PEER_TIMEOUT) as client:
         for url in peers:
             try:
                 response = await client.get(url)
                 response.raise_for_status()
-                families = list(text_string_to_metric_families(response.text))
+                found += parse_peer_locks(response.text, group)
             except (httpx.HTTPError, ValueError) as exc:
-                log.warning("encoder.live.peer_failed group=%s peer=%s error=%s", group, url, exc)
-                continue
-            for family in families:
-                if family.name == LIVE_LOCK_METRIC:
-                    found += [LiveLock(int(sample.value)) for sample in family.samples
-                              if sample.labels.get("group") != group and 0 <= sample.value < PTS_WRAP]  # fmt: skip
-    return found
+                log.debug("encoder.live.peer_failed group=%s peer=%s error=%s", group, url, exc)
+                failed.append(url)
+    return found, failed
 
 
 def _saved_lock(profile: Profile, group: str) -> LiveLock | None:
@@ -423,39 +450,111 @@ def _saved_lock(profile: Profile, group: str) -> LiveLock | None:
         return None
     try:
         data = read_state(directory, f"{profile.presentation.name}.{group}.live")
-        return None if data is None else LiveLock(int(json.loads(data)["offset"]))
+        if data is None:
+            return None
+        saved = json.loads(data)
+        return LiveLock(int(saved["offset"]), int(saved.get("established_ms", 0)), str(saved.get("by", "")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.error("encoder.live.state_ignored group=%s error=%s", group, exc)
         return None
 
 
+def _save_lock(profile: Profile, group: str, lock: LiveLock) -> None:
+    if profile.state.dir is None:
+        return
+    data = {"offset": lock.offset, "established_ms": lock.established_ms, "by": lock.by}
+    try:
+        write_state(profile.state.dir, f"{profile.presentation.name}.{group}.live", json.dumps(data).encode())
+    except OSError as exc:
+        log.error("encoder.live.state_write_failed group=%s error=%s", group, exc)
+
+
+def _export_lock(metrics: Metrics | None, group: str, lock: LiveLock) -> None:
+    if metrics is None:
+        return
+    metrics.live_lock_offset.labels(group).set(lock.offset)
+    metrics.live_lock_established.clear()  # one identity per group (a process runs one group per lock)
+    metrics.live_lock_established.labels(group, lock.by).set(lock.established_ms)
+
+
+class _PeerWatch:
+    """Which peers answered, for the log (a change is logged once) and the metric."""
+
+    def __init__(self, group: str, peers: Sequence[str], metrics: Metrics | None) -> None:
+        self.group, self.metrics = group, metrics
+        self.down: set[str] = set()
+        self.peers = list(peers)
+
+    def update(self, failed: Sequence[str]) -> None:
+        for url in self.peers:
+            is_down = url in failed
+            if is_down and url not in self.down:
+                log.warning("encoder.live.peer_unreachable group=%s peer=%s detail='each group keeps its own "
+                            "mapping until the peer answers again'", self.group, url)  # fmt: skip
+                self.down.add(url)
+            elif not is_down and url in self.down:
+                log.info("encoder.live.peer_back group=%s peer=%s", self.group, url)
+                self.down.discard(url)
+            if self.metrics is not None:
+                self.metrics.live_peer_up.labels(self.group, url).set(0 if is_down else 1)
+
+
 async def _live_lock(profile: Profile, source: LiveSource, plan: FfmpegPlan, *, group: str, wall: WallClock,
                      metrics: Metrics | None) -> tuple[LiveLock, int, str]:  # fmt: skip
     """Choose the source-timestamp -> clock mapping for this instance (lock.choose_live_lock),
-    save it, export it; returns it and its effective (unwrapped) offset."""
+    save it, export it; returns it, its effective (unwrapped) offset and its origin."""
     assert plan.live_url is not None
     video = any(t.kind == "video" for s in profile.streams for t in s.tracks)
     pts, now_ns = await _probe_live(plan.executable, plan.live_url, video=video, wall=wall)
     now_tick = (now_ns - profile.presentation.epoch_ns) * LIVE_TIMESCALE // NS_PER_SECOND
-    peers = await _peer_locks(source.peers, group)
-    lock, origin = choose_live_lock(pts, now_tick, peers, _saved_lock(profile, group))
+    peers, failed = await _peer_locks(source.peers, group)
+    _PeerWatch(group, source.peers, metrics).update(failed)
+    lock, origin = choose_live_lock(pts, now_tick, peers, _saved_lock(profile, group),
+                                    now_ms=now_ns // 1_000_000, group=group)  # fmt: skip
     effective, residual = lock.effective(pts, now_tick)
-    log.info("encoder.live.lock group=%s origin=%s offset=%d residual_ms=%d peers_answered=%d", group, origin,
-             lock.offset, residual * 1000 // LIVE_TIMESCALE, len(peers))  # fmt: skip
+    log.info("encoder.live.lock group=%s origin=%s offset=%d established_ms=%d established_by=%s residual_ms=%d "
+             "peers_answered=%d peers_unreachable=%d", group, origin, lock.offset, lock.established_ms, lock.by,
+             residual * 1000 // LIVE_TIMESCALE, len(source.peers) - len(failed), len(failed))  # fmt: skip
     if origin == "established" and source.peers:
         log.warning("encoder.live.unlocked group=%s reason='no peer has a mapping that fits the source' "
-                    "detail='this group establishes its own; the other groups adopt it when they restart'",
-                    group)  # fmt: skip
+                    "detail='this group establishes its own; running groups converge on the earliest established "
+                    "within %g s'", group, PEER_CHECK)  # fmt: skip
     if metrics is not None:
-        metrics.live_lock_offset.labels(group).set(lock.offset)
         metrics.live_locks.labels(group, origin).inc()
-    if profile.state.dir is not None:
-        try:
-            write_state(profile.state.dir, f"{profile.presentation.name}.{group}.live",
-                        json.dumps({"offset": lock.offset}).encode())  # fmt: skip
-        except OSError as exc:
-            log.error("encoder.live.state_write_failed group=%s error=%s", group, exc)
+    _export_lock(metrics, group, lock)
+    _save_lock(profile, group, lock)
     return lock, effective, origin
+
+
+PEER_CHECK = 4.0
+"""How often a running live instance reads its peers' mappings (lock.converge)."""
+
+
+async def _converge(output: _Recut, profile: Profile, peers: Sequence[str], *, group: str,
+                    metrics: Metrics | None) -> None:  # fmt: skip
+    """Every PEER_CHECK seconds, read the peers' mappings; when the agreed one (lock.converge) is
+    not ours, save it as ours and ask the output side to end the instance at the next fragment
+    boundary (the restart starts on it). Cancellation: stops checking; nothing is left behind."""
+    watch = _PeerWatch(group, peers, metrics)
+    while True:
+        await trio.sleep(PEER_CHECK)
+        own = output.live_lock
+        if own is None or output.move_to is not None:
+            continue
+        locks, failed = await _peer_locks(peers, group)
+        watch.update(failed)
+        output.lock_origin = output.lock_origin.split("/")[0] + ("/peer_unreachable" if watch.down else "")
+        target = converge(own, locks)
+        if target is None:
+            continue
+        log.warning("encoder.live.converge group=%s from_offset=%d from_established_by=%s to_offset=%d "
+                    "to_established_by=%s to_established_ms=%d shift_ms=%d detail='moving at the next fragment "
+                    "boundary; the fragments until then may differ from the peers'", group, own.offset, own.by,
+                    target.offset, target.by, target.established_ms,
+                    ((target.offset - own.offset + PTS_WRAP // 2) % PTS_WRAP - PTS_WRAP // 2) * 1000
+                    // LIVE_TIMESCALE)  # fmt: skip
+        _save_lock(profile, group, target)
+        output.move_to = target
 
 
 def _write_playlists(scratch: Path, texts: tuple[str | None, str | None]) -> FileInputs:
@@ -498,6 +597,9 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stderr.pump, process.stderr)
+            if live_lock is not None and isinstance(source, LiveSource) and source.peers:
+                nursery.start_soon(functools.partial(_converge, output, profile, source.peers, group=group,
+                                                     metrics=metrics))  # fmt: skip
             reader = StreamReader()
             while chunk := await process.stdout.receive_some(READ_SIZE):
                 reader.feed(bytes(chunk))
@@ -506,9 +608,13 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
                         output.header(event)
                     elif isinstance(event, Fragment):
                         output.fragment(event)
-            # stdout closed: ffmpeg is ending. Give it a moment to exit by itself.
-            with trio.move_on_after(TERMINATE_GRACE):
-                await process.wait()
+                if output.moved:
+                    break
+            if output.moved:
+                nursery.cancel_scope.cancel()  # the stderr pump and the peer checks
+            else:  # stdout closed: ffmpeg is ending. Give it a moment to exit by itself.
+                with trio.move_on_after(TERMINATE_GRACE):
+                    await process.wait()
     finally:
         with trio.CancelScope(shield=True):
             code = await _stop(process)
@@ -517,6 +623,8 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
         log.info("ffmpeg.exited group=%s pid=%d exit_code=%d", group, process.pid, code)
         if metrics is not None:
             metrics.encoder_last_exit_code.labels(group).set(code)
+    if output.moved:
+        return  # a planned end: the group restarts the instance, which starts on the agreed mapping
     raise FfmpegExited(code, stderr.tail)
 
 

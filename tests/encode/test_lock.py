@@ -14,6 +14,7 @@ from orchestrator.encode.lock import (
     LiveLock,
     choose_live_lock,
     content_offset_ns,
+    converge,
     file_entries,
     file_timing,
     live_clock_shift,
@@ -144,13 +145,16 @@ def test_the_fits_window_is_10_s_either_way_and_not_one_tick_more(pts):
     assert choose_live_lock(jumped, NOW, [lock], lock) == (LiveLock.establish(jumped, NOW), "established")
 
 
-def test_a_peer_that_fits_wins_then_the_saved_mapping_then_a_new_one():
-    peer, saved = LiveLock.establish(7, NOW), LiveLock.establish(7, NOW - 90_000 * 3)
-    stale = LiveLock.establish(7, NOW - 90_000 * 3600)
+def test_the_earliest_established_mapping_that_fits_wins_among_peers_and_saved_else_a_new_one():
+    peer = LiveLock.establish(7, NOW, established_ms=1_000, by="primary")
+    saved = LiveLock.establish(7, NOW - 90_000 * 3, established_ms=2_000, by="backup")
+    stale = LiveLock.establish(7, NOW - 90_000 * 3600, established_ms=10, by="primary")  # another timeline
     assert choose_live_lock(7, NOW + 9_000, [stale, peer], saved) == (peer, "peer")
+    older = LiveLock(saved.offset, 500, "backup")  # our own mapping is the older one: we keep it
+    assert choose_live_lock(7, NOW, [stale, peer], older) == (older, "saved")
     assert choose_live_lock(7, NOW, [stale], saved) == (saved, "saved")
-    fresh, origin = choose_live_lock(7, NOW, [stale], None)
-    assert (fresh, origin) == (LiveLock.establish(7, NOW), "established")
+    fresh, origin = choose_live_lock(7, NOW, [stale], None, now_ms=5_000, group="backup")
+    assert (fresh, origin) == (LiveLock.establish(7, NOW, established_ms=5_000, by="backup"), "established")
     with pytest.raises(ValueError, match="modulo 2"):
         LiveLock(PTS_WRAP)
 
@@ -329,3 +333,82 @@ def test_the_measured_offset_counts_file_frames_between_what_ffmpeg_delivered_an
         nearest = int(position(pal, m, longer.loop) * 25 + Fraction(1, 2)) % 1500
         assert measured_offset_frames(pal, m, nearest, longer) == 0
         assert measured_offset_frames(pal, m, (nearest + 50) % 1500, longer) == 50
+
+
+# --- live groups converge on one mapping while running ------------------------------------------------
+
+FRAME_TICKS = 3600  # one frame at 25 fps
+
+
+def run_checks(locks: dict[str, LiveLock], reachable: dict[str, set[str]], rounds: int = 3) -> dict[str, LiveLock]:
+    """Each round every group reads the peers it can reach and moves if converge says so (the
+    shell does this every PEER_CHECK seconds, and moves at the next fragment boundary)."""
+    for _ in range(rounds):
+        seen = dict(locks)  # all groups check against the same published state
+        for group, own in seen.items():
+            target = converge(own, [seen[peer] for peer in sorted(reachable[group])])
+            if target is not None:
+                locks[group] = target
+    return locks
+
+
+def test_groups_started_together_agree_on_the_earliest_established_mapping_ties_by_name():
+    # Both establish on their own (empty state, same moment): 2 frames apart (the backup's clock is 0.2 s ahead
+    # and its path 0.12 s longer), established at the same millisecond: the name breaks the tie.
+    primary = LiveLock.establish(5_000, NOW, established_ms=1_000, by="primary")
+    backup = LiveLock.establish(5_000, NOW + 2 * FRAME_TICKS, established_ms=1_000, by="backup")
+    assert converge(primary, [backup]) == backup
+    assert converge(backup, [primary]) is None
+    both = run_checks({"primary": primary, "backup": backup}, {"primary": {"backup"}, "backup": {"primary"}}, 1)
+    assert both == {"primary": backup, "backup": backup}  # one check: converged
+    # A millisecond earlier wins whatever the name.
+    early = LiveLock(primary.offset, 999, "primary")
+    assert converge(backup, [early]) == early
+    assert converge(early, [backup]) is None
+
+
+def test_three_groups_converge_in_one_check_whoever_started_first():
+    locks = {name: LiveLock.establish(77, NOW + i * FRAME_TICKS, established_ms=2_000 - i, by=name)
+             for i, name in enumerate(["a", "b", "c"])}  # fmt: skip
+    everyone = {g: {p for p in locks if p != g} for g in locks}
+    assert set(run_checks(dict(locks), everyone, 1).values()) == {locks["c"]}  # established first (1998)
+
+
+def test_an_unreachable_peer_keeps_each_its_mapping_and_they_converge_when_it_answers():
+    primary = LiveLock.establish(5_000, NOW, established_ms=1_000, by="primary")
+    backup = LiveLock.establish(5_000, NOW + 2 * FRAME_TICKS, established_ms=1_001, by="backup")
+    alone = {"primary": set[str](), "backup": set[str]()}
+    assert run_checks({"primary": primary, "backup": backup}, alone) == {"primary": primary, "backup": backup}
+    back = {"primary": {"backup"}, "backup": {"primary"}}
+    assert run_checks({"primary": primary, "backup": backup}, back) == {"primary": primary, "backup": primary}
+    # Only one direction answers (a firewall): the one that sees the older mapping moves; the other stays.
+    one_way = {"primary": set[str](), "backup": {"primary"}}
+    assert run_checks({"primary": primary, "backup": backup}, one_way) == {"primary": primary, "backup": primary}
+
+
+def test_after_a_discontinuity_the_old_timeline_is_ignored_and_the_new_mappings_converge():
+    old = LiveLock.establish(5_000, NOW, established_ms=1_000, by="primary")
+    # The sender restarted at pts 0: each group's restart finds that no mapping fits and establishes.
+    later = NOW + 90_000 * 60
+    primary_new, origin = choose_live_lock(0, later, [old], old, now_ms=61_000, group="primary")
+    assert origin == "established"
+    assert not old.same_timeline(primary_new)
+    assert converge(primary_new, [old]) is None  # a peer still on the old timeline is not followed
+    backup_new, _ = choose_live_lock(0, later + FRAME_TICKS, [old], None, now_ms=61_040, group="backup")
+    assert converge(backup_new, [primary_new]) == primary_new
+    # A group restarting later finds the agreed one among the fitting peers.
+    assert choose_live_lock(450, later + 500, [backup_new, primary_new], None) == (primary_new, "peer")
+
+
+def test_peer_locks_are_read_with_their_identity_from_a_metrics_page():
+    from orchestrator.encode.ffmpeg import parse_peer_locks
+
+    page = (
+        "# TYPE orchestrator_live_lock_offset_ticks gauge\n"
+        'orchestrator_live_lock_offset_ticks{group="primary"} 7363495620.0\n'
+        'orchestrator_live_lock_offset_ticks{group="backup"} 12.0\n'
+        "# TYPE orchestrator_live_lock_established_ms gauge\n"
+        'orchestrator_live_lock_established_ms{group="primary",established_by="backup"} 1796000000123.0\n'
+    )
+    assert parse_peer_locks(page, "backup") == [LiveLock(7363495620, 1_796_000_000_123, "backup")]
+    assert parse_peer_locks(page, "spare") == [LiveLock(7363495620, 1_796_000_000_123, "backup"), LiveLock(12)]

@@ -17,6 +17,8 @@ import signal
 import socket
 import subprocess
 import sys
+from array import array
+from pathlib import Path
 from typing import BinaryIO
 
 import pytest
@@ -144,3 +146,97 @@ def test_faketime_skews_the_realtime_clock_only():
     fake = float(subprocess.run(["faketime", "-f", SKEW, "date", "+%s.%N"], capture_output=True, text=True,
                                 check=True, env=env).stdout)  # fmt: skip
     assert 0.15 < fake - real < 0.5
+
+
+async def test_live_groups_started_together_converge_on_one_mapping_without_a_restart_by_hand(tmp_path):
+    """Issue 18: both ``up`` started at the same moment with empty state (the backup's clock 0.2 s
+    ahead, its feed 0.15 s late): each may establish its own mapping, 2 frames apart; within a
+    peer check one moves to the agreed one at a fragment boundary, and from then on every picture
+    and the sound are the same under the same timestamp."""
+    from test_content_lock import AAC_FRAME, assert_same_pictures, audio_lag, pictures, track_files
+
+    clip = tmp_path / "clip.mp4"
+    make_clip(clip)
+    relay_port, ports = free_port(socket.SOCK_DGRAM), [free_port(socket.SOCK_DGRAM) for _ in range(2)]
+    metrics = [free_port(), free_port()]
+    sender = subprocess.Popen(
+        ["ffmpeg", "-v", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i", str(clip), "-c", "copy",
+         "-f", "mpegts", f"udp://127.0.0.1:{relay_port}?pkt_size=1316"])  # fmt: skip
+    processes: list[subprocess.Popen[bytes]] = []
+    logs: list[BinaryIO] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            listen = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            await listen.bind(("127.0.0.1", relay_port))
+            nursery.start_soon(relay, listen, ports[0], ports[1])
+            apps = [IngestApp(tmp_path / name) for name in ("primary", "backup")]
+            ingest = [(await nursery.start(serve_app, app, "127.0.0.1", 0))[1] for app in apps]
+            sources = [f'{{ kind = "live", url = "udp://127.0.0.1:{ports[i]}?overrun_nonfatal=1", '
+                       f'peers = ["http://127.0.0.1:{metrics[1 - i]}/metrics"] }}' for i in range(2)]  # fmt: skip
+            for i, group in enumerate(("primary", "backup")):
+                text = PROFILE.format(primary_source=sources[0], backup_source=sources[1], primary_port=ingest[0],
+                                      backup_port=ingest[1], metrics=f'listen = "127.0.0.1:{metrics[i]}"')  # fmt: skip
+                (tmp_path / f"{group}.toml").write_text(text)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            skewed = {**env, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+            up = [sys.executable, "-m", "orchestrator", "up", "--status", "off"]
+            logs += [(tmp_path / "primary.log").open("wb"), (tmp_path / "backup.log").open("wb")]
+            processes.append(subprocess.Popen([*up, "--group", "primary", str(tmp_path / "primary.toml")], env=env,
+                                              stderr=logs[0]))  # fmt: skip
+            backup = ["faketime", "-f", SKEW, *up, "--group", "backup", str(tmp_path / "backup.toml")]
+            processes.append(subprocess.Popen(backup, env=skewed, stderr=logs[1], start_new_session=True))
+            with trio.fail_after(90):
+                while min(fragments(app) for app in apps) < 14:
+                    await trio.sleep(0.2)
+            for process in processes:
+                signal_all(process, signal.SIGTERM)
+            with trio.fail_after(20):
+                while any(p.poll() is None for p in processes):
+                    await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+    finally:
+        for process in [*processes, sender]:
+            signal_all(process, signal.SIGKILL)
+            process.wait(10)
+        for file in logs:
+            file.close()
+    texts = {g: (tmp_path / f"{g}.log").read_text() for g in ("primary", "backup")}
+    # Converged: the last instance of each group runs the same mapping (the log line of its lock).
+    final = {g: [line for line in text.splitlines() if "encoder.live.lock " in line][-1] for g, text in texts.items()}
+    offsets = {g: line.split(" offset=")[1].split()[0] for g, line in final.items()}
+    assert offsets["primary"] == offsets["backup"], [line for t in texts.values() for line in t.splitlines()
+                                                     if "encoder.live." in line]  # fmt: skip
+    # From the fragment after the last move (or from the start, if one adopted the other at once)
+    # every common picture is the same and the sound is in step.
+    moved = [int(line.split("after_index=")[1].split()[0]) for t in texts.values() for line in t.splitlines()
+             if "encoder.live.moved" in line]  # fmt: skip
+    p, b = track_files(apps[0]), track_files(apps[1])
+    since = (max(moved) + 1) * 2 * 90000 if moved else 0  # fragment start in video ticks (2 s, 90 kHz)
+    primary_pictures = {t: v for t, v in pictures(p["video"]).items() if t >= since}
+    backup_pictures = {t: v for t, v in pictures(b["video"]).items() if t >= since}
+    assert_same_pictures(primary_pictures, backup_pictures, step=3003)
+    since_samples = since * 48000 // 90000
+    lag = audio_lag(steady_sound(p["audio"], since_samples), steady_sound(b["audio"], since_samples))
+    assert abs(lag) < AAC_FRAME, f"the backup's sound is {lag} samples off the primary's"
+
+
+def steady_sound(path: Path, since: int) -> tuple[int, array]:
+    """(first sample, mono PCM at 3 kHz) of the longest gap-free run of the archived audio that
+    starts at or after shared sample ``since``; each AAC packet decodes to 1024 samples at its
+    own timestamp (a restart leaves a gap that a plain decode would close up)."""
+    from test_content_lock import DECIMATED_RATE, packet_times
+
+    times = packet_times(path)
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-ac", "1", "-f", "s16le", "-"],
+                         check=True, capture_output=True).stdout  # fmt: skip
+    pcm = array("h", raw)
+    assert len(pcm) == 1024 * len(times)
+    runs, first = [], 0
+    for i in range(1, len(times) + 1):
+        if i == len(times) or times[i] != times[i - 1] + 1024:
+            runs.append((first, i))
+            first = i
+    trimmed = [(next(i for i in range(a, z) if times[i] >= since), z) for a, z in runs if times[z - 1] >= since]
+    first, end = max(trimmed, key=lambda r: r[1] - r[0])
+    step = 48000 // DECIMATED_RATE
+    return times[first], pcm[first * 1024 : end * 1024 : step]

@@ -11,6 +11,8 @@ picture and sound under the same index.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -150,15 +152,17 @@ def test_faketime_skews_the_realtime_clock_only():
 
 async def test_live_groups_started_together_converge_on_one_mapping_without_a_restart_by_hand(tmp_path):
     """Issue 18: both ``up`` started at the same moment with empty state (the backup's clock 0.2 s
-    ahead, its feed 0.15 s late): each may establish its own mapping, 2 frames apart; within a
-    peer check one moves to the agreed one at a fragment boundary, and from then on every picture
-    and the sound are the same under the same timestamp."""
+    ahead, its feed 0.15 s late), each group's peer unreachable at first (a forwarder that opens
+    only once both have locked: otherwise the one that probes later may simply adopt), so each
+    establishes its own mapping, ~0.4 s apart. When the peers answer, within a peer check one
+    moves to the agreed one at a fragment boundary, and from then on every picture and the sound
+    are the same under the same timestamp. (Before the rule, both kept their own for good.)"""
     from test_content_lock import AAC_FRAME, assert_same_pictures, audio_lag, pictures, track_files
 
     clip = tmp_path / "clip.mp4"
     make_clip(clip)
     relay_port, ports = free_port(socket.SOCK_DGRAM), [free_port(socket.SOCK_DGRAM) for _ in range(2)]
-    metrics = [free_port(), free_port()]
+    metrics, forwarded = [free_port(), free_port()], [free_port(), free_port()]
     sender = subprocess.Popen(
         ["ffmpeg", "-v", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i", str(clip), "-c", "copy",
          "-f", "mpegts", f"udp://127.0.0.1:{relay_port}?pkt_size=1316"])  # fmt: skip
@@ -171,8 +175,9 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
             nursery.start_soon(relay, listen, ports[0], ports[1])
             apps = [IngestApp(tmp_path / name) for name in ("primary", "backup")]
             ingest = [(await nursery.start(serve_app, app, "127.0.0.1", 0))[1] for app in apps]
+            # Each group reads its peer through a forwarder that is not listening yet.
             sources = [f'{{ kind = "live", url = "udp://127.0.0.1:{ports[i]}?overrun_nonfatal=1", '
-                       f'peers = ["http://127.0.0.1:{metrics[1 - i]}/metrics"] }}' for i in range(2)]  # fmt: skip
+                       f'peers = ["http://127.0.0.1:{forwarded[1 - i]}/metrics"] }}' for i in range(2)]  # fmt: skip
             for i, group in enumerate(("primary", "backup")):
                 text = PROFILE.format(primary_source=sources[0], backup_source=sources[1], primary_port=ingest[0],
                                       backup_port=ingest[1], metrics=f'listen = "127.0.0.1:{metrics[i]}"')  # fmt: skip
@@ -185,6 +190,13 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
                                               stderr=logs[0]))  # fmt: skip
             backup = ["faketime", "-f", SKEW, *up, "--group", "backup", str(tmp_path / "backup.toml")]
             processes.append(subprocess.Popen(backup, env=skewed, stderr=logs[1], start_new_session=True))
+            with trio.fail_after(40):
+                while not all(f"encoder.live.lock group={g}" in (tmp_path / f"{g}.log").read_text()
+                              for g in ("primary", "backup")):  # fmt: skip
+                    await trio.sleep(0.1)
+            for port, target in zip(forwarded, metrics, strict=True):  # the peers come back
+                nursery.start_soon(functools.partial(trio.serve_tcp, functools.partial(forward, target), port,
+                                                     host="127.0.0.1"))  # fmt: skip
             with trio.fail_after(90):
                 while min(fragments(app) for app in apps) < 14:
                     await trio.sleep(0.2)
@@ -201,6 +213,9 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
         for file in logs:
             file.close()
     texts = {g: (tmp_path / f"{g}.log").read_text() for g in ("primary", "backup")}
+    first = {g: next(line for line in text.splitlines() if "encoder.live.lock " in line) for g, text in texts.items()}
+    assert all("origin=established" in line for line in first.values()), first
+    assert any("encoder.live.peer_unreachable" in text for text in texts.values())
     # Converged: the last instance of each group runs the same mapping (the log line of its lock).
     final = {g: [line for line in text.splitlines() if "encoder.live.lock " in line][-1] for g, text in texts.items()}
     offsets = {g: line.split(" offset=")[1].split()[0] for g, line in final.items()}
@@ -218,6 +233,22 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
     since_samples = since * 48000 // 90000
     lag = audio_lag(steady_sound(p["audio"], since_samples), steady_sound(b["audio"], since_samples))
     assert abs(lag) < AAC_FRAME, f"the backup's sound is {lag} samples off the primary's"
+
+
+async def forward(port: int, client: trio.SocketStream) -> None:
+    """Pipe one TCP connection to 127.0.0.1:``port`` and back. Cancellation: both are closed."""
+    async with client, await trio.open_tcp_stream("127.0.0.1", port) as server:
+
+        async def pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await source.receive_some(65536):
+                    await sink.send_all(data)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await sink.send_eof()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipe, client, server)
+            nursery.start_soon(pipe, server, client)
 
 
 def steady_sound(path: Path, since: int) -> tuple[int, array]:

@@ -23,8 +23,10 @@ from array import array
 from pathlib import Path
 from typing import BinaryIO
 
+import httpx
 import pytest
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from test_content_lock import PROFILE, assert_same_content, make_clip
 
 from orchestrator.ingest.server import IngestApp, serve_app
@@ -200,6 +202,8 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
             with trio.fail_after(90):
                 while min(fragments(app) for app in apps) < 14:
                     await trio.sleep(0.2)
+            async with httpx.AsyncClient() as client:
+                pages = [(await client.get(f"http://127.0.0.1:{port}/metrics")).text for port in metrics]
             for process in processes:
                 signal_all(process, signal.SIGTERM)
             with trio.fail_after(20):
@@ -221,6 +225,12 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
     assert offsets["primary"] == offsets["backup"], [line for t in texts.values() for line in t.splitlines()
                                                      if "encoder.live." in line]  # fmt: skip
     assert any("encoder.live.peer_unreachable" in text for text in texts.values())
+    # What each group exports as its content offset is the source time of the agreed mapping.
+    for group, page in zip(("primary", "backup"), pages, strict=True):
+        exported = {s.labels["track"]: s.value for f in text_string_to_metric_families(page)
+                    for s in f.samples if f.name == "orchestrator_content_offset_seconds"}  # fmt: skip
+        expected = ((-int(offsets[group])) % 2**33) / 90000
+        assert exported == {"video": expected, "audio": expected}, (group, exported, expected)
     # From the fragment after the last move (or from the start, if one adopted the other at once)
     # every common picture is the same and the sound is in step.
     moved = [int(line.split("after_index=")[1].split()[0]) for t in texts.values() for line in t.splitlines()

@@ -54,6 +54,7 @@ from orchestrator.encode.ffmpeg_command import (
 from orchestrator.encode.group import Sink
 from orchestrator.encode.lock import (
     LIVE_TIMESCALE,
+    LOCK_TOLERANCE,
     PTS_WRAP,
     FileLockError,
     FileTiming,
@@ -585,7 +586,14 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
     if probe_anchor is not None:
         assert plan.file_timing is not None
         output.probe(encodes[0], probe_anchor, plan.file_timing)
-    stderr = _StderrLog(group, output.delivered)
+    reading = trio.CancelScope()
+    jumped: list[int] = []
+
+    def source_jumped(pts: int, _pos: int) -> None:
+        jumped.append(pts)
+        reading.cancel()
+
+    stderr = _StderrLog(group, source_jumped if isinstance(source, LiveSource) else output.delivered)
     # Its own session (setsid): a terminal's Ctrl-C (SIGINT to the foreground process group) and
     # a SIGHUP reach the orchestrator only, which finishes the fragment in flight and then stops
     # ffmpeg itself; ffmpeg is never killed behind its back.
@@ -595,26 +603,8 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
     assert process.stdout is not None
     assert process.stderr is not None
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stderr.pump, process.stderr)
-            if live_lock is not None and isinstance(source, LiveSource) and source.peers:
-                nursery.start_soon(functools.partial(_converge, output, profile, source.peers, group=group,
-                                                     metrics=metrics))  # fmt: skip
-            reader = StreamReader()
-            while chunk := await process.stdout.receive_some(READ_SIZE):
-                reader.feed(bytes(chunk))
-                while (event := reader.next_event()) is not NEED_DATA:
-                    if isinstance(event, Header):
-                        output.header(event)
-                    elif isinstance(event, Fragment):
-                        output.fragment(event)
-                if output.moved:
-                    break
-            if output.moved:
-                nursery.cancel_scope.cancel()  # the stderr pump and the peer checks
-            else:  # stdout closed: ffmpeg is ending. Give it a moment to exit by itself.
-                with trio.move_on_after(TERMINATE_GRACE):
-                    await process.wait()
+        with reading:
+            await _read(process, output, stderr, profile, plan, group=group, metrics=metrics, live_lock=live_lock)
     finally:
         with trio.CancelScope(shield=True):
             code = await _stop(process)
@@ -625,7 +615,40 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
             metrics.encoder_last_exit_code.labels(group).set(code)
     if output.moved:
         return  # a planned end: the group restarts the instance, which starts on the agreed mapping
+    if jumped:
+        raise EncoderError(f"the live source's timestamps jumped by more than {LOCK_TOLERANCE // LIVE_TIMESCALE} s "
+                           f"(a frame at pts {jumped[0]} after the shift): restarting re-locks")  # fmt: skip
     raise FfmpegExited(code, stderr.tail)
+
+
+async def _read(process: trio.Process, output: _Recut, stderr: _StderrLog, profile: Profile, plan: FfmpegPlan, *,
+                group: str, metrics: Metrics | None, live_lock: LiveLock | None) -> None:  # fmt: skip
+    """Re-cut ffmpeg's stdout and log its stderr until stdout ends (then give ffmpeg a moment to
+    exit) or a live move is due; the peer checks of a live source run meanwhile. Cancellation:
+    stops reading (ffmpeg is stopped by the caller)."""
+    assert process.stdout is not None
+    assert process.stderr is not None
+    source = plan.config.source
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stderr.pump, process.stderr)
+        if live_lock is not None and isinstance(source, LiveSource) and source.peers:
+            nursery.start_soon(functools.partial(_converge, output, profile, source.peers, group=group,
+                                                 metrics=metrics))  # fmt: skip
+        reader = StreamReader()
+        while chunk := await process.stdout.receive_some(READ_SIZE):
+            reader.feed(bytes(chunk))
+            while (event := reader.next_event()) is not NEED_DATA:
+                if isinstance(event, Header):
+                    output.header(event)
+                elif isinstance(event, Fragment):
+                    output.fragment(event)
+            if output.moved:
+                break
+        if output.moved:
+            nursery.cancel_scope.cancel()  # the stderr pump and the peer checks
+        else:  # stdout closed: ffmpeg is ending. Give it a moment to exit by itself.
+            with trio.move_on_after(TERMINATE_GRACE):
+                await process.wait()
 
 
 async def _stop(process: trio.Process) -> int:

@@ -32,7 +32,15 @@ from fractions import Fraction
 from pathlib import Path
 
 from orchestrator.clock import TrackClock
-from orchestrator.encode.lock import FileTiming, file_entries, live_clock_shift, pattern_box_x, tone_expression
+from orchestrator.encode.lock import (
+    LIVE_TIMESCALE,
+    LOCK_TOLERANCE,
+    FileTiming,
+    file_entries,
+    live_clock_shift,
+    pattern_box_x,
+    tone_expression,
+)
 from orchestrator.encode.recut import anchor_frame, keyframe_boundary, start_index
 from orchestrator.profile import AudioTrack, FileSource, LiveSource, PatternSource, Profile, VideoTrack
 
@@ -245,7 +253,15 @@ def build_argv(
             assert live_offset is not None
             pre = f"setpts={live_clock_shift(live_offset)},"
         labels = "".join(f"[vsrc{i}]" for i in range(len(video)))
-        graph.append(f"[{video_input}]{pre}split={len(video)}{labels}")
+        if isinstance(source, LiveSource):
+            # A jump of the source's timestamps (the sender restarted) is reported at once on
+            # stderr (a showinfo behind a select of the frames that jump), so the instance ends
+            # and re-locks instead of waiting for the stall watchdog.
+            jump = LOCK_TOLERANCE // LIVE_TIMESCALE
+            graph.append(f"[{video_input}]{pre}split={len(video) + 1}{labels}[jump];"
+                         f"[jump]select='gt(abs(pts-prev_pts)*TB,{jump})',showinfo,nullsink")  # fmt: skip
+        else:
+            graph.append(f"[{video_input}]{pre}split={len(video)}{labels}")
         for i, (e, a) in enumerate(video):
             t = e.track
             assert isinstance(t, VideoTrack)
@@ -286,7 +302,7 @@ def build_argv(
                          f"aformat=sample_fmts=fltp:channel_layouts={'mono' if t.channels == 1 else 'stereo'}"
                          f"[a{i}]")  # fmt: skip
 
-    level = "level+info" if probe_delivered else "level+warning"
+    level = "level+info" if probe_delivered or (isinstance(source, LiveSource) and video) else "level+warning"
     argv = [str(executable), "-hide_banner", "-nostdin", "-nostats", "-loglevel", level]
     argv += _inputs(source, video, audio, live_url, files, burn_in)
     argv += ["-filter_complex", ";".join(graph)]

@@ -107,7 +107,11 @@ def test_file_and_live_sources():
         "-copyts", "-analyzeduration", "1000000", "-i", "srt://127.0.0.1:9000?mode=caller"]  # fmt: skip
     assert "-use_wallclock_as_timestamps" not in argv
     graph = argv[argv.index("-filter_complex") + 1]
-    assert graph.startswith("[0:v:0]setpts=PTS+2541394470267/90000/TB,split=2[vsrc0][vsrc1];")
+    # ... and one more branch that reports (showinfo, at info level) a frame whose timestamp jumps by more than
+    # the lock's 10 s: the instance ends and re-locks at once.
+    assert graph.startswith("[0:v:0]setpts=PTS+2541394470267/90000/TB,split=3[vsrc0][vsrc1][jump];"
+                            "[jump]select='gt(abs(pts-prev_pts)*TB,10)',showinfo,nullsink;")  # fmt: skip
+    assert argv[argv.index("-loglevel") + 1] == "level+info"
     assert "[vsrc0]fps=30000/1001:start_time=10.010000000,scale=640:360" in graph  # frame 300 = 10.01 s
     assert "[asrc0]asetpts=PTS+2541394470267/90000/TB,atrim=start=4.266666667,aresample=async=1000," in graph
 

@@ -152,22 +152,28 @@ def test_faketime_skews_the_realtime_clock_only():
     assert 0.15 < fake - real < 0.5
 
 
-async def test_live_groups_started_together_converge_on_one_mapping_without_a_restart_by_hand(tmp_path):
+@pytest.mark.parametrize("sender_restarts", [False, True], ids=["together", "then_the_sender_restarts"])
+async def test_live_groups_started_together_converge_on_one_mapping_without_a_restart_by_hand(
+    tmp_path, sender_restarts
+):
     """Issue 18: both ``up`` started at the same moment with empty state (the backup's clock 0.2 s
     ahead, its feed 0.15 s late), each group's peer unreachable at first (a forwarder that opens
     only once both have locked: otherwise the one that probes later may simply adopt), so each
     establishes its own mapping, ~0.4 s apart. When the peers answer, within a peer check one
     moves to the agreed one at a fragment boundary, and from then on every picture and the sound
-    are the same under the same timestamp. (Before the rule, both kept their own for good.)"""
+    are the same under the same timestamp. (Before the rule, both kept their own for good.)
+
+    ``sender_restarts``: then the sender restarts (its timestamps jump back by ~25 s): each group
+    sees the jump at once (not after the stall watchdog), re-locks, and they converge again."""
     from test_content_lock import AAC_FRAME, assert_same_pictures, audio_lag, pictures, track_files
 
     clip = tmp_path / "clip.mp4"
     make_clip(clip)
     relay_port, ports = free_port(socket.SOCK_DGRAM), [free_port(socket.SOCK_DGRAM) for _ in range(2)]
     metrics, forwarded = [free_port(), free_port()], [free_port(), free_port()]
-    sender = subprocess.Popen(
-        ["ffmpeg", "-v", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i", str(clip), "-c", "copy",
-         "-f", "mpegts", f"udp://127.0.0.1:{relay_port}?pkt_size=1316"])  # fmt: skip
+    send = ["ffmpeg", "-v", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i", str(clip), "-c", "copy",
+            "-f", "mpegts", f"udp://127.0.0.1:{relay_port}?pkt_size=1316"]  # fmt: skip
+    senders = [subprocess.Popen(send)]
     processes: list[subprocess.Popen[bytes]] = []
     logs: list[BinaryIO] = []
     try:
@@ -202,6 +208,14 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
             with trio.fail_after(90):
                 while min(fragments(app) for app in apps) < 14:
                     await trio.sleep(0.2)
+            if sender_restarts:
+                senders[0].kill()
+                senders[0].wait(10)
+                senders.append(subprocess.Popen(send))  # its timestamps start again at 1.4 s
+                before = min(fragments(app) for app in apps)
+                with trio.fail_after(90):
+                    while min(fragments(app) for app in apps) < before + 10:
+                        await trio.sleep(0.2)
             async with httpx.AsyncClient() as client:
                 pages = [(await client.get(f"http://127.0.0.1:{port}/metrics")).text for port in metrics]
             for process in processes:
@@ -211,7 +225,7 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
                     await trio.sleep(0.1)
             nursery.cancel_scope.cancel()
     finally:
-        for process in [*processes, sender]:
+        for process in [*processes, *senders]:
             signal_all(process, signal.SIGKILL)
             process.wait(10)
         for file in logs:
@@ -231,12 +245,15 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
                     for s in f.samples if f.name == "orchestrator_content_offset_seconds"}  # fmt: skip
         expected = ((-int(offsets[group])) % 2**33) / 90000
         assert exported == {"video": expected, "audio": expected}, (group, exported, expected)
-    # From the fragment after the last move (or from the start, if one adopted the other at once)
-    # every common picture is the same and the sound is in step.
-    moved = [int(line.split("after_index=")[1].split()[0]) for t in texts.values() for line in t.splitlines()
-             if "encoder.live.moved" in line]  # fmt: skip
+    if sender_restarts:  # seen at once by ffmpeg in both groups, not after the stall watchdog
+        assert all("timestamps jumped" in text for text in texts.values())
+        assert not any("reason=stalled" in text for text in texts.values())
+    # From the first fragment of each group's last instance (after the last move or re-lock) every
+    # common picture is the same and the sound is in step.
+    started = [int(line.split("first_index=")[1].split()[0]) for t in texts.values()
+               for line in [x for x in t.splitlines() if "encoder.started " in x][-1:]]  # fmt: skip
     p, b = track_files(apps[0]), track_files(apps[1])
-    since = (max(moved) + 1) * 2 * 90000 if moved else 0  # fragment start in video ticks (2 s, 90 kHz)
+    since = max(started) * 2 * 90000  # fragment start in video ticks (2 s, 90 kHz)
     primary_pictures = {t: v for t, v in pictures(p["video"]).items() if t >= since}
     backup_pictures = {t: v for t, v in pictures(b["video"]).items() if t >= since}
     assert_same_pictures(primary_pictures, backup_pictures, step=3003)

@@ -9,9 +9,11 @@ sent alone) is encoded once and its fragments go to every stream that carries it
 
 The source is decoded once and split in a filter graph: each video encode gets its own frame
 rate (``fps``, constant frame rate) and size; each audio encode its own sample rate and channel
-layout. Everything goes to a single fragmented MP4 on stdout, a fragment per access unit or
-two (``-frag_duration 1``), so :mod:`orchestrator.encode.recut` sees every access unit as soon as it is
-encoded and cuts the real fragments itself.
+layout. Everything goes to a single fragmented MP4 on stdout, a fragment at every video keyframe
+(``frag_keyframe``: our fragment boundaries) and at most ``FFMPEG_FRAGMENT_US`` of media between
+them, so :mod:`orchestrator.encode.recut` has fragment k's last access units as soon as k+1's
+keyframe is encoded (the audio's last frames at most 250 ms later) and cuts the real fragments
+itself, at a few ffmpeg fragments per second instead of one per access unit.
 
 Video is H.264 without B-frames (decode order = presentation order: nothing to re-time) and with
 a keyframe forced, as an IDR, exactly on every shared-clock fragment boundary. ffmpeg's
@@ -49,6 +51,8 @@ AAC_PRIMING_FRAMES = 1
 recutter (tests/test_ffmpeg.py asks the installed ffmpeg and checks this)."""
 
 SECONDS_PER_DAY = 86400
+FFMPEG_FRAGMENT_US = 250_000
+"""The longest fragment ffmpeg writes between two keyframes (its output, before the re-cut)."""
 LIVE_ANALYZE_US = 1_000_000
 """How long ffmpeg looks at a live input before reading it (its default: 5 s)."""
 
@@ -324,9 +328,13 @@ def build_argv(
         argv += ["-c:a", "aac"]
     for i, (e, _) in enumerate(audio):
         argv += [f"-b:a:{i}", str(e.track.bitrate)]
-    # A fragment as soon as it holds 1 microsecond of media: every access unit goes out at once.
-    # (frag_every_frame does the same but warns about every packet, flooding the log.)
-    argv += ["-f", "mp4", "-movflags", "empty_moov+default_base_moof+skip_trailer", "-frag_duration", "1",
+    # ffmpeg's own fragments: one at every video keyframe (our fragment boundaries: the last frame
+    # of fragment k goes out as soon as k+1's keyframe is encoded) and at most FFMPEG_FRAGMENT_US
+    # of media in between (the audio's last frames of k, and a bound on the delay). One small
+    # fragment per access unit (-frag_duration 1) cost the orchestrator 14 % of ffmpeg's CPU in
+    # parsing (bench/encoder_cpu.py).
+    argv += ["-f", "mp4", "-movflags", "empty_moov+default_base_moof+skip_trailer+frag_keyframe",
+             "-frag_duration", str(FFMPEG_FRAGMENT_US),
              "-flush_packets", "1", "pipe:1"]  # fmt: skip
     return argv
 

@@ -412,3 +412,51 @@ def test_peer_locks_are_read_with_their_identity_from_a_metrics_page():
     )
     assert parse_peer_locks(page, "backup") == [LiveLock(7363495620, 1_796_000_000_123, "backup")]
     assert parse_peer_locks(page, "spare") == [LiveLock(7363495620, 1_796_000_000_123, "backup"), LiveLock(12)]
+
+
+def test_the_exported_file_content_offset_is_what_ffmpeg_reported_delivering_not_the_formula():
+    """The shell's path: ffmpeg's report (output frame m is the packet at byte position pos) is
+    what the metric and /status show for the fragment that opens with frame m."""
+    from types import SimpleNamespace
+
+    from orchestrator.encode.ffmpeg import _Recut
+    from orchestrator.encode.ffmpeg_command import plan_encodes, plan_instance
+    from orchestrator.encode.recut import TrackRecutter
+    from orchestrator.fmp4.boxes import Sample
+    from orchestrator.ops.metrics import Metrics
+    from orchestrator.ops.state import EncoderState
+    from orchestrator.profile import parse_profile
+
+    profile = parse_profile(SWEEP_PROFILE.format(rate="25", audio=""), "sweep.toml")
+    encodes = plan_encodes(profile)
+    positions = tuple(1000 + 97 * j for j in range(1600))  # the file's video packets, by frame
+    timing = file_timing(probe(rate="25", real="25", packets="1600", audio=False), None, needs_video=True,
+                         needs_audio=False)  # fmt: skip
+    timing = type(timing)(timing.loop, 1600, timing.frame_rate, None, None, positions)
+    start = plan_instance(encodes, T0_NS, live_index([encodes[0].clock], T0_NS))
+    anchor, clock = start.anchors[0], encodes[0].clock
+    sink = SimpleNamespace(states={"av": EncoderState("primary", "av")}, fragment=lambda f: None)
+    wall = SimpleNamespace(now_ns=lambda: T0_NS)
+    metrics = Metrics()
+    recutter = TrackRecutter(clock, anchor=anchor, first_index=start.first_index)
+    output = _Recut(profile, encodes, [recutter], sink, group="primary", wall=wall, metrics=metrics)  # type: ignore[arg-type]
+    output.header_seen, output.lock_origin = True, "file"
+    output.probe(encodes[0], anchor, timing)
+
+    def fragment_from(m_first: int, shown: int) -> float | None:
+        """ffmpeg reports output frame m_first as file frame ``shown``; its fragment is re-cut."""
+        output.delivered(m_first, positions[shown])
+        samples = [Sample(b"x", 1, i == 0) for i in range(clock.frame_count(recutter.index))]
+        output.fragment(SimpleNamespace(parsed=SimpleNamespace(trafs=[SimpleNamespace(track_id=1, samples=samples)])))
+        return metrics.registry.get_sample_value("orchestrator_content_offset_seconds",
+                                                 {"stream": "av", "group": "primary", "track": "video"})  # fmt: skip
+
+    # Skip the frames before the first whole fragment (encoded, discarded by the recutter).
+    for _ in range(clock.first_frame(start.first_index) - anchor):
+        recutter.push(Sample(b"x", 1, False))
+    n = clock.first_frame(start.first_index)
+    assert fragment_from(n - anchor, n % 1600) == 0.0  # what the lock puts there
+    n = clock.first_frame(start.first_index + 1)
+    assert fragment_from(n - anchor, (n + 50) % 1600) == 2.0  # a fragment ahead
+    assert sink.states["av"].lock == "file"
+    assert sink.states["av"].content_offset == 2.0

@@ -254,15 +254,19 @@ MARKED_FRAMES = 160  # 6.4 s at 25 fps: 307,200 samples at 48 kHz = 300 AAC fram
 PIP = 4800  # the clip's tone is on for the first 100 ms of every clip second
 
 
-def make_marked_clip(path: Path) -> None:
-    """6.4 s at 25 fps whose every picture carries its own frame number as MARK_BITS blocks (bit b
-    white iff set), read back exactly, and a 1 kHz pip on each of its seconds (its first 100 ms)."""
-    mark = (f"geq=lum='if(lt(Y,{MARK_SIZE}),255*mod(floor(N/pow(2,floor(X/{MARK_SIZE}))),2),lum(X,Y))'"
-            ":cb='cb(X,Y)':cr='cr(X,Y)'")  # fmt: skip
+def make_marked_clip(path: Path, *, rate: str = "25", seconds: float = MARKED_FRAMES / 25) -> None:
+    """A clip (6.4 s at 25 fps by default) whose every picture carries its own frame number as
+    MARK_BITS blocks (bit b white iff set) across the top, read back exactly, over a moving test
+    picture, and a 1 kHz pip on each of its seconds (its first 100 ms). The blocks are drawn on
+    a strip only (geq is slow per pixel) and overlaid."""
+    width = MARK_BITS * MARK_SIZE
+    bits = (f"color=black:size={width}x{MARK_SIZE}:rate={rate},format=gray,"
+            f"geq=lum='255*mod(floor(N/pow(2,floor(X/{MARK_SIZE}))),2)'")  # fmt: skip
+    graph = f"testsrc2=size=320x180:rate={rate}[bg];{bits}[bits];[bg][bits]overlay=0:0:shortest=1,format=yuv420p"
     subprocess.run(
-        ["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", "testsrc2=size=320x180:rate=25",
+        ["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", graph,
          "-f", "lavfi", "-i", "aevalsrc='0.5*sin(2*PI*1000*t)*lt(mod(t,1),0.1)':sample_rate=48000",
-         "-vf", mark, "-t", str(MARKED_FRAMES / 25), "-c:v", "libx264", "-preset", "ultrafast", "-g", "50",
+         "-t", str(seconds), "-c:v", "libx264", "-preset", "ultrafast", "-g", "50",
          "-c:a", "aac", "-ac", "1", str(path)],
         check=True)  # fmt: skip
 

@@ -165,15 +165,29 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
 
     ``sender_restarts``: then the sender restarts (its timestamps jump back by ~25 s): each group
     sees the jump at once (not after the stall watchdog), re-locks, and they converge again."""
-    from test_content_lock import AAC_FRAME, assert_same_pictures, audio_lag, pictures, track_files
+    from test_content_lock import (
+        AAC_FRAME,
+        assert_same_pictures,
+        audio_lag,
+        make_marked_clip,
+        marks,
+        packet_times,
+        pictures,
+        track_files,
+    )
 
     clip = tmp_path / "clip.mp4"
-    make_clip(clip)
+    make_marked_clip(clip, rate="30000/1001", seconds=90.09)  # longer than the run: never looped
     relay_port, ports = free_port(socket.SOCK_DGRAM), [free_port(socket.SOCK_DGRAM) for _ in range(2)]
     metrics, forwarded = [free_port(), free_port()], [free_port(), free_port()]
-    send = ["ffmpeg", "-v", "error", "-nostdin", "-re", "-stream_loop", "-1", "-i", str(clip), "-c", "copy",
-            "-f", "mpegts", f"udp://127.0.0.1:{relay_port}?pkt_size=1316"]  # fmt: skip
-    senders = [subprocess.Popen(send)]
+
+    def send(capture: Path) -> list[str]:
+        """The sender, also writing what it sends to ``capture`` (where its timestamps start)."""
+        return ["ffmpeg", "-v", "error", "-nostdin", "-re", "-i", str(clip), "-map", "0", "-c", "copy", "-f", "tee",
+                f"[f=mpegts]udp://127.0.0.1:{relay_port}?pkt_size=1316|[f=mpegts]{capture}"]  # fmt: skip
+
+    captures = [tmp_path / "sent0.ts"]
+    senders = [subprocess.Popen(send(captures[0]))]
     processes: list[subprocess.Popen[bytes]] = []
     logs: list[BinaryIO] = []
     try:
@@ -211,7 +225,8 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
             if sender_restarts:
                 senders[0].kill()
                 senders[0].wait(10)
-                senders.append(subprocess.Popen(send))  # its timestamps start again at 1.4 s
+                captures.append(tmp_path / "sent1.ts")
+                senders.append(subprocess.Popen(send(captures[1])))  # its timestamps start again at 1.4 s
                 before = min(fragments(app) for app in apps)
                 with trio.fail_after(90):
                     while min(fragments(app) for app in apps) < before + 10:
@@ -257,6 +272,18 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
     primary_pictures = {t: v for t, v in pictures(p["video"]).items() if t >= since}
     backup_pictures = {t: v for t, v in pictures(b["video"]).items() if t >= since}
     assert_same_pictures(primary_pictures, backup_pictures, step=3003)
+    # Absolute: the picture at shared tick T is the source frame whose timestamp the lock maps to T:
+    # source pts = T - offset (mod 2^33), source frame = (pts - the sender's first pts) / 3003, nearest.
+    first_pts = packet_times(captures[-1])[0]
+    for group, archive in (("primary", p), ("backup", b)):
+        wrong = {}
+        shown = {t: m for t, m in marks(archive["video"]).items() if t >= since}
+        for t, m in shown.items():
+            expected = (((t - int(offsets[group])) % 2**33 - first_pts) + 1501) // 3003
+            if m != expected:
+                wrong[t // 3003] = (m, expected)
+        assert not wrong, f"{group}: {len(wrong)} of {len(shown)} pictures are not the source frame the lock " \
+                          f"maps there (shared frame: shown, expected): {sorted(wrong.items())[:6]}"  # fmt: skip
     since_samples = since * 48000 // 90000
     lag = audio_lag(steady_sound(p["audio"], since_samples), steady_sound(b["audio"], since_samples))
     assert abs(lag) < AAC_FRAME, f"the backup's sound is {lag} samples off the primary's"

@@ -652,17 +652,31 @@ async def _read(process: trio.Process, output: _Recut, stderr: _StderrLog, profi
 
 
 async def _stop(process: trio.Process) -> int:
-    """SIGTERM, then SIGKILL after a grace period; returns the exit code."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        with trio.move_on_after(TERMINATE_GRACE):
-            await process.wait()
-    if process.returncode is None:
-        log.warning("ffmpeg.kill pid=%d reason='no exit %g s after SIGTERM'", process.pid, TERMINATE_GRACE)
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-    return await process.wait()
+    """SIGTERM, then SIGKILL after a grace period; returns the exit code. Meanwhile ffmpeg's
+    stdout and stderr are read and discarded: an ffmpeg flushing its last fragment into a full
+    pipe nobody reads would not exit on SIGTERM."""
+
+    async def discard(stream: trio.abc.ReceiveStream | None) -> None:
+        if stream is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while await stream.receive_some(READ_SIZE):
+                    pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(discard, process.stdout)
+        nursery.start_soon(discard, process.stderr)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            with trio.move_on_after(TERMINATE_GRACE):
+                await process.wait()
+        if process.returncode is None:
+            log.warning("ffmpeg.kill pid=%d reason='no exit %g s after SIGTERM'", process.pid, TERMINATE_GRACE)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        code = await process.wait()
+        nursery.cancel_scope.cancel()
+    return code
 
 
 def plan_ffmpeg(config: FfmpegEncoder, executable: str, *, needs_video: bool = True, needs_audio: bool = True

@@ -173,6 +173,7 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
         marks,
         packet_times,
         pictures,
+        pip_onsets,
         track_files,
     )
 
@@ -284,14 +285,29 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
                 wrong[t // 3003] = (m, expected)
         assert not wrong, f"{group}: {len(wrong)} of {len(shown)} pictures are not the source frame the lock " \
                           f"maps there (shared frame: shown, expected): {sorted(wrong.items())[:6]}"  # fmt: skip
+        # ... and the sound is in sync with the source: each pip starts on a clip second (the clip's
+        # second s is at the sender's first video timestamp + s x 90,000), within half an AAC frame.
+        onsets = [n for n in pip_onsets(archive["audio"]) if n * 90000 >= since * 48000]
+        assert len(onsets) >= 3, f"{group}: only {len(onsets)} pips heard"
+        errors = []
+        for n in onsets:
+            source = ((n * 90000 // 48000) - int(offsets[group])) % 2**33 - first_pts  # ticks after clip frame 0
+            errors.append(((source + 45000) % 90000 - 45000) * 48000 // 90000)  # samples off the nearest second
+        assert all(abs(e) < AAC_FRAME // 2 for e in errors), f"{group}: pips off the clip's seconds by {errors}"
     since_samples = since * 48000 // 90000
     lag = audio_lag(steady_sound(p["audio"], since_samples), steady_sound(b["audio"], since_samples))
     assert abs(lag) < AAC_FRAME, f"the backup's sound is {lag} samples off the primary's"
 
 
 async def forward(port: int, client: trio.SocketStream) -> None:
-    """Pipe one TCP connection to 127.0.0.1:``port`` and back. Cancellation: both are closed."""
-    async with client, await trio.open_tcp_stream("127.0.0.1", port) as server:
+    """Pipe one TCP connection to 127.0.0.1:``port`` and back (a target that refuses, e.g. an ``up``
+    shutting down, just closes the client). Cancellation: both are closed."""
+    try:
+        server = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        await client.aclose()
+        return
+    async with client, server:
 
         async def pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

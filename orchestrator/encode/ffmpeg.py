@@ -15,7 +15,13 @@ A thin trio shell around :mod:`orchestrator.encode.ffmpeg_command` (the argv) an
   last lines are kept for the error raised when ffmpeg exits: :class:`FfmpegExited` carries the
   exit code (negative: killed by that signal), which the group encoder logs and exports;
 * an instance whose fragments fall more than ``2 x D + 1 s`` behind the shared clock (an
-  overloaded host, a source slower than real time) raises, so the restart re-aligns it.
+  overloaded host, a source slower than real time) raises, so the restart re-aligns it;
+* file source: ffmpeg reports on stderr (``showinfo``) the file packet each fragment's first
+  picture came from, and the content offset metric is that picture against the lock's;
+* live source: the peers' mappings are read every ``PEER_CHECK`` seconds (:func:`_converge`);
+  a group not on the agreed one (lock.converge) ends the instance at the next fragment boundary
+  and the restart runs on it; a jump of the source's timestamps reported by ffmpeg ends the
+  instance at once, and the restart re-locks.
 """
 
 from __future__ import annotations

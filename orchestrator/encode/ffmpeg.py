@@ -15,22 +15,30 @@ A thin trio shell around :mod:`orchestrator.encode.ffmpeg_command` (the argv) an
   last lines are kept for the error raised when ffmpeg exits: :class:`FfmpegExited` carries the
   exit code (negative: killed by that signal), which the group encoder logs and exports;
 * an instance whose fragments fall more than ``2 x D + 1 s`` behind the shared clock (an
-  overloaded host, a source slower than real time) raises, so the restart re-aligns it.
+  overloaded host, a source slower than real time) raises, so the restart re-aligns it;
+* file source: ffmpeg reports on stderr (``showinfo``) the file packet each fragment's first
+  picture came from, and the content offset metric is that picture against the lock's;
+* live source: the peers' mappings are read every ``PEER_CHECK`` seconds (:func:`_converge`);
+  a group not on the agreed one (lock.converge) ends the instance at the next fragment boundary
+  and the restart runs on it; a jump of the source's timestamps reported by ffmpeg ends the
+  instance at once, and the restart re-locks.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -45,27 +53,31 @@ from orchestrator.encode.ffmpeg_command import (
     Encode,
     FileInputs,
     build_argv,
-    file_playlists,
     plan_encodes,
+    plan_instance,
     priming_frames,
 )
-from orchestrator.encode.group import Sink
+from orchestrator.encode.instance import Sink
 from orchestrator.encode.lock import (
     LIVE_TIMESCALE,
+    LOCK_TOLERANCE,
     PTS_WRAP,
     FileTiming,
     LiveLock,
     choose_live_lock,
     content_offset_ns,
+    converge,
     file_timing,
+    measured_offset_frames,
 )
-from orchestrator.encode.recut import Cut, TrackRecutter, anchor_frame, start_index
+from orchestrator.encode.recut import Cut, TrackRecutter
 from orchestrator.encode.statefile import read_state, write_state
 from orchestrator.errors import EncoderError, FileLockError, SourceError
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
 from orchestrator.fmp4.stream import EncodedFragment
-from orchestrator.ops.metrics import LIVE_LOCK_METRIC, Metrics
+from orchestrator.ops.metrics import LIVE_LOCK_ESTABLISHED_METRIC, LIVE_LOCK_METRIC, Metrics
+from orchestrator.ops.state import EncoderState
 from orchestrator.profile import FfmpegEncoder, FileSource, LiveSource, PatternSource, Profile
 from orchestrator.wallclock import WallClock
 from orchestrator.wire.smooth import build_header, write_fragment
@@ -146,17 +158,31 @@ class FfmpegPlan:
     file_timing: FileTiming | None = None
 
 
-class _StderrLog:
-    """ffmpeg's stderr into the log, rate-limited, keeping the last lines for the exit error."""
+SHOWINFO = re.compile(r"\[Parsed_showinfo_\d+ @ [^]]+\] \[info\] n:\s*\d+ pts:\s*(-?\d+) .*?pos:\s*(-?\d+)")
+"""A line of the ``showinfo`` probe (ffmpeg_command.build_argv): output frame (pts), file position."""
 
-    def __init__(self, group: str) -> None:
+
+class _StderrLog:
+    """ffmpeg's stderr into the log, rate-limited, keeping the last lines for the exit error.
+    Lines at ffmpeg's info level (``-loglevel level+info``, asked for when the delivered frames
+    are probed) go to the debug log; the probe's frame lines go to ``on_frame``."""
+
+    def __init__(self, group: str, on_frame: Callable[[int, int], None] | None = None) -> None:
         self.group = group
+        self.on_frame = on_frame
         self.tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self._window_start = -STDERR_PERIOD
         self._in_window = 0
         self._suppressed = 0
 
     def line(self, text: str) -> None:
+        if "[info] " in text:
+            frame = SHOWINFO.search(text)
+            if frame is not None and self.on_frame is not None:
+                self.on_frame(int(frame[1]), int(frame[2]))
+            elif frame is None:
+                log.debug("ffmpeg.stderr group=%s line=%r", self.group, text)
+            return
         self.tail.append(text)
         now = trio.current_time()
         if now - self._window_start >= STDERR_PERIOD:
@@ -198,8 +224,43 @@ class _Recut:
         self.header_seen = False
         self.loop: Fraction | None = None
         self.live_lock: LiveLock | None = None
+        # The measured content offset (file sources): the first video encode's output frames as
+        # ffmpeg reported them (showinfo: output frame m -> file byte position -> file frame).
+        self.probed: tuple[Encode, int, FileTiming] | None = None  # encode, its anchor, the file
+        self._frame_at: dict[int, int] = {}  # file byte position -> file frame
+        self._delivered: dict[int, int] = {}  # output frame m -> file frame
+        # /status shows each stream's lock and the content offset of its first track. The group
+        # encoder (the sink) keeps the per-stream state; a sink without one (tests) shows nothing.
+        self.states: dict[str, EncoderState] = getattr(sink, "states", {})
+        self.first_tracks = {stream.id: profile.track_ids(stream)[0] for stream in profile.streams}
+        self.lock_origin = "pattern"
+        self.move_to: LiveLock | None = None  # set by _converge: end at the next fragment boundary
+        self.moved = False  # that boundary was reached: nothing more is emitted, the instance ends
         d = profile.presentation.fragment_duration
         self.max_lag_ns = 2 * d.numerator * NS_PER_SECOND // d.denominator + NS_PER_SECOND
+
+    def probe(self, encode: Encode, anchor: int, timing: FileTiming) -> None:
+        self.probed = (encode, anchor, timing)
+        self._frame_at = {pos: j for j, pos in enumerate(timing.frame_positions)}
+
+    def delivered(self, output_frame: int, file_position: int) -> None:
+        """ffmpeg's report (stderr) that output frame ``output_frame`` is the picture at ``file_position``."""
+        frame = self._frame_at.get(file_position)
+        if frame is not None:
+            self._delivered[output_frame] = frame
+        if len(self._delivered) > 64:  # reports no fragment asked for (an instance's frames before its first)
+            del self._delivered[min(self._delivered)]
+
+    def _measured_offset(self, frame: int) -> float | None:
+        """Seconds of the file between the picture ffmpeg delivered as shared ``frame`` and the
+        one the lock puts there (lock.measured_offset_frames); None when ffmpeg's report of that
+        frame is not in (yet): the metric keeps its last value."""
+        assert self.probed is not None
+        encode, anchor, timing = self.probed
+        source = self._delivered.pop(frame - anchor, None)
+        if source is None or timing.frame_rate is None:
+            return None
+        return float(measured_offset_frames(encode.clock, frame, source, timing) / timing.frame_rate)
 
     def header(self, event: Header) -> None:
         if self.header_seen:
@@ -222,6 +283,8 @@ class _Recut:
             encode = self.encodes[traf.track_id - 1]
             recutter = self.recutters[traf.track_id - 1]
             for sample in traf.samples:
+                if self.moved:
+                    return
                 cut = recutter.push(sample)
                 if cut is not None:
                     self._emit(encode, cut)
@@ -241,14 +304,29 @@ class _Recut:
         for stream_id in encode.stream_ids:
             self.sink.fragment(EncodedFragment(stream_id, encode.track_id, cut.index, cut.start, cut.duration,
                                                encode.clock.timescale, data))  # fmt: skip
-        if self.metrics is not None:
-            frame = encode.clock.first_frame(cut.index)
-            if self.live_lock is not None:
-                offset = self.live_lock.content_offset_seconds()
-            else:
-                offset = content_offset_ns(encode.clock, frame, self.loop) / NS_PER_SECOND
+        frame = encode.clock.first_frame(cut.index)
+        offset: float | None
+        if self.live_lock is not None:
+            offset = self.live_lock.content_offset_seconds()
+        elif self.probed is not None and self.probed[0] is encode:
+            offset = self._measured_offset(frame)
+        else:
+            offset = content_offset_ns(encode.clock, frame, self.loop) / NS_PER_SECOND
+        if offset is not None:
             for stream_id in encode.stream_ids:
-                self.metrics.content_offset.labels(stream_id, self.group, encode.track.name).set(offset)
+                if self.metrics is not None:
+                    self.metrics.content_offset.labels(stream_id, self.group, encode.track.name).set(offset)
+                state = self.states.get(stream_id)
+                if state is not None and self.first_tracks.get(stream_id) == encode.track_id:
+                    state.lock, state.content_offset = self.lock_origin, offset
+        if self.move_to is not None and all(r.index == cut.index + 1 for r in self.recutters):
+            # Every track has completed fragment cut.index: a boundary. The restart runs on move_to.
+            if self.metrics is not None:
+                self.metrics.live_lock_moves.labels(self.group).inc()
+            log.warning("encoder.live.moved group=%s after_index=%d offset=%d established_by=%s", self.group,
+                        cut.index, self.move_to.offset, self.move_to.by)  # fmt: skip
+            self.moved = True
+            return
         lag_ns = self.wall.now_ns() - encode.clock.end_ns(cut.index)
         if lag_ns > self.max_lag_ns:
             behind = lag_ns / NS_PER_SECOND
@@ -275,27 +353,39 @@ async def run_ffmpeg_encoder(
     encodes = plan_encodes(profile)
     source = plan.config.source
     live_offset = lock = None
+    origin = "file" if isinstance(source, FileSource) else "pattern"
     if isinstance(source, LiveSource):
         # The mapping first (it reads the source for a moment); then the first frame far enough
         # ahead that ffmpeg has opened the input when the source reaches it.
-        lock, live_offset = await _live_lock(profile, source, plan, group=group, wall=wall, metrics=metrics)
+        lock, live_offset, origin = await _live_lock(profile, source, plan, group=group, wall=wall,
+                                                     metrics=metrics)  # fmt: skip
         now_ns = wall.now_ns() + LIVE_START_MARGIN_NS
     else:
         now_ns = wall.now_ns()
-    anchors = [anchor_frame(e.clock, now_ns) for e in encodes]
-    first = start_index([e.clock for e in encodes], anchors, first_index)
+    start = plan_instance(
+        encodes,
+        now_ns,
+        first_index,
+        timing=plan.file_timing,
+        source_path=str(source.path.resolve()) if isinstance(source, FileSource) else "",
+    )
+    anchors, first = list(start.anchors), start.first_index
     recutters = [TrackRecutter(e.clock, anchor=a, first_index=first, priming_frames=priming_frames(e))
                  for e, a in zip(encodes, anchors, strict=True)]  # fmt: skip
+    # A file source's first video encode is probed: ffmpeg reports which picture each of its
+    # fragments opens with, and the content offset metric is measured from that.
+    timing = plan.file_timing
+    probed = bool(timing is not None and timing.frame_positions and encodes and encodes[0].is_video)
     with tempfile.TemporaryDirectory(prefix="orchestrator-ffmpeg-") as scratch:
         files = None
         if isinstance(source, FileSource):
-            assert plan.file_timing is not None
-            files = _write_playlists(Path(scratch), source, plan.file_timing, encodes, anchors)
+            assert start.playlists is not None
+            files = _write_playlists(Path(scratch), start.playlists)
         argv = build_argv(plan.executable, profile, source, encodes, anchors, preset=plan.config.preset,
                           burn_in=plan.burn_in, live_url=plan.live_url, files=files,
-                          live_offset=live_offset)  # fmt: skip
+                          live_offset=live_offset, probe_delivered=probed)  # fmt: skip
         await _run(argv, plan, profile, encodes, recutters, sink, first, group=group, wall=wall, metrics=metrics,
-                   live_lock=lock)  # fmt: skip
+                   live_lock=lock, probe_anchor=anchors[0] if probed else None, lock_origin=origin)  # fmt: skip
 
 
 LIVE_PROBE_TIMEOUT = 15.0
@@ -327,24 +417,38 @@ async def _probe_live(executable: str, url: str, *, video: bool, wall: WallClock
     raise EncoderError(f"live source: no packet within {LIVE_PROBE_TIMEOUT:g} s")
 
 
-async def _peer_locks(peers: Sequence[str], group: str) -> list[LiveLock]:
-    """The live locks the other groups export (their /metrics). A peer that does not answer is
-    logged and skipped. Cancellation: the requests are abandoned."""
-    found = []
+def parse_peer_locks(text: str, group: str) -> list[LiveLock]:
+    """The live locks another process exports on /metrics (every group but ``group``), each with
+    its identity (when and by whom it was established) when exported."""
+    offsets: dict[str, int] = {}
+    identity: dict[str, tuple[int, str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            owner = sample.labels.get("group")
+            if owner is None or owner == group:
+                continue
+            if family.name == LIVE_LOCK_METRIC and 0 <= sample.value < PTS_WRAP:
+                offsets[owner] = int(sample.value)
+            elif family.name == LIVE_LOCK_ESTABLISHED_METRIC:
+                identity[owner] = (int(sample.value), sample.labels.get("established_by", ""))
+    return [LiveLock(offset, *identity.get(owner, (0, ""))) for owner, offset in offsets.items()]
+
+
+async def _peer_locks(peers: Sequence[str], group: str) -> tuple[list[LiveLock], list[str]]:
+    """The live locks the other groups export (their /metrics), and the peers that did not
+    answer (skipped: the caller logs and exports that). Cancellation: the requests are abandoned."""
+    found: list[LiveLock] = []
+    failed: list[str] = []
     async with httpx.AsyncClient(timeout=PEER_TIMEOUT) as client:
         for url in peers:
             try:
                 response = await client.get(url)
                 response.raise_for_status()
-                families = list(text_string_to_metric_families(response.text))
+                found += parse_peer_locks(response.text, group)
             except (httpx.HTTPError, ValueError) as exc:
-                log.warning("encoder.live.peer_failed group=%s peer=%s error=%s", group, url, exc)
-                continue
-            for family in families:
-                if family.name == LIVE_LOCK_METRIC:
-                    found += [LiveLock(int(sample.value)) for sample in family.samples
-                              if sample.labels.get("group") != group and 0 <= sample.value < PTS_WRAP]  # fmt: skip
-    return found
+                log.debug("encoder.live.peer_failed group=%s peer=%s error=%s", group, url, exc)
+                failed.append(url)
+    return found, failed
 
 
 def _saved_lock(profile: Profile, group: str) -> LiveLock | None:
@@ -353,45 +457,115 @@ def _saved_lock(profile: Profile, group: str) -> LiveLock | None:
         return None
     try:
         data = read_state(directory, f"{profile.presentation.name}.{group}.live")
-        return None if data is None else LiveLock(int(json.loads(data)["offset"]))
+        if data is None:
+            return None
+        saved = json.loads(data)
+        return LiveLock(int(saved["offset"]), int(saved.get("established_ms", 0)), str(saved.get("by", "")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.error("encoder.live.state_ignored group=%s error=%s", group, exc)
         return None
 
 
+def _save_lock(profile: Profile, group: str, lock: LiveLock) -> None:
+    if profile.state.dir is None:
+        return
+    data = {"offset": lock.offset, "established_ms": lock.established_ms, "by": lock.by}
+    try:
+        write_state(profile.state.dir, f"{profile.presentation.name}.{group}.live", json.dumps(data).encode())
+    except OSError as exc:
+        log.error("encoder.live.state_write_failed group=%s error=%s", group, exc)
+
+
+def _export_lock(metrics: Metrics | None, group: str, lock: LiveLock) -> None:
+    if metrics is None:
+        return
+    metrics.live_lock_offset.labels(group).set(lock.offset)
+    metrics.live_lock_established.clear()  # one identity per group (a process runs one group per lock)
+    metrics.live_lock_established.labels(group, lock.by).set(lock.established_ms)
+
+
+class _PeerWatch:
+    """Which peers answered, for the log (a change is logged once) and the metric."""
+
+    def __init__(self, group: str, peers: Sequence[str], metrics: Metrics | None) -> None:
+        self.group, self.metrics = group, metrics
+        self.down: set[str] = set()
+        self.peers = list(peers)
+
+    def update(self, failed: Sequence[str]) -> None:
+        for url in self.peers:
+            is_down = url in failed
+            if is_down and url not in self.down:
+                log.warning("encoder.live.peer_unreachable group=%s peer=%s detail='each group keeps its own "
+                            "mapping until the peer answers again'", self.group, url)  # fmt: skip
+                self.down.add(url)
+            elif not is_down and url in self.down:
+                log.info("encoder.live.peer_back group=%s peer=%s", self.group, url)
+                self.down.discard(url)
+            if self.metrics is not None:
+                self.metrics.live_peer_up.labels(self.group, url).set(0 if is_down else 1)
+
+
 async def _live_lock(profile: Profile, source: LiveSource, plan: FfmpegPlan, *, group: str, wall: WallClock,
-                     metrics: Metrics | None) -> tuple[LiveLock, int]:  # fmt: skip
+                     metrics: Metrics | None) -> tuple[LiveLock, int, str]:  # fmt: skip
     """Choose the source-timestamp -> clock mapping for this instance (lock.choose_live_lock),
-    save it, export it; returns it and its effective (unwrapped) offset."""
+    save it, export it; returns it, its effective (unwrapped) offset and its origin."""
     assert plan.live_url is not None
     video = any(t.kind == "video" for s in profile.streams for t in s.tracks)
     pts, now_ns = await _probe_live(plan.executable, plan.live_url, video=video, wall=wall)
     now_tick = (now_ns - profile.presentation.epoch_ns) * LIVE_TIMESCALE // NS_PER_SECOND
-    peers = await _peer_locks(source.peers, group)
-    lock, origin = choose_live_lock(pts, now_tick, peers, _saved_lock(profile, group))
+    peers, failed = await _peer_locks(source.peers, group)
+    _PeerWatch(group, source.peers, metrics).update(failed)
+    lock, origin = choose_live_lock(pts, now_tick, peers, _saved_lock(profile, group),
+                                    now_ms=now_ns // 1_000_000, group=group)  # fmt: skip
     effective, residual = lock.effective(pts, now_tick)
-    log.info("encoder.live.lock group=%s origin=%s offset=%d residual_ms=%d peers_answered=%d", group, origin,
-             lock.offset, residual * 1000 // LIVE_TIMESCALE, len(peers))  # fmt: skip
+    log.info("encoder.live.lock group=%s origin=%s offset=%d established_ms=%d established_by=%s residual_ms=%d "
+             "peers_answered=%d peers_unreachable=%d", group, origin, lock.offset, lock.established_ms, lock.by,
+             residual * 1000 // LIVE_TIMESCALE, len(source.peers) - len(failed), len(failed))  # fmt: skip
     if origin == "established" and source.peers:
         log.warning("encoder.live.unlocked group=%s reason='no peer has a mapping that fits the source' "
-                    "detail='this group establishes its own; the other groups adopt it when they restart'",
-                    group)  # fmt: skip
+                    "detail='this group establishes its own; running groups converge on the earliest established "
+                    "within %g s'", group, PEER_CHECK)  # fmt: skip
     if metrics is not None:
-        metrics.live_lock_offset.labels(group).set(lock.offset)
         metrics.live_locks.labels(group, origin).inc()
-    if profile.state.dir is not None:
-        try:
-            write_state(profile.state.dir, f"{profile.presentation.name}.{group}.live",
-                        json.dumps({"offset": lock.offset}).encode())  # fmt: skip
-        except OSError as exc:
-            log.error("encoder.live.state_write_failed group=%s error=%s", group, exc)
-    return lock, effective
+    _export_lock(metrics, group, lock)
+    _save_lock(profile, group, lock)
+    return lock, effective, origin
 
 
-def _write_playlists(scratch: Path, source: FileSource, timing: FileTiming, encodes: list[Encode],
-                     anchors: list[int]) -> FileInputs:  # fmt: skip
+PEER_CHECK = 4.0
+"""How often a running live instance reads its peers' mappings (lock.converge)."""
+
+
+async def _converge(output: _Recut, profile: Profile, peers: Sequence[str], *, group: str,
+                    metrics: Metrics | None) -> None:  # fmt: skip
+    """Every PEER_CHECK seconds, read the peers' mappings; when the agreed one (lock.converge) is
+    not ours, save it as ours and ask the output side to end the instance at the next fragment
+    boundary (the restart starts on it). Cancellation: stops checking; nothing is left behind."""
+    watch = _PeerWatch(group, peers, metrics)
+    while True:
+        await trio.sleep(PEER_CHECK)
+        own = output.live_lock
+        if own is None or output.move_to is not None:
+            continue
+        locks, failed = await _peer_locks(peers, group)
+        watch.update(failed)
+        output.lock_origin = output.lock_origin.split("/")[0] + ("/peer_unreachable" if watch.down else "")
+        target = converge(own, locks)
+        if target is None:
+            continue
+        log.warning("encoder.live.converge group=%s from_offset=%d from_established_by=%s to_offset=%d "
+                    "to_established_by=%s to_established_ms=%d shift_ms=%d detail='moving at the next fragment "
+                    "boundary; the fragments until then may differ from the peers'", group, own.offset, own.by,
+                    target.offset, target.by, target.established_ms,
+                    ((target.offset - own.offset + PTS_WRAP // 2) % PTS_WRAP - PTS_WRAP // 2) * 1000
+                    // LIVE_TIMESCALE)  # fmt: skip
+        _save_lock(profile, group, target)
+        output.move_to = target
+
+
+def _write_playlists(scratch: Path, texts: tuple[str | None, str | None]) -> FileInputs:
     """The ffconcat lists that open the file at the clock position (lock.py), in ``scratch``."""
-    texts = file_playlists(str(source.path.resolve()), timing, encodes, anchors)
     paths: list[str | None] = []
     for name, text in zip(("video.ffconcat", "audio.ffconcat"), texts, strict=True):
         if text is None:
@@ -404,7 +578,8 @@ def _write_playlists(scratch: Path, source: FileSource, timing: FileTiming, enco
 
 async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: list[Encode],
                recutters: list[TrackRecutter], sink: Sink, first: int, *, group: str, wall: WallClock,
-               metrics: Metrics | None, live_lock: LiveLock | None = None) -> None:  # fmt: skip
+               metrics: Metrics | None, live_lock: LiveLock | None = None,
+               probe_anchor: int | None = None, lock_origin: str = "pattern") -> None:  # fmt: skip
     """Start ffmpeg with ``argv`` and re-cut its output until it ends (see run_ffmpeg_encoder)."""
     source = plan.config.source
     secret = plan.live_url if isinstance(source, LiveSource) and source.url_env else None
@@ -413,7 +588,18 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
     output = _Recut(profile, encodes, recutters, sink, group=group, wall=wall, metrics=metrics)
     output.loop = plan.file_timing.loop if plan.file_timing is not None else None
     output.live_lock = live_lock
-    stderr = _StderrLog(group)
+    output.lock_origin = lock_origin
+    if probe_anchor is not None:
+        assert plan.file_timing is not None
+        output.probe(encodes[0], probe_anchor, plan.file_timing)
+    reading = trio.CancelScope()
+    jumped: list[int] = []
+
+    def source_jumped(pts: int, _pos: int) -> None:
+        jumped.append(pts)
+        reading.cancel()
+
+    stderr = _StderrLog(group, source_jumped if isinstance(source, LiveSource) else output.delivered)
     # Its own session (setsid): a terminal's Ctrl-C (SIGINT to the foreground process group) and
     # a SIGHUP reach the orchestrator only, which finishes the fragment in flight and then stops
     # ffmpeg itself; ffmpeg is never killed behind its back.
@@ -423,19 +609,8 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
     assert process.stdout is not None
     assert process.stderr is not None
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stderr.pump, process.stderr)
-            reader = StreamReader()
-            while chunk := await process.stdout.receive_some(READ_SIZE):
-                reader.feed(bytes(chunk))
-                while (event := reader.next_event()) is not NEED_DATA:
-                    if isinstance(event, Header):
-                        output.header(event)
-                    elif isinstance(event, Fragment):
-                        output.fragment(event)
-            # stdout closed: ffmpeg is ending. Give it a moment to exit by itself.
-            with trio.move_on_after(TERMINATE_GRACE):
-                await process.wait()
+        with reading:
+            await _read(process, output, stderr, profile, plan, group=group, metrics=metrics, live_lock=live_lock)
     finally:
         with trio.CancelScope(shield=True):
             code = await _stop(process)
@@ -444,21 +619,70 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
         log.info("ffmpeg.exited group=%s pid=%d exit_code=%d", group, process.pid, code)
         if metrics is not None:
             metrics.encoder_last_exit_code.labels(group).set(code)
+    if output.moved:
+        return  # a planned end: the group restarts the instance, which starts on the agreed mapping
+    if jumped:
+        raise EncoderError(f"the live source's timestamps jumped by more than {LOCK_TOLERANCE // LIVE_TIMESCALE} s "
+                           f"(a frame at pts {jumped[0]} after the shift): restarting re-locks")  # fmt: skip
     raise FfmpegExited(code, stderr.tail)
 
 
+async def _read(process: trio.Process, output: _Recut, stderr: _StderrLog, profile: Profile, plan: FfmpegPlan, *,
+                group: str, metrics: Metrics | None, live_lock: LiveLock | None) -> None:  # fmt: skip
+    """Re-cut ffmpeg's stdout and log its stderr until stdout ends (then give ffmpeg a moment to
+    exit) or a live move is due; the peer checks of a live source run meanwhile. Cancellation:
+    stops reading (ffmpeg is stopped by the caller)."""
+    assert process.stdout is not None
+    assert process.stderr is not None
+    source = plan.config.source
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stderr.pump, process.stderr)
+        if live_lock is not None and isinstance(source, LiveSource) and source.peers:
+            nursery.start_soon(functools.partial(_converge, output, profile, source.peers, group=group,
+                                                 metrics=metrics))  # fmt: skip
+        reader = StreamReader()
+        while chunk := await process.stdout.receive_some(READ_SIZE):
+            reader.feed(bytes(chunk))
+            while (event := reader.next_event()) is not NEED_DATA:
+                if isinstance(event, Header):
+                    output.header(event)
+                elif isinstance(event, Fragment):
+                    output.fragment(event)
+            if output.moved:
+                break
+        if output.moved:
+            nursery.cancel_scope.cancel()  # the stderr pump and the peer checks
+        else:  # stdout closed: ffmpeg is ending. Give it a moment to exit by itself.
+            with trio.move_on_after(TERMINATE_GRACE):
+                await process.wait()
+
+
 async def _stop(process: trio.Process) -> int:
-    """SIGTERM, then SIGKILL after a grace period; returns the exit code."""
-    if process.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            process.terminate()
-        with trio.move_on_after(TERMINATE_GRACE):
-            await process.wait()
-    if process.returncode is None:
-        log.warning("ffmpeg.kill pid=%d reason='no exit %g s after SIGTERM'", process.pid, TERMINATE_GRACE)
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-    return await process.wait()
+    """SIGTERM, then SIGKILL after a grace period; returns the exit code. Meanwhile ffmpeg's
+    stdout and stderr are read and discarded: an ffmpeg flushing its last fragment into a full
+    pipe nobody reads would not exit on SIGTERM."""
+
+    async def discard(stream: trio.abc.ReceiveStream | None) -> None:
+        if stream is not None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while await stream.receive_some(READ_SIZE):
+                    pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(discard, process.stdout)
+        nursery.start_soon(discard, process.stderr)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            with trio.move_on_after(TERMINATE_GRACE):
+                await process.wait()
+        if process.returncode is None:
+            log.warning("ffmpeg.kill pid=%d reason='no exit %g s after SIGTERM'", process.pid, TERMINATE_GRACE)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+        code = await process.wait()
+        nursery.cancel_scope.cancel()
+    return code
 
 
 def plan_ffmpeg(config: FfmpegEncoder, executable: str, *, needs_video: bool = True, needs_audio: bool = True
@@ -534,6 +758,22 @@ def probe_file(executable: str, path: Path, *, needs_video: bool, needs_audio: b
         timing = file_timing(json.loads(done.stdout), samples, needs_video=needs_video, needs_audio=needs_audio)
     except (FileLockError, ValueError) as exc:
         raise SourceError("source.path", f"{path}: {exc}") from None
+    if timing.frame_rate is not None:
+        timing = dataclasses.replace(timing, frame_positions=_frame_positions(ffprobe, path))
     log.info("ffmpeg.source.probed path=%s loop_s=%.6f video_frames=%s frame_rate=%s audio_samples=%s",
              path, float(timing.loop), timing.video_frames, timing.frame_rate, timing.audio_samples)  # fmt: skip
     return timing
+
+
+def _frame_positions(ffprobe: str, path: Path) -> tuple[int, ...]:
+    """Byte position of each video frame's packet, in presentation order (a packet read, no
+    decode); empty when ffprobe cannot tell (the measured content offset is then not exported)."""
+    argv = [ffprobe, "-v", "error", "-select_streams", "v:0", "-show_entries", "packet=pts,pos", "-of", "csv=p=0",
+            str(path)]  # fmt: skip
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=600, check=False, text=True)
+        packets = sorted(tuple(int(v) for v in line.split(",")[:2]) for line in done.stdout.split() if line.strip())
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return ()
+    positions = tuple(pos for _, pos in packets)
+    return positions if done.returncode == 0 and len(set(positions)) == len(positions) else ()

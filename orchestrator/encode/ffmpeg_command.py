@@ -9,9 +9,11 @@ sent alone) is encoded once and its fragments go to every stream that carries it
 
 The source is decoded once and split in a filter graph: each video encode gets its own frame
 rate (``fps``, constant frame rate) and size; each audio encode its own sample rate and channel
-layout. Everything goes to a single fragmented MP4 on stdout, a fragment per access unit or
-two (``-frag_duration 1``), so :mod:`orchestrator.encode.recut` sees every access unit as soon as it is
-encoded and cuts the real fragments itself.
+layout. Everything goes to a single fragmented MP4 on stdout, a fragment at every video keyframe
+(``frag_keyframe``: our fragment boundaries) and at most ``FFMPEG_FRAGMENT_US`` of media between
+them, so :mod:`orchestrator.encode.recut` has fragment k's last access units as soon as k+1's
+keyframe is encoded (the audio's last frames at most 250 ms later) and cuts the real fragments
+itself, at a few ffmpeg fragments per second instead of one per access unit.
 
 Video is H.264 without B-frames (decode order = presentation order: nothing to re-time) and with
 a keyframe forced, as an IDR, exactly on every shared-clock fragment boundary. ffmpeg's
@@ -32,8 +34,16 @@ from fractions import Fraction
 from pathlib import Path
 
 from orchestrator.clock import TrackClock
-from orchestrator.encode.lock import FileTiming, file_entries, live_clock_shift, pattern_box_x, tone_expression
-from orchestrator.encode.recut import keyframe_boundary
+from orchestrator.encode.lock import (
+    LIVE_TIMESCALE,
+    LOCK_TOLERANCE,
+    FileTiming,
+    file_entries,
+    live_clock_shift,
+    pattern_box_x,
+    tone_expression,
+)
+from orchestrator.encode.recut import anchor_frame, keyframe_boundary, start_index
 from orchestrator.profile import AudioTrack, FileSource, LiveSource, PatternSource, Profile, VideoTrack
 
 AAC_PRIMING_FRAMES = 1
@@ -41,6 +51,8 @@ AAC_PRIMING_FRAMES = 1
 recutter (tests/test_ffmpeg.py asks the installed ffmpeg and checks this)."""
 
 SECONDS_PER_DAY = 86400
+FFMPEG_FRAGMENT_US = 250_000
+"""The longest fragment ffmpeg writes between two keyframes (its output, before the re-cut)."""
 LIVE_ANALYZE_US = 1_000_000
 """How long ffmpeg looks at a live input before reading it (its default: 5 s)."""
 
@@ -136,6 +148,29 @@ def file_playlists(source_path: str, timing: FileTiming, encodes: Sequence[Encod
     return texts[0], texts[1]
 
 
+@dataclass(frozen=True)
+class InstancePlan:
+    """Where an instance starts: each encode's anchor (the shared frame its first output frame
+    is), the first fragment it emits, and for a file source the ffconcat texts (video, audio)."""
+
+    anchors: tuple[int, ...]
+    first_index: int
+    playlists: tuple[str | None, str | None] | None
+
+
+def plan_instance(encodes: Sequence[Encode], now_ns: int, requested: int, *, timing: FileTiming | None = None,
+                  source_path: str = "") -> InstancePlan:  # fmt: skip
+    """The pure start of an instance at wall-clock ``now_ns`` asked to start at fragment
+    ``requested`` (the group's continuity): every encode's anchor is its first frame at or after
+    now, the first fragment the one every track can fill from its first frame, and the playlists
+    open the file at the clock position of the anchors (never at the first fragment's: frames
+    between the anchor and the first fragment are encoded and discarded by the recutter)."""
+    anchors = tuple(anchor_frame(e.clock, now_ns) for e in encodes)
+    first = start_index([e.clock for e in encodes], anchors, requested)
+    playlists = None if timing is None else file_playlists(source_path, timing, encodes, anchors)
+    return InstancePlan(anchors, first, playlists)
+
+
 def _inputs(source: PatternSource | FileSource | LiveSource, video: Sequence[tuple[Encode, int]],
             audio: Sequence[tuple[Encode, int]], url: str | None, files: FileInputs | None,
             burn_in: bool) -> list[str]:  # fmt: skip
@@ -195,10 +230,14 @@ def build_argv(
     live_url: str | None = None,
     files: FileInputs | None = None,
     live_offset: int | None = None,
+    probe_delivered: bool = False,
 ) -> list[str]:
     """The whole argv. ``anchors[i]`` is the shared frame that encode i's first output frame is;
     ``files`` the ffconcat lists a file source is read through (:func:`file_playlists`);
-    ``live_offset`` the effective offset of a live source's lock (:class:`LiveLock.effective`)."""
+    ``live_offset`` the effective offset of a live source's lock (:class:`LiveLock.effective`);
+    ``probe_delivered``: the first video encode's fragment-opening frames pass a ``showinfo``
+    (on stderr, at info level: the frame's ``pts`` is its output frame, ``pos`` the byte position
+    of the file packet it was decoded from), so the content offset is measured, not restated."""
     video = [(e, a) for e, a in zip(encodes, anchors, strict=True) if e.is_video]
     audio = [(e, a) for e, a in zip(encodes, anchors, strict=True) if not e.is_video]
     video_input = "0:v:0"
@@ -218,7 +257,15 @@ def build_argv(
             assert live_offset is not None
             pre = f"setpts={live_clock_shift(live_offset)},"
         labels = "".join(f"[vsrc{i}]" for i in range(len(video)))
-        graph.append(f"[{video_input}]{pre}split={len(video)}{labels}")
+        if isinstance(source, LiveSource):
+            # A jump of the source's timestamps (the sender restarted) is reported at once on
+            # stderr (a showinfo behind a select of the frames that jump), so the instance ends
+            # and re-locks instead of waiting for the stall watchdog.
+            jump = LOCK_TOLERANCE // LIVE_TIMESCALE
+            graph.append(f"[{video_input}]{pre}split={len(video) + 1}{labels}[jump];"
+                         f"[jump]select='gt(abs(pts-prev_pts)*TB,{jump})',showinfo,nullsink")  # fmt: skip
+        else:
+            graph.append(f"[{video_input}]{pre}split={len(video)}{labels}")
         for i, (e, a) in enumerate(video):
             t = e.track
             assert isinstance(t, VideoTrack)
@@ -232,7 +279,12 @@ def build_argv(
                 # counted from 0, after shifting this encode's first frame to 0.
                 shift = f"setpts=PTS-{_seconds(lead)}/TB," if lead else ""
                 rate = f"{shift}fps={_rate(t.frame_rate)}:start_time=0"
-            graph.append(f"[vsrc{i}]{rate},scale={t.width}:{t.height},format=yuv420p[v{i}]")
+            if probe_delivered and i == 0:
+                select = keyframe_expression(e.clock, a).removeprefix("expr:")
+                graph.append(f"[vsrc{i}]{rate},split=2[vfps{i}][probe];[probe]select='{select}',showinfo,nullsink")
+                graph.append(f"[vfps{i}]scale={t.width}:{t.height},format=yuv420p[v{i}]")
+            else:
+                graph.append(f"[vsrc{i}]{rate},scale={t.width}:{t.height},format=yuv420p[v{i}]")
     if audio:
         labels = "".join(f"[asrc{i}]" for i in range(len(audio)))
         graph.append(f"[{audio_input}]asplit={len(audio)}{labels}")
@@ -254,7 +306,8 @@ def build_argv(
                          f"aformat=sample_fmts=fltp:channel_layouts={'mono' if t.channels == 1 else 'stereo'}"
                          f"[a{i}]")  # fmt: skip
 
-    argv = [str(executable), "-hide_banner", "-nostdin", "-nostats", "-loglevel", "level+warning"]
+    level = "level+info" if probe_delivered or (isinstance(source, LiveSource) and video) else "level+warning"
+    argv = [str(executable), "-hide_banner", "-nostdin", "-nostats", "-loglevel", level]
     argv += _inputs(source, video, audio, live_url, files, burn_in)
     argv += ["-filter_complex", ";".join(graph)]
     for i in range(len(video)):
@@ -275,9 +328,13 @@ def build_argv(
         argv += ["-c:a", "aac"]
     for i, (e, _) in enumerate(audio):
         argv += [f"-b:a:{i}", str(e.track.bitrate)]
-    # A fragment as soon as it holds 1 microsecond of media: every access unit goes out at once.
-    # (frag_every_frame does the same but warns about every packet, flooding the log.)
-    argv += ["-f", "mp4", "-movflags", "empty_moov+default_base_moof+skip_trailer", "-frag_duration", "1",
+    # ffmpeg's own fragments: one at every video keyframe (our fragment boundaries: the last frame
+    # of fragment k goes out as soon as k+1's keyframe is encoded) and at most FFMPEG_FRAGMENT_US
+    # of media in between (the audio's last frames of k, and a bound on the delay). One small
+    # fragment per access unit (-frag_duration 1) cost the orchestrator 14 % of ffmpeg's CPU in
+    # parsing (bench/encoder_cpu.py).
+    argv += ["-f", "mp4", "-movflags", "empty_moov+default_base_moof+skip_trailer+frag_keyframe",
+             "-frag_duration", str(FFMPEG_FRAGMENT_US),
              "-flush_packets", "1", "pipe:1"]  # fmt: skip
     return argv
 

@@ -68,6 +68,9 @@ class FileTiming:
     frame_rate: Fraction | None
     audio_samples: int | None
     sample_rate: int | None
+    frame_positions: tuple[int, ...] = ()
+    """Byte position in the file of each video frame's packet, in presentation order (ffprobe):
+    how a picture ffmpeg delivered (``showinfo``'s ``pos``) is told apart from its neighbours."""
 
 
 def _fraction(text: str) -> Fraction | None:
@@ -145,6 +148,15 @@ def _us(seconds: Fraction) -> int:
     return round(seconds * US_PER_SECOND)
 
 
+def _round_half_even(numerator: int, denominator: int) -> int:
+    """``round(Fraction(numerator, denominator))`` (ties to even) for a positive denominator."""
+    quotient, remainder = divmod(numerator, denominator)
+    twice = 2 * remainder
+    if twice > denominator or (twice == denominator and quotient % 2):
+        quotient += 1
+    return quotient
+
+
 def _seconds_text(us: int) -> str:
     return f"{us // US_PER_SECOND}.{us % US_PER_SECOND:06d}"
 
@@ -156,8 +168,13 @@ def file_entries(path: str, inpoint: Fraction, loop: Fraction) -> str:
     count = min(MAX_PLAYLIST_ENTRIES, int(PLAYLIST_SECONDS // loop) + 2)
     lines = ["ffconcat version 1.0"]
     previous = 0
+    # end of entry i = round((i + 1) * L - inpoint) in us, in integers (a Fraction per entry cost
+    # 0.3 s for a day of a 4 s clip): (i + 1) * a / b - c / d over the common denominator b * d.
+    step_us, in_us = loop * US_PER_SECOND, inpoint * US_PER_SECOND
+    a, b, c, d = step_us.numerator, step_us.denominator, in_us.numerator, in_us.denominator
+    den = b * d
     for i in range(count):
-        end = _us(loop * (i + 1) - inpoint)
+        end = _round_half_even((i + 1) * a * d - c * b, den)
         lines.append(f"file {quoted}")
         if i == 0 and inpoint:
             lines.append(f"inpoint {_seconds_text(_us(inpoint))}")
@@ -176,6 +193,19 @@ def content_offset_ns(clock: TrackClock, frame: int, loop: Fraction | None) -> i
         return 0
     t = frame * clock.frame_duration
     return round(((position(clock, frame, loop) - t) % loop) * NS_PER_SECOND)
+
+
+def measured_offset_frames(clock: TrackClock, frame: int, source_frame: int, timing: FileTiming) -> int:
+    """How many file frames the picture ffmpeg delivered as shared ``frame`` (file frame
+    ``source_frame``, as ffmpeg reported it) is after the one the lock puts there (the file frame
+    nearest ``position(frame)``), folded into ``[-N/2, N/2)``: 0 when the content is locked, in
+    every group; a group whose restart landed a fragment off shows it (e.g. 50 at 25 fps, 2 s)."""
+    assert timing.frame_rate is not None
+    assert timing.video_frames is not None
+    count = timing.video_frames
+    expected = position(clock, frame, timing.loop) * timing.frame_rate
+    nearest = int(expected + Fraction(1, 2)) % count  # the fps filter's rounding: halves go up
+    return (source_frame - nearest + count // 2) % count - count // 2
 
 
 # --- test pattern ------------------------------------------------------------------------------
@@ -215,9 +245,15 @@ this (10 s) belongs to another timeline: the source jumped or restarted."""
 class LiveLock:
     """The mapping of a live source's timestamps onto the shared clock (both in 90 kHz ticks):
     shared tick = source pts + ``offset``, with ``offset`` taken modulo 2^33 so that every
-    group, whatever wrap it started in, exchanges the same number."""
+    group, whatever wrap it started in, exchanges the same number.
+
+    Its identity travels with it: ``established_ms`` (the establishing group's wall clock, ms
+    since the Unix epoch) and ``by`` (that group's name); a group that adopts a mapping keeps
+    both, so every group ranks the same mappings the same way (:func:`agreed`)."""
 
     offset: int
+    established_ms: int = 0
+    by: str = ""
 
     def __post_init__(self) -> None:
         if not 0 <= self.offset < PTS_WRAP:
@@ -235,9 +271,16 @@ class LiveLock:
         return abs(self.effective(pts, now_tick)[1]) <= LOCK_TOLERANCE
 
     @classmethod
-    def establish(cls, pts: int, now_tick: int) -> LiveLock:
+    def establish(cls, pts: int, now_tick: int, *, established_ms: int = 0, by: str = "") -> LiveLock:
         """A new mapping that puts the source frame ``pts``, seen at ``now_tick``, at now."""
-        return cls((now_tick - pts) % PTS_WRAP)
+        return cls((now_tick - pts) % PTS_WRAP, established_ms, by)
+
+    def same_timeline(self, other: LiveLock) -> bool:
+        """Whether ``other`` maps the same source timeline (offsets within LOCK_TOLERANCE, modulo
+        2^33): the same source seen by two groups whose mappings differ by skew or delay, rather
+        than a mapping from before a discontinuity."""
+        half = PTS_WRAP // 2
+        return abs((self.offset - other.offset + half) % PTS_WRAP - half) <= LOCK_TOLERANCE
 
     def content_offset_seconds(self) -> float:
         """Source timestamp minus shared-clock time, folded into the 33-bit range: the same in
@@ -245,20 +288,37 @@ class LiveLock:
         return ((-self.offset) % PTS_WRAP) / LIVE_TIMESCALE
 
 
-def choose_live_lock(pts: int, now_tick: int, peers: Sequence[LiveLock], saved: LiveLock | None
-                     ) -> tuple[LiveLock, str]:  # fmt: skip
+def agreed(locks: Sequence[LiveLock]) -> LiveLock:
+    """The mapping every group converges on among ``locks`` (all of one source timeline): the
+    earliest established, ties broken by the establishing group's name, then the offset. Every
+    group that sees the same mappings picks the same one, whoever started first."""
+    return min(locks, key=lambda lock: (lock.established_ms, lock.by, lock.offset))
+
+
+def choose_live_lock(pts: int, now_tick: int, peers: Sequence[LiveLock], saved: LiveLock | None, *,
+                     now_ms: int = 0, group: str = "") -> tuple[LiveLock, str]:  # fmt: skip
     """The mapping an instance runs on, and where it came from (for the log and the metric).
 
-    A peer's mapping that fits the source now wins (a restarted or late group adopts what the
-    running group uses); then our own saved one, if it still fits; else a new one (the source
-    jumped, restarted, or nothing is known): ``established``. After a discontinuity every group
-    goes through the same rule, so the first to restart establishes and the others adopt it."""
-    for lock in peers:
-        if lock.fits(pts, now_tick):
-            return lock, "peer"
+    Among the peers' mappings and our own saved one, those that fit the source now, the
+    :func:`agreed` one wins (``peer`` or ``saved``): a restarted or late group adopts what the
+    running groups use. When none fits (the source jumped, restarted, or nothing is known) a new
+    one is ``established``, stamped ``now_ms`` and ``group``; groups that establish at the same
+    moment then converge while running (:func:`converge`)."""
+    fitting = [lock for lock in peers if lock.fits(pts, now_tick)]
     if saved is not None and saved.fits(pts, now_tick):
-        return saved, "saved"
-    return LiveLock.establish(pts, now_tick), "established"
+        fitting.append(saved)
+    if fitting:
+        winner = agreed(fitting)
+        return winner, "saved" if winner is saved else "peer"
+    return LiveLock.establish(pts, now_tick, established_ms=now_ms, by=group), "established"
+
+
+def converge(own: LiveLock, peers: Sequence[LiveLock]) -> LiveLock | None:
+    """The mapping a running group must move to, or None when it runs the agreed one: the
+    :func:`agreed` mapping among its own and the peers' on the same source timeline (a peer
+    still on a timeline from before a discontinuity is ignored)."""
+    winner = agreed([own, *(peer for peer in peers if own.same_timeline(peer))])
+    return None if winner == own else winner
 
 
 def live_clock_shift(effective_offset: int) -> str:

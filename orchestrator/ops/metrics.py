@@ -37,6 +37,7 @@ from orchestrator.ops.status import STATES, endpoint_state
 
 _ENDPOINT = ("stream", "group", "endpoint", "endpoint_region")
 LIVE_LOCK_METRIC = "orchestrator_live_lock_offset_ticks"
+LIVE_LOCK_ESTABLISHED_METRIC = "orchestrator_live_lock_established_ms"
 
 
 class Metrics:
@@ -130,8 +131,10 @@ class Metrics:
             ("group",), registry=r)  # fmt: skip
         self.content_offset = Gauge(
             "orchestrator_content_offset_seconds",
-            "Source position of the last fragment's first frame minus its shared-clock time (file: folded into "
-            "the loop; test pattern: 0). Equal in every group that carries the same content",
+            "Content of the last fragment's first frame against the lock: file (first video track): the picture "
+            "ffmpeg delivered minus the one the lock puts there, in seconds of the file (0 when locked); test "
+            "pattern: 0; live: source timestamp minus shared-clock time. Equal in every group that carries the "
+            "same content",
             ("stream", "group", "track"), registry=r)  # fmt: skip
         self.live_lock_offset = Gauge(
             LIVE_LOCK_METRIC,
@@ -141,6 +144,19 @@ class Metrics:
             "orchestrator_live_locks_total",
             "Live source mappings taken at instance start, by origin (peer, saved, established)",
             ("group", "origin"), registry=r)  # fmt: skip
+        self.live_lock_established = Gauge(
+            LIVE_LOCK_ESTABLISHED_METRIC,
+            "Live source: when the group's mapping was first established (ms since the Unix epoch, the "
+            "establishing group's clock) and by which group; the earliest is the one every group converges on",
+            ("group", "established_by"), registry=r)  # fmt: skip
+        self.live_lock_moves = Counter(
+            "orchestrator_live_lock_moves_total",
+            "Live source: times a running group moved to the agreed mapping of its peers (at a fragment boundary)",
+            ("group",), registry=r)  # fmt: skip
+        self.live_peer_up = Gauge(
+            "orchestrator_live_peer_up",
+            "Live source: 1 when the peer's metrics endpoint answered the last check, else 0 (each group then "
+            "keeps its own mapping)", ("group", "peer"), registry=r)  # fmt: skip
         self.seconds_since_push = _SecondsSincePush(r)
         self.endpoint_state = _EndpointState(r)
         self.push_lag = _PushLag(r)

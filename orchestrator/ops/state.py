@@ -80,6 +80,8 @@ class EncoderState:
     stream_id: str
     last_index: int | None = None
     fragments: int = 0
+    lock: str | None = None  # how its content is locked: pattern, file, or a live lock's origin (peer, saved, ...)
+    content_offset: float | None = None  # the stream's first track, as orchestrator_content_offset_seconds
 
 
 @dataclass

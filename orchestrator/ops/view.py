@@ -99,7 +99,15 @@ def rows(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 "endpoints": group["endpoints"],
                 "dropped": sum(e["dropped"] for e in group["endpoints"]),
                 "error": last_error(group, encoder, now),
+                "lock": group.get("lock"),
+                "content_offset": group.get("content_offset_seconds"),
             }
+
+
+def lock_text(row: dict[str, Any]) -> str:
+    """``lock=peer,offset=+0.000s``: how the group's content is locked and its content offset."""
+    offset = row["content_offset"]
+    return f"lock={row['lock']}" + ("" if offset is None else f",offset={offset:+.3f}s")
 
 
 def state_text(e: dict[str, Any], now: float) -> str:
@@ -126,6 +134,10 @@ def table(document: dict[str, Any], *, caption: str | None = None) -> Table:
         group = Text(row["group"])
         if row["encoder_up"] is False:
             group.append(" encoder down", style="red bold")
+        if row["lock"] is not None:
+            group.append(
+                f" {lock_text(row)}", style="yellow" if row["lock"] == "file" and row["content_offset"] else "dim"
+            )
         restarts = str(row["restarts"]) + ("" if row["exit_code"] is None else f" (exit {row['exit_code']})")
         drops = Text(str(row["dropped"]), style="red" if row["dropped"] else "")
         endpoints = row["endpoints"] or [None]
@@ -155,6 +167,8 @@ def lines(document: dict[str, Any]) -> list[str]:
             if e["backlog_seconds"] >= 1:
                 detail += f",backlog_{e['backlog_seconds']:.0f}s"
             parts.append(f"{e['endpoint']}/{e['region']}={detail}")
+        if row["lock"] is not None:
+            parts.append(lock_text(row))
         parts += [f"restarts={row['restarts']}", f"dropped={row['dropped']}"]
         if row["error"]:
             parts.append(f"last_error={row['error']!r}")

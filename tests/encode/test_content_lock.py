@@ -39,14 +39,14 @@ pytestmark = [
 
 
 def lock_profile(primary_source: str, backup_source: str, primary_port: int, backup_port: int,
-                 metrics: dict | None = None) -> str:  # fmt: skip
-    """One stream (320x180 29.97 fps video, mono audio); each group on ffmpeg with its source (an
+                 metrics: dict | None = None, frame_rate: str = "30000/1001") -> str:  # fmt: skip
+    """One stream (320x180 video, 29.97 fps unless told, mono audio); each group on ffmpeg with its source (an
     inline table, as TOML text) and its own ingest server. Metrics off unless given."""
     primary = profiles.group(profiles.endpoint(primary_port, name="a", region="eu-west"),
                              encoder=profiles.ffmpeg(source=profiles.Raw(primary_source)))  # fmt: skip
     backup = profiles.group(profiles.endpoint(backup_port, name="b", region="eu-north"),
                             encoder=profiles.ffmpeg(source=profiles.Raw(backup_source)))  # fmt: skip
-    video = profiles.video("video", bitrate=1_000_000, width=320, height=180)
+    video = profiles.video("video", bitrate=1_000_000, width=320, height=180, frame_rate=frame_rate)
     streams = {"av": [video, profiles.audio("audio", channels=1)]}
     groups = {"primary": primary, "backup": backup}
     return profiles.profile_text(name="lock", streams=streams, groups=groups, metrics=metrics)
@@ -147,13 +147,14 @@ def audio_lag(primary: tuple[int, array], backup: tuple[int, array]) -> int:
     return best_lag * scale
 
 
-async def run_two_groups(tmp_path: Path, source: str, *, backup_delay: float, kill_primary: bool
+async def run_two_groups(tmp_path: Path, source: str, *, backup_delay: float, kill_primary: bool,
+                         frame_rate: str = "30000/1001"
                          ) -> tuple[IngestApp, IngestApp, dict[str, CollectorRegistry]]:  # fmt: skip
     registries = {"primary": CollectorRegistry(), "backup": CollectorRegistry()}  # one per process, as deployed
     async with trio.open_nursery() as servers:
         apps = [IngestApp(tmp_path / name) for name in ("primary", "backup")]
         ports = [(await servers.start(serve_app, app, "127.0.0.1", 0))[1] for app in apps]
-        text = lock_profile(source, source, ports[0], ports[1])  # one process runs both groups: no metrics
+        text = lock_profile(source, source, ports[0], ports[1], frame_rate=frame_rate)  # one process: no metrics
         profile = parse_profile(text, "lock.toml")
 
         def fragments(app: IngestApp) -> int:
@@ -217,3 +218,101 @@ async def test_the_test_pattern_shows_the_same_pictures_and_sound_in_both_groups
     primary, backup, _ = await run_two_groups(
         tmp_path, '{ kind = "testpattern" }', backup_delay=2.7, kill_primary=False)  # fmt: skip
     assert_same_content(primary, backup)
+
+
+# --- absolute checks: the picture at shared frame n is clip frame n mod N, the pip on the clip's second
+
+MARK_BITS = 12  # the clip frame number, as a row of black/white blocks across the top of the picture
+MARK_SIZE = 20  # pixels per block, on a 320x180 picture (the profile's size)
+MARKED_FRAMES = 160  # 6.4 s at 25 fps: 307,200 samples at 48 kHz = 300 AAC frames, so the loop is exactly N/25
+PIP = 4800  # the clip's tone is on for the first 100 ms of every clip second
+
+
+def make_marked_clip(path: Path, *, rate: str = "25", seconds: float = MARKED_FRAMES / 25) -> None:
+    """A clip (6.4 s at 25 fps by default) whose every picture carries its own frame number as
+    MARK_BITS blocks (bit b white iff set) across the top, read back exactly, over a moving test
+    picture, and a 1 kHz pip on each of its seconds (its first 100 ms). The blocks are drawn on
+    a strip only (geq is slow per pixel) and overlaid."""
+    width = MARK_BITS * MARK_SIZE
+    bits = (f"color=black:size={width}x{MARK_SIZE}:rate={rate},format=gray,"
+            f"geq=lum='255*mod(floor(N/pow(2,floor(X/{MARK_SIZE}))),2)'")  # fmt: skip
+    graph = f"testsrc2=size=320x180:rate={rate}[bg];{bits}[bits];[bg][bits]overlay=0:0:shortest=1,format=yuv420p"
+    subprocess.run(
+        ["ffmpeg", "-v", "error", "-nostdin", "-f", "lavfi", "-i", graph,
+         "-f", "lavfi", "-i", "aevalsrc='0.5*sin(2*PI*1000*t)*lt(mod(t,1),0.1)':sample_rate=48000",
+         "-t", str(seconds), "-c:v", "libx264", "-preset", "ultrafast", "-g", "50",
+         "-c:a", "aac", "-ac", "1", str(path)],
+        check=True)  # fmt: skip
+
+
+def marks(path: Path) -> dict[int, int]:
+    """pts -> the clip frame number the picture carries (its blocks, thresholded at mid-gray)."""
+    raw = subprocess.run(
+        ["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-fps_mode", "passthrough", "-pix_fmt", "gray",
+         "-f", "rawvideo", "-"], check=True, capture_output=True).stdout  # fmt: skip
+    size, row = 320 * 180, 320 * (MARK_SIZE // 2)
+    frames = [raw[i : i + size] for i in range(0, len(raw), size)]
+    times = packet_times(path)
+    assert len(frames) == len(times)
+    return {t: sum(1 << b for b in range(MARK_BITS) if f[row + b * MARK_SIZE + MARK_SIZE // 2] > 128)
+            for t, f in zip(times, frames, strict=True)}  # fmt: skip
+
+
+def pip_onsets(path: Path) -> list[int]:
+    """The shared sample numbers (48 kHz) where the decoded sound turns on after a silence. Each
+    AAC packet decodes to AAC_FRAME samples, placed at its own timestamp (a restart leaves a gap)."""
+    times = packet_times(path)
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-ac", "1", "-f", "s16le", "-"],
+                         check=True, capture_output=True).stdout  # fmt: skip
+    pcm = array("h", raw)
+    assert len(pcm) == AAC_FRAME * len(times)
+    onsets, quiet = [], 0
+    for i, value in enumerate(pcm):
+        packet, within = divmod(i, AAC_FRAME)
+        if within == 0 and packet and times[packet] != times[packet - 1] + AAC_FRAME:
+            quiet = 0  # a gap: what came before says nothing about what follows
+        if abs(value) > 3000:
+            if quiet > 24000:  # after at least half a second of silence
+                onsets.append(times[packet] + within)
+            quiet = 0
+        else:
+            quiet += 1
+    return onsets
+
+
+def assert_clip_frames(app: IngestApp, group: str) -> None:
+    """Every picture at shared frame n is clip frame n mod N; every pip starts on a clip second
+    (shared sample s with (s mod S) mod 48000 == 0) to within a quarter of an AAC frame."""
+    files = track_files(app)
+    pictures = marks(files["video"])
+    assert len(pictures) >= 150, f"{group}: only {len(pictures)} pictures"
+    wrong = {}
+    for pts, mark in sorted(pictures.items()):
+        n, rest = divmod(pts * 25, 90000)
+        assert rest == 0, f"{group}: picture at {pts} is not on a frame of the clock"
+        if mark != n % MARKED_FRAMES:
+            wrong[n] = (mark, n % MARKED_FRAMES)
+    assert not wrong, f"{group}: {len(wrong)} of {len(pictures)} pictures show another clip frame (shared frame: " \
+                      f"shown, expected): {sorted(wrong.items())[:6]}"  # fmt: skip
+    loop = MARKED_FRAMES * 48000 // 25
+    onsets = pip_onsets(files["audio"])
+    assert len(onsets) >= 5, f"{group}: only {len(onsets)} pips heard"
+    errors = [((s % loop) + PIP) % 48000 - PIP for s in onsets]  # signed distance to the clip's nearest second
+    assert all(abs(e) < AAC_FRAME // 4 for e in errors), f"{group}: pips off the clip's seconds by {errors} samples"
+
+
+async def test_each_group_shows_the_clip_frame_the_clock_says_across_a_late_start_and_a_kill(tmp_path):
+    """The issue-18 scenario, checked against the clip itself rather than the other group: a bug
+    both groups share (an in-point off by a frame, the AAC priming kept) fails it too."""
+    clip = tmp_path / "marked.mp4"
+    make_marked_clip(clip)
+    primary, backup, registries = await run_two_groups(
+        tmp_path, f'{{ kind = "file", path = "{clip}" }}', backup_delay=6.5, kill_primary=True, frame_rate="25"
+    )
+    assert registries["primary"].get_sample_value("orchestrator_encoder_restarts_total",
+                                                  {"group": "primary", "reason": "killed"}) == 1  # fmt: skip
+    assert_clip_frames(primary, "primary")
+    assert_clip_frames(backup, "backup")
+    for group in ("primary", "backup"):  # measured from the pictures ffmpeg reported delivering
+        labels = {"stream": "av", "group": group, "track": "video"}
+        assert registries[group].get_sample_value("orchestrator_content_offset_seconds", labels) == 0

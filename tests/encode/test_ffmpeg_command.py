@@ -107,7 +107,11 @@ def test_file_and_live_sources():
         "-copyts", "-analyzeduration", "1000000", "-i", "srt://127.0.0.1:9000?mode=caller"]  # fmt: skip
     assert "-use_wallclock_as_timestamps" not in argv
     graph = argv[argv.index("-filter_complex") + 1]
-    assert graph.startswith("[0:v:0]setpts=PTS+2541394470267/90000/TB,split=2[vsrc0][vsrc1];")
+    # ... and one more branch that reports (showinfo, at info level) a frame whose timestamp jumps by more than
+    # the lock's 10 s: the instance ends and re-locks at once.
+    assert graph.startswith("[0:v:0]setpts=PTS+2541394470267/90000/TB,split=3[vsrc0][vsrc1][jump];"
+                            "[jump]select='gt(abs(pts-prev_pts)*TB,10)',showinfo,nullsink;")  # fmt: skip
+    assert argv[argv.index("-loglevel") + 1] == "level+info"
     assert "[vsrc0]fps=30000/1001:start_time=10.010000000,scale=640:360" in graph  # frame 300 = 10.01 s
     assert "[asrc0]asetpts=PTS+2541394470267/90000/TB,atrim=start=4.266666667,aresample=async=1000," in graph
 
@@ -248,3 +252,23 @@ def test_a_video_fragment_that_does_not_open_with_a_keyframe_is_rejected_counted
         assert sink.fragments == []
         assert rejected == 1
         assert any("reason=no_keyframe" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_probed_file_source_reports_each_fragments_first_picture_and_the_log_reads_it():
+    profile = ladder()
+    encodes = plan_encodes(profile)
+    argv = build_argv("ffmpeg", profile, FileSource(kind="file", path=Path("clip.mp4")), encodes, [100, 100, 200],
+                      preset="veryfast", burn_in=False, files=FileInputs("v.ffconcat", "a.ffconcat"),
+                      probe_delivered=True)  # fmt: skip
+    assert argv[argv.index("-loglevel") + 1] == "level+info"
+    graph = argv[argv.index("-filter_complex") + 1]
+    select = keyframe_expression(encodes[0].clock, 100).removeprefix("expr:")
+    assert f"split=2[vfps0][probe];[probe]select='{select}',showinfo,nullsink;[vfps0]scale=640:360" in graph
+    seen = []
+    log = _StderrLog("primary", lambda m, pos: seen.append((m, pos)))
+    log.line("[Parsed_showinfo_5 @ 0x55d0c0a1b2c0] [info] n:   3 pts:    250 pts_time:8.34167 duration:1 "
+             "pos:   123456 fmt:yuv420p sar:1/1 s:640x360 i:P iskey:1 type:I checksum:CA8E6229")  # fmt: skip
+    log.line("[info] Stream mapping:")
+    log.line("[h264 @ 0x1] [warning] something")
+    assert seen == [(250, 123456)]
+    assert list(log.tail) == ["[h264 @ 0x1] [warning] something"]  # info lines are not ffmpeg's last words

@@ -1,6 +1,6 @@
 """The test rig's rules, enforced: no test module imports another (shared helpers live in kits:
 ``rig.py``, ``conftest.py``, ``faultkit.py`` and the per-folder ``*kit.py``/``opsrig.py``/
-``kube.py``), and ``free_port`` is defined once."""
+``kube.py``/``scenarios.py``), with no exceptions, and ``free_port`` is defined once."""
 
 from __future__ import annotations
 
@@ -9,17 +9,6 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-
-# Imports of one test module by another that other branches own (issue 17: the wire-format,
-# push and content-lock work); to be moved into kits there. New ones fail the test below.
-KNOWN = {
-    ("ingest/test_fuzz.py", "test_receiver"),
-    ("ingest/test_receiver_limits.py", "test_receiver"),
-    ("ingest/test_server_limits.py", "test_receiver_limits"),
-    ("push/test_answer_mid_post.py", "test_publisher"),
-    ("push/test_publisher_tls.py", "test_publisher"),
-    ("encode/test_live_lock.py", "test_content_lock"),
-}
 
 
 def imported_test_modules(path: Path) -> set[str]:
@@ -43,11 +32,10 @@ def test_imports_of_test_modules_are_read_as_such(tmp_path):
 def test_no_test_module_imports_another():
     found = {
         (str(path.relative_to(TESTS)), name)
-        for path in sorted(TESTS.rglob("test_*.py"))
+        for path in sorted(TESTS.rglob("*.py"))  # kits too: a kit importing a test module is the same tie
         for name in imported_test_modules(path)
     }
-    new = sorted(found - KNOWN)
-    assert not new, f"test modules importing test modules (move the helper into a kit): {new}"
+    assert not found, f"test modules importing test modules (move the helper into a kit): {sorted(found)}"
 
 
 def defines(path: Path, name: str) -> bool:

@@ -26,9 +26,9 @@ from typing import BinaryIO
 import httpx
 import pytest
 import trio
+from lockkit import assert_same_content, lock_profile, make_clip
 from prometheus_client.parser import text_string_to_metric_families
 from rig import free_port
-from test_content_lock import assert_same_content, lock_profile, make_clip
 
 from orchestrator.ingest.server import IngestApp, serve_app
 
@@ -159,7 +159,7 @@ async def test_live_groups_started_together_converge_on_one_mapping_without_a_re
 
     ``sender_restarts``: then the sender restarts (its timestamps jump back by ~25 s): each group
     sees the jump at once (not after the stall watchdog), re-locks, and they converge again."""
-    from test_content_lock import (
+    from lockkit import (
         AAC_FRAME,
         assert_same_pictures,
         audio_lag,
@@ -322,7 +322,7 @@ def steady_sound(path: Path, since: int) -> tuple[int, array]:
     """(first sample, mono PCM at 3 kHz) of the longest gap-free run of the archived audio that
     starts at or after shared sample ``since``; each AAC packet decodes to 1024 samples at its
     own timestamp (a restart leaves a gap that a plain decode would close up)."""
-    from test_content_lock import DECIMATED_RATE, packet_times
+    from lockkit import DECIMATED_RATE, packet_times
 
     times = packet_times(path)
     raw = subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-ac", "1", "-f", "s16le", "-"],

@@ -21,6 +21,7 @@ import httpx
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from receiverkit import AUDIO, VIDEO, header, init, run, smil
 
 from orchestrator.errors import IngestOverloaded, MediaError
 from orchestrator.fmp4 import boxes
@@ -28,7 +29,6 @@ from orchestrator.fmp4.reader import NEED_DATA
 from orchestrator.ingest.receiver import Post, PublishingPoint, StreamPath
 from orchestrator.ingest.server import IngestApp, serve_app
 from orchestrator.wire import smooth
-from tests.ingest.test_receiver import AUDIO, VIDEO, header, init, run, smil
 
 BUDGET = 2 * 1024 * 1024
 TIME_BOUND_S = 2.0

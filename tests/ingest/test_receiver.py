@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
 
 import pytest
+from receiverkit import AUDIO, AVC1, FRAME, PATH, VIDEO, drain, fragment, header, init, run, smil, video
 
 from orchestrator.errors import BoxError, MediaError
 from orchestrator.fmp4 import boxes
@@ -17,7 +17,6 @@ from orchestrator.ingest.receiver import (
     POST_LOG_SIZE,
     CheckedFragment,
     Decision,
-    Post,
     PostChecker,
     PublishingPoint,
     StreamPath,
@@ -25,40 +24,6 @@ from orchestrator.ingest.receiver import (
     track_names,
 )
 from orchestrator.wire import smooth
-
-AVC1 = boxes.box(b"avc1", bytes(78))
-MP4A = boxes.box(b"mp4a", bytes(28))
-VIDEO = boxes.TrackHeader(1, b"vide", 90000, AVC1, 192, 108)
-AUDIO = boxes.TrackHeader(2, b"soun", 48000, MP4A)
-PATH = StreamPath(("live", "demo"), "video")
-FRAME = 3000  # ticks per video sample
-
-
-def smil(names: dict[int, str], creator: str = "test") -> str:
-    tracks = "".join(
-        f'<video src="Streams(video)"><param name="trackID" value="{track_id}" valuetype="data"/>'
-        f'<param name="trackName" value="{name}" valuetype="data"/></video>'
-        for track_id, name in names.items()
-    )
-    return (
-        '<?xml version="1.0" encoding="utf-8"?><smil xmlns="http://www.w3.org/2001/SMIL20/Language">'
-        f'<head><meta name="creator" content="{creator}"/></head><body><switch>{tracks}</switch></body></smil>'
-    )
-
-
-def header(tracks: tuple[boxes.TrackHeader, ...] = (VIDEO,), manifest: str | None = None) -> bytes:
-    manifest = smil({1: "video", 2: "audio"}) if manifest is None else manifest
-    return smooth.write_ftyp() + smooth.write_live_server_manifest(manifest) + boxes.write_moov(tracks)
-
-
-def run(index: int, track_id: int = 1, time: int | None = None, duration: int = FRAME) -> boxes.TrackRun:
-    """Track ``track_id``'s part of fragment ``index``: one sample, time index * duration unless given."""
-    samples = [boxes.Sample(bytes([track_id, index % 256]) * 8, duration)]
-    return boxes.TrackRun(track_id, index * duration if time is None else time, samples, index)
-
-
-def fragment(index: int, time: int | None = None, duration: int = FRAME, tfxd_version: int = 1) -> bytes:
-    return smooth.write_fragment(index, [run(index, 1, time, duration)], tfxd_version)
 
 
 def fragment_without_tfxd(index: int, time: int) -> bytes:
@@ -76,17 +41,6 @@ def fragment_without_tfxd(index: int, time: int) -> bytes:
     return moof(len(moof(0)) + 8) + boxes.box(b"mdat", payload)
 
 
-def drain(post: Post, *chunks: bytes) -> list[Decision]:
-    out = []
-    for chunk in chunks:
-        post.feed(chunk)
-        while (decision := post.next_decision()) is not NEED_DATA:
-            out.append(decision)
-            if decision.outcome == "archived":
-                post.written(decision)  # as the server does once the writes succeeded
-    return out
-
-
 def outcomes(decisions: list[Decision]) -> list[tuple[int, str]]:
     return [(d.fragment.index, d.outcome) for d in decisions]
 
@@ -99,16 +53,8 @@ def whole_post(point: PublishingPoint, *chunks: bytes, group: str | None = None,
     return decisions
 
 
-def video(point: PublishingPoint) -> dict[str, Any]:
-    return point.status()["publishing_points"]["live/demo"]["streams"]["video"]["tracks"]["1"]
-
-
 def archived_bytes(decisions: list[Decision], name: str = "video.mp4") -> bytes:
     return b"".join(w.data for d in decisions for w in d.writes if w.path[-1] == name)
-
-
-def init(track: boxes.TrackHeader) -> bytes:
-    return smooth.write_ftyp() + boxes.write_moov([track])
 
 
 # --- one POST, byte by byte ---------------------------------------------------------------

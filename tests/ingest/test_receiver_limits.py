@@ -8,6 +8,21 @@ import struct
 import tracemalloc
 
 import pytest
+from receiverkit import (
+    AUDIO,
+    FRAME,
+    PATH,
+    VIDEO,
+    drain,
+    fragment,
+    header,
+    hostile_fragment,
+    init,
+    run,
+    smil,
+    trun,
+    video,
+)
 
 from orchestrator.errors import IngestOverloaded, MediaError
 from orchestrator.fmp4 import boxes
@@ -21,33 +36,8 @@ from orchestrator.ingest.receiver import (
     parse_stream_path,
 )
 from orchestrator.wire import smooth
-from tests.ingest.test_receiver import AUDIO, FRAME, PATH, VIDEO, drain, fragment, header, init, run, smil, video
 
 MIB = 1024 * 1024
-
-
-def traf_children(tfhd_flags: int, truns: list[bytes], track_id: int = 1, time: int = 0) -> bytes:
-    tfhd = boxes.full_box(b"tfhd", 0, tfhd_flags, struct.pack(">I", track_id))
-    tfxd = smooth.write_tfxd(smooth.Tfxd(1, time, FRAME))
-    return boxes.box(b"traf", tfhd, *truns, tfxd)
-
-
-def hostile_fragment(truns: list[bytes], payload: bytes, index: int = 0) -> bytes:
-    """moof(mfhd, traf(tfhd default-base-is-moof, truns..., tfxd)) + mdat(payload). Each trun's
-    data_offset is patched to point at the start of the mdat payload."""
-    mfhd = boxes.full_box(b"mfhd", 0, 0, struct.pack(">I", index))
-
-    def moof(data_offset: int) -> bytes:
-        patched = [t[:16] + struct.pack(">i", data_offset) + t[20:] for t in truns]
-        return boxes.box(b"moof", mfhd, traf_children(boxes.TFHD_DEFAULT_BASE_IS_MOOF, patched, time=index * FRAME))
-
-    return moof(len(moof(0)) + 8) + boxes.box(b"mdat", payload)
-
-
-def trun(count: int, size: int, duration: int = FRAME) -> bytes:
-    """A trun of ``count`` samples of ``size`` bytes each (sizes given per sample), data offset 0."""
-    flags = boxes.TRUN_DATA_OFFSET | boxes.TRUN_SAMPLE_DURATION | boxes.TRUN_SAMPLE_SIZE
-    return boxes.full_box(b"trun", 0, flags, struct.pack(">Ii", count, 0), struct.pack(">II", duration, size) * count)
 
 
 def feed_all(post: Post, body: bytes) -> list[Decision]:

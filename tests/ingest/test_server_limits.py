@@ -19,11 +19,11 @@ import httpx
 import pytest
 import trio
 from ingestkit import INGEST, Media, Server, chunks, status_of, video_track, wait_for_status
+from receiverkit import hostile_fragment, trun
 
 from orchestrator.fmp4 import boxes
 from orchestrator.ingest.server import IngestApp, serve_app
 from orchestrator.ops.httpserve import ConnectionStats, serve_asgi
-from tests.ingest.test_receiver_limits import hostile_fragment, trun
 
 
 async def test_a_write_that_fails_mid_fragment_is_cut_back_and_the_resend_archived(

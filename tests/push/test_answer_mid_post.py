@@ -15,6 +15,8 @@ import h11
 import pytest
 import trio
 import trustme
+from publisherkit import LIMITS, K
+from rig import DEMO
 
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.ops.metrics import Metrics
@@ -23,7 +25,6 @@ from orchestrator.push.connection import Connector
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.publisher import Publisher, PublisherSettings
 from orchestrator.push.reconnect import RetryPolicy
-from tests.push.test_publisher import DEMO, LIMITS, K
 
 
 class RefuseFirstPost:

@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import logging
 import socket
-from fractions import Fraction
-from pathlib import Path
 
 import pytest
 import trio
+from publisherkit import LIMITS, K
+from rig import DEMO
 
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.ops.httpserve import serve_asgi
 from orchestrator.ops.metrics import Metrics
 from orchestrator.profile import Endpoint, load_profile
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
-from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import Publisher, PublisherSettings
 from orchestrator.push.reconnect import RetryPolicy
-
-DEMO = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
-K = 14_080_000
-LIMITS = OutboxLimits(max_seconds=Fraction(60), max_bytes=64 * 1024 * 1024)
 
 
 class Recorder:

@@ -9,6 +9,8 @@ import ssl
 import pytest
 import trio
 import trustme
+from publisherkit import LIMITS, K
+from rig import DEMO
 
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.ops.metrics import Metrics
@@ -16,7 +18,6 @@ from orchestrator.profile import Endpoint, load_profile
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.publisher import Publisher, PublisherSettings
 from orchestrator.push.reconnect import RetryPolicy
-from tests.push.test_publisher import DEMO, LIMITS, K
 
 
 async def test_certificate_failure_is_logged_with_its_reason(caplog: pytest.LogCaptureFixture) -> None:

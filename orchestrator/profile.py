@@ -424,6 +424,11 @@ class FfmpegEncoder(_Model):
     )
     source: Source = Field(default_factory=lambda: PatternSource(kind="testpattern"))
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow"] = "veryfast"
+    threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = Field(
+        default="auto",
+        description="threads per ffmpeg instance (encoders and filter graph); auto: the CPUs this process "
+        "may use (its cgroup's CPU quota, rounded up, else the CPUs it may run on), not the node's cores",
+    )
     fallback: Literal["none", "synthetic"] = Field(
         default="none",
         description="what to do when no ffmpeg is found: fail (none) or run the synthetic backend (synthetic)",

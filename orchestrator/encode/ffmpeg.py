@@ -53,6 +53,8 @@ from orchestrator.encode.ffmpeg_command import (
     Encode,
     FileInputs,
     build_argv,
+    cpu_quota,
+    ffmpeg_threads,
     plan_encodes,
     plan_instance,
     priming_frames,
@@ -156,6 +158,7 @@ class FfmpegPlan:
     burn_in: bool
     live_url: str | None = None
     file_timing: FileTiming | None = None
+    threads: int | None = None  # per instance (ffmpeg_command.ffmpeg_threads)
 
 
 SHOWINFO = re.compile(r"\[Parsed_showinfo_\d+ @ [^]]+\] \[info\] n:\s*\d+ pts:\s*(-?\d+) .*?pos:\s*(-?\d+)")
@@ -383,7 +386,7 @@ async def run_ffmpeg_encoder(
             files = _write_playlists(Path(scratch), start.playlists)
         argv = build_argv(plan.executable, profile, source, encodes, anchors, preset=plan.config.preset,
                           burn_in=plan.burn_in, live_url=plan.live_url, files=files,
-                          live_offset=live_offset, probe_delivered=probed)  # fmt: skip
+                          live_offset=live_offset, probe_delivered=probed, threads=plan.threads)  # fmt: skip
         await _run(argv, plan, profile, encodes, recutters, sink, first, group=group, wall=wall, metrics=metrics,
                    live_lock=lock, probe_anchor=anchors[0] if probed else None, lock_origin=origin)  # fmt: skip
 
@@ -698,7 +701,19 @@ def plan_ffmpeg(config: FfmpegEncoder, executable: str, *, needs_video: bool = T
     timing = None
     if isinstance(config.source, FileSource):
         timing = probe_file(executable, config.source.path, needs_video=needs_video, needs_audio=needs_audio)
-    return FfmpegPlan(executable, config, burn_in, live_url, timing)
+    threads = ffmpeg_threads(config.threads, cpu_quota(_read_text(CGROUP_CPU_MAX)), len(os.sched_getaffinity(0)))
+    log.info("ffmpeg.threads threads=%d setting=%s", threads, config.threads)
+    return FfmpegPlan(executable, config, burn_in, live_url, timing, threads)
+
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: this container's CPU quota and period
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def check_file_sources(profile: Profile) -> list[tuple[str, str]]:

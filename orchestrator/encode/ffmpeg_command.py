@@ -218,6 +218,29 @@ def _frame_counter(anchor: int) -> str:
             "boxcolor=black@0.6:boxborderw=6:x=(w-tw)/2:y=h/20")  # fmt: skip
 
 
+def cpu_quota(cpu_max: str | None) -> Fraction | None:
+    """The CPUs a cgroup v2 ``cpu.max`` allows (``"200000 100000"``: 2), None for no quota
+    (``"max 100000"``), no file, or text that is not a quota."""
+    if cpu_max is None:
+        return None
+    parts = cpu_max.split()
+    if len(parts) != 2 or not parts[0].isdigit() or not parts[1].isdigit() or int(parts[1]) == 0:
+        return None
+    return Fraction(int(parts[0]), int(parts[1]))
+
+
+def ffmpeg_threads(setting: int | str, quota: Fraction | None, usable_cpus: int) -> int:
+    """Threads for one ffmpeg instance. x264 and the filter graph size their pools to the cores
+    the machine has, which in a container are the node's (dozens), not the CPU limit: the CFS
+    quota then throttles them all together and the live encoder falls behind the clock. ``auto``
+    is the quota rounded up (at least 1), else the CPUs this process may run on."""
+    if setting != "auto":
+        return int(setting)
+    if quota is not None:
+        return max(1, min(usable_cpus, -(-quota.numerator // quota.denominator)))
+    return max(1, usable_cpus)
+
+
 def build_argv(
     executable: str | Path,
     profile: Profile,
@@ -231,13 +254,15 @@ def build_argv(
     files: FileInputs | None = None,
     live_offset: int | None = None,
     probe_delivered: bool = False,
+    threads: int | None = None,
 ) -> list[str]:
     """The whole argv. ``anchors[i]`` is the shared frame that encode i's first output frame is;
     ``files`` the ffconcat lists a file source is read through (:func:`file_playlists`);
     ``live_offset`` the effective offset of a live source's lock (:class:`LiveLock.effective`);
     ``probe_delivered``: the first video encode's fragment-opening frames pass a ``showinfo``
     (on stderr, at info level: the frame's ``pts`` is its output frame, ``pos`` the byte position
-    of the file packet it was decoded from), so the content offset is measured, not restated."""
+    of the file packet it was decoded from), so the content offset is measured, not restated.
+    ``threads`` bounds the encoders' and the filter graph's threads (:func:`ffmpeg_threads`)."""
     video = [(e, a) for e, a in zip(encodes, anchors, strict=True) if e.is_video]
     audio = [(e, a) for e, a in zip(encodes, anchors, strict=True) if not e.is_video]
     video_input = "0:v:0"
@@ -309,6 +334,8 @@ def build_argv(
     level = "level+info" if probe_delivered or (isinstance(source, LiveSource) and video) else "level+warning"
     argv = [str(executable), "-hide_banner", "-nostdin", "-nostats", "-loglevel", level]
     argv += _inputs(source, video, audio, live_url, files, burn_in)
+    if threads is not None:
+        argv += ["-filter_complex_threads", str(threads)]
     argv += ["-filter_complex", ";".join(graph)]
     for i in range(len(video)):
         argv += ["-map", f"[v{i}]"]
@@ -326,6 +353,8 @@ def build_argv(
                  f"-force_key_frames:v:{i}", keyframe_expression(e.clock, anchor)]  # fmt: skip
     if audio:
         argv += ["-c:a", "aac"]
+    if threads is not None:
+        argv += ["-threads", str(threads)]
     for i, (e, _) in enumerate(audio):
         argv += [f"-b:a:{i}", str(e.track.bitrate)]
     # ffmpeg's own fragments: one at every video keyframe (our fragment boundaries: the last frame

@@ -9,6 +9,7 @@ under the Pod Security "restricted" profile, and the PrometheusRule carries the 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import shutil
 import subprocess
@@ -36,6 +37,7 @@ from kube import (
 from promkit import tool
 
 from orchestrator.encode.ffmpeg import TERMINATE_GRACE
+from orchestrator.encode.ffmpeg_command import cpu_quota, ffmpeg_threads
 from orchestrator.ops.listener import ROUTES
 from orchestrator.profile import parse_listen, parse_profile
 from orchestrator.supervisor import UpOptions
@@ -317,6 +319,21 @@ def test_guaranteed_qos_and_a_priority_class(overlay: Path):
     assert priority["metadata"]["name"] == name
     assert priority["value"] >= 1_000_000
     assert not priority.get("globalDefault", False)
+
+
+@overlays
+def test_ffmpeg_threads_are_bounded_by_the_pods_cpu_limit(overlay: Path):
+    """Each ffmpeg runs as many threads as the pod's CPU limit allows (the cgroup quota that
+    limit becomes, read by ``threads = "auto"``), not as many as the node has cores."""
+    objects = render(overlay)
+    limit = quantity(container(objects)["resources"]["limits"]["cpu"])
+    quota = f"{int(limit * 100_000)} 100000"  # what the kubelet writes to cpu.max for that limit
+    for name, group in profile_of(objects).groups.items():
+        encoder = group.encoder
+        if getattr(encoder, "backend", None) != "ffmpeg":
+            continue
+        threads = ffmpeg_threads(encoder.threads, cpu_quota(quota), usable_cpus=64)  # a 64-core node
+        assert threads <= max(1, math.ceil(limit)), f"group {name}: {threads} ffmpeg threads for {limit} CPU"
 
 
 # --- probes, graceful stop ------------------------------------------------------------------------------

@@ -5,13 +5,21 @@ from __future__ import annotations
 import logging
 import signal
 import stat
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import trio
 
 from orchestrator.encode.ffmpeg import STDERR_BURST, STDERR_PERIOD, FfmpegExited, _StderrLog, find_ffmpeg
-from orchestrator.encode.ffmpeg_command import FileInputs, build_argv, keyframe_expression, plan_encodes
+from orchestrator.encode.ffmpeg_command import (
+    FileInputs,
+    build_argv,
+    cpu_quota,
+    ffmpeg_threads,
+    keyframe_expression,
+    plan_encodes,
+)
 from orchestrator.errors import EncoderError, ProfileError
 from orchestrator.profile import FileSource, LiveSource, PatternSource, load_profile, parse_profile
 from orchestrator.testing import profiles
@@ -272,3 +280,51 @@ async def test_a_probed_file_source_reports_each_fragments_first_picture_and_the
     log.line("[h264 @ 0x1] [warning] something")
     assert seen == [(250, 123456)]
     assert list(log.tail) == ["[h264 @ 0x1] [warning] something"]  # info lines are not ffmpeg's last words
+
+
+# --- ffmpeg threads bounded to the CPUs the process may use (issue 19: a 1-CPU pod on a big node) --
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "quota"),
+    [("200000 100000\n", Fraction(2)), ("150000 100000", Fraction(3, 2)), ("max 100000\n", None), (None, None),
+     ("", None), ("garbage", None), ("100000 0", None)],
+)  # fmt: skip
+def test_the_cgroup_quota_is_read_from_cpu_max(cpu_max, quota):
+    assert cpu_quota(cpu_max) == quota
+
+
+@pytest.mark.parametrize(
+    ("setting", "quota", "usable", "threads"),
+    [
+        ("auto", Fraction(1), 64, 1),  # a 1-CPU pod on a 64-core node: 1, not 64
+        ("auto", Fraction(3, 2), 64, 2),  # rounded up
+        ("auto", Fraction(1, 2), 64, 1),  # never 0
+        ("auto", Fraction(8), 4, 4),  # never more than the CPUs it may run on
+        ("auto", None, 6, 6),  # no quota: the CPUs of its affinity mask
+        (3, Fraction(1), 64, 3),  # the profile's number wins
+    ],
+)
+def test_ffmpeg_threads_follow_the_quota_not_the_node(setting, quota, usable, threads):
+    assert ffmpeg_threads(setting, quota, usable) == threads
+
+
+def test_the_thread_bound_reaches_the_argv_before_the_output():
+    profile = ladder()
+    encodes = plan_encodes(profile)
+    source = profile.groups["primary"].encoder.source
+    argv = build_argv("ffmpeg", profile, source, encodes, [100, 100, 200], preset="veryfast", burn_in=False, threads=2)
+    assert argv[argv.index("-threads") + 1] == "2"
+    assert argv[argv.index("-filter_complex_threads") + 1] == "2"
+    assert argv.index("-threads") > argv.index("-c:v")  # an output option: applies to the encoders
+    assert argv.index("-threads") < len(argv) - 1
+    unbounded = build_argv("ffmpeg", profile, source, encodes, [100, 100, 200], preset="veryfast", burn_in=False)
+    assert "-threads" not in unbounded
+    assert "-filter_complex_threads" not in unbounded
+
+
+def test_the_profile_takes_a_thread_count_or_auto():
+    assert ladder().groups["primary"].encoder.threads == "auto"
+    assert ladder(", threads = 2").groups["primary"].encoder.threads == 2
+    with pytest.raises(ProfileError, match=r"groups\.primary\.encoder"):
+        ladder(", threads = 0")

@@ -60,15 +60,17 @@ async def test_status_view_and_exit_codes(tmp_path: Path) -> None:
 
         # --watch redraws until Ctrl-C, then exits with the last state seen.
         env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
-        watch = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "orchestrator", "status", "--url", base_url, "--watch", "--interval", "0.2"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-        await trio.sleep(3)
-        watch.send_signal(signal.SIGINT)
-        with trio.fail_after(10):
-            assert await watch.wait() == 0
-        assert watch.stdout is not None
-        watched = (await watch.stdout.receive_some(1 << 20)).decode()
+        # Its output goes to a file: a pipe nobody reads fills up (64 KiB: a few seconds of
+        # redraws) and blocks the redraw, and then the Ctrl-C too.
+        with (tmp_path / "watch.out").open("wb") as output:
+            watch = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "orchestrator", "status", "--url", base_url, "--watch", "--interval", "0.2"],
+                stdout=output, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+            await trio.sleep(3)
+            watch.send_signal(signal.SIGINT)
+            with trio.fail_after(10):
+                assert await watch.wait() == 0
+        watched = (tmp_path / "watch.out").read_text()
         assert "region-b" in watched
 
         proxy.set_fault(Fault.DOWN)

@@ -92,7 +92,7 @@ class Paths:
 
 
 def _plan(path: str) -> RequestPlan:
-    return RequestPlan(per="segment", probe_first=False, header_on_every_request=False, path=path)
+    return RequestPlan(per="segment", probe_first=False, header_on_every_request=False, path=path, header_alone=True)
 
 
 PATH_SCHEMES: dict[str, Paths] = {

@@ -59,11 +59,11 @@ from typing import Literal
 from orchestrator.errors import BoxError, MediaError
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.boxes import MovieFragmentTemplate, Sample, TrackHeader, TrackRun
-from orchestrator.fmp4.reader import Header
+from orchestrator.fmp4.reader import Header, ManifestBox
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.tracks import TrackDescription
 from orchestrator.wire import smooth
-from orchestrator.wire.format import RequestPlan
+from orchestrator.wire.format import FragmentTiming, RequestPlan
 
 NS_PER_SECOND = 1_000_000_000
 NTP_UNIX_OFFSET = 2_208_988_800  # seconds from 1900-01-01 (NTP era 0) to 1970-01-01 (RFC 5905)
@@ -267,6 +267,42 @@ class Segmenter:
         return write_segment(fragment.index, run, timescale=fragment.timescale, last=last)
 
 
+# --- the receiver's rules ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CmafReceiverRules:
+    """What a CMAF publishing point checks of one track's ``moof`` + ``mdat`` (the receiver sees a
+    segment's boxes after :func:`split_segment`): no manifest box (the path names the track), the
+    index from ``mfhd``, the time from ``tfdt`` (which every traf must carry: ingest spec,
+    formatting media tracks 2). The archive's init segment is the CMAF header's ``ftyp`` and the
+    track's ``moov``."""
+
+    manifest: ManifestBox | None = None
+    require_manifest: bool = False
+
+    def track_names(self, header: Header) -> dict[int, str]:
+        return {}  # the archive names files track<ID>.mp4, in the track's own directory
+
+    def timing(self, traf: boxes.ParsedTraf, sequence_number: int) -> FragmentTiming:
+        return FragmentTiming(sequence_number, traf.base_time, traf.duration)
+
+    def problem(self, traf: boxes.ParsedTraf) -> str | None:
+        return None if traf.base_time is not None else "traf has no tfdt"
+
+    def init_segment(self, track: TrackHeader) -> bytes:
+        return write_ftyp() + boxes.write_moov([track])
+
+    def single_track_fragment(self, parsed: boxes.ParsedFragment, traf: boxes.ParsedTraf,
+                              timing: FragmentTiming) -> bytes:  # fmt: skip
+        assert timing.time is not None  # problem() refused a traf without tfdt
+        return boxes.write_movie_fragment(timing.index, [TrackRun(traf.track_id, timing.time, traf.samples,
+                                                                  timing.index)])  # fmt: skip
+
+
+RECEIVER = CmafReceiverRules()
+
+
 # --- the format -----------------------------------------------------------------------------
 
 
@@ -278,6 +314,7 @@ class CmafFormat:
 
     paths: Paths = field(default_factory=lambda: PATH_SCHEMES["streams"])
     name: str = "cmaf"
+    receiver: CmafReceiverRules = RECEIVER
 
     @property
     def plan(self) -> RequestPlan:

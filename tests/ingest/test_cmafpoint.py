@@ -6,12 +6,14 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.fmp4 import boxes
 from orchestrator.ingest.cmafpoint import Answer, CmafPath, CmafPoint, parse_path
 from orchestrator.ingest.receiver import Decision, StreamPath
+from orchestrator.ingest.server import IngestApp, serve_app
 from orchestrator.profile import load_profile
 from orchestrator.wire import cmaf
 
@@ -140,3 +142,35 @@ def test_a_late_segment_is_archived_and_counted(track: Track) -> None:
         assert send(point, archive, K + k, track.segment(k)).status == 200
     assert [d.fragment.index - K for d in archive.decisions] == [0, 2, 1]
     assert point.counts["late"] == 1
+
+
+# --- the server's CMAF route, over real HTTP on loopback ----------------------------------------
+
+
+async def test_the_server_takes_put_and_post_answers_412_405_400_and_archives(nursery, tmp_path: Path,
+                                                                              track: Track) -> None:  # fmt: skip
+    app = IngestApp(tmp_path / "archive")
+    host, port = await nursery.start(serve_app, app, "127.0.0.1", 0)
+    base = f"http://{host}:{port}/live/demo/video/video_360p"
+    async with httpx.AsyncClient() as client:
+
+        async def send_one(method: str, name: str, body: bytes) -> tuple[int, str]:
+            response = await client.request(method, f"{base}/{name}", content=body,
+                                            headers={"X-Encoder-Group": "primary"})  # fmt: skip
+            return response.status_code, response.text
+
+        assert (await send_one("PUT", f"{K}.m4s", track.segment(0)))[0] == 412
+        assert await send_one("PUT", "init.m4s", track.header) == (200, "")
+        assert await send_one("PUT", f"{K}.m4s", track.segment(0)) == (200, "")
+        assert await send_one("POST", f"{K + 1}.m4s", track.segment(1)) == (200, "")
+        assert (await send_one("POST", "init.m4s", track.source.header.data))[0] == 400  # a Smooth header
+        response = await client.get(f"{base}/init.m4s")
+        assert (response.status_code, response.headers["allow"]) == (405, "POST, PUT")
+        status = (await client.get(f"http://{host}:{port}/status")).json()
+    app.close()
+    assert status["cmaf"]["counts"] == {"headers": 1, "malformed": 1, "missing_init": 1, "segments": 2}
+    assert status["refusals"] == {"400": 1, "412": 1}
+    file = tmp_path / "archive" / "live" / "demo" / "video" / "video_360p" / "track1.mp4"
+    moov_track = boxes.parse_moov(track.header[28 + 8 :])[0]
+    assert file.read_bytes() == cmaf.RECEIVER.init_segment(moov_track) + b"".join(
+        cmaf.split_segment(track.segment(k)).fragment for k in range(2))  # fmt: skip

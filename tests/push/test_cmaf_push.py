@@ -16,7 +16,7 @@ import trio.testing
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.ops.httpserve import serve_asgi
 from orchestrator.ops.metrics import Metrics
-from orchestrator.profile import Endpoint, load_profile
+from orchestrator.profile import Endpoint, load_profile, parse_profile
 from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
 from orchestrator.push.fanout import FanOut
 from orchestrator.push.lifecycle import (
@@ -334,3 +334,57 @@ def test_a_header_alone_goes_with_one_request_per_segment_only():
     with pytest.raises(ValueError, match="goes with one request per segment"):
         RequestPlan(per="segment", probe_first=False, header_on_every_request=True, path="/{stream}/{track}",
                     header_alone=True)  # fmt: skip
+
+
+# --- a stream of several tracks -----------------------------------------------------------------
+
+TWO_TRACKS = DEMO.read_text().replace(
+    """  frame_rate = "30000/1001"
+""",
+    """  frame_rate = "30000/1001"
+  [[streams.tracks]]
+  kind = "audio"
+  name = "audio_eng"
+  bitrate = 128_000
+  sample_rate = 48000
+  channels = 2
+  language = "eng"
+""",
+    1,
+)
+
+
+async def test_each_track_of_a_stream_has_its_own_publisher_path_and_header(autojump_clock):
+    profile = parse_profile(TWO_TRACKS, now_ns=NOW_NS)
+    stream = profile.streams[0]
+    source = SyntheticStream(profile, stream)
+    endpoint = MemoryEndpoint()
+    fanout = FanOut("primary", Metrics())
+    board = fanout.add_stream(stream.id)
+    board.announce(source.header)
+    reboxer = Reboxer(profile.presentation.epoch_ns)
+    target = Endpoint(name="memory", region="test", url=BASE, format="cmaf", cmaf_paths="template")
+    tracks = list(zip(profile.track_ids(stream), ["video_360p", "audio_eng"], strict=True))
+    publishers = add_cmaf_publishers(fanout, board, tracks, target, reboxer=reboxer, limits=LIMITS,
+                                     metrics=fanout.metrics, settings=SETTINGS, connector=endpoint)  # fmt: skip
+    assert [p.labels[0] for p in publishers] == ["video-video_360p", "video-audio_eng"]  # distinct metric series
+    async with trio.open_nursery() as nursery:
+        for publisher in publishers:
+            nursery.start_soon(publisher.run)
+        for k in range(2):
+            for fragment in source.fragment(K + k):
+                fanout.fragment(fragment)
+        with trio.fail_after(60):
+            await endpoint.wait_for(lambda: sum(r.status == 200 for r in endpoint.requests) == 6)
+        nursery.cancel_scope.cancel()
+    segmenter = cmaf.Segmenter(profile.presentation.epoch_ns)
+    headers = segmenter.track_headers(source.header)
+    expected = {f"/in/v1/group/1/channel/video/{name}/init.m4s": headers[track_id][1].data
+                for track_id, name in tracks}  # fmt: skip
+    for k in range(2):
+        for fragment, (_, name) in zip(source.fragment(K + k), tracks, strict=True):
+            expected[f"/in/v1/group/1/channel/video/{name}/{K + k}.m4s"] = segmenter.segment(fragment)
+    assert {r.path.decode(): r.body for r in endpoint.requests} == expected
+    assert len(endpoint.requests) == 6  # each once
+    # Each track's header is that track alone.
+    assert [[t.track_id for t in headers[track_id][1].tracks] for track_id, _ in tracks] == [[1], [2]]

@@ -83,6 +83,7 @@ def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path
         assert status is not None
         assert status["cmaf"]["counts"].get("malformed", 0) == 0, status["cmaf"]["counts"]
         assert status["cmaf"]["counts"]["headers"] >= 4  # each group's header of each track
+        assert status["cmaf"]["counts"]["last_segments"] == 4  # SIGTERM: each group ended each track with lmsg
         assert status["publishing_points"] == {}  # nothing went the Smooth way
         for name, track in cmaf_tracks(status).items():
             timescale, frame = TRACKS[name]

@@ -13,7 +13,8 @@ takes each *track* on a path of its own, a CMAF header per track, one segment pe
   kept), so a stream with several CMAF endpoints pays one re-boxing per fragment;
 * :class:`TrackOutbox`, the route of one (track, endpoint): an :class:`EndpointOutbox` that
   takes the track's fragments only, re-boxed: the catch-up backlog, the forward buffer and
-  the resend rules of :mod:`orchestrator.push.outbox` hold as for Smooth, per track;
+  the resend rules of :mod:`orchestrator.push.outbox` hold as for Smooth, per track; when the
+  stream ends it sends the track's newest segment once more, labelled ``lmsg``;
 * :class:`TrackHeaderBoard`: the track's CMAF header, read from the stream's board;
 * :func:`add_cmaf_publishers`: the publishers of one (group, stream, endpoint), one per track,
   each with the format's request plan: its header alone to the header URL first and after any
@@ -33,6 +34,7 @@ Cancellation: nothing here runs a task; the publishers are run by the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -86,11 +88,21 @@ class TrackOutbox(EndpointOutbox):
         super().__init__(limits)
         self.track_id = track_id
         self.reboxer = reboxer
+        self._newest: EncodedFragment | None = None
 
     def push(self, fragment: EncodedFragment) -> list[EncodedFragment]:
         if fragment.track_id != self.track_id:
             return []
-        return super().push(self.reboxer.segment(fragment))
+        self._newest = self.reboxer.segment(fragment)
+        return super().push(self._newest)
+
+    def close(self) -> None:
+        """End the track: its newest segment goes (again) with ``lmsg`` (ingest spec
+        Interface-1 18: the receiver then expects no more), then the outbox closes. The
+        segment may already have been sent: a receiver drops the copy as a duplicate."""
+        if self._newest is not None and not self.outbox.closed:
+            super().push(dataclasses.replace(self._newest, data=cmaf.mark_last(self._newest.data)))
+        super().close()
 
 
 class TrackHeaderBoard(HeaderBoard):

@@ -168,6 +168,14 @@ def write_styp(last: bool = False) -> bytes:
     return boxes.box(b"styp", b"cmfs", struct.pack(">I", 0), *brands)
 
 
+def mark_last(segment: bytes) -> bytes:
+    """``segment`` (as :func:`write_segment` wrote it) with ``lmsg`` added to its ``styp``."""
+    plain = write_styp()
+    if not segment.startswith(plain):
+        raise ValueError("the segment does not open with the plain CMAF styp")
+    return write_styp(last=True) + segment[len(plain) :]
+
+
 def write_prft(track_id: int, unix_ns: int, media_time: int) -> bytes:
     """``prft`` (ISO/IEC 14496-12 8.16.5), version 1 (64-bit media_time), flags 0: the wall-clock
     instant ``unix_ns`` stands for ``media_time`` of ``track_id``."""

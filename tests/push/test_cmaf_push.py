@@ -306,7 +306,8 @@ async def test_over_loopback_header_then_segments_and_a_412_resends_the_header()
     header = ("POST", "/cmaf/video/video_360p/init.m4s", rig.header, 200)
     refused = recorder.requests[2]
     assert refused[1::2] == (f"/cmaf/video/video_360p/{K + 1}.m4s", 412)
-    assert recorder.requests == [header, seg(0), refused, header, seg(0), seg(1), seg(2)]
+    last = ("POST", f"/cmaf/video/video_360p/{K + 2}.m4s", cmaf.mark_last(rig.segment(2)), 200)  # the stream ended
+    assert recorder.requests == [header, seg(0), refused, header, seg(0), seg(1), seg(2), last]
 
 
 # --- the lifecycle's rule, step by step --------------------------------------------------------
@@ -388,3 +389,23 @@ async def test_each_track_of_a_stream_has_its_own_publisher_path_and_header(auto
     assert len(endpoint.requests) == 6  # each once
     # Each track's header is that track alone.
     assert [[t.track_id for t in headers[track_id][1].tracks] for track_id, _ in tracks] == [[1], [2]]
+
+
+async def test_the_end_of_the_stream_sends_the_newest_segment_again_with_lmsg(autojump_clock):
+    rig = Rig(MemoryEndpoint())
+    returned = trio.Event()
+
+    async def publish():
+        await rig.publisher.run()
+        returned.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publish)
+        rig.push(0, 1)
+        rig.fanout.close()  # a graceful stop: what is pending goes out, then the publisher returns
+        with trio.fail_after(60):
+            await returned.wait()
+    assert rig.sent() == [(HEADER_PATH, rig.header, 200), (segment_path(0), rig.segment(0), 200),
+                          (segment_path(1), rig.segment(1), 200),
+                          (segment_path(1), cmaf.mark_last(rig.segment(1)), 200)]  # fmt: skip
+    assert cmaf.split_segment(rig.sent()[-1][1]).last

@@ -237,3 +237,11 @@ def test_the_segmenter_refuses_what_it_cannot_rebox() -> None:
         cmaf.Segmenter(0).segment(type(fragment)("video", 1, 0, 0, 1, 90000, two))
     with pytest.raises(MediaError, match="not a complete Smooth header"):
         cmaf.Segmenter(0).track_headers(StreamHeader("video", source.header.tracks, source.header.data[:-1]))
+
+
+def test_marking_the_last_segment_adds_lmsg_to_its_styp() -> None:
+    run = TrackRun(1, 0, [Sample(b"\x01" * 10, 1500)], 3)
+    assert cmaf.mark_last(cmaf.write_segment(3, run, timescale=90_000)) == cmaf.write_segment(3, run, timescale=90_000,
+                                                                                              last=True)  # fmt: skip
+    with pytest.raises(ValueError, match="plain CMAF styp"):
+        cmaf.mark_last(boxes.write_movie_fragment(3, [run]))

@@ -134,6 +134,9 @@ class _Planned:
                 if options.local_ingest is not None and not endpoint.is_loopback:
                     problems.append((f"{key_path}.url", "--local-ingest serves loopback endpoints only; "
                                                         f"{endpoint.url} is not on this host"))  # fmt: skip
+                if options.local_ingest is not None and endpoint.format == "cmaf" and endpoint.cmaf_paths != "template":
+                    problems.append((f"{key_path}.cmaf_paths", 'the local publishing point takes CMAF on '
+                                     'cmaf_paths = "template" only (a Streams() path is Smooth\'s there)'))  # fmt: skip
         if problems:
             raise ProfileError(options.profile_path, problems)
         self.metrics = metrics

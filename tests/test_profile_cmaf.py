@@ -91,3 +91,17 @@ def test_streams_paths_must_name_every_track_once() -> None:
     assert reason == (
         'two tracks would share the path Streams(video-video-360p); rename one or use cmaf_paths = "template"'
     )
+
+
+def test_local_ingest_takes_cmaf_on_template_paths_only(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    profile = tmp_path / "cmaf.toml"
+    profile.write_text(edited((REGION_A, REGION_A + '  format = "cmaf"\n')))
+    result = subprocess.run([sys.executable, "-m", "orchestrator", "up", str(profile), "--local-ingest",
+                             str(tmp_path / "archive"), "--duration", "1"], capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert ('groups.primary.endpoints[0].cmaf_paths: the local publishing point takes CMAF on cmaf_paths = '
+            '"template" only') in result.stderr  # fmt: skip

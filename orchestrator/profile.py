@@ -38,6 +38,7 @@ from pydantic import (
     StrictBool,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -288,6 +289,17 @@ class Endpoint(_Model):
     """An ingest publishing point, e.g. ``https://ingest.example.net/live/event.isml``."""
 
     name: str = Field(pattern=NAME_PATTERN)
+    # Before url, whose check depends on it.
+    format: Literal["smooth", "cmaf"] = Field(
+        default="smooth",
+        description="wire format: Smooth Streaming live ingest, or CMAF ingest (DASH-IF Interface-1); "
+        "see orchestrator.wire",
+    )
+    cmaf_paths: Literal["streams", "template"] = Field(
+        default="streams",
+        description="CMAF request paths: /Streams(<stream>-<track>), or /<stream>/<track>/init.m4s and "
+        "/<stream>/<track>/<index>.m4s (orchestrator.wire.cmaf.PATH_SCHEMES)",
+    )
     url: str
     region: str = Field(pattern=NAME_PATTERN)
     credentials: Credentials | None = None
@@ -298,7 +310,7 @@ class Endpoint(_Model):
 
     @field_validator("url")
     @classmethod
-    def _publishing_point(cls, value: str) -> str:
+    def _publishing_point(cls, value: str, info: ValidationInfo) -> str:
         parts = urlsplit(value)
         # First, so that no later message (they quote the URL) repeats a password.
         if parts.username or parts.password:
@@ -309,7 +321,9 @@ class Endpoint(_Model):
             raise ValueError(f"{value!r} has no host")
         if parts.query or parts.fragment:
             raise ValueError("the publishing point URL takes no query or fragment")
-        if not parts.path.endswith(".isml"):
+        # A Smooth publishing point ends in .isml; a CMAF one is any base URL (MediaPackage v2:
+        # .../in/v1/<group>/1/<channel>). No check while the format itself is invalid.
+        if info.data.get("format") == "smooth" and not parts.path.endswith(".isml"):
             raise ValueError(f"{value!r} must be a publishing point ending in .isml, e.g. .../live/event.isml")
         try:
             _ = parts.port
@@ -704,6 +718,7 @@ def runnable_problems(profile: Profile, now_ns: int) -> list[tuple[str, str]]:
                 f"(32 bits, {UINT32_MAX})",
             )
         )
+    problems += _cmaf_problems(profile)
     for i, stream in enumerate(profile.streams):
         for j, track in enumerate(stream.tracks):
             timescale = track.clock_timescale(p)
@@ -720,6 +735,29 @@ def runnable_problems(profile: Profile, now_ns: int) -> list[tuple[str, str]]:
                         f"times within {RUN_YEARS} years from now would exceed tfxd's 64 bits",
                     )
                 )
+    return problems
+
+
+def _cmaf_problems(profile: Profile) -> list[tuple[str, str]]:
+    """What CMAF endpoints need of the presentation: times counted from 1970 in whole ticks of
+    every track's timescale (orchestrator.wire.cmaf.epoch_ticks), and, for the Streams() path
+    scheme, one name per (stream, track) (``<stream>-<track>``: names may hold "-" themselves)."""
+    p = profile.presentation
+    endpoints = [(name, i, e) for name, g in profile.groups.items() for i, e in enumerate(g.endpoints)
+                 if e.format == "cmaf"]  # fmt: skip
+    if not endpoints:
+        return []
+    problems: list[tuple[str, str]] = []
+    for timescale in sorted({t.clock_timescale(p) for s in profile.streams for t in s.tracks}):
+        if p.epoch_ns * timescale % 10**9:
+            problems.append(("presentation.epoch", f"{p.epoch.isoformat()} does not fall on a tick of timescale "
+                             f"{timescale}, so CMAF times (ticks since 1970) could not be exact"))  # fmt: skip
+    names = [f"{s.id}-{t.name}" for s in profile.streams for t in s.tracks]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    for group, i, endpoint in endpoints:
+        if endpoint.cmaf_paths == "streams" and clashes:
+            problems.append((f"groups.{group}.endpoints[{i}].cmaf_paths", "two tracks would share the path "
+                             f"Streams({clashes[0]}); rename one or use cmaf_paths = \"template\""))  # fmt: skip
     return problems
 
 

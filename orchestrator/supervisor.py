@@ -55,6 +55,7 @@ from orchestrator.ops.openfiles import ensure_open_files, files_needed
 from orchestrator.ops.state import EncoderState, GroupState, LiveState
 from orchestrator.ops.view import StatusView
 from orchestrator.profile import FfmpegEncoder, Profile, parse_listen
+from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
 from orchestrator.push.connection import FILES_PER_PUBLISHER, Connector
 from orchestrator.push.connection import tls_context as tls_context  # re-exported: tests and callers use it from here
 from orchestrator.push.fanout import FanOut
@@ -132,6 +133,9 @@ class _Planned:
                 if options.local_ingest is not None and not endpoint.is_loopback:
                     problems.append((f"{key_path}.url", "--local-ingest serves loopback endpoints only; "
                                                         f"{endpoint.url} is not on this host"))  # fmt: skip
+                if options.local_ingest is not None and endpoint.format == "cmaf" and endpoint.cmaf_paths != "template":
+                    problems.append((f"{key_path}.cmaf_paths", 'the local publishing point takes CMAF on '
+                                     'cmaf_paths = "template" only (a Streams() path is Smooth\'s there)'))  # fmt: skip
         if problems:
             raise ProfileError(options.profile_path, problems)
         self.metrics = metrics
@@ -339,17 +343,26 @@ async def _run_groups(
             board = fanout.add_stream(stream.id)
             states[stream.id] = EncoderState(group_name, stream.id)
             running.encoders.append(states[stream.id])
+            reboxer = Reboxer(profile.presentation.epoch_ns)  # CMAF endpoints: one re-boxing per fragment
             for i, endpoint in enumerate(group.endpoints):
-                outbox = EndpointOutbox(limits)
-                publisher = Publisher(
-                    group=group_name, stream_id=stream.id, endpoint=endpoint, header=board,
-                    outbox=outbox, metrics=metrics, settings=plan.settings, connector=connector,
-                    authorization=plan.auth[(group_name, i)], connect_slots=connect_slots,
-                    idle_sweeper=idle_sweeper)  # fmt: skip
-                publishers.append(publisher)
-                metrics.initialise_endpoint(publisher.labels)
-                running.publishers.append(publisher.state)
-                fanout.add_route(stream.id, outbox, publisher.state, publisher.labels)
+                if endpoint.format == "cmaf":  # a publisher per track (orchestrator.push.cmafroute)
+                    tracks = list(zip(profile.track_ids(stream), [t.name for t in stream.tracks], strict=True))
+                    added = add_cmaf_publishers(
+                        fanout, board, tracks, endpoint, reboxer=reboxer, limits=limits, metrics=metrics,
+                        settings=plan.settings, connector=connector, authorization=plan.auth[(group_name, i)],
+                        connect_slots=connect_slots, idle_sweeper=idle_sweeper)  # fmt: skip
+                else:
+                    outbox = EndpointOutbox(limits)
+                    added = [Publisher(
+                        group=group_name, stream_id=stream.id, endpoint=endpoint, header=board,
+                        outbox=outbox, metrics=metrics, settings=plan.settings, connector=connector,
+                        authorization=plan.auth[(group_name, i)], connect_slots=connect_slots,
+                        idle_sweeper=idle_sweeper)]  # fmt: skip
+                    fanout.add_route(stream.id, outbox, added[0].state, added[0].labels)
+                for publisher in added:
+                    publishers.append(publisher)
+                    metrics.initialise_endpoint(publisher.labels)
+                    running.publishers.append(publisher.state)
         encoder = GroupEncoder(
             group=group_name, profile=profile, runner=plan.runner(group_name, wall), fanout=fanout,
             states=states, metrics=metrics, wall=wall, restored=plan.restored[group_name],

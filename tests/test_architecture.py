@@ -41,6 +41,7 @@ PURE_CORE = [
     "fmp4/stream",
     "wire/format",
     "wire/smooth",
+    "wire/cmaf",
     "push/outbox",
     "push/reconnect",
     "push/lifecycle",

@@ -10,6 +10,8 @@ Routes:
     limit exceeded (the reason names the limit), 408 when no body bytes arrive for
     ``body_timeout`` seconds, 503 with ``Retry-After`` when the memory budget across POSTs is
     used up, 500 when an archive write fails (the reason names no absolute path).
+  * ``POST`` or ``PUT /<point path>/<stream>/<track>/init.m4s`` and ``.../<n>.m4s``: CMAF ingest
+    (DASH-IF Interface-1), one CMAF header or segment per request: :mod:`orchestrator.ingest.cmafpoint`.
   * ``GET /status``: the receiver's counters as JSON; ``GET /status?posts=1`` adds the per-POST log.
   * anything else: 404, or 405 for a known path with the wrong method.
 
@@ -42,6 +44,9 @@ import trio
 
 from orchestrator.errors import IngestOverloaded, MediaError
 from orchestrator.fmp4.reader import NEED_DATA
+from orchestrator.ingest.cmafpoint import MAX_BODY as MAX_CMAF_BODY
+from orchestrator.ingest.cmafpoint import Answer, CmafPath, CmafPoint
+from orchestrator.ingest.cmafpoint import parse_path as parse_cmaf_path
 from orchestrator.ingest.receiver import (
     DEFAULT_MEMORY_BUDGET,
     ArchiveWrite,
@@ -166,6 +171,7 @@ class IngestApp:
         self.fail_with: int | None = None
         self.connections = ConnectionStats()  # filled in by the listener serve_app starts
         self.refusals: Counter[str] = Counter()  # answers other than 200, by status code
+        self.cmaf = CmafPoint()  # CMAF ingest (orchestrator.ingest.cmafpoint): its own publishing point
 
     def close(self) -> None:
         """Close the archive files (they are flushed after every fragment already)."""
@@ -183,9 +189,14 @@ class IngestApp:
             status = self.point.status(posts=query.get("posts", ["0"])[0] not in ("", "0"))
             status["connections"] = dataclasses.asdict(self.connections)
             status["refusals"] = dict(sorted(self.refusals.items()))
+            status["cmaf"] = self.cmaf.status(posts=query.get("posts", ["0"])[0] not in ("", "0"))
             await _respond(send, 200, json.dumps(status, indent=2) + "\n", "application/json")
             return
         try:
+            cmaf_path = parse_cmaf_path(path)
+            if cmaf_path is not None:
+                await self._cmaf(cmaf_path, scope, receive, send)
+                return
             stream = parse_stream_path(path)
         except ValueError as exc:
             logger.warning("ingest.request.refused path=%r reason=%r", path, str(exc))
@@ -211,6 +222,43 @@ class IngestApp:
                 self.refusals[str(answer[0])] += 1
             if answer is not None:
                 await _respond(send, answer[0], answer[1], retry_after="5" if answer[0] == 503 else None)
+
+    async def _cmaf(self, path: CmafPath, scope: Scope, receive: Receive, send: Send) -> None:
+        """One CMAF request (POST or PUT): the whole body (at most MAX_BODY bytes, each part
+        within ``body_timeout``), then the CMAF point's answer. Cancellation: the request is
+        dropped unanswered; nothing of it was archived."""
+        if scope["method"] not in ("POST", "PUT"):
+            await _respond(send, 405, "CMAF ingest URLs take POST or PUT\n", allow="POST, PUT")
+            return
+        if self.fail_with is not None:
+            await _respond(send, self.fail_with, f"fail mode: {self.fail_with}\n")
+            return
+        body = bytearray()
+        with trio.move_on_after(self.body_timeout) as waiting:
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                body += message.get("body", b"")
+                waiting.deadline = trio.current_time() + self.body_timeout
+                if len(body) > MAX_CMAF_BODY:
+                    answer = Answer(413, f"a CMAF request body is at most {MAX_CMAF_BODY} bytes\n")
+                    break
+                if not message.get("more_body", False):
+                    try:
+                        answer = self.cmaf.request(path, bytes(body), _header(scope, b"x-encoder-group"),
+                                                   self.clock(), self._apply)  # fmt: skip
+                    except OSError as exc:
+                        logger.error("ingest.archive.write_failed path=%s error=%s", scope["path"], exc)
+                        answer = Answer(500, f"archive write failed: {exc.strerror or 'see the server log'}\n")
+                    break
+        if waiting.cancelled_caught:
+            answer = Answer(408, f"no body bytes for {self.body_timeout:g} s (the body timeout)\n")
+        if answer.status != 200:
+            self.refusals[str(answer.status)] += 1
+            logger.warning("ingest.cmaf.refused path=%s status=%d reason=%r", scope["path"], answer.status,
+                           answer.text.strip())  # fmt: skip
+        await _respond(send, answer.status, answer.text)
 
     async def _ingest(self, post: Post, receive: Receive, server: str) -> tuple[int, str] | None:
         """Feed the body to ``post`` until it ends; the answer to send, or None if the client

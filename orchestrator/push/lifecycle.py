@@ -38,6 +38,9 @@ requests, so that a format with one request per segment (CMAF ingest) is a diffe
   probe; a failure starts a new session (probe again if ``probe_first``).
 * ``header_on_every_request``: the stream header opens every request; if False, only the first
   request of a session carries it.
+* ``header_alone`` (CMAF ingest): that first request carries the header and nothing else; it is
+  finished (reason ``header``) once the header is written, and the next request carries the
+  first fragment. :attr:`Lifecycle.header_due` tells the shell which request comes next.
 
 The URL of each request is the shell's (today one URL per stream; a per-segment format names
 each segment's URL through the wire format).
@@ -218,7 +221,7 @@ class Wait(Action):
 class Finish(Action):
     """End the body (the zero-length chunk) and await the answer for ``within`` seconds."""
 
-    reason: Literal["end_of_stream", "idle", "header_changed", "segment"]
+    reason: Literal["end_of_stream", "idle", "header_changed", "segment", "header"]
     within: float
 
 
@@ -287,6 +290,7 @@ class Lifecycle:
         self._failed_since_request = False  # the next request counts as a reconnect
         self._session = False  # per segment: a request succeeded since the last failure or idle spell
         self._header_sent = False  # the stream header went out in this session
+        self._header_alone = False  # the open request carries the header alone
 
     def handle(self, event: Event, now: float) -> Action:
         """The action that follows ``event`` at ``now``; updates the state.
@@ -322,16 +326,23 @@ class Lifecycle:
         reconnect, self._failed_since_request = self._failed_since_request, False
         return OPEN_AFTER_FAILURE if reconnect else OPEN
 
+    @property
+    def header_due(self) -> bool:
+        """The next request carries the stream header (with ``header_alone``: only the header)."""
+        return self.plan.header_on_every_request or not self._header_sent
+
     def _opened(self, event: Opened, now: float) -> Action:
         self.state = State.POSTING
         self.idle_at = now + self.settings.idle_timeout
-        with_header = self.plan.header_on_every_request or not self._header_sent
-        return SEND_HEAD_AND_HEADER if with_header else SEND_HEAD_ONLY
+        self._header_alone = self.plan.header_alone and self.header_due
+        return SEND_HEAD_AND_HEADER if self.header_due else SEND_HEAD_ONLY
 
     # --- POSTING: the hot path (one Ready and one Written per fragment) ---------------------
 
     def _header_sent_event(self, event: HeaderSent, now: float) -> Action:
         self._header_sent = True
+        if self._header_alone:
+            return self._finish("header")
         return NEXT
 
     def _ready(self, event: Ready, now: float) -> Action:
@@ -359,7 +370,7 @@ class Lifecycle:
     def _answered_mid_body(self, event: Answered, now: float) -> Action:
         return self._fail(answered_mid_body(self.url, event.status, event.reason))
 
-    def _finish(self, reason: Literal["end_of_stream", "idle", "header_changed", "segment"]) -> Action:
+    def _finish(self, reason: Literal["end_of_stream", "idle", "header_changed", "segment", "header"]) -> Action:
         self.state = State.FINISHING
         return Finish(reason, self.settings.response_timeout)
 
@@ -370,7 +381,8 @@ class Lifecycle:
         if error is not None:
             return self._fail(error)
         self.state = State.IDLE
-        self.consecutive_failures = 0
+        if not self._header_alone:  # a header alone is no progress: a path that takes headers but
+            self.consecutive_failures = 0  # breaks every segment must back off, not retry at once forever
         # One long request per stream: the next one is a new session (probe, header). Per
         # segment, the session goes on.
         self._session = self.plan.per == "segment"

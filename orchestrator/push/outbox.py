@@ -159,6 +159,10 @@ class Outbox:
             self.resent += 1
         return item
 
+    def peek(self) -> EncodedFragment | None:
+        """The fragment ``take`` would return next, or None."""
+        return self._pending[0].fragment if self._pending else None
+
     def written(self) -> None:
         """The fragment last taken was written completely to the POST. Until then it is *in
         flight*: a rewind always sends it again, on top of the last fragments written."""

@@ -39,11 +39,12 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
 from orchestrator.errors import EndpointError, EndpointNotFound, EndpointUnauthorized
-from orchestrator.fmp4.stream import StreamHeader
+from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.ops.metrics import LabelledChildren, Metrics
 from orchestrator.ops.state import PublisherState
 from orchestrator.profile import Endpoint
@@ -112,6 +113,7 @@ class Publisher:
         idle_sweeper: IdleSweeper | None = None,
         plan: RequestPlan = SMOOTH,
         url: str | None = None,
+        segment_url: Callable[[EncodedFragment], str] | None = None,
     ) -> None:
         self.group = group
         self.stream_id = stream_id
@@ -125,6 +127,11 @@ class Publisher:
             url = plan.url(endpoint.url, stream_id)
         self.url = url
         self.target = Target.parse(self.url)
+        # Per segment (CMAF ingest): each fragment's request goes to segment_url(fragment), the
+        # header alone to ``url``; see _target_for_request.
+        self.segment_url = segment_url
+        self._planned: EncodedFragment | None = None  # the fragment the open request's URL names
+        self._request_url = self.url  # the last request's URL (per segment, the segment's), for the log
         self.header = header
         self.outbox = outbox
         self.metrics = metrics
@@ -216,7 +223,7 @@ class Publisher:
         # The status names the endpoint, not its URL (which a profile may make long or sensitive).
         self.state.record_failure(failure.value, str(exc).removeprefix(f"{exc.url}: "), time.time())
         self.metrics.post_failures.labels(*self.labels, failure.value).inc()
-        fields = f"{self._log_fields()} status={exc.status_code} url={self.url}"
+        fields = f"{self._log_fields()} status={exc.status_code} url={self._request_url}"
         if isinstance(exc, EndpointUnauthorized):
             log.error("publisher.unauthorized %s hint=%s", fields,
                       "check the endpoint's [credentials] (password_env / token_env)")  # fmt: skip
@@ -229,8 +236,22 @@ class Publisher:
     def _request_headers(self, close: bool = False) -> list[tuple[str, str]]:
         return [*self._headers, ("Connection", "close")] if close else self._headers
 
-    async def _connect(self) -> Connection:
-        return await self.connector.connect(self.target, self.endpoint.ca_file, within=self.settings.connect_timeout)
+    async def _connect(self, target: Target | None = None) -> Connection:
+        target = target or self.target
+        return await self.connector.connect(target, self.endpoint.ca_file, within=self.settings.connect_timeout)
+
+    def _target_for_request(self) -> Target:
+        """The next request's target: ``url`` unless segments have URLs of their own and the
+        request carries a fragment (not the header alone), whose URL names the next fragment
+        pending. Should the backlog's bound drop that fragment while the request connects, the
+        fragment taken is not the one named, and the request fails before writing it (see
+        _exchange): it goes back to the outbox and the next request names it."""
+        self._planned = None
+        if self.segment_url is None or (self.lifecycle.header_due and self.lifecycle.plan.header_alone):
+            return self.target
+        self._planned = self.outbox.outbox.peek()
+        assert self._planned is not None  # a request opens only when a fragment is pending
+        return Target.parse(self.segment_url(self._planned))
 
     async def _probe(self) -> Event:
         """The empty-body POST (spec 4, requirement 1): cheap, and fails fast on bad URLs and
@@ -267,12 +288,14 @@ class Publisher:
         if opening.reconnect:
             self.state.reconnects += 1
             self.metrics.reconnects.labels(*self.labels).inc()
-        log.info("publisher.post.started %s url=%s backlog=%d", self._log_fields(), self.url,
-                 len(self.outbox.outbox))  # fmt: skip
         self._answer = None
         self._answered = trio.Event()
+        target = self._target_for_request()
+        self._request_url = target.url
+        log.info("publisher.post.started %s url=%s backlog=%d", self._log_fields(), target.url,
+                 len(self.outbox.outbox))  # fmt: skip
         try:
-            connection = await self._connect()
+            connection = await self._connect(target)
         except EndpointError as exc:
             return machine.handle(Failed(exc), trio.current_time())
         # up shares one sweeper among its publishers; a publisher on its own runs one for itself.
@@ -310,6 +333,10 @@ class Publisher:
                 if action is SEND_FRAGMENT:
                     item = box.take()
                     assert item is not None  # the lifecycle asks only after READY
+                    if self._planned is not None and item.fragment is not self._planned:
+                        raise EndpointError(self._request_url, f"fragment {self._planned.index} was dropped from "
+                                            "the backlog before its request was sent; the next request names the next "
+                                            "one")  # fmt: skip
                     self._update_backlog()
                     box.observe_unacked(connection.unacked_bytes())
                     await connection.send_chunk(item.fragment.data, timeout, checkpoint=not waited)

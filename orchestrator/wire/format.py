@@ -47,12 +47,16 @@ class RequestPlan:
     ``header_on_every_request``: each request body opens with the stream header.
     ``path``: appended to the endpoint's base URL; ``{stream}``, and for a per-segment plan
     ``{track}`` (a track name) and optionally ``{index}`` (the fragment index), are filled in.
+    ``header_alone``: the header travels as a request of its own (CMAF ingest: a track's CMAF
+    header is POSTed before its first segment and again after any failure), never before a
+    fragment in the same body.
     """
 
     per: Literal["stream", "segment"]
     probe_first: bool
     header_on_every_request: bool
     path: str
+    header_alone: bool = False
 
     def __post_init__(self) -> None:
         if self.per not in ("stream", "segment"):
@@ -64,6 +68,8 @@ class RequestPlan:
             raise ValueError("a per-stream request plan has one URL per stream: no {track} or {index}")
         if self.per == "segment" and "{track}" not in self.path:
             raise ValueError("a per-segment request plan needs {track} in its path")
+        if self.header_alone and (self.per != "segment" or self.header_on_every_request):
+            raise ValueError("a header alone on its request goes with one request per segment, sent once a session")
 
     def url(self, base: str, stream_id: str, track: str | None = None, index: int | None = None) -> str:
         """The URL of a request for ``stream_id`` (and, per segment, ``track``'s fragment

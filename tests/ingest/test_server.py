@@ -197,7 +197,10 @@ async def test_other_routes(server: Server) -> None:
     assert status == {"posts": {"total": 0, "active": 0}, "probes": 0, "publishing_points": {}, "post_log": [],
                       "memory": {"budget": DEFAULT_MEMORY_BUDGET, "reserved": 0, "refusals": 0},
                       "connections": {"max_connections": 512, "open": 1, "refused": 0, "fd_exhausted_episodes": 0},
-                      "refusals": {}}  # the one connection of this client; 404 and 405 are not refusals  # fmt: skip
+                      "refusals": {},  # the one connection of this client; 404 and 405 are not refusals
+                      "cmaf": {"counts": {}, "tracks": 0, "posts": {"total": 0, "active": 0}, "probes": 0,
+                               "publishing_points": {}, "post_log": [],
+                               "memory": {"budget": DEFAULT_MEMORY_BUDGET, "reserved": 0, "refusals": 0}}}  # fmt: skip
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

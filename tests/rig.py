@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import os
 import re
 import signal
@@ -242,6 +243,16 @@ async def up_in_process(profile: Profile, registry: CollectorRegistry | None = N
                     await trio.sleep(0.05)
                 await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
+
+
+def ffprobe_packets(path: Path) -> list[tuple[int, bool]]:
+    """(pts, keyframe) of every packet, in the stream's time base (= the track's timescale)."""
+    out = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "0", "-show_entries", "packet=pts,flags",
+         "-show_entries", "stream=codec_name,time_base", "-of", "json", str(path)],
+        check=True, capture_output=True, text=True)  # fmt: skip
+    data = json.loads(out.stdout)
+    return [(int(p["pts"]), "K" in p["flags"]) for p in data["packets"]]
 
 
 def demo_profile(path: Path, ports: tuple[int, int], *, metrics: str | None, state_dir: Path | None,

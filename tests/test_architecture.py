@@ -51,6 +51,7 @@ PURE_CORE = [
     "encode/lock",
     "encode/ffmpeg_command",
     "ingest/receiver",
+    "ingest/cmafpoint",
     "ops/state",
     "ops/status",
     "testing/bodyscan",

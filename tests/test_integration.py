@@ -9,7 +9,6 @@ it with the expected duration; SIGTERM ends every POST cleanly and exits 0.
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import subprocess
 from fractions import Fraction
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from rig import demo_profile, free_port, get_status, wait_until
+from rig import demo_profile, ffprobe_packets, free_port, get_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -36,16 +35,6 @@ def profile_for(tmp_path: Path, ports: list[int], metrics_port: int) -> Path:
     # The skeleton's end-to-end path, on the synthetic encoder (tests/encode/test_ffmpeg.py runs ffmpeg).
     return demo_profile(tmp_path / "event.toml", (ports[0], ports[1]), metrics=f"127.0.0.1:{metrics_port}",
                         state_dir=tmp_path / "state")  # fmt: skip
-
-
-def ffprobe_packets(path: Path) -> list[tuple[int, bool]]:
-    """(pts, keyframe) of every packet, in the stream's time base (= the track's timescale)."""
-    out = subprocess.run(
-        ["ffprobe", "-v", "error", "-select_streams", "0", "-show_entries", "packet=pts,flags",
-         "-show_entries", "stream=codec_name,time_base", "-of", "json", str(path)],
-        check=True, capture_output=True, text=True)  # fmt: skip
-    data = json.loads(out.stdout)
-    return [(int(p["pts"]), "K" in p["flags"]) for p in data["packets"]]
 
 
 @needs_ffprobe

@@ -14,19 +14,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_integration import (  # the operator's helpers, shared with the Smooth end-to-end test
-    ffprobe_packets,
-    free_port,
-    get_status,
-    ingest_servers,  # noqa: F401 - a fixture
-    orchestrator,
-    stop,
-    wait_until,
-)
+from rig import DEMO, ffprobe_packets, free_port, get_status, wait_until
 
 pytestmark = pytest.mark.integration
 
-DEMO = Path(__file__).resolve().parent.parent / "profiles" / "demo.toml"
 MIN_FRAGMENTS = 5
 EPOCH_S = 1_767_225_600  # the demo's epoch, 2026-01-01T00:00:00Z
 TRACKS = {"video/video_360p": (90_000, 3003), "audio/audio_eng": (48_000, 1024)}  # timescale, frame duration
@@ -58,11 +49,11 @@ def cmaf_tracks(status: dict) -> dict[str, dict]:
 
 
 @pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffprobe: apt-get install ffmpeg (see README)")
-def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path, ingest_servers):  # noqa: F811
-    ports = [port for port, _, _ in ingest_servers]
-    up_log = tmp_path / "up.log"
-    up = orchestrator("up", str(cmaf_profile(tmp_path, ports, free_port())), "--status", "log", log=up_log)
-    logs = [up_log] + [log for _, _, log in ingest_servers]
+def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path, ingest_server, up_process):
+    servers = [ingest_server("region-a"), ingest_server("region-b")]
+    ports = [server.port for server in servers]
+    up = up_process(cmaf_profile(tmp_path, ports, free_port()), ready=None)
+    logs = [up.log] + [server.log for server in servers]
     try:
 
         def enough() -> bool:
@@ -75,11 +66,12 @@ def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path
 
         wait_until(enough, 60, f"{MIN_FRAGMENTS} CMAF segments archived per track in both regions", logs)
     finally:
-        code = stop(up, up_log)
-    assert code == 0, up_log.read_text()[-3000:]
+        code = up.stop()
+    assert code == 0, up.text()[-3000:]
 
-    for port, archive, _ in ingest_servers:
-        status = get_status(port, posts=True)
+    for server in servers:
+        archive = server.archive
+        status = server.status(posts=True)
         assert status is not None
         assert status["cmaf"]["counts"].get("malformed", 0) == 0, status["cmaf"]["counts"]
         assert status["cmaf"]["counts"]["headers"] >= 4  # each group's header of each track

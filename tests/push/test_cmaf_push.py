@@ -174,7 +174,7 @@ async def test_403_and_404_are_named_and_retried_slowly(autojump_clock, caplog, 
     assert [r.path.decode() for r in rig.endpoint.requests] == [HEADER_PATH] * 3  # the header is never past
     starts = [r.started for r in rig.endpoint.requests]
     assert [round(b - a, 6) for a, b in itertools.pairwise(starts)] == [15.0, 15.0]  # retry.slow
-    labels = {"stream": "video-video_360p", "group": "primary", "endpoint": "memory", "region": "test"}
+    labels = {"stream": "video-video_360p", "group": "primary", "endpoint": "memory", "endpoint_region": "test"}
     assert rig.metrics.registry.get_sample_value("orchestrator_post_failures_total", {**labels, "reason": reason}) == 3
     assert any(event in r.getMessage() and f"status={status}" in r.getMessage() for r in caplog.records)
 

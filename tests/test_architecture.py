@@ -206,14 +206,14 @@ def test_push_importing_encode_is_reported(monkeypatch):
         test_layering("orchestrator.push._planted")
 
 
-# --- the README's module table names every module --------------------------------------------------
+# --- the module table (docs/architecture.md) names every module -------------------------------------
 
-README = PACKAGE.parent / "README.md"
+MODULE_TABLE = PACKAGE.parent / "docs" / "architecture.md"
 NOT_IN_TABLE = {"__init__.py", "__main__.py"}  # each folder's __init__ says what lives there; __main__ runs cli
 
 
 def table_rows(readme: str) -> set[str]:
-    """The modules named in the first column of the README's module table (``| `a.py`, `b.py` | pure | ...``)."""
+    """The modules named in the first column of the module table (``| `a.py`, `b.py` | pure | ...``)."""
     names: set[str] = set()
     for cell in re.findall(r"^\| ((?:`[\w/]+\.py`(?:, )?)+) \| ?(?:pure|shell)? ?\|", readme, flags=re.MULTILINE):
         names.update(re.findall(r"`([\w/]+\.py)`", cell))
@@ -222,8 +222,8 @@ def table_rows(readme: str) -> set[str]:
 
 def table_problems(modules: set[str], readme: str) -> list[str]:
     listed = table_rows(readme)
-    missing = [f"{m} has no row in the README's module table" for m in sorted(modules - listed)]
-    stale = [f"the README's module table names {m}, which does not exist" for m in sorted(listed - modules)]
+    missing = [f"{m} has no row in the module table (docs/architecture.md)" for m in sorted(modules - listed)]
+    stale = [f"the module table (docs/architecture.md) names {m}, which does not exist" for m in sorted(listed - modules)]
     return missing + stale
 
 
@@ -231,17 +231,17 @@ def package_files() -> set[str]:
     return {str(p.relative_to(PACKAGE)) for p in MODULES.values() if p.name not in NOT_IN_TABLE}
 
 
-def test_every_module_has_a_row_in_the_readme_module_table():
-    assert len(table_rows(README.read_text())) > 30
-    problems = table_problems(package_files(), README.read_text())
+def test_every_module_has_a_row_in_the_module_table():
+    assert len(table_rows(MODULE_TABLE.read_text())) > 30
+    problems = table_problems(package_files(), MODULE_TABLE.read_text())
     assert not problems, "\n".join(problems)
 
 
-def test_a_module_missing_from_the_readme_table_is_reported():
-    readme = README.read_text()
+def test_a_module_missing_from_the_module_table_is_reported():
+    readme = MODULE_TABLE.read_text()
     assert table_problems(package_files() | {"wire/_planted.py"}, readme) == [
-        "wire/_planted.py has no row in the README's module table"
+        "wire/_planted.py has no row in the module table (docs/architecture.md)"
     ]
     assert table_problems(package_files() - {"gcpacer.py"}, readme) == [
-        "the README's module table names gcpacer.py, which does not exist"
+        "the module table (docs/architecture.md) names gcpacer.py, which does not exist"
     ]

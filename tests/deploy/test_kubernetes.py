@@ -182,8 +182,9 @@ def quantity(text: str | int) -> float:
 
 
 def benchmark() -> dict[str, float]:
-    """The ffmpeg row of the README's bench/encoder_cpu.py table (one `up` running both groups)."""
-    readme = (ROOT / "README.md").read_text()
+    """The ffmpeg row of the first bench/encoder_cpu.py table in docs/benchmarks.md (the run of
+    2026-11-23, one `up` running both groups), which the pods are sized from."""
+    readme = (ROOT / "docs" / "benchmarks.md").read_text()
     header = re.search(r"^backend +(orchestrator.*)$", readme, flags=re.MULTILINE)
     row = re.search(r"^ffmpeg +([0-9. -]+)$", readme, flags=re.MULTILINE)
     assert header is not None
@@ -214,7 +215,7 @@ def test_resources_cover_the_benchmarked_need(overlay: Path):
     manifest = (KUBERNETES / "base" / "statefulset.yaml").read_text()
     for quoted in (f"{figures['orchestrator']:g} %", f"{figures['ffmpeg']:g} %", f"{figures['orch_MiB']:g} MiB",
                    f"{figures['ffmpeg_MiB']:g} MiB"):  # fmt: skip
-        assert quoted in manifest, f"the sizing comment does not quote the README's figure {quoted}"
+        assert quoted in manifest, f"the sizing comment does not quote the benchmark's figure {quoted}"
 
 
 # --- scheduling ------------------------------------------------------------------------------------------
@@ -299,10 +300,10 @@ def test_no_drain_or_autoscaler_evicts_a_group_during_an_event(overlay: Path):
 def test_a_new_image_or_profile_restarts_no_group_by_itself(overlay: Path):
     """Both overlays render the same profile (the same ConfigMap hash) and image: with the default
     RollingUpdate any change would restart every group at once. OnDelete: the operator restarts
-    one group at a time (README, "Changing a running deployment")."""
+    one group at a time (docs/kubernetes.md, "Changing a running deployment")."""
     statefulset = one(render(overlay), "StatefulSet")
     assert statefulset["spec"]["updateStrategy"] == {"type": "OnDelete"}
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "kubernetes.md").read_text()
     assert "kubectl wait --for=condition=Ready pod/orchestrator-primary-0" in readme
     assert readme.index("pod/orchestrator-primary-0") < readme.index("pod/orchestrator-backup-0")
 

@@ -1,14 +1,17 @@
-"""MkDocs hooks for the documentation site (mkdocs.yml: ``hooks``).
+"""MkDocs hooks for the documentation site (mkdocs.yml: ``hooks``): the two generated references.
 
 The profile reference is generated at build time from the profile's JSON Schema
 (``orchestrator.profile.json_schema()``, the same document ``orchestrator schema`` prints), so the
 page cannot drift from the pydantic models: a key added, renamed or constrained differently in
-``orchestrator/profile.py`` changes the page on the next build. ``docs/profile-reference.md`` holds
-the hand-written introduction and the marker the generated tables replace; a page without the
-marker fails the build rather than silently showing nothing.
+``orchestrator/profile.py`` changes the page on the next build. The CLI reference is each click
+command's own ``--help`` text (``orchestrator.cli.main`` walked), verbatim in a code block, so the
+page shows exactly what a terminal shows, examples and line breaks included. Each page
+(``docs/profile-reference.md``, ``docs/cli-reference.md``) holds the hand-written introduction and
+the marker the generated text replaces; a page without its marker fails the build rather than
+silently showing nothing.
 
-``profile_reference`` is plain Python (no MkDocs import), so ``tests/test_docs.py`` checks it
-without the docs extra installed.
+The generators are plain Python (no MkDocs import), so ``tests/test_docs.py`` checks them without
+the docs extra installed.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from typing import Any
 
 MARKER = "<!-- generated: profile reference -->"
 PAGE = "profile-reference.md"
+CLI_MARKER = "<!-- generated: cli reference -->"
+CLI_PAGE = "cli-reference.md"
+HELP_WIDTH = 78  # click wraps --help to the terminal's width less 2, at most 80 - 2: any terminal of 80+ columns
 
 Schema = dict[str, Any]
 
@@ -169,12 +175,35 @@ def profile_reference(schema: Schema) -> str:
     return _Writer(schema).write()
 
 
+def cli_reference(command: Any, name: str = "orchestrator", parent: Any = None) -> str:
+    """Every command's ``--help`` text, as Markdown: one section per command, depth first.
+
+    ``command`` is a click command or group (``orchestrator.cli.main``)."""
+    import click
+
+    # make_context applies the command's context_settings (the group's -h), as the real CLI does.
+    context = command.make_context(name, [], parent=parent, resilient_parsing=True, terminal_width=HELP_WIDTH)
+    level = "##" if parent is None else "###"
+    text = f"{level} `{context.command_path}` {{#{context.command_path.replace(' ', '-')}}}\n\n"
+    text += f"```text\n{command.get_help(context)}\n```\n"
+    if isinstance(command, click.Group):
+        for sub in command.list_commands(context):
+            text += "\n" + cli_reference(command.get_command(context, sub), sub, context)
+    return text
+
+
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    """MkDocs hook: put the generated profile reference in place of the marker on its page."""
-    if page.file.src_uri != PAGE:
-        return markdown
+    """MkDocs hook: put the generated references in place of the markers on their pages."""
     from mkdocs.exceptions import PluginError
 
+    if page.file.src_uri == CLI_PAGE:
+        from orchestrator.cli import main
+
+        if CLI_MARKER not in markdown:
+            raise PluginError(f"docs/{CLI_PAGE} lost its marker {CLI_MARKER!r}")
+        return markdown.replace(CLI_MARKER, cli_reference(main))
+    if page.file.src_uri != PAGE:
+        return markdown
     from orchestrator.profile import json_schema
 
     if MARKER not in markdown:

@@ -162,7 +162,7 @@ class _Writer:
 
     def write(self) -> str:
         """Depth first: each table's section is followed by the sections of the tables it holds."""
-        pending = [("", "the profile file", self.root, None, None)]
+        pending = [("", "Top level", self.root, None, None)]
         while pending:
             self.queue = []
             self.sections.append(self.section(*pending.pop(0)))

@@ -24,7 +24,7 @@ shared frame a + m *and* shows position(a + m).
 Why not ``-ss`` with ``-stream_loop``: ffmpeg 5.1 times its second pass from the packet the
 seek landed on (the keyframe before the -ss point), so after the first loop the timeline
 overlaps itself and the picture lands up to a GOP off (measured by decoding a frame-numbered
-clip; see the README). The concat demuxer's in-point and explicit durations are exact: durations are
+clip; see docs/content-lock.md). The concat demuxer's in-point and explicit durations are exact: durations are
 written as differences of rounded absolute starts, so the microsecond rounding never accumulates.
 
 A file *loops cleanly* (:func:`file_timing`) when its video has a constant frame rate and a
@@ -36,7 +36,7 @@ by at most one video frame (else the seam would freeze or skip pictures every pa
 (:func:`pattern_box_x`), a frame counter of the shared frame and the clock text; the tone is an
 ``aevalsrc`` expression of the shared sample number, with a 100 ms pip at the top of each
 shared-clock second (:func:`tone_expression`). Cheaper than ``testsrc2`` redrawn per frame (see
-README, "Real encoders: ffmpeg").
+docs/content-lock.md, "Test pattern cost").
 
 **Observable.** :func:`content_offset_ns` is what the metric exports per fragment: the source
 position of the fragment's first frame minus its shared-clock time, folded into the loop. Two
@@ -188,7 +188,7 @@ def content_offset_ns(clock: TrackClock, frame: int, loop: Fraction | None) -> i
 
     Equal in every group that shows the same content at the same frame: 0 for the test pattern
     (``loop`` None: the content *is* the clock), the same value for a locked file. A live source
-    exports its own mapping offset instead (see the README)."""
+    exports its own mapping offset instead (see docs/content-lock.md)."""
     if loop is None:
         return 0
     t = frame * clock.frame_duration

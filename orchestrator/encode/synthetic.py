@@ -221,7 +221,7 @@ class SharedFragments:
 
     The synthetic fragments depend on (stream, k) alone, so the primary and the backup group of
     one ``up`` would build byte-identical copies. Built once and shared, a fragment pushed to
-    every endpoint of both groups is one object (memory: see the README's "Scale" section), and
+    every endpoint of both groups is one object (memory: see docs/scale.md, "Memory"), and
     the encoding cost is paid once. Keeps the fragments of the last ``keep`` indices only.
     """
 

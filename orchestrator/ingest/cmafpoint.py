@@ -7,7 +7,7 @@ A CMAF sender POSTs (or PUTs) each track's CMAF header, then each segment of tha
 request of its own (:mod:`orchestrator.wire.cmaf`). The paths are the ``template`` scheme's,
 ``/<point path>/<stream>/<track>/init.m4s`` and ``/<point path>/<stream>/<track>/<n>.m4s``
 (:func:`parse_path`): unambiguous, unlike a ``Streams(<name>)`` path, which a Smooth POST also
-uses (see the README: the Streams() form is for origins, not this local point yet).
+uses (see docs/cmaf.md: the Streams() form is for origins, not this local point yet).
 
 :class:`CmafPoint` turns the requests into what :class:`~orchestrator.ingest.receiver.PublishingPoint`
 already checks, de-duplicates and archives, with CMAF's :data:`~orchestrator.wire.cmaf.RECEIVER`

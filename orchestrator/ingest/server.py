@@ -143,7 +143,7 @@ DEFAULT_BODY_TIMEOUT = 60.0  # seconds without a body byte; fragments come every
 
 @dataclass(frozen=True)
 class IngestLimits:
-    """What one ingest server may be asked to hold; the README's reliability section lists what
+    """What one ingest server may be asked to hold; docs/reliability.md lists what
     a client sees when it hits each."""
 
     max_connections: int = DEFAULT_MAX_CONNECTIONS

@@ -39,7 +39,7 @@ def endpoint_state(p: PublisherState) -> str:
 
 
 def status_document(live: LiveState, *, now_wall: float, now_monotonic: float) -> dict[str, Any]:
-    """The ``/status`` JSON document (see the README, "Health and status endpoints")."""
+    """The ``/status`` JSON document (see docs/status-and-health.md, "Health and status endpoints")."""
 
     def wall(monotonic: float | None) -> float | None:
         return None if monotonic is None else round(now_wall - (now_monotonic - monotonic), 3)

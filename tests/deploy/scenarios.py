@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GROUP_RULES = ROOT / "deploy" / "prometheus" / "orchestrator-group-rules.yml"
 CROSS_RULES = ROOT / "deploy" / "prometheus" / "orchestrator-cross-group-rules.yml"
 
-SCRAPE = 15  # seconds: the interval the rules assume (README, "Alerts and dashboards")
+SCRAPE = 15  # seconds: the interval the rules assume (docs/alerts.md, "Scrape interval")
 F = 2  # fragment duration, seconds
 PRESENTATION = "event"
 GROUPS = ("primary", "backup")
@@ -328,7 +328,7 @@ def scenarios() -> list[Scenario]:
         (360, "OrchestratorPresentationGone", []),
         (390, "OrchestratorPresentationGone", [critical()]),
         (390, "OrchestratorGroupMissing", []),
-        (1260, "OrchestratorPresentationGone", []),  # 15 min on: forgotten (README, "Ending an event")
+        (1260, "OrchestratorPresentationGone", []),  # 15 min on: forgotten (docs/kubernetes.md, "Ending an event")
     ]))  # fmt: skip
 
     primary = Process("primary", phase=0, reconnect_every=30)

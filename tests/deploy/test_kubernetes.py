@@ -240,7 +240,7 @@ def test_two_groups_can_never_share_a_node_and_prefer_different_zones():
 
 
 def test_a_third_region_as_the_readme_says(tmp_path: Path):
-    """README, "Adding a region": copy an overlay, rename its group and region, add the group to the
+    """docs/kubernetes.md, "Adding a region": copy an overlay, rename its group and region, add the group to the
     profile. The new group keeps off the others' nodes, is covered by the disruption budget, and
     its profile validates; nothing in base/ or shared/ changes but the profile."""
     tree = tmp_path / "kubernetes"
@@ -510,7 +510,7 @@ def test_podmonitor_keeps_the_orchestrators_own_labels():
     colliding = metric_label_names() & OPERATOR_TARGET_LABELS
     assert colliding == {"endpoint"}
     assert endpoint.get("honorLabels") is True
-    assert endpoint["interval"] == "15s"  # the interval the rules assume (README)
+    assert endpoint["interval"] == "15s"  # the interval the rules assume (docs/alerts.md)
 
 
 def test_no_metric_label_collides_with_a_common_external_label():

@@ -471,7 +471,7 @@ class _Collect(Sink):
 
 
 async def test_groups_of_one_process_share_each_synthetic_fragment_object(autojump_clock):
-    """A fragment pushed to every endpoint of both groups is one object (the README's memory formula, C = 1)."""
+    """A fragment pushed to every endpoint of both groups is one object (the memory formula of docs/scale.md, C = 1)."""
     profile = load_profile(DEMO)
     shared = SharedFragments()
     sinks = [_Collect(), _Collect()]

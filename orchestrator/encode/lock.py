@@ -40,7 +40,9 @@ README, "Real encoders: ffmpeg").
 
 **Observable.** :func:`content_offset_ns` is what the metric exports per fragment: the source
 position of the fragment's first frame minus its shared-clock time, folded into the loop. Two
-groups carry the same content exactly when it is equal for the same track.
+groups carry the same content exactly when it is equal for the same track. A live group states,
+per peer, whether its mapping agrees with the peer's (:func:`peer_agreement`: agrees, differs
+by N ticks, another timeline, unreachable, no mapping), from the reading :func:`converge` uses.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ from fractions import Fraction
 
 from orchestrator.clock import NS_PER_SECOND, TrackClock
 from orchestrator.errors import FileLockError
+from orchestrator.ops.state import (
+    PEER_AGREES,
+    PEER_DIFFERS,
+    PEER_NO_MAPPING,
+    PEER_OTHER_TIMELINE,
+    PEER_UNREACHABLE,
+    PeerAgreement,
+)
 
 US_PER_SECOND = 1_000_000
 PLAYLIST_SECONDS = 86400
@@ -319,6 +329,29 @@ def converge(own: LiveLock, peers: Sequence[LiveLock]) -> LiveLock | None:
     still on a timeline from before a discontinuity is ignored)."""
     winner = agreed([own, *(peer for peer in peers if own.same_timeline(peer))])
     return None if winner == own else winner
+
+
+def peer_agreement(own: LiveLock, answers: Sequence[tuple[str, Sequence[tuple[str, LiveLock]] | None]]
+                   ) -> tuple[PeerAgreement, ...]:  # fmt: skip
+    """Whether ``own`` agrees with each peer, from one reading of the peers: ``answers`` holds,
+    per configured peer (its URL), None when it did not answer, else the (group, mapping) pairs
+    it exports for groups other than ours. One entry per peer group, in the order read; a peer
+    that answered without a mapping is one ``no_mapping`` entry under its URL."""
+    half = PTS_WRAP // 2
+    found: list[PeerAgreement] = []
+    for url, locks in answers:
+        if locks is None:
+            found.append(PeerAgreement(url, PEER_UNREACHABLE))
+        elif not locks:
+            found.append(PeerAgreement(url, PEER_NO_MAPPING))
+        for name, lock in locks or ():
+            ticks = (lock.offset - own.offset + half) % PTS_WRAP - half
+            if ticks == 0:
+                found.append(PeerAgreement(name, PEER_AGREES))
+            else:
+                state = PEER_DIFFERS if own.same_timeline(lock) else PEER_OTHER_TIMELINE
+                found.append(PeerAgreement(name, state, ticks))
+    return tuple(found)
 
 
 def live_clock_shift(effective_offset: int) -> str:

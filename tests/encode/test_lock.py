@@ -460,3 +460,30 @@ def test_the_exported_file_content_offset_is_what_ffmpeg_reported_delivering_not
     assert fragment_from(n - anchor, (n + 50) % 1600) == 2.0  # a fragment ahead
     assert sink.states["av"].lock == "file"
     assert sink.states["av"].content_offset == 2.0
+
+
+def test_agreement_with_each_peer_from_one_reading():
+    """Per peer group: agrees (same offset), differs by N ticks (same timeline, the shorter way
+    round the 33-bit wrap), other timeline (beyond the 10 s window), unreachable, no mapping."""
+    from orchestrator.encode.lock import peer_agreement
+    from orchestrator.ops.state import PeerAgreement
+
+    own = LiveLock(5_000, 1_796_000_000_000, "primary")
+    answers = [
+        ("http://b:9464/metrics", [("backup", LiveLock(5_000, 1_796_000_000_400, "backup")),
+                                   ("spare", LiveLock(23_000, 1_796_000_000_900, "spare"))]),
+        ("http://c:9464/metrics", None),
+        ("http://d:9464/metrics", []),
+        ("http://e:9464/metrics", [("wrapped", LiveLock(PTS_WRAP - 4_000)), ("old", LiveLock(5_000 + 900_001)),
+                                   ("edge", LiveLock((5_000 - 900_000) % PTS_WRAP))]),
+    ]  # fmt: skip
+    assert peer_agreement(own, answers) == (
+        PeerAgreement("backup", "agrees"),  # the same offset (another identity: the content is the same)
+        PeerAgreement("spare", "differs", 18_000),  # 0.2 s later
+        PeerAgreement("http://c:9464/metrics", "unreachable"),
+        PeerAgreement("http://d:9464/metrics", "no_mapping"),
+        PeerAgreement("wrapped", "differs", -9_000),  # across the wrap: 0.1 s earlier, not 2^33 - 9000 later
+        PeerAgreement("old", "other_timeline", 900_001),  # one tick beyond the window
+        PeerAgreement("edge", "differs", -900_000),  # on its edge
+    )
+    assert peer_agreement(own, []) == ()

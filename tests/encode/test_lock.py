@@ -487,3 +487,38 @@ def test_agreement_with_each_peer_from_one_reading():
         PeerAgreement("edge", "differs", -900_000),  # on its edge
     )
     assert peer_agreement(own, []) == ()
+
+
+def test_the_exported_live_content_offset_is_the_locks_source_time_not_a_constant():
+    """The shell's path for a live source: each fragment exports (metric and /status) the lock's
+    source time minus clock time, the number every group on the same mapping shares."""
+    from types import SimpleNamespace
+
+    from orchestrator.encode.ffmpeg import _Recut
+    from orchestrator.encode.ffmpeg_command import plan_encodes, plan_instance
+    from orchestrator.encode.recut import TrackRecutter
+    from orchestrator.fmp4.boxes import Sample
+    from orchestrator.ops.metrics import Metrics
+    from orchestrator.ops.state import EncoderState
+    from orchestrator.profile import parse_profile
+
+    profile = parse_profile(SWEEP_PROFILE.format(rate="25", audio=""), "sweep.toml")
+    encodes = plan_encodes(profile)
+    start = plan_instance(encodes, T0_NS, live_index([encodes[0].clock], T0_NS))
+    clock = encodes[0].clock
+    sink = SimpleNamespace(states={"av": EncoderState("backup", "av")}, fragment=lambda f: None)
+    metrics = Metrics()
+    recutter = TrackRecutter(clock, anchor=start.anchors[0], first_index=start.first_index)
+    output = _Recut(profile, encodes, [recutter], sink, group="backup", wall=SimpleNamespace(now_ns=lambda: T0_NS),
+                    metrics=metrics)  # type: ignore[arg-type]  # fmt: skip
+    lock = LiveLock(7_363_495_620, 1_796_000_000_123, "primary")
+    output.header_seen, output.live_lock, output.lock_origin = True, lock, "peer"
+    for _ in range(clock.first_frame(start.first_index) - start.anchors[0]):
+        recutter.push(Sample(b"x", 1, False))
+    samples = [Sample(b"x", 1, i == 0) for i in range(clock.frame_count(start.first_index))]
+    output.fragment(SimpleNamespace(parsed=SimpleNamespace(trafs=[SimpleNamespace(track_id=1, samples=samples)])))
+    exported = metrics.registry.get_sample_value("orchestrator_content_offset_seconds",
+                                                 {"stream": "av", "group": "backup", "track": "video"})  # fmt: skip
+    assert exported == ((-7_363_495_620) % PTS_WRAP) / 90000 == lock.content_offset_seconds()
+    assert exported == 13627.09968888889  # the source 13,627 s ahead of the clock (mod 2^33 ticks)
+    assert (sink.states["av"].lock, sink.states["av"].content_offset) == ("peer", exported)

@@ -205,17 +205,29 @@ def content_offset_ns(clock: TrackClock, frame: int, loop: Fraction | None) -> i
     return round(((position(clock, frame, loop) - t) % loop) * NS_PER_SECOND)
 
 
-def measured_offset_frames(clock: TrackClock, frame: int, source_frame: int, timing: FileTiming) -> int:
-    """How many file frames the picture ffmpeg delivered as shared ``frame`` (file frame
-    ``source_frame``, as ffmpeg reported it) is after the one the lock puts there (the file frame
-    nearest ``position(frame)``), folded into ``[-N/2, N/2)``: 0 when the content is locked, in
-    every group; a group whose restart landed a fragment off shows it (e.g. 50 at 25 fps, 2 s)."""
+def locked_frame(clock: TrackClock, frame: int, timing: FileTiming) -> int:
+    """The file frame the lock shows at shared ``frame``: the one nearest ``position(frame)``
+    (the ``fps`` filter's rounding: halves go up), where the next pass's frame 0 is at L, not at
+    N / rate. They differ at a seam when the loop (the decoded audio) is longer than the video:
+    a 60 s clip at 25 fps decodes to 60.0107 s of AAC, and a slot in the last 10.7 ms before
+    L - F/2 shows the last frame again (measured: 1 picture of 10,650 in the issue-18 runs, at
+    position 59.984 s, showed frame 1499 where the rounding alone says 0)."""
     assert timing.frame_rate is not None
     assert timing.video_frames is not None
+    at = position(clock, frame, timing.loop)
+    if at + 1 / (2 * timing.frame_rate) >= timing.loop:
+        return 0  # within half a frame of the next pass
+    return min(int(at * timing.frame_rate + Fraction(1, 2)), timing.video_frames - 1)
+
+
+def measured_offset_frames(clock: TrackClock, frame: int, source_frame: int, timing: FileTiming) -> int:
+    """How many file frames the picture ffmpeg delivered as shared ``frame`` (file frame
+    ``source_frame``, as ffmpeg reported it) is after the one the lock puts there
+    (:func:`locked_frame`), folded into ``[-N/2, N/2)``: 0 when the content is locked, in every
+    group; a group whose restart landed a fragment off shows it (e.g. 50 at 25 fps, 2 s)."""
+    assert timing.video_frames is not None
     count = timing.video_frames
-    expected = position(clock, frame, timing.loop) * timing.frame_rate
-    nearest = int(expected + Fraction(1, 2)) % count  # the fps filter's rounding: halves go up
-    return (source_frame - nearest + count // 2) % count - count // 2
+    return (source_frame - locked_frame(clock, frame, timing) + count // 2) % count - count // 2
 
 
 # --- test pattern ------------------------------------------------------------------------------

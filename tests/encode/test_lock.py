@@ -335,6 +335,24 @@ def test_the_measured_offset_counts_file_frames_between_what_ffmpeg_delivered_an
         assert measured_offset_frames(pal, m, (nearest + 50) % 1500, longer) == 50
 
 
+def test_at_a_seam_of_a_loop_longer_than_the_video_the_last_frame_shows_until_the_next_pass_is_nearer():
+    """A 60 s clip at 25 fps whose AAC decodes to 2,880,512 samples (L = 60.0107 s): frame 0 of
+    the next pass is at L, so a slot between 59.98 s and L - 0.02 s shows frame 1499 again, as
+    ffmpeg did (issue-18 runs on the real ffmpeg: shared frame 730742386 at position 59.984 s
+    showed 1499, the next 0); the rounding of position mod L alone said 0 (a -0.04 s offset)."""
+    from orchestrator.encode.lock import locked_frame, measured_offset_frames
+
+    pal = TrackClock(0, Fraction(2), 90000, Fraction(1, 25))
+    longer = file_timing(probe(rate="25", real="25", packets="1500"), 2_880_512, needs_video=True, needs_audio=True)
+    assert position(pal, 730742386, longer.loop) == Fraction(7498, 125)  # 59.984 s
+    assert [locked_frame(pal, n, longer) for n in range(730742383, 730742390)] == [1497, 1498, 1499, 1499, 0, 1, 2]
+    assert measured_offset_frames(pal, 730742386, 1499, longer) == 0
+    assert measured_offset_frames(pal, 730742387, 0, longer) == 0
+    # a loop exactly N frames long: the rounding alone, as before (1600 -> 0 at the seam)
+    exact = file_timing(probe(rate="25", real="25", packets="1600"), 3_072_000, needs_video=True, needs_audio=True)
+    assert [locked_frame(pal, n, exact) for n in range(729_487_998, 729_488_002)] == [1598, 1599, 0, 1]
+
+
 # --- live groups converge on one mapping while running ------------------------------------------------
 
 FRAME_TICKS = 3600  # one frame at 25 fps

@@ -77,7 +77,9 @@ def series(
     return panel
 
 
-def up_down(title: str, description: str, expr: str, legend: str, labels: tuple[str, str]) -> statetimeline.Panel:
+def up_down(
+    title: str, description: str, expr: str, legend: str, labels: tuple[str, str], *, span: int = 24
+) -> statetimeline.Panel:
     """A state timeline: 1 green with the first label, 0 red with the second."""
     good, bad = labels
     mapping = ValueMap(
@@ -94,7 +96,7 @@ def up_down(title: str, description: str, expr: str, legend: str, labels: tuple[
         .with_target(query(expr, legend))
         .mappings([mapping])
         .thresholds(thresholds((None, "red"), (1, "green")))
-        .span(24)
+        .span(span)
         .height(8)
         .row_height(0.8)
         .merge_values(True)
@@ -361,6 +363,62 @@ def build() -> dict[str, Any]:
                     "{{group}} {{stream}} {{track}}",
                 ),
                 unit="s",
+            )
+        )
+        .with_panel(
+            series(
+                "Content offset spread across groups, per stream and track",
+                "Highest minus lowest group's content offset: what OrchestratorGroupsContentDiffers compares "
+                "(above 1 ms for a minute: critical). 0 when the groups carry the same content; a group a "
+                "fragment off shows the fragment's duration (2 s), a frame off one frame (0.04 s at 25 fps). "
+                "A fault every group shares leaves it 0: the panel to the left shows it.",
+                query(
+                    f"max by (job, stream, track) (orchestrator_content_offset_seconds{{{SEL}}}) "
+                    f"- min by (job, stream, track) (orchestrator_content_offset_seconds{{{SEL}}})",
+                    "{{stream}} {{track}}",
+                ),
+                unit="s",
+            )
+        )
+        .with_panel(
+            series(
+                "Live lock moves, per group",
+                "Live sources only: a running group that found the agreed mapping (the earliest established) "
+                "was not its own and moved to it at a fragment boundary (log encoder.live.converge, then "
+                "encoder.live.moved). Expected once per group start beside a group that established first; "
+                "repeated moves mean the groups keep disagreeing.",
+                query(
+                    f"sum by (group) (increase(orchestrator_live_lock_moves_total{{{SEL}}}[$__rate_interval]))",
+                    "{{group}}",
+                ),
+            )
+        )
+        .with_panel(
+            up_down(
+                "Live lock: one mapping across groups",
+                "Live sources only: every group runs the same mapping (the same established_ms and offset "
+                "in orchestrator_live_lock_established_ms and orchestrator_live_lock_offset_ticks). Differ "
+                "for more than one peer check (4 s) plus a fragment: a peer is unreachable (panel below) or "
+                "the groups are on different source timelines; /status shows per group and peer which.",
+                f"(max by (job) (orchestrator_live_lock_established_ms{{{SEL}}}) == bool on (job) "
+                f"min by (job) (orchestrator_live_lock_established_ms{{{SEL}}})) * on (job) "
+                f"(max by (job) (orchestrator_live_lock_offset_ticks{{{SEL}}}) == bool on (job) "
+                f"min by (job) (orchestrator_live_lock_offset_ticks{{{SEL}}}))",
+                "{{job}}",
+                ("one mapping", "groups differ"),
+                span=12,
+            )
+        )
+        .with_panel(
+            up_down(
+                "Live lock: peers answering",
+                "Live sources only: each group's reading of each peer's /metrics (the peers setting). "
+                "Unreachable: each group keeps its own mapping (log encoder.live.peer_unreachable, /status "
+                "<origin>/peer_unreachable); they converge at the first check after it answers.",
+                f"max by (group, peer) (orchestrator_live_peer_up{{{SEL}}})",
+                "{{group}} → {{peer}}",
+                ("answers", "unreachable"),
+                span=12,
             )
         )
     )

@@ -20,8 +20,9 @@ A thin trio shell around :mod:`orchestrator.encode.ffmpeg_command` (the argv) an
   picture came from, and the content offset metric is that picture against the lock's;
 * live source: the peers' mappings are read every ``PEER_CHECK`` seconds (:func:`_converge`);
   a group not on the agreed one (lock.converge) ends the instance at the next fragment boundary
-  and the restart runs on it; a jump of the source's timestamps reported by ffmpeg ends the
-  instance at once, and the restart re-locks.
+  and the restart runs on it; the same reading says per peer whether the mapping agrees
+  (lock.peer_agreement), which /status shows per stream; a jump of the source's timestamps
+  reported by ffmpeg ends the instance at once, and the restart re-locks.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ from orchestrator.encode.lock import (
     converge,
     file_timing,
     measured_offset_frames,
+    peer_agreement,
 )
 from orchestrator.encode.recut import Cut, TrackRecutter
 from orchestrator.encode.statefile import read_state, write_state
@@ -79,7 +81,7 @@ from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, StreamReader
 from orchestrator.fmp4.stream import EncodedFragment
 from orchestrator.ops.metrics import LIVE_LOCK_ESTABLISHED_METRIC, LIVE_LOCK_METRIC, Metrics
-from orchestrator.ops.state import EncoderState
+from orchestrator.ops.state import EncoderState, PeerAgreement
 from orchestrator.profile import FfmpegEncoder, FileSource, LiveSource, PatternSource, Profile
 from orchestrator.wallclock import WallClock
 from orchestrator.wire.smooth import build_header, write_fragment
@@ -239,8 +241,18 @@ class _Recut:
         self.lock_origin = "pattern"
         self.move_to: LiveLock | None = None  # set by _converge: end at the next fragment boundary
         self.moved = False  # that boundary was reached: nothing more is emitted, the instance ends
+        self.peers: tuple[PeerAgreement, ...] = ()  # the live lock against each peer (set_peers)
         d = profile.presentation.fragment_duration
         self.max_lag_ns = 2 * d.numerator * NS_PER_SECOND // d.denominator + NS_PER_SECOND
+
+    def set_peers(self, agreement: tuple[PeerAgreement, ...]) -> None:
+        """Whether the live lock agrees with each peer (lock.peer_agreement), and the lock's origin
+        as of that reading, for /status: every stream, at once (not at the next fragment)."""
+        self.peers = agreement
+        for state in self.states.values():
+            state.peers = agreement
+            if self.live_lock is not None:
+                state.lock = self.lock_origin
 
     def probe(self, encode: Encode, anchor: int, timing: FileTiming) -> None:
         self.probed = (encode, anchor, timing)
@@ -357,11 +369,12 @@ async def run_ffmpeg_encoder(
     source = plan.config.source
     live_offset = lock = None
     origin = "file" if isinstance(source, FileSource) else "pattern"
+    agreement: tuple[PeerAgreement, ...] = ()
     if isinstance(source, LiveSource):
         # The mapping first (it reads the source for a moment); then the first frame far enough
         # ahead that ffmpeg has opened the input when the source reaches it.
-        lock, live_offset, origin = await _live_lock(profile, source, plan, group=group, wall=wall,
-                                                     metrics=metrics)  # fmt: skip
+        lock, live_offset, origin, agreement = await _live_lock(profile, source, plan, group=group, wall=wall,
+                                                                metrics=metrics)  # fmt: skip
         now_ns = wall.now_ns() + LIVE_START_MARGIN_NS
     else:
         now_ns = wall.now_ns()
@@ -388,7 +401,8 @@ async def run_ffmpeg_encoder(
                           burn_in=plan.burn_in, live_url=plan.live_url, files=files,
                           live_offset=live_offset, probe_delivered=probed, threads=plan.threads)  # fmt: skip
         await _run(argv, plan, profile, encodes, recutters, sink, first, group=group, wall=wall, metrics=metrics,
-                   live_lock=lock, probe_anchor=anchors[0] if probed else None, lock_origin=origin)  # fmt: skip
+                   live_lock=lock, probe_anchor=anchors[0] if probed else None, lock_origin=origin,
+                   peers=agreement)  # fmt: skip
 
 
 LIVE_PROBE_TIMEOUT = 15.0
@@ -423,6 +437,11 @@ async def _probe_live(executable: str, url: str, *, video: bool, wall: WallClock
 def parse_peer_locks(text: str, group: str) -> list[LiveLock]:
     """The live locks another process exports on /metrics (every group but ``group``), each with
     its identity (when and by whom it was established) when exported."""
+    return [lock for _, lock in parse_peer_groups(text, group)]
+
+
+def parse_peer_groups(text: str, group: str) -> list[tuple[str, LiveLock]]:
+    """:func:`parse_peer_locks` with the name of the group that exports each mapping."""
     offsets: dict[str, int] = {}
     identity: dict[str, tuple[int, str]] = {}
     for family in text_string_to_metric_families(text):
@@ -434,24 +453,29 @@ def parse_peer_locks(text: str, group: str) -> list[LiveLock]:
                 offsets[owner] = int(sample.value)
             elif family.name == LIVE_LOCK_ESTABLISHED_METRIC:
                 identity[owner] = (int(sample.value), sample.labels.get("established_by", ""))
-    return [LiveLock(offset, *identity.get(owner, (0, ""))) for owner, offset in offsets.items()]
+    return [(owner, LiveLock(offset, *identity.get(owner, (0, "")))) for owner, offset in offsets.items()]
 
 
-async def _peer_locks(peers: Sequence[str], group: str) -> tuple[list[LiveLock], list[str]]:
-    """The live locks the other groups export (their /metrics), and the peers that did not
-    answer (skipped: the caller logs and exports that). Cancellation: the requests are abandoned."""
-    found: list[LiveLock] = []
-    failed: list[str] = []
+PeerAnswers = list[tuple[str, list[tuple[str, LiveLock]] | None]]
+"""Per configured peer (its URL): None when it did not answer, else the (group, mapping) pairs it exports."""
+
+
+async def _peer_locks(peers: Sequence[str], group: str) -> tuple[list[LiveLock], list[str], PeerAnswers]:
+    """The live locks the other groups export (their /metrics), the peers that did not answer
+    (skipped: the caller logs and exports that), and each peer's answer (for lock.peer_agreement).
+    Cancellation: the requests are abandoned."""
+    answers: PeerAnswers = []
     async with httpx.AsyncClient(timeout=PEER_TIMEOUT) as client:
         for url in peers:
             try:
                 response = await client.get(url)
                 response.raise_for_status()
-                found += parse_peer_locks(response.text, group)
+                answers.append((url, parse_peer_groups(response.text, group)))
             except (httpx.HTTPError, ValueError) as exc:
                 log.debug("encoder.live.peer_failed group=%s peer=%s error=%s", group, url, exc)
-                failed.append(url)
-    return found, failed
+                answers.append((url, None))
+    found = [lock for _, locks in answers for _, lock in locks or ()]
+    return found, [url for url, locks in answers if locks is None], answers
 
 
 def _saved_lock(profile: Profile, group: str) -> LiveLock | None:
@@ -510,14 +534,15 @@ class _PeerWatch:
 
 
 async def _live_lock(profile: Profile, source: LiveSource, plan: FfmpegPlan, *, group: str, wall: WallClock,
-                     metrics: Metrics | None) -> tuple[LiveLock, int, str]:  # fmt: skip
+                     metrics: Metrics | None) -> tuple[LiveLock, int, str, tuple[PeerAgreement, ...]]:  # fmt: skip
     """Choose the source-timestamp -> clock mapping for this instance (lock.choose_live_lock),
-    save it, export it; returns it, its effective (unwrapped) offset and its origin."""
+    save it, export it; returns it, its effective (unwrapped) offset, its origin and whether it
+    agrees with each peer (lock.peer_agreement, from the same reading)."""
     assert plan.live_url is not None
     video = any(t.kind == "video" for s in profile.streams for t in s.tracks)
     pts, now_ns = await _probe_live(plan.executable, plan.live_url, video=video, wall=wall)
     now_tick = (now_ns - profile.presentation.epoch_ns) * LIVE_TIMESCALE // NS_PER_SECOND
-    peers, failed = await _peer_locks(source.peers, group)
+    peers, failed, answers = await _peer_locks(source.peers, group)
     _PeerWatch(group, source.peers, metrics).update(failed)
     lock, origin = choose_live_lock(pts, now_tick, peers, _saved_lock(profile, group),
                                     now_ms=now_ns // 1_000_000, group=group)  # fmt: skip
@@ -533,7 +558,7 @@ async def _live_lock(profile: Profile, source: LiveSource, plan: FfmpegPlan, *, 
         metrics.live_locks.labels(group, origin).inc()
     _export_lock(metrics, group, lock)
     _save_lock(profile, group, lock)
-    return lock, effective, origin
+    return lock, effective, origin, peer_agreement(lock, answers)
 
 
 PEER_CHECK = 4.0
@@ -551,9 +576,10 @@ async def _converge(output: _Recut, profile: Profile, peers: Sequence[str], *, g
         own = output.live_lock
         if own is None or output.move_to is not None:
             continue
-        locks, failed = await _peer_locks(peers, group)
+        locks, failed, answers = await _peer_locks(peers, group)
         watch.update(failed)
         output.lock_origin = output.lock_origin.split("/")[0] + ("/peer_unreachable" if watch.down else "")
+        output.set_peers(peer_agreement(own, answers))
         target = converge(own, locks)
         if target is None:
             continue
@@ -582,7 +608,8 @@ def _write_playlists(scratch: Path, texts: tuple[str | None, str | None]) -> Fil
 async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: list[Encode],
                recutters: list[TrackRecutter], sink: Sink, first: int, *, group: str, wall: WallClock,
                metrics: Metrics | None, live_lock: LiveLock | None = None,
-               probe_anchor: int | None = None, lock_origin: str = "pattern") -> None:  # fmt: skip
+               probe_anchor: int | None = None, lock_origin: str = "pattern",
+               peers: tuple[PeerAgreement, ...] = ()) -> None:  # fmt: skip
     """Start ffmpeg with ``argv`` and re-cut its output until it ends (see run_ffmpeg_encoder)."""
     source = plan.config.source
     secret = plan.live_url if isinstance(source, LiveSource) and source.url_env else None
@@ -592,6 +619,7 @@ async def _run(argv: list[str], plan: FfmpegPlan, profile: Profile, encodes: lis
     output.loop = plan.file_timing.loop if plan.file_timing is not None else None
     output.live_lock = live_lock
     output.lock_origin = lock_origin
+    output.set_peers(peers)
     if probe_anchor is not None:
         assert plan.file_timing is not None
         output.probe(encodes[0], probe_anchor, plan.file_timing)

@@ -40,7 +40,9 @@ docs/content-lock.md, "Test pattern cost").
 
 **Observable.** :func:`content_offset_ns` is what the metric exports per fragment: the source
 position of the fragment's first frame minus its shared-clock time, folded into the loop. Two
-groups carry the same content exactly when it is equal for the same track.
+groups carry the same content exactly when it is equal for the same track. A live group states,
+per peer, whether its mapping agrees with the peer's (:func:`peer_agreement`: agrees, differs
+by N ticks, another timeline, unreachable, no mapping), from the reading :func:`converge` uses.
 """
 
 from __future__ import annotations
@@ -51,6 +53,14 @@ from fractions import Fraction
 
 from orchestrator.clock import NS_PER_SECOND, TrackClock
 from orchestrator.errors import FileLockError
+from orchestrator.ops.state import (
+    PEER_AGREES,
+    PEER_DIFFERS,
+    PEER_NO_MAPPING,
+    PEER_OTHER_TIMELINE,
+    PEER_UNREACHABLE,
+    PeerAgreement,
+)
 
 US_PER_SECOND = 1_000_000
 PLAYLIST_SECONDS = 86400
@@ -195,17 +205,29 @@ def content_offset_ns(clock: TrackClock, frame: int, loop: Fraction | None) -> i
     return round(((position(clock, frame, loop) - t) % loop) * NS_PER_SECOND)
 
 
-def measured_offset_frames(clock: TrackClock, frame: int, source_frame: int, timing: FileTiming) -> int:
-    """How many file frames the picture ffmpeg delivered as shared ``frame`` (file frame
-    ``source_frame``, as ffmpeg reported it) is after the one the lock puts there (the file frame
-    nearest ``position(frame)``), folded into ``[-N/2, N/2)``: 0 when the content is locked, in
-    every group; a group whose restart landed a fragment off shows it (e.g. 50 at 25 fps, 2 s)."""
+def locked_frame(clock: TrackClock, frame: int, timing: FileTiming) -> int:
+    """The file frame the lock shows at shared ``frame``: the one nearest ``position(frame)``
+    (the ``fps`` filter's rounding: halves go up), where the next pass's frame 0 is at L, not at
+    N / rate. They differ at a seam when the loop (the decoded audio) is longer than the video:
+    a 60 s clip at 25 fps decodes to 60.0107 s of AAC, and a slot in the last 10.7 ms before
+    L - F/2 shows the last frame again (measured: 1 picture of 10,650 in the issue-18 runs, at
+    position 59.984 s, showed frame 1499 where the rounding alone says 0)."""
     assert timing.frame_rate is not None
     assert timing.video_frames is not None
+    at = position(clock, frame, timing.loop)
+    if at + 1 / (2 * timing.frame_rate) >= timing.loop:
+        return 0  # within half a frame of the next pass
+    return min(int(at * timing.frame_rate + Fraction(1, 2)), timing.video_frames - 1)
+
+
+def measured_offset_frames(clock: TrackClock, frame: int, source_frame: int, timing: FileTiming) -> int:
+    """How many file frames the picture ffmpeg delivered as shared ``frame`` (file frame
+    ``source_frame``, as ffmpeg reported it) is after the one the lock puts there
+    (:func:`locked_frame`), folded into ``[-N/2, N/2)``: 0 when the content is locked, in every
+    group; a group whose restart landed a fragment off shows it (e.g. 50 at 25 fps, 2 s)."""
+    assert timing.video_frames is not None
     count = timing.video_frames
-    expected = position(clock, frame, timing.loop) * timing.frame_rate
-    nearest = int(expected + Fraction(1, 2)) % count  # the fps filter's rounding: halves go up
-    return (source_frame - nearest + count // 2) % count - count // 2
+    return (source_frame - locked_frame(clock, frame, timing) + count // 2) % count - count // 2
 
 
 # --- test pattern ------------------------------------------------------------------------------
@@ -319,6 +341,29 @@ def converge(own: LiveLock, peers: Sequence[LiveLock]) -> LiveLock | None:
     still on a timeline from before a discontinuity is ignored)."""
     winner = agreed([own, *(peer for peer in peers if own.same_timeline(peer))])
     return None if winner == own else winner
+
+
+def peer_agreement(own: LiveLock, answers: Sequence[tuple[str, Sequence[tuple[str, LiveLock]] | None]]
+                   ) -> tuple[PeerAgreement, ...]:  # fmt: skip
+    """Whether ``own`` agrees with each peer, from one reading of the peers: ``answers`` holds,
+    per configured peer (its URL), None when it did not answer, else the (group, mapping) pairs
+    it exports for groups other than ours. One entry per peer group, in the order read; a peer
+    that answered without a mapping is one ``no_mapping`` entry under its URL."""
+    half = PTS_WRAP // 2
+    found: list[PeerAgreement] = []
+    for url, locks in answers:
+        if locks is None:
+            found.append(PeerAgreement(url, PEER_UNREACHABLE))
+        elif not locks:
+            found.append(PeerAgreement(url, PEER_NO_MAPPING))
+        for name, lock in locks or ():
+            ticks = (lock.offset - own.offset + half) % PTS_WRAP - half
+            if ticks == 0:
+                found.append(PeerAgreement(name, PEER_AGREES))
+            else:
+                state = PEER_DIFFERS if own.same_timeline(lock) else PEER_OTHER_TIMELINE
+                found.append(PeerAgreement(name, state, ticks))
+    return tuple(found)
 
 
 def live_clock_shift(effective_offset: int) -> str:

@@ -72,6 +72,27 @@ class PublisherState:
         self.backlog_fragments, self.backlog_bytes, self.backlog_seconds = fragments, size, seconds
 
 
+PEER_AGREES = "agrees"  # the peer's mapping is ours: the same source frame under the same tick
+PEER_DIFFERS = "differs"  # same source timeline, another offset: ``ticks`` apart (one group will move)
+PEER_OTHER_TIMELINE = "other_timeline"  # offsets more than the lock's window apart (a discontinuity)
+PEER_UNREACHABLE = "unreachable"  # its /metrics did not answer
+PEER_NO_MAPPING = "no_mapping"  # it answered without a live mapping (not locked yet, or not live)
+
+
+@dataclass(frozen=True)
+class PeerAgreement:
+    """Whether a live group's mapping agrees with one peer group's, as its last check read it.
+
+    ``peer`` is the peer group's name (from the ``group`` label of what it exports), or the
+    peer's URL when it did not answer or exported no mapping; ``ticks`` is the peer's offset
+    minus ours (90 kHz ticks, signed, the shorter way round the 33-bit wrap) when it differs or
+    is on another timeline, else None."""
+
+    peer: str
+    state: str
+    ticks: int | None = None
+
+
 @dataclass
 class EncoderState:
     """One (group, stream): the last fragment index the group's encoder completed for it."""
@@ -82,6 +103,7 @@ class EncoderState:
     fragments: int = 0
     lock: str | None = None  # how its content is locked: pattern, file, or a live lock's origin (peer, saved, ...)
     content_offset: float | None = None  # the stream's first track, as orchestrator_content_offset_seconds
+    peers: tuple[PeerAgreement, ...] = ()  # a live lock's agreement with each peer, at the last check
 
 
 @dataclass

@@ -94,6 +94,8 @@ def status_document(live: LiveState, *, now_wall: float, now_monotonic: float) -
                 "last_index": encoder.last_index if encoder else None,
                 "lock": encoder.lock if encoder else None,
                 "content_offset_seconds": encoder.content_offset if encoder else None,
+                "peers": [{"peer": a.peer, "agreement": a.state, "offset_ticks": a.ticks}
+                          for a in (encoder.peers if encoder else ())],
                 "endpoints": endpoints,
             })  # fmt: skip
         streams.append({"stream": stream_id, "last_index": max(encoded) if encoded else None, "groups": per_group})

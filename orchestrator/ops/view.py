@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from rich.console import Console
@@ -101,13 +102,31 @@ def rows(document: dict[str, Any]) -> Iterator[dict[str, Any]]:
                 "error": last_error(group, encoder, now),
                 "lock": group.get("lock"),
                 "content_offset": group.get("content_offset_seconds"),
+                "peers": group.get("peers") or [],
             }
 
 
 def lock_text(row: dict[str, Any]) -> str:
-    """``lock=peer,offset=+0.000s``: how the group's content is locked and its content offset."""
+    """``lock=peer,offset=+0.000s``: how the group's content is locked and its content offset;
+    for a live lock with peers, ``,backup=ok`` per peer (see :func:`peer_text`)."""
     offset = row["content_offset"]
-    return f"lock={row['lock']}" + ("" if offset is None else f",offset={offset:+.3f}s")
+    text = f"lock={row['lock']}" + ("" if offset is None else f",offset={offset:+.3f}s")
+    return text + "".join(f",{peer_text(p)}" for p in row.get("peers") or [])
+
+
+PEER_WORDS = {"agrees": "ok", "unreachable": "down", "other_timeline": "other", "no_mapping": "none"}
+
+
+def peer_text(peer: dict[str, Any]) -> str:
+    """``backup=ok``, ``backup=+18000t`` (its offset minus ours, 90 kHz ticks), ``backup=other``
+    (another source timeline), ``<url>=down``, ``<url>=none`` (answered without a mapping)."""
+    word = PEER_WORDS.get(peer["agreement"])
+    if word is None:
+        word = f"{peer['offset_ticks']:+d}t"
+    name = peer["peer"]
+    if "://" in name:  # a peer known by its URL only: its host and port keep the column narrow
+        name = urlsplit(name).netloc or name
+    return f"{name}={word}"
 
 
 def state_text(e: dict[str, Any], now: float) -> str:
@@ -135,9 +154,10 @@ def table(document: dict[str, Any], *, caption: str | None = None) -> Table:
         if row["encoder_up"] is False:
             group.append(" encoder down", style="red bold")
         if row["lock"] is not None:
-            group.append(
-                f" {lock_text(row)}", style="yellow" if row["lock"] == "file" and row["content_offset"] else "dim"
+            off = (row["lock"] == "file" and row["content_offset"]) or any(
+                p["agreement"] != "agrees" for p in row["peers"]
             )
+            group.append(f" {lock_text(row)}", style="yellow" if off else "dim")
         restarts = str(row["restarts"]) + ("" if row["exit_code"] is None else f" (exit {row['exit_code']})")
         drops = Text(str(row["dropped"]), style="red" if row["dropped"] else "")
         endpoints = row["endpoints"] or [None]

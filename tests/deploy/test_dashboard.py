@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.cog.plugins import register_default_plugins
@@ -115,3 +116,61 @@ def test_the_groups_in_step_panel_shows_lag_not_indices() -> None:
     content = " ".join(e for title, e in queries if title == "Content offset, per stream, track and group")
     assert "orchestrator_content_offset_seconds" in content
     assert not any("last_encoded_fragment_index" in e and " - " in e for _, e in queries)
+
+
+def test_the_content_spread_and_live_lock_panels_evaluated_on_two_groups(tmp_path: Path) -> None:
+    """The content-offset spread and the live-lock panels, evaluated by promtool on two groups
+    of one job: the backup on its own mapping (0.2 s off, established later) and a fragment off
+    for the first 5 minutes, then moved to the primary's (one move); the primary's peer
+    unreachable for the first 2.5 minutes. Every value exact."""
+    queries = dict(dashboard_queries(json.loads(DASHBOARD.read_text())))
+    job = 'job="orchestrator"'
+    series = {
+        f'orchestrator_live_lock_established_ms{{{job},group="primary",established_by="primary"}}': "1000x40",
+        f'orchestrator_live_lock_established_ms{{{job},group="backup",established_by="backup"}}': "2000x19 1000x20",
+        f'orchestrator_live_lock_offset_ticks{{{job},group="primary"}}': "5000x40",
+        f'orchestrator_live_lock_offset_ticks{{{job},group="backup"}}': "23000x19 5000x20",
+        f'orchestrator_live_lock_moves_total{{{job},group="backup"}}': "0x19 1x20",
+        f'orchestrator_live_lock_moves_total{{{job},group="primary"}}': "0x40",
+        f'orchestrator_live_peer_up{{{job},group="primary",peer="http://b:9464/metrics"}}': "0x9 1x30",
+        f'orchestrator_live_peer_up{{{job},group="backup",peer="http://a:9464/metrics"}}': "1x40",
+        f'orchestrator_content_offset_seconds{{{job},stream="av",track="video",group="primary"}}': "0x40",
+        f'orchestrator_content_offset_seconds{{{job},stream="av",track="video",group="backup"}}': "2x19 0x20",
+    }
+
+    def expect(title: str, at: str, *samples: tuple[str, float]) -> dict[str, Any]:
+        return {"expr": concrete(queries[title]), "eval_time": at,
+                "exp_samples": [{"labels": labels, "value": value} for labels, value in samples]}  # fmt: skip
+
+    one = "Live lock: one mapping across groups"
+    moves = "Live lock moves, per group"
+    peers = "Live lock: peers answering"
+    spread = "Content offset spread across groups, per stream and track"
+    case = {
+        "interval": "15s",
+        "input_series": [{"series": name, "values": values} for name, values in series.items()],
+        "promql_expr_test": [
+            expect(one, "2m", ("{" + job + "}", 0)),
+            expect(one, "8m", ("{" + job + "}", 1)),
+            expect(moves, "5m", ('{group="backup"}', 1), ('{group="primary"}', 0)),
+            expect(moves, "8m", ('{group="backup"}', 0), ('{group="primary"}', 0)),
+            expect(
+                peers,
+                "1m",
+                ('{group="primary",peer="http://b:9464/metrics"}', 0),
+                ('{group="backup",peer="http://a:9464/metrics"}', 1),
+            ),
+            expect(
+                peers,
+                "3m",
+                ('{group="primary",peer="http://b:9464/metrics"}', 1),
+                ('{group="backup",peer="http://a:9464/metrics"}', 1),
+            ),
+            expect(spread, "2m", ("{" + job + ',stream="av",track="video"}', 2)),
+            expect(spread, "8m", ("{" + job + ',stream="av",track="video"}', 0)),
+        ],
+    }
+    path = tmp_path / "live-panels.test.yml"
+    path.write_text(json.dumps({"tests": [case]}))  # JSON is YAML
+    result = subprocess.run([tool("promtool"), "test", "rules", str(path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -275,6 +275,10 @@ async def run_scenario(api: httpx.AsyncClient, proxies: dict[str, FaultProxy], u
     # 4. Every dashboard query parses and returns data, as Grafana would send it.
     dashboard = json.loads(DASHBOARD.read_text())
     instant_targets = {t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if t.get("instant")}
+    # This presentation is a test pattern: the live-lock panels have nothing to show here (they
+    # must still parse); they are evaluated on two groups' series in test_dashboard.py.
+    live_only = {p["title"] for p in dashboard["panels"] if p.get("description", "").startswith("Live sources only")}
+    assert len(live_only) == 3, live_only
     empty = []
     now = time.time()
     for title, expr in dashboard_queries(dashboard):
@@ -286,7 +290,7 @@ async def run_scenario(api: httpx.AsyncClient, proxies: dict[str, FaultProxy], u
                                                                       "step": SCRAPE})  # fmt: skip
         body = response.json()
         assert body["status"] == "success", f"{title}: {sent}: {body}"
-        if not body["data"]["result"]:
+        if not body["data"]["result"] and title not in live_only:
             empty.append(f"{title}: {sent}")
     assert empty == [], "dashboard queries returning nothing:\n" + "\n".join(empty)
     # The job variable: Grafana's label_values(metric, job) is the label-values API with a match.

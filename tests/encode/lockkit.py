@@ -6,6 +6,7 @@ clip frame each picture carries and the pips' onsets."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 from array import array
@@ -167,6 +168,13 @@ def marks(path: Path) -> dict[int, int]:
     assert len(frames) == len(times)
     return {t: sum(1 << b for b in range(MARK_BITS) if f[row + b * MARK_SIZE + MARK_SIZE // 2] > 128)
             for t, f in zip(times, frames, strict=True)}  # fmt: skip
+
+
+def holes(path: Path, step: int) -> list[tuple[int, int]]:
+    """(first missing frame, how many) of each gap in a video archive whose pictures are ``step``
+    ticks apart: a restarted group skips the fragment it cannot fill from its first frame."""
+    times = packet_times(path)
+    return [(a // step + 1, (b - a) // step - 1) for a, b in itertools.pairwise(times) if b - a != step]
 
 
 def pip_onsets(path: Path) -> list[int]:

@@ -26,10 +26,12 @@ from lockkit import (
     MARKED_FRAMES,
     PIP,
     assert_same_content,
+    holes,
     lock_profile,
     make_clip,
     make_marked_clip,
     marks,
+    packet_times,
     pip_onsets,
     track_files,
 )
@@ -146,6 +148,18 @@ async def test_each_group_shows_the_clip_frame_the_clock_says_across_a_late_star
     )
     assert registries["primary"].get_sample_value("orchestrator_encoder_restarts_total",
                                                   {"group": "primary", "reason": "killed"}) == 1  # fmt: skip
+    # The restart skipped the fragment it could not fill from its first frame: a hole of whole
+    # fragments in the primary's archive (a viewer sees the picture frozen over it). Read by
+    # position in the decoded sequence instead of by timestamp, every later picture would seem
+    # that many frames off the backup's (what issue 18 reported: see docs/content-lock.md); by
+    # timestamp every picture is the clip frame the clock says.
+    video = track_files(primary)["video"]
+    gaps = holes(video, 3600)
+    assert len(gaps) == 1, gaps
+    ((first_missing, missing),) = gaps
+    assert first_missing % 50 == 0, gaps  # from a fragment's first frame (50 frames each)
+    assert missing % 50 == 0, gaps  # whole fragments
+    assert packet_times(video)[-1] // 3600 - first_missing > 100, "too few pictures after the restart"
     assert_clip_frames(primary, "primary")
     assert_clip_frames(backup, "backup")
     for group in ("primary", "backup"):  # measured from the pictures ffmpeg reported delivering

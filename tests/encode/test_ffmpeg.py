@@ -35,11 +35,12 @@ import rig
 import trio
 from prometheus_client import CollectorRegistry
 
-from orchestrator.encode.ffmpeg_command import AAC_PRIMING_FRAMES
+from orchestrator.encode.ffmpeg_command import AAC_PRIMING_FRAMES, plan_encodes, priming_frames
 from orchestrator.ingest.server import IngestApp, serve_app
 from orchestrator.profile import parse_profile
 from orchestrator.push.handoff import EndpointOutbox
 from orchestrator.supervisor import UpOptions, run_up
+from orchestrator.testing import profiles
 from orchestrator.testing.profiles import ladder, profile_text
 
 pytestmark = [
@@ -61,6 +62,13 @@ def test_aac_priming_is_what_the_recutter_drops():
         check=True, capture_output=True, text=True)  # fmt: skip
     first = next(line for line in out.stdout.splitlines() if not line.startswith("#"))
     assert int(first.split(",")[1]) == -1024 * AAC_PRIMING_FRAMES
+    # ... and that is what the recutter of each encode is told to drop: the audio's priming
+    # frame, nothing of the video (kept, every group's sound would be 21 ms late on its picture).
+    streams = {"av": [profiles.video("video"), profiles.audio("audio")]}
+    groups = {name: profiles.group(profiles.endpoint(port)) for name, port in (("primary", 1), ("backup", 2))}
+    profile = parse_profile(profiles.profile_text(streams=streams, groups=groups), "priming.toml")
+    dropped = {e.track.name: priming_frames(e) * 1024 for e in plan_encodes(profile)}
+    assert dropped == {"video": 0, "audio": -int(first.split(",")[1])}
 
 
 def ffprobe_packets(path: Path) -> list[tuple[int, bool]]:

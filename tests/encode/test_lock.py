@@ -335,6 +335,24 @@ def test_the_measured_offset_counts_file_frames_between_what_ffmpeg_delivered_an
         assert measured_offset_frames(pal, m, (nearest + 50) % 1500, longer) == 50
 
 
+def test_at_a_seam_of_a_loop_longer_than_the_video_the_last_frame_shows_until_the_next_pass_is_nearer():
+    """A 60 s clip at 25 fps whose AAC decodes to 2,880,512 samples (L = 60.0107 s): frame 0 of
+    the next pass is at L, so a slot between 59.98 s and L - 0.02 s shows frame 1499 again, as
+    ffmpeg did (issue-18 runs on the real ffmpeg: shared frame 730742386 at position 59.984 s
+    showed 1499, the next 0); the rounding of position mod L alone said 0 (a -0.04 s offset)."""
+    from orchestrator.encode.lock import locked_frame, measured_offset_frames
+
+    pal = TrackClock(0, Fraction(2), 90000, Fraction(1, 25))
+    longer = file_timing(probe(rate="25", real="25", packets="1500"), 2_880_512, needs_video=True, needs_audio=True)
+    assert position(pal, 730742386, longer.loop) == Fraction(7498, 125)  # 59.984 s
+    assert [locked_frame(pal, n, longer) for n in range(730742383, 730742390)] == [1497, 1498, 1499, 1499, 0, 1, 2]
+    assert measured_offset_frames(pal, 730742386, 1499, longer) == 0
+    assert measured_offset_frames(pal, 730742387, 0, longer) == 0
+    # a loop exactly N frames long: the rounding alone, as before (1600 -> 0 at the seam)
+    exact = file_timing(probe(rate="25", real="25", packets="1600"), 3_072_000, needs_video=True, needs_audio=True)
+    assert [locked_frame(pal, n, exact) for n in range(729_487_998, 729_488_002)] == [1598, 1599, 0, 1]
+
+
 # --- live groups converge on one mapping while running ------------------------------------------------
 
 FRAME_TICKS = 3600  # one frame at 25 fps
@@ -460,3 +478,65 @@ def test_the_exported_file_content_offset_is_what_ffmpeg_reported_delivering_not
     assert fragment_from(n - anchor, (n + 50) % 1600) == 2.0  # a fragment ahead
     assert sink.states["av"].lock == "file"
     assert sink.states["av"].content_offset == 2.0
+
+
+def test_agreement_with_each_peer_from_one_reading():
+    """Per peer group: agrees (same offset), differs by N ticks (same timeline, the shorter way
+    round the 33-bit wrap), other timeline (beyond the 10 s window), unreachable, no mapping."""
+    from orchestrator.encode.lock import peer_agreement
+    from orchestrator.ops.state import PeerAgreement
+
+    own = LiveLock(5_000, 1_796_000_000_000, "primary")
+    answers = [
+        ("http://b:9464/metrics", [("backup", LiveLock(5_000, 1_796_000_000_400, "backup")),
+                                   ("spare", LiveLock(23_000, 1_796_000_000_900, "spare"))]),
+        ("http://c:9464/metrics", None),
+        ("http://d:9464/metrics", []),
+        ("http://e:9464/metrics", [("wrapped", LiveLock(PTS_WRAP - 4_000)), ("old", LiveLock(5_000 + 900_001)),
+                                   ("edge", LiveLock((5_000 - 900_000) % PTS_WRAP))]),
+    ]  # fmt: skip
+    assert peer_agreement(own, answers) == (
+        PeerAgreement("backup", "agrees"),  # the same offset (another identity: the content is the same)
+        PeerAgreement("spare", "differs", 18_000),  # 0.2 s later
+        PeerAgreement("http://c:9464/metrics", "unreachable"),
+        PeerAgreement("http://d:9464/metrics", "no_mapping"),
+        PeerAgreement("wrapped", "differs", -9_000),  # across the wrap: 0.1 s earlier, not 2^33 - 9000 later
+        PeerAgreement("old", "other_timeline", 900_001),  # one tick beyond the window
+        PeerAgreement("edge", "differs", -900_000),  # on its edge
+    )
+    assert peer_agreement(own, []) == ()
+
+
+def test_the_exported_live_content_offset_is_the_locks_source_time_not_a_constant():
+    """The shell's path for a live source: each fragment exports (metric and /status) the lock's
+    source time minus clock time, the number every group on the same mapping shares."""
+    from types import SimpleNamespace
+
+    from orchestrator.encode.ffmpeg import _Recut
+    from orchestrator.encode.ffmpeg_command import plan_encodes, plan_instance
+    from orchestrator.encode.recut import TrackRecutter
+    from orchestrator.fmp4.boxes import Sample
+    from orchestrator.ops.metrics import Metrics
+    from orchestrator.ops.state import EncoderState
+    from orchestrator.profile import parse_profile
+
+    profile = parse_profile(SWEEP_PROFILE.format(rate="25", audio=""), "sweep.toml")
+    encodes = plan_encodes(profile)
+    start = plan_instance(encodes, T0_NS, live_index([encodes[0].clock], T0_NS))
+    clock = encodes[0].clock
+    sink = SimpleNamespace(states={"av": EncoderState("backup", "av")}, fragment=lambda f: None)
+    metrics = Metrics()
+    recutter = TrackRecutter(clock, anchor=start.anchors[0], first_index=start.first_index)
+    output = _Recut(profile, encodes, [recutter], sink, group="backup", wall=SimpleNamespace(now_ns=lambda: T0_NS),
+                    metrics=metrics)  # type: ignore[arg-type]  # fmt: skip
+    lock = LiveLock(7_363_495_620, 1_796_000_000_123, "primary")
+    output.header_seen, output.live_lock, output.lock_origin = True, lock, "peer"
+    for _ in range(clock.first_frame(start.first_index) - start.anchors[0]):
+        recutter.push(Sample(b"x", 1, False))
+    samples = [Sample(b"x", 1, i == 0) for i in range(clock.frame_count(start.first_index))]
+    output.fragment(SimpleNamespace(parsed=SimpleNamespace(trafs=[SimpleNamespace(track_id=1, samples=samples)])))
+    exported = metrics.registry.get_sample_value("orchestrator_content_offset_seconds",
+                                                 {"stream": "av", "group": "backup", "track": "video"})  # fmt: skip
+    assert exported == ((-7_363_495_620) % PTS_WRAP) / 90000 == lock.content_offset_seconds()
+    assert exported == 13627.09968888889  # the source 13,627 s ahead of the clock (mod 2^33 ticks)
+    assert (sink.states["av"].lock, sink.states["av"].content_offset) == ("peer", exported)

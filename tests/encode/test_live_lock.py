@@ -70,7 +70,13 @@ def fragments(app: IngestApp) -> int:
     return min((t["fragments_archived"] for t in tracks.values()), default=0) if len(tracks) == 2 else 0
 
 
-async def test_a_live_source_shows_the_same_pictures_and_sound_despite_clock_skew_and_path_delay(tmp_path):
+@pytest.mark.parametrize("kill_primary", [False, True], ids=["apart", "apart_then_primary_ffmpeg_killed"])
+async def test_a_live_source_shows_the_same_pictures_and_sound_despite_clock_skew_and_path_delay(
+    tmp_path, kill_primary
+):
+    """``kill_primary``: once the backup has adopted, the primary's ffmpeg is SIGKILLed; its
+    restart must take the same mapping again (saved or from the peer: never a new one), so the
+    pictures and sound stay the same under the same timestamp after the restart too."""
     clip = tmp_path / "clip.mp4"
     make_clip(clip)
     relay_port, ports = free_port(socket.SOCK_DGRAM), [free_port(socket.SOCK_DGRAM) for _ in range(2)]
@@ -109,6 +115,12 @@ async def test_a_live_source_shows_the_same_pictures_and_sound_despite_clock_ske
             with trio.fail_after(40):
                 while fragments(apps[1]) < 5:
                     await trio.sleep(0.1)
+            if kill_primary:
+                os.kill(ffmpeg_child(processes[0].pid), signal.SIGKILL)
+                before = fragments(apps[0])
+                with trio.fail_after(40):
+                    while fragments(apps[0]) < before + 5:
+                        await trio.sleep(0.1)
             for process in processes:
                 signal_all(process, signal.SIGTERM)
             with trio.fail_after(20):
@@ -123,7 +135,22 @@ async def test_a_live_source_shows_the_same_pictures_and_sound_despite_clock_ske
             file.close()
     backup_log = (tmp_path / "backup.log").read_text()
     assert "encoder.live.lock group=backup origin=peer" in backup_log, backup_log[-3000:]
+    if kill_primary:  # restarted on the mapping it had: one offset in every lock line of the primary
+        primary_log = (tmp_path / "primary.log").read_text()
+        locks = [line for line in primary_log.splitlines() if "encoder.live.lock group=primary" in line]
+        assert len(locks) >= 2, primary_log[-3000:]
+        assert len({line.split(" offset=")[1].split()[0] for line in locks}) == 1, locks
+        assert "origin=established" not in locks[-1], locks
     assert_same_content(apps[0], apps[1])
+
+
+def ffmpeg_child(pid: int) -> int:
+    """The ffmpeg process among ``pid``'s children (the encoder instance of a one-group ``up``)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].endswith(b"ffmpeg"):
+                return int(child)
+    raise AssertionError(f"no ffmpeg child of {pid}")
 
 
 def signal_all(process: subprocess.Popen[bytes], signum: signal.Signals) -> None:

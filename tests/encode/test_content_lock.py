@@ -138,14 +138,17 @@ def assert_clip_frames(app: IngestApp, group: str) -> None:
     assert all(abs(e) < AAC_FRAME // 4 for e in errors), f"{group}: pips off the clip's seconds by {errors} samples"
 
 
-async def test_each_group_shows_the_clip_frame_the_clock_says_across_a_late_start_and_a_kill(tmp_path):
+@pytest.mark.parametrize("backup_delay", [6.5, 0.0], ids=["started_apart", "started_together"])
+async def test_each_group_shows_the_clip_frame_the_clock_says_across_a_late_start_and_a_kill(tmp_path, backup_delay):
     """The issue-18 scenario, checked against the clip itself rather than the other group: a bug
-    both groups share (an in-point off by a frame, the AAC priming kept) fails it too."""
+    both groups share (an in-point off by a frame, the AAC priming kept) fails it too. Started
+    6.5 s apart as the issue reports, and both at once (the normal start of an event)."""
     clip = tmp_path / "marked.mp4"
     make_marked_clip(clip)
     primary, backup, registries = await run_two_groups(
-        tmp_path, f'{{ kind = "file", path = "{clip}" }}', backup_delay=6.5, kill_primary=True, frame_rate="25"
-    )
+        tmp_path, f'{{ kind = "file", path = "{clip}" }}', backup_delay=backup_delay, kill_primary=True,
+        frame_rate="25",
+    )  # fmt: skip
     assert registries["primary"].get_sample_value("orchestrator_encoder_restarts_total",
                                                   {"group": "primary", "reason": "killed"}) == 1  # fmt: skip
     # The restart skipped the fragment it could not fill from its first frame: a hole of whole

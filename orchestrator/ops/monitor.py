@@ -1,0 +1,449 @@
+"""The confidence monitor's core: who is watching, which fragments to keep and decode, what a
+decoded picture says (frozen, black, silent, different from the other group), as pure data.
+
+Theory of operation
+-------------------
+The monitor pages (``/monitor`` on ``up``'s ops listener and on ``orchestrator ingest``) show,
+per stream (and, at the ingest, per track), one *tile* per encoder group: the group's latest
+picture and audio level beside the other groups'. The shells (:mod:`orchestrator.ops.thumbnails`
+for the decoding, :mod:`orchestrator.ops.listener` and the ingest server for the pages) feed this
+module bytes, integers and ``now`` and do what it decides:
+
+* :class:`ViewerLease`: pictures are decoded only while someone watches. Each poll of the page's
+  JSON renews the lease for ``ttl`` seconds; once it lapses, nothing is kept or decoded, and the
+  shell drops what it held. A process nobody watches pays one comparison per fragment.
+* :class:`Shelf`: while watched, the fragments offered to the monitor (the stream header, and per
+  fragment index the first video and the first audio track's ``moof`` + ``mdat``) are kept for
+  the last :data:`KEEP` indices of each (row, group), within a byte budget. :meth:`Shelf.jobs`
+  says what to decode now: per row, the groups that delivered recently are *aligned* on the
+  newest index all of them have complete (so the tiles side by side show the same fragment
+  index), each group's newest otherwise; never an index already decoded or older, never two
+  decodes of one (row, group) at once, so at most one decode per (row, group) per fragment.
+* :func:`decode_argv`: the ffmpeg command of one decode (an argv list, never a shell string):
+  the first video frame of the fragment, i.e. its first keyframe, as a small PNG plus a
+  :data:`GRID_WIDTH` x :data:`GRID_HEIGHT` grey grid, and the first second of its audio as mono
+  16-bit PCM at 8 kHz.
+* The rules, on what one decode gives (:class:`Picture`), cheap by design:
+  *black*: the grid's mean luma is below :data:`BLACK_LUMA` (of 255; video-range black is 16);
+  *frozen*: the picture equals the previous one decoded for the tile at a later index (mean
+  absolute difference of the grids below :data:`SAME_PICTURE`): two fragments in a row with
+  the same first keyframe; *silent*: the audio's RMS level is below :data:`SILENT_DBFS`;
+  *differs*: two groups' pictures of the *same* index differ by more than :data:`DIFFERENT_PICTURE`
+  (mean absolute difference of the grids); *stale*: nothing new from the group for more than
+  :data:`STALE_FRAGMENTS` fragment durations (a stopped, killed or stalled encoder, or a group
+  whose POSTs stopped arriving). :class:`TileJudge` keeps the state the frozen rule needs.
+
+The grid is 32 x 18 luma samples: a thumbnail's worth of averaging removes the encoder's noise
+(the same still picture encoded twice differs by well under one level there) while a test
+pattern's moving box, a burnt-in clock or real motion move it by several.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+THUMB_WIDTH = 192  # pixels; the height follows the picture's aspect ratio (even)
+GRID_WIDTH, GRID_HEIGHT = 32, 18
+AUDIO_RATE = 8000  # Hz, mono: plenty for a level
+AUDIO_SECONDS = 1  # of each fragment's audio
+BLACK_LUMA = 24.0
+SAME_PICTURE = 1.0  # mean absolute grid difference (levels) below which two pictures are the same
+DIFFERENT_PICTURE = 12.0  # above which two groups' pictures of one index are not the same content
+SILENT_DBFS = -60.0
+FLOOR_DBFS = -120.0  # what digital silence reads as
+STALE_FRAGMENTS = 1.5
+KEEP = 3  # fragment indices kept per (row, group) while watched
+SHELF_BYTES = 96 * 1024 * 1024  # bytes of fragments kept over all rows and groups
+LEASE_SECONDS = 10.0  # a page's poll renews the lease for this long
+
+Row = tuple[str, ...]  # (stream,) on up; (stream, track) at the ingest
+Key = tuple[Row, str]  # (row, group)
+
+
+class ViewerLease:
+    """Someone is watching until ``ttl`` seconds after the last :meth:`renew`."""
+
+    def __init__(self, ttl: float = LEASE_SECONDS) -> None:
+        self.ttl = ttl
+        self._until: float | None = None
+
+    def renew(self, now: float) -> None:
+        self._until = now + self.ttl
+
+    def watched(self, now: float) -> bool:
+        return self._until is not None and now < self._until
+
+    def lapsed(self, now: float) -> bool:
+        """True once, when a lease that was held has run out (the shell then drops what it kept)."""
+        if self._until is not None and now >= self._until:
+            self._until = None
+            return True
+        return False
+
+
+# --- what a decode gives, and the rules --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Picture:
+    """One decode of fragment ``index`` of one (row, group)."""
+
+    index: int
+    png: bytes | None = field(default=None, repr=False)  # the thumbnail; None: no video
+    grid: bytes | None = field(default=None, repr=False)  # GRID_WIDTH x GRID_HEIGHT luma
+    level_dbfs: float | None = None  # the audio's RMS level; None: no audio
+
+    @property
+    def luma(self) -> float | None:
+        return mean_luma(self.grid) if self.grid else None
+
+
+def mean_luma(grid: bytes) -> float:
+    return sum(grid) / len(grid)
+
+
+def mean_abs_diff(a: bytes, b: bytes) -> float:
+    """Mean absolute difference of two grids of the same size (levels, 0 to 255)."""
+    if len(a) != len(b) or not a:
+        return 255.0
+    return sum(abs(x - y) for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def rms_dbfs(pcm: bytes) -> float | None:
+    """The RMS level of signed 16-bit little-endian PCM, in dB below full scale (a full-scale
+    sine reads -3 dBFS); digital silence reads :data:`FLOOR_DBFS`; None for no samples."""
+    count = len(pcm) // 2
+    if count == 0:
+        return None
+    samples = struct.unpack(f"<{count}h", pcm[: count * 2])
+    mean_square = sum(s * s for s in samples) / count
+    if mean_square == 0:
+        return FLOOR_DBFS
+    return max(FLOOR_DBFS, 10 * math.log10(mean_square / 32768.0**2))
+
+
+@dataclass
+class TileJudge:
+    """The marks of one tile's pictures; :meth:`add` takes each new decode in index order."""
+
+    last: Picture | None = None
+    frozen_since: int | None = None  # the first index of the picture that repeats
+
+    def add(self, picture: Picture) -> None:
+        previous = self.last
+        if previous is not None and picture.index <= previous.index:
+            return  # older than what is shown: never go back
+        if previous is not None and previous.grid and picture.grid and \
+                mean_abs_diff(previous.grid, picture.grid) < SAME_PICTURE:  # fmt: skip
+            if self.frozen_since is None:
+                self.frozen_since = previous.index
+        else:
+            self.frozen_since = None
+        self.last = picture
+
+    def marks(self) -> list[str]:
+        picture, marks = self.last, list[str]()
+        if picture is None:
+            return marks
+        if self.frozen_since is not None:
+            marks.append("frozen")
+        luma = picture.luma
+        if luma is not None and luma < BLACK_LUMA:
+            marks.append("black")
+        if picture.level_dbfs is not None and picture.level_dbfs < SILENT_DBFS:
+            marks.append("silent")
+        return marks
+
+
+def differs(pictures: Iterable[Picture]) -> bool:
+    """True if two of ``pictures`` show the same index with different content."""
+    by_index: dict[int, list[bytes]] = {}
+    for p in pictures:
+        if p.grid:
+            by_index.setdefault(p.index, []).append(p.grid)
+    for grids in by_index.values():
+        for other in grids[1:]:
+            if mean_abs_diff(grids[0], other) > DIFFERENT_PICTURE:
+                return True
+    return False
+
+
+def is_stale(age_seconds: float | None, fragment_seconds: float) -> bool:
+    """Nothing new for more than :data:`STALE_FRAGMENTS` fragment durations (None: never anything)."""
+    return age_seconds is None or age_seconds > STALE_FRAGMENTS * fragment_seconds
+
+
+# --- what is kept while watched, and what to decode -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """Decode fragment ``index`` of ``key``: ``header`` + ``video`` (+ ``audio``) as ffmpeg input."""
+
+    key: Key
+    index: int
+    header: bytes = field(repr=False)
+    video: bytes | None = field(default=None, repr=False)
+    audio: bytes | None = field(default=None, repr=False)
+
+    @property
+    def data(self) -> bytes:
+        return self.header + (self.video or b"") + (self.audio or b"")
+
+
+@dataclass
+class _Kept:
+    header: bytes = b""
+    kinds: frozenset[str] = frozenset()  # the kinds a complete index has: "video", "audio"
+    parts: dict[int, dict[str, bytes]] = field(default_factory=dict)  # index -> kind -> bytes
+    last_seen: float = -math.inf  # monotonic time of the last fragment offered
+
+    def size(self) -> int:
+        return sum(len(b) for p in self.parts.values() for b in p.values())
+
+    def complete(self) -> list[int]:
+        return sorted(i for i, p in self.parts.items() if self.kinds <= p.keys())
+
+
+class Shelf:
+    """The fragments kept while watched, and the decode decisions. See the module docstring."""
+
+    def __init__(self, budget: int = SHELF_BYTES, keep: int = KEEP) -> None:
+        self.budget = budget
+        self.keep = keep
+        self.size = 0
+        self.refused = 0  # fragments not kept: the budget was used up
+        self._kept: dict[Key, _Kept] = {}
+        self._decoded: dict[Key, int] = {}  # the newest index decoded (or being decoded)
+        self._busy: set[Key] = set()
+
+    def clear(self) -> None:
+        """Drop every fragment kept (the headers stay: a stream sends its header once)."""
+        for kept in self._kept.values():
+            kept.parts.clear()
+        self._decoded.clear()
+        self.size = 0
+
+    def header(self, key: Key, data: bytes, kinds: Iterable[str]) -> None:
+        """The stream header of ``key`` and the kinds (video, audio) a decodable index needs."""
+        kept = self._kept.setdefault(key, _Kept())
+        if kept.header != data:
+            self.size -= kept.size()
+            kept.header, kept.kinds, kept.parts = data, frozenset(kinds), {}
+
+    def offer(self, key: Key, index: int, kind: str, data: bytes, now: float) -> None:
+        """Fragment ``index`` of ``key``'s first track of ``kind``; kept if wanted and within budget."""
+        kept = self._kept.get(key)
+        if kept is None or kind not in kept.kinds:
+            return
+        kept.last_seen = now
+        if index <= self._decoded.get(key, -1) or (kept.parts and index < min(kept.parts)):
+            return
+        part = kept.parts.setdefault(index, {})
+        if kind in part:
+            return
+        if self.size + len(data) > self.budget:
+            self.refused += 1
+            return
+        part[kind] = data
+        self.size += len(data)
+        while len(kept.parts) > self.keep:
+            oldest = min(kept.parts)
+            self.size -= sum(len(b) for b in kept.parts.pop(oldest).values())
+
+    def jobs(self, now: float, fresh_seconds: float) -> list[Job]:
+        """What to decode now (each job marks its key busy until :meth:`done`)."""
+        rows: dict[Row, list[Key]] = {}
+        for key in self._kept:
+            rows.setdefault(key[0], []).append(key)
+        out = []
+        for keys in rows.values():
+            complete = {k: self._kept[k].complete() for k in keys}
+            fresh = [k for k in keys if complete[k] and now - self._kept[k].last_seen <= fresh_seconds]
+            common = set.intersection(*(set(complete[k]) for k in fresh)) if fresh else set()
+            target = max(common) if common else None
+            for key in keys:
+                if key in self._busy or not complete[key]:
+                    continue
+                index = target if key in fresh and target is not None else complete[key][-1]
+                if index <= self._decoded.get(key, -1):
+                    continue
+                kept = self._kept[key]
+                part = kept.parts[index]
+                out.append(Job(key, index, kept.header, part.get("video"), part.get("audio")))
+                self._busy.add(key)
+                self._decoded[key] = index
+        return out
+
+    def done(self, job: Job) -> None:
+        """The decode of ``job`` ended (either way): its key may be decoded again."""
+        self._busy.discard(job.key)
+        kept = self._kept.get(job.key)
+        if kept is not None:  # what is older than the decoded index is never decoded: let it go
+            for index in [i for i in kept.parts if i <= job.index]:
+                self.size -= sum(len(b) for b in kept.parts.pop(index).values())
+
+
+def decode_argv(ffmpeg: str, job: Job, video_out: str, grid_out: str, audio_out: str) -> list[str]:
+    """The ffmpeg command that decodes ``job`` read from stdin (see the module docstring)."""
+    argv = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "1", "-filter_threads", "1",
+            "-f", "mp4", "-i", "pipe:0", "-y"]  # fmt: skip
+    if job.video is not None:
+        argv += ["-filter_complex", f"[0:v:0]scale={THUMB_WIDTH}:-2,split=2[t][s];"
+                 f"[s]scale={GRID_WIDTH}:{GRID_HEIGHT},format=gray[g]",
+                 "-map", "[t]", "-frames:v", "1", "-c:v", "png", "-f", "image2", video_out,
+                 "-map", "[g]", "-frames:v", "1", "-f", "rawvideo", grid_out]  # fmt: skip
+    if job.audio is not None:
+        argv += ["-map", "0:a:0", "-t", str(AUDIO_SECONDS), "-ac", "1", "-ar", str(AUDIO_RATE), "-f", "s16le",
+                 audio_out]  # fmt: skip
+    return argv
+
+
+# --- the pages' JSON ---------------------------------------------------------------------------------
+
+
+def clock_time_ms(epoch_ns: int, fragment_ns: tuple[int, int], index: int) -> int:
+    """The shared-clock start of fragment ``index`` in Unix milliseconds (exact in a JavaScript
+    number, nanoseconds are not): epoch + index x D, with D = num/den nanoseconds."""
+    num, den = fragment_ns
+    return (epoch_ns + index * num // den) // 1_000_000
+
+
+def poll_seconds(fragment_seconds: float) -> float:
+    """How often the page polls: twice per fragment, at most once a second, at least every 3 s."""
+    return min(3.0, max(1.0, fragment_seconds / 2))
+
+
+def picture_json(picture: Picture | None, judge: TileJudge | None, url: str | None) -> dict[str, Any] | None:
+    if picture is None:
+        return None
+    luma = picture.luma
+    return {
+        "index": picture.index,
+        "url": url if picture.png else None,
+        "luma": None if luma is None else round(luma, 1),
+        "level_dbfs": None if picture.level_dbfs is None else round(picture.level_dbfs, 1),
+        "frozen_since": judge.frozen_since if judge else None,
+    }
+
+
+def up_tiles(status: dict[str, Any], pictures: dict[Key, tuple[Picture, TileJudge]], *, ages: dict[Key, float | None],
+             epoch_ns: int, fragment_ns: tuple[int, int], thumb_url: Any) -> list[dict[str, Any]]:  # fmt: skip
+    """The ``streams`` of ``up``'s monitor document: the ``/status`` document's streams with, per
+    group, its picture, marks and the shared-clock time of its last index. ``thumb_url(key, index)``
+    names a thumbnail."""
+    fragment_seconds = float(status["fragment_duration"]) or 1.0
+    streams = []
+    for stream in status["streams"]:
+        row: Row = (stream["stream"],)
+        tiles = []
+        for g in stream["groups"]:
+            key: Key = (row, g["group"])
+            group = status["groups"].get(g["group"], {})
+            picture, judge = pictures.get(key, (None, None))
+            age = ages.get(key)
+            marks = [] if judge is None else judge.marks()
+            if not group.get("encoder_up", False):
+                marks.insert(0, "down")
+            if is_stale(age, fragment_seconds):
+                marks.insert(0, "stale")
+            if g["endpoints"] and not any(e["state"] == "streaming" for e in g["endpoints"]):
+                marks.append("not streaming")
+            last = g["last_index"]
+            tiles.append({
+                "group": g["group"],
+                "where": "here",
+                "encoder_up": group.get("encoder_up", False),
+                "restarts": group.get("restarts", 0),
+                "last_error": group.get("last_error"),
+                "last_error_at": group.get("last_error_at"),
+                "last_index": last,
+                "clock_time_ms": None if last is None else clock_time_ms(epoch_ns, fragment_ns, last),
+                "age_seconds": None if age is None else round(age, 2),
+                "lock": g["lock"],
+                "content_offset_seconds": g["content_offset_seconds"],
+                "endpoints": [{"endpoint": e["endpoint"], "region": e["region"], "state": e["state"]}
+                              for e in g["endpoints"]],
+                "picture": picture_json(picture, judge, thumb_url(key, picture.index) if picture else None),
+                "marks": marks,
+            })  # fmt: skip
+        shown = [p for (r, _), (p, _) in pictures.items() if r == row]
+        streams.append({"stream": stream["stream"], "tiles": tiles, "differs": differs(shown)})
+    return streams
+
+
+def merge_peer(streams: list[dict[str, Any]], peer: dict[str, Any], name: str, rewrite: Any) -> None:
+    """Add a peer's tiles (from its own ``/monitor.json``) to ``streams``, marked with where they
+    come from (``name``); ``rewrite(url)`` turns the peer's thumbnail URL into ours (a proxy)."""
+    by_id = {s["stream"]: s for s in streams}
+    for stream in peer.get("streams", []):
+        if not isinstance(stream, dict) or not isinstance(stream.get("stream"), str):
+            continue
+        ours = by_id.get(stream["stream"])
+        if ours is None:
+            ours = by_id[stream["stream"]] = {"stream": stream["stream"], "tiles": [], "differs": False}
+            streams.append(ours)
+        for tile in stream.get("tiles", []):
+            if not isinstance(tile, dict) or tile.get("where") != "here":
+                continue  # the peer's own peers are its business: no loops, no duplicates
+            tile = dict(tile, where=name)
+            picture = tile.get("picture")
+            if isinstance(picture, dict):
+                tile["picture"] = dict(picture, url=rewrite(picture.get("url")))
+            ours["tiles"].append(tile)
+        ours["differs"] = bool(ours["differs"] or stream.get("differs"))
+
+
+@dataclass
+class Arrivals:
+    """What arrived from one group for one (stream, track) at the ingest, counted always (cheap)."""
+
+    kind: str  # video, audio, or the handler of another track kind
+    fragment_seconds: float = 0.0
+    last_index: int | None = None
+    last_seen: float | None = None  # monotonic
+    media_ms: int | None = None  # the newest fragment's media time (ms since the presentation's epoch)
+    outcomes: dict[str, int] = field(default_factory=dict)  # archived / duplicate / rejected -> count
+
+    def add(self, index: int, media_ms: int | None, seconds: float, outcome: str, now: float) -> None:
+        if self.last_index is None or index >= self.last_index:
+            self.last_index, self.media_ms = index, media_ms
+        self.last_seen = now
+        self.fragment_seconds = seconds or self.fragment_seconds
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+
+def ingest_rows(arrivals: dict[Key, Arrivals], pictures: dict[Key, tuple[Picture, TileJudge]], *, now: float,
+                thumb_url: Any) -> list[dict[str, Any]]:  # fmt: skip
+    """The ``rows`` of the ingest's monitor document: per (stream, track), a tile per group."""
+    rows: dict[Row, list[Key]] = {}
+    for key in arrivals:
+        rows.setdefault(key[0], []).append(key)
+    out = []
+    for row in sorted(rows):
+        tiles = []
+        for key in sorted(rows[row], key=lambda k: k[1]):
+            a = arrivals[key]
+            picture, judge = pictures.get(key, (None, None))
+            age = None if a.last_seen is None else now - a.last_seen
+            marks = [] if judge is None else judge.marks()
+            if is_stale(age, a.fragment_seconds or 2.0):
+                marks.insert(0, "stale")
+            tiles.append({
+                "group": key[1],
+                "last_index": a.last_index,
+                "media_ms": a.media_ms,
+                "age_seconds": None if age is None else round(age, 2),
+                "outcomes": dict(sorted(a.outcomes.items())),
+                "picture": picture_json(picture, judge, thumb_url(key, picture.index) if picture else None),
+                "marks": marks,
+            })  # fmt: skip
+        shown = [p for (r, _), (p, _) in pictures.items() if r == row]
+        kind = arrivals[rows[row][0]].kind
+        out.append({"stream": row[0], "track": row[1] if len(row) > 1 else "", "kind": kind, "tiles": tiles,
+                    "differs": differs(shown)})  # fmt: skip
+    return out

@@ -62,8 +62,8 @@ class UpMonitor:
         if self.peers is not None:
             for n, (name, document, error) in enumerate(await self.peers.documents()):
                 if document is not None:
-                    merge_peer(streams, document, name, self.peers.rewrite(n))
-                peers.append({"name": name, "ok": document is not None, "error": error})
+                    merge_peer(streams, document, name, self.peers.rewrite(n), unreachable=error is not None)
+                peers.append({"name": name, "ok": error is None and document is not None, "error": error})
         return {
             "kind": "up",
             "presentation": status["presentation"],

@@ -14,7 +14,8 @@ module bytes, integers and ``now`` and do what it decides:
   shell drops what it held. A process nobody watches pays one comparison per fragment.
 * :class:`Shelf`: while watched, the fragments offered to the monitor (the stream header, and per
   fragment index the first video and the first audio track's ``moof`` + ``mdat``) are kept for
-  the last :data:`KEEP` indices of each (row, group), within a byte budget. :meth:`Shelf.jobs`
+  the last :data:`KEEP` indices of each (row, group), within a byte budget (a tile over it gives
+  up its own older indices first; what still does not fit is refused and counted). :meth:`Shelf.jobs`
   says what to decode now: per row, the groups that delivered recently are *aligned* on the
   newest index all of them have complete (so the tiles side by side show the same fragment
   index), each group's newest otherwise; never an index already decoded or older, never two
@@ -31,7 +32,10 @@ module bytes, integers and ``now`` and do what it decides:
   *differs*: two groups' pictures of the *same* index differ by more than :data:`DIFFERENT_PICTURE`
   (mean absolute difference of the grids); *stale*: nothing new from the group for more than
   :data:`STALE_FRAGMENTS` fragment durations (a stopped, killed or stalled encoder, or a group
-  whose POSTs stopped arriving). :class:`TileJudge` keeps the state the frozen rule needs.
+  whose POSTs stopped arriving); *restarted*: the group's encoder failed (exited, was killed,
+  stalled) within the last :data:`RECENT_FAILURE_FRAGMENTS` fragment durations, even if its
+  restart already delivers again; *unreachable*: a peer's tiles, as last seen, when the peer
+  stopped answering. :class:`TileJudge` keeps the state the frozen rule needs.
 
 The grid is 32 x 18 luma samples: a thumbnail's worth of averaging removes the encoder's noise
 (the same still picture encoded twice differs by well under one level there) while a test
@@ -46,7 +50,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-THUMB_WIDTH = 192  # pixels; the height follows the picture's aspect ratio (even)
+THUMB_WIDTH = 232  # pixels; the height follows the picture's aspect ratio (even)
 GRID_WIDTH, GRID_HEIGHT = 32, 18
 AUDIO_RATE = 8000  # Hz, mono: plenty for a level
 AUDIO_SECONDS = 1  # of each fragment's audio
@@ -56,6 +60,7 @@ DIFFERENT_PICTURE = 12.0  # above which two groups' pictures of one index are no
 SILENT_DBFS = -60.0
 FLOOR_DBFS = -120.0  # what digital silence reads as
 STALE_FRAGMENTS = 1.5
+RECENT_FAILURE_FRAGMENTS = 5  # an encoder that failed (and was restarted) this recently is marked
 KEEP = 3  # fragment indices kept per (row, group) while watched
 SHELF_BYTES = 96 * 1024 * 1024  # bytes of fragments kept over all rows and groups
 LEASE_SECONDS = 10.0  # a page's poll renews the lease for this long
@@ -246,14 +251,15 @@ class Shelf:
         part = kept.parts.setdefault(index, {})
         if kind in part:
             return
+        while len(kept.parts) > self.keep or (self.size + len(data) > self.budget and min(kept.parts) < index):
+            self.size -= sum(len(b) for b in kept.parts.pop(min(kept.parts)).values())  # this tile's oldest first
         if self.size + len(data) > self.budget:
             self.refused += 1
+            if not part:
+                del kept.parts[index]
             return
         part[kind] = data
         self.size += len(data)
-        while len(kept.parts) > self.keep:
-            oldest = min(kept.parts)
-            self.size -= sum(len(b) for b in kept.parts.pop(oldest).values())
 
     def jobs(self, now: float, fresh_seconds: float) -> list[Job]:
         """What to decode now (each job marks its key busy until :meth:`done`)."""
@@ -347,6 +353,9 @@ def up_tiles(status: dict[str, Any], pictures: dict[Key, tuple[Picture, TileJudg
             picture, judge = pictures.get(key, (None, None))
             age = ages.get(key)
             marks = [] if judge is None else judge.marks()
+            failed_at = group.get("last_error_at")
+            if failed_at is not None and status["time"] - failed_at < RECENT_FAILURE_FRAGMENTS * fragment_seconds:
+                marks.insert(0, "restarted")
             if not group.get("encoder_up", False):
                 marks.insert(0, "down")
             if is_stale(age, fragment_seconds):
@@ -376,9 +385,12 @@ def up_tiles(status: dict[str, Any], pictures: dict[Key, tuple[Picture, TileJudg
     return streams
 
 
-def merge_peer(streams: list[dict[str, Any]], peer: dict[str, Any], name: str, rewrite: Any) -> None:
+def merge_peer(streams: list[dict[str, Any]], peer: dict[str, Any], name: str, rewrite: Any, *,
+               unreachable: bool = False) -> None:  # fmt: skip
     """Add a peer's tiles (from its own ``/monitor.json``) to ``streams``, marked with where they
-    come from (``name``); ``rewrite(url)`` turns the peer's thumbnail URL into ours (a proxy)."""
+    come from (``name``); ``rewrite(url)`` turns the peer's thumbnail URL into ours (a proxy).
+    ``unreachable``: ``peer`` is the last document of a peer that no longer answers: every tile
+    is marked so."""
     by_id = {s["stream"]: s for s in streams}
     for stream in peer.get("streams", []):
         if not isinstance(stream, dict) or not isinstance(stream.get("stream"), str):
@@ -391,6 +403,8 @@ def merge_peer(streams: list[dict[str, Any]], peer: dict[str, Any], name: str, r
             if not isinstance(tile, dict) or tile.get("where") != "here":
                 continue  # the peer's own peers are its business: no loops, no duplicates
             tile = dict(tile, where=name)
+            marks = [m for m in tile.get("marks", []) if isinstance(m, str)]
+            tile["marks"] = ["unreachable", *marks] if unreachable else marks
             picture = tile.get("picture")
             if isinstance(picture, dict):
                 tile["picture"] = dict(picture, url=rewrite(picture.get("url")))

@@ -131,7 +131,8 @@ class Peers:
             await self._client.aclose()
 
     async def documents(self) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-        """(name, document or None, error or None) per peer, fetched if older than ``refresh``."""
+        """(name, document, error or None) per peer, fetched if older than ``refresh``; with an
+        error, the document is the last one the peer gave (None if it never answered)."""
         async with self._lock:
             if trio.current_time() - self._fetched_at >= self.refresh:
                 async with trio.open_nursery() as nursery:
@@ -150,7 +151,7 @@ class Peers:
         except (httpx.HTTPError, ValueError, OSError) as exc:
             if self._errors[n] is None:
                 log.warning("monitor.peer.failed peer=%s error=%s", self.names[n], exc)
-            self._documents[n], self._errors[n] = None, _describe(exc)
+            self._errors[n] = _describe(exc)  # the last document stays: its tiles are shown as unreachable
 
     async def _get(self, url: str) -> bytes:
         async with self.client().stream("GET", url) as response:

@@ -14,9 +14,9 @@ from rig import build_profile, two_groups
 from orchestrator.errors import ProfileError
 from orchestrator.ops.monitor import (
     BLACK_LUMA,
+    FLOOR_DBFS,
     GRID_HEIGHT,
     GRID_WIDTH,
-    FLOOR_DBFS,
     Arrivals,
     Job,
     Picture,
@@ -53,11 +53,14 @@ def picture(index: int, level: int = 120, dbfs: float | None = None) -> Picture:
 
 def test_lease_is_held_for_its_ttl_after_each_renewal_and_lapses_once():
     lease = ViewerLease(ttl=10)
-    assert not lease.watched(0) and not lease.lapsed(0)
+    assert not lease.watched(0)
+    assert not lease.lapsed(0)
     lease.renew(5)
-    assert lease.watched(5) and lease.watched(14.9)
+    assert lease.watched(5)
+    assert lease.watched(14.9)
     lease.renew(14)
-    assert lease.watched(23.9) and not lease.lapsed(23.9)
+    assert lease.watched(23.9)
+    assert not lease.lapsed(23.9)
     assert not lease.watched(24)
     assert lease.lapsed(24)
     assert not lease.lapsed(25), "a lapse is reported once"
@@ -88,16 +91,20 @@ def test_rms_level_of_pcm():
 def test_frozen_is_two_fragments_with_the_same_picture_and_clears_on_motion():
     judge = TileJudge()
     judge.add(picture(10, 120))
-    assert judge.marks() == [] and judge.frozen_since is None
+    assert judge.marks() == []
+    assert judge.frozen_since is None
     noisy = bytes([120, 121]) * (CELLS // 2)  # half a level off on average: encoder noise, the same picture
     judge.add(Picture(11, b"png", noisy, None))
-    assert judge.marks() == ["frozen"] and judge.frozen_since == 10
+    assert judge.marks() == ["frozen"]
+    assert judge.frozen_since == 10
     judge.add(picture(13, 120))  # a decode skipped (load): still the same picture
     assert judge.frozen_since == 10
     judge.add(picture(14, 140))
-    assert judge.marks() == [] and judge.frozen_since is None
+    assert judge.marks() == []
+    assert judge.frozen_since is None
     judge.add(picture(12, 140))
-    assert judge.last is not None and judge.last.index == 14, "an older decode never replaces a newer one"
+    assert judge.last is not None
+    assert judge.last.index == 14, "an older decode never replaces a newer one"
 
 
 def test_black_and_silent():
@@ -134,7 +141,8 @@ def shelf_with_headers(kinds: tuple[str, ...] = ("video",), **options: Any) -> S
 def test_nothing_is_kept_for_an_unknown_stream_or_kind():
     shelf = Shelf()
     shelf.offer(P, 1, "video", b"x" * 10, now=0)
-    assert shelf.size == 0 and shelf.jobs(0, 4) == []
+    assert shelf.size == 0
+    assert shelf.jobs(0, 4) == []
     shelf.header(P, b"HDR", ["video"])
     shelf.offer(P, 1, "audio", b"y" * 10, now=0)
     assert shelf.size == 0
@@ -154,7 +162,7 @@ def test_an_index_is_decoded_once_when_all_its_kinds_arrived():
     assert shelf.size == 0, "what is decoded is let go"
     shelf.offer(P, 6, "video", b"v6", now=0)
     shelf.offer(P, 6, "audio", b"a6", now=0)
-    assert shelf.size == 0 and shelf.jobs(0, 4) == [], "never an older index"
+    assert (shelf.size, shelf.jobs(0, 4)) == (0, []), "never an older index"
 
 
 def test_groups_are_aligned_on_the_newest_index_they_all_have():
@@ -183,11 +191,11 @@ def test_the_shelf_keeps_the_last_indices_within_its_byte_budget():
     assert shelf.size == 40, "2 indices of 20 bytes"
     for k in range(5):
         shelf.offer(B, k, "video", b"y" * 40, now=0)
-    assert shelf.size == 80 and shelf.refused == 0, "over the budget, the backup gave up its own older index"
+    assert (shelf.size, shelf.refused) == (80, 0), "over the budget, the backup gave up its own older index"
     jobs = shelf.jobs(0, 4)
     assert {job.key: job.index for job in jobs} == {P: 4, B: 4}
     shelf.offer(P, 9, "video", b"w" * 101, now=0)
-    assert shelf.refused == 1 and shelf.size == 40, "a fragment over the whole budget is refused, counted"
+    assert (shelf.refused, shelf.size) == (1, 40), "a fragment over the whole budget is refused, counted"
     for job in jobs:
         shelf.done(job)
     shelf.clear()
@@ -198,13 +206,19 @@ def test_the_shelf_keeps_the_last_indices_within_its_byte_budget():
 
 def test_decode_argv_is_a_list_reading_stdin_with_one_output_per_kind():
     video = decode_argv("ffmpeg", Job(P, 1, b"h", video=b"v"), "t.png", "g.gray", "a.pcm")
-    assert video[0] == "ffmpeg" and video[video.index("-i") + 1] == "pipe:0"
-    assert video[-1] == "g.gray" and "t.png" in video and "a.pcm" not in video
-    assert video.count("-frames:v") == 2 and "1" == video[video.index("-frames:v") + 1]
+    assert video[0] == "ffmpeg"
+    assert video[video.index("-i") + 1] == "pipe:0"
+    assert video[-1] == "g.gray"
+    assert "t.png" in video
+    assert "a.pcm" not in video
+    assert video.count("-frames:v") == 2
+    assert video[video.index("-frames:v") + 1] == "1"
     both = decode_argv("ffmpeg", Job(P, 1, b"h", video=b"v", audio=b"a"), "t.png", "g.gray", "a.pcm")
-    assert both[-1] == "a.pcm" and both[both.index("0:a:0") - 1] == "-map"
+    assert both[-1] == "a.pcm"
+    assert both[both.index("0:a:0") - 1] == "-map"
     audio = decode_argv("ffmpeg", Job(P, 1, b"h", audio=b"a"), "t.png", "g.gray", "a.pcm")
-    assert "t.png" not in audio and "-filter_complex" not in audio
+    assert "t.png" not in audio
+    assert "-filter_complex" not in audio
 
 
 # --- documents --------------------------------------------------------------------------------------
@@ -214,7 +228,9 @@ def test_shared_clock_time_and_poll_interval():
     epoch_ns = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
     assert clock_time_ms(epoch_ns, (2 * 10**9, 1), 3) == 1_767_225_606_000
     assert clock_time_ms(epoch_ns, (1001 * 10**9, 500), 1) == 1_767_225_602_002
-    assert poll_seconds(2.0) == 1.0 and poll_seconds(6.0) == 3.0 and poll_seconds(1.0) == 1.0
+    assert poll_seconds(2.0) == 1.0
+    assert poll_seconds(6.0) == 3.0
+    assert poll_seconds(1.0) == 1.0
 
 
 def live_state(*, backup_up: bool = True) -> LiveState:
@@ -236,18 +252,20 @@ def test_up_tiles_carry_the_status_facts_the_picture_and_the_marks():
     status = status_document(live, now_wall=1010.0, now_monotonic=50.0)
     judge = TileJudge()
     judge.add(picture(99, 130))
-    [stream] = up_tiles(status, {P: (judge.last, judge)}, ages={P: 0.5, B: 3.5},  # type: ignore[dict-item]
-                        epoch_ns=0, fragment_ns=(2 * 10**9, 1), thumb_url=lambda key, i: f"/t/{key[1]}/{i}")  # fmt: skip
+    assert judge.last is not None
+    [stream] = up_tiles(status, {P: (judge.last, judge)}, ages={P: 0.5, B: 3.5}, epoch_ns=0,
+                        fragment_ns=(2 * 10**9, 1), thumb_url=lambda key, i: f"/t/{key[1]}/{i}")  # fmt: skip
     primary, backup = stream["tiles"]
-    assert (primary["group"], primary["where"], primary["encoder_up"], primary["last_index"]) == ("primary", "here",
-                                                                                                    True, 99)  # fmt: skip
+    facts = (primary["group"], primary["where"], primary["encoder_up"], primary["last_index"])
+    assert facts == ("primary", "here", True, 99)
     assert primary["clock_time_ms"] == 198_000
     assert primary["picture"] == {"index": 99, "url": "/t/primary/99", "luma": 130.0, "level_dbfs": None,
                                   "frozen_since": None}  # fmt: skip
     assert primary["marks"] == ["restarted"], "failed 5 s ago, within 5 fragment durations"
     assert primary["last_error"] == "killed: exit -9"
     assert primary["endpoints"] == [{"endpoint": "region-a", "region": "eu-west", "state": "streaming"}]
-    assert backup["marks"] == ["stale", "down"] and backup["picture"] is None
+    assert backup["marks"] == ["stale", "down"]
+    assert backup["picture"] is None
     later = status_document(live, now_wall=1020.1, now_monotonic=60.1)
     [stream] = up_tiles(later, {}, ages={P: 0.5, B: 0.5}, epoch_ns=0, fragment_ns=(2 * 10**9, 1),
                         thumb_url=lambda key, i: "")  # fmt: skip
@@ -268,8 +286,10 @@ def test_peer_tiles_are_merged_by_stream_with_proxy_urls_and_marked_when_unreach
     video, extra = streams
     assert [t["group"] for t in video["tiles"]] == ["primary", "backup"], "the peer's own peers are not repeated"
     backup = video["tiles"][1]
-    assert backup["where"] == "peer-b:9464" and backup["marks"] == ["unreachable"]
-    assert backup["picture"]["url"] == "/proxied" and video["differs"] is True
+    assert backup["where"] == "peer-b:9464"
+    assert backup["marks"] == ["unreachable"]
+    assert backup["picture"]["url"] == "/proxied"
+    assert video["differs"] is True
     assert extra["tiles"][0]["picture"]["url"] is None, "only the peer's own thumbnail route is proxied"
 
 
@@ -288,9 +308,13 @@ def test_ingest_rows_per_stream_and_track_with_arrivals_per_group():
     [row] = ingest_rows(arrivals, pictures, now=now, thumb_url=lambda key, i: f"{key[1]}:{i}")  # type: ignore[arg-type]
     assert (row["stream"], row["track"], row["kind"], row["differs"]) == ("live/x/video", "v360", "video", True)
     backup, primary = row["tiles"]
-    assert backup["group"] == "backup" and backup["last_index"] == 8 and backup["media_ms"] == 16_000
-    assert backup["outcomes"] == {"duplicate": 2} and backup["marks"] == ["stale"]
-    assert primary["marks"] == [] and primary["picture"]["url"] == "primary:8"
+    assert backup["group"] == "backup"
+    assert backup["last_index"] == 8
+    assert backup["media_ms"] == 16_000
+    assert backup["outcomes"] == {"duplicate": 2}
+    assert backup["marks"] == ["stale"]
+    assert primary["marks"] == []
+    assert primary["picture"]["url"] == "primary:8"
 
 
 # --- the profile table -----------------------------------------------------------------------------
@@ -298,7 +322,9 @@ def test_ingest_rows_per_stream_and_track_with_arrivals_per_group():
 
 def test_monitor_table_defaults_and_peers():
     profile = build_profile(groups=two_groups(9000))
-    assert profile.monitor.enabled and profile.monitor.peers == [] and profile.monitor.concurrency == 2
+    assert profile.monitor.enabled
+    assert profile.monitor.peers == []
+    assert profile.monitor.concurrency == 2
     profile = build_profile(groups=two_groups(9000), extra='[monitor]\npeers = ["http://10.0.1.2:9464", "https://b:1"]')
     assert profile.monitor.peers == ["http://10.0.1.2:9464", "https://b:1"]
 
@@ -314,5 +340,6 @@ def test_monitor_table_defaults_and_peers():
 def test_bad_monitor_peers_name_the_key_and_the_reason(peers, reason):
     with pytest.raises(ProfileError) as caught:
         build_profile(groups=two_groups(9000), extra=f"[monitor]\npeers = {peers}")
-    assert "monitor.peers" in str(caught.value) and reason in str(caught.value)
+    assert "monitor.peers" in str(caught.value)
+    assert reason in str(caught.value)
     assert "secret" not in str(caught.value) or "credentials" in reason

@@ -84,15 +84,21 @@ async def test_frozen_black_and_silent_on_real_encoded_content(tmp_path):
     assert moving == [[], [], []], "a moving picture is never frozen"
     assert still == [[], ["frozen"], ["frozen"]], "frozen from the second fragment with the same keyframe"
     assert black == [["black"], ["frozen", "black"], ["frozen", "black"]]
-    assert tone == [[], [], []] and silence == [["silent"]] * 3
+    assert tone == [[], [], []]
+    assert silence == [["silent"]] * 3
     picture = thumbs.pictures[(("moving",), "g")][0]
-    assert picture.png is not None and picture.png.startswith(b"\x89PNG\r\n\x1a\n")
-    assert picture.luma is not None and picture.luma > 60
+    assert picture.png is not None
+    assert picture.png.startswith(b"\x89PNG\r\n\x1a\n")
+    assert picture.luma is not None
+    assert picture.luma > 60
     level = thumbs.pictures[(("tone",), "g")][0].level_dbfs
-    assert level is not None and -25 < level < -15, "lavfi's sine is 1/8 of full scale: -21 dBFS"
+    assert level is not None
+    assert -25 < level < -15, "lavfi's sine is 1/8 of full scale: -21 dBFS"
     silent = thumbs.pictures[(("silence",), "g")][0].level_dbfs
-    assert silent is not None and silent < SILENT_DBFS
-    assert thumbs.counts.failed == thumbs.counts.timed_out == 0 and thumbs.counts.decoded == 15
+    assert silent is not None
+    assert silent < SILENT_DBFS
+    assert thumbs.counts.failed == thumbs.counts.timed_out == 0
+    assert thumbs.counts.decoded == 15
 
 
 async def test_nothing_is_kept_or_decoded_unless_watched_and_the_lease_lapses(tmp_path):
@@ -104,12 +110,14 @@ async def test_nothing_is_kept_or_decoded_unless_watched_and_the_lease_lapses(tm
         thumbs.header(key, init, ["video"])
         thumbs.offer(key, 0, "video", fragments[0])
         await trio.sleep(1.5)
-        assert thumbs.shelf.size == 0 and thumbs.counts.decoded == 0 and not thumbs.pictures
+        assert thumbs.shelf.size == 0
+        assert thumbs.counts.decoded == 0
+        assert not thumbs.pictures
         thumbs.watch()
         thumbs.offer(key, 1, "video", fragments[1])
         await wait_for(lambda: key in thumbs.pictures, 30, "decoded while watched")
         await wait_for(lambda: not thumbs.watching, 5, "the lease lapsed")
-        assert not thumbs.pictures and thumbs.shelf.size == 0, "what was kept is let go"
+        assert (thumbs.pictures, thumbs.shelf.size) == ({}, 0), "what was kept is let go"
         nursery.cancel_scope.cancel()
 
 

@@ -16,10 +16,12 @@ module bytes, integers and ``now`` and do what it decides:
   fragment index the first video and the first audio track's ``moof`` + ``mdat``) are kept for
   the last :data:`KEEP` indices of each (row, group), within a byte budget (a tile over it gives
   up its own older indices first; what still does not fit is refused and counted). :meth:`Shelf.jobs`
-  says what to decode now: per row, the groups that delivered recently are *aligned* on the
-  newest index all of them have complete (so the tiles side by side show the same fragment
-  index), each group's newest otherwise; never an index already decoded or older, never two
-  decodes of one (row, group) at once, so at most one decode per (row, group) per fragment.
+  says what to decode now: each tile's newest complete index, never one already decoded or
+  older, never two decodes of one (row, group) at once: at most one decode per (row, group)
+  per fragment, fewer when decoding falls behind (the newest wins).
+* :func:`shown`: each tile keeps its last :data:`HISTORY` pictures, and the tiles of a row show
+  the newest fragment index they all hold, so the pictures side by side are of the same
+  fragment even when one group delivers a fragment later than the other.
 * :func:`decode_argv`: the ffmpeg command of one decode (an argv list, never a shell string):
   the first video frame of the fragment, i.e. its first keyframe, as a small PNG plus a
   :data:`GRID_WIDTH` x :data:`GRID_HEIGHT` grey grid, and the first second of its audio as mono
@@ -62,6 +64,7 @@ FLOOR_DBFS = -120.0  # what digital silence reads as
 STALE_FRAGMENTS = 1.5
 RECENT_FAILURE_FRAGMENTS = 5  # an encoder that failed (and was restarted) this recently is marked
 KEEP = 3  # fragment indices kept per (row, group) while watched
+HISTORY = 4  # decoded pictures kept per tile, to show the groups' pictures of one index side by side
 SHELF_BYTES = 96 * 1024 * 1024  # bytes of fragments kept over all rows and groups
 LEASE_SECONDS = 10.0  # a page's poll renews the lease for this long
 
@@ -133,15 +136,21 @@ def rms_dbfs(pcm: bytes) -> float | None:
 
 @dataclass
 class TileJudge:
-    """The marks of one tile's pictures; :meth:`add` takes each new decode in index order."""
+    """The marks of one tile's pictures; :meth:`add` takes each new decode in index order and
+    keeps the last :data:`HISTORY` (so tiles side by side can show one index, see :func:`shown`)."""
 
     last: Picture | None = None
     frozen_since: int | None = None  # the first index of the picture that repeats
+    history: list[Picture] = field(default_factory=list, repr=False)
+
+    def picture(self, index: int) -> Picture | None:
+        return next((p for p in self.history if p.index == index), None)
 
     def add(self, picture: Picture) -> None:
         previous = self.last
         if previous is not None and picture.index <= previous.index:
             return  # older than what is shown: never go back
+        self.history = [*self.history[-(HISTORY - 1) :], picture]
         if previous is not None and previous.grid and picture.grid and \
                 mean_abs_diff(previous.grid, picture.grid) < SAME_PICTURE:  # fmt: skip
             if self.frozen_since is None:
@@ -162,6 +171,26 @@ class TileJudge:
         if picture.level_dbfs is not None and picture.level_dbfs < SILENT_DBFS:
             marks.append("silent")
         return marks
+
+
+def shown(pictures: dict[Key, tuple[Picture, TileJudge]]) -> dict[Key, Picture]:
+    """The picture each tile shows: per row, the tiles whose newest picture is within two
+    indices of the row's newest show the newest index all of them still hold (so the pictures
+    side by side are of the same fragment, whichever group delivers later); the others, and
+    rows without such an index, their newest."""
+    out = {key: picture for key, (picture, _) in pictures.items()}
+    rows: dict[Row, list[Key]] = {}
+    for key in pictures:
+        rows.setdefault(key[0], []).append(key)
+    for keys in rows.values():
+        newest = max(pictures[k][0].index for k in keys)
+        current = [k for k in keys if pictures[k][0].index >= newest - 2]
+        common = set.intersection(*({p.index for p in pictures[k][1].history} for k in current))
+        if len(current) > 1 and common:
+            index = max(common)
+            for k in current:
+                out[k] = pictures[k][1].picture(index) or out[k]
+    return out
 
 
 def differs(pictures: Iterable[Picture]) -> bool:
@@ -205,7 +234,6 @@ class _Kept:
     header: bytes = b""
     kinds: frozenset[str] = frozenset()  # the kinds a complete index has: "video", "audio"
     parts: dict[int, dict[str, bytes]] = field(default_factory=dict)  # index -> kind -> bytes
-    last_seen: float = -math.inf  # monotonic time of the last fragment offered
 
     def size(self) -> int:
         return sum(len(b) for p in self.parts.values() for b in p.values())
@@ -240,12 +268,11 @@ class Shelf:
             self.size -= kept.size()
             kept.header, kept.kinds, kept.parts = data, frozenset(kinds), {}
 
-    def offer(self, key: Key, index: int, kind: str, data: bytes, now: float) -> None:
+    def offer(self, key: Key, index: int, kind: str, data: bytes) -> None:
         """Fragment ``index`` of ``key``'s first track of ``kind``; kept if wanted and within budget."""
         kept = self._kept.get(key)
         if kept is None or kind not in kept.kinds:
             return
-        kept.last_seen = now
         if index <= self._decoded.get(key, -1) or (kept.parts and index < min(kept.parts)):
             return
         part = kept.parts.setdefault(index, {})
@@ -261,28 +288,19 @@ class Shelf:
         part[kind] = data
         self.size += len(data)
 
-    def jobs(self, now: float, fresh_seconds: float) -> list[Job]:
-        """What to decode now (each job marks its key busy until :meth:`done`)."""
-        rows: dict[Row, list[Key]] = {}
-        for key in self._kept:
-            rows.setdefault(key[0], []).append(key)
+    def jobs(self) -> list[Job]:
+        """What to decode now: each idle tile's newest complete index, if newer than the last
+        it decoded (each job marks its key busy until :meth:`done`)."""
         out = []
-        for keys in rows.values():
-            complete = {k: self._kept[k].complete() for k in keys}
-            fresh = [k for k in keys if complete[k] and now - self._kept[k].last_seen <= fresh_seconds]
-            common = set.intersection(*(set(complete[k]) for k in fresh)) if fresh else set()
-            target = max(common) if common else None
-            for key in keys:
-                if key in self._busy or not complete[key]:
-                    continue
-                index = target if key in fresh and target is not None else complete[key][-1]
-                if index <= self._decoded.get(key, -1):
-                    continue
-                kept = self._kept[key]
-                part = kept.parts[index]
-                out.append(Job(key, index, kept.header, part.get("video"), part.get("audio")))
-                self._busy.add(key)
-                self._decoded[key] = index
+        for key, kept in self._kept.items():
+            complete = kept.complete()
+            if key in self._busy or not complete or complete[-1] <= self._decoded.get(key, -1):
+                continue
+            index = complete[-1]
+            part = kept.parts[index]
+            out.append(Job(key, index, kept.header, part.get("video"), part.get("audio")))
+            self._busy.add(key)
+            self._decoded[key] = index
         return out
 
     def done(self, job: Job) -> None:
@@ -343,6 +361,7 @@ def up_tiles(status: dict[str, Any], pictures: dict[Key, tuple[Picture, TileJudg
     group, its picture, marks and the shared-clock time of its last index. ``thumb_url(key, index)``
     names a thumbnail."""
     fragment_seconds = float(status["fragment_duration"]) or 1.0
+    showing = shown(pictures)
     streams = []
     for stream in status["streams"]:
         row: Row = (stream["stream"],)
@@ -350,7 +369,8 @@ def up_tiles(status: dict[str, Any], pictures: dict[Key, tuple[Picture, TileJudg
         for g in stream["groups"]:
             key: Key = (row, g["group"])
             group = status["groups"].get(g["group"], {})
-            picture, judge = pictures.get(key, (None, None))
+            judge = pictures[key][1] if key in pictures else None
+            picture = showing.get(key)
             age = ages.get(key)
             marks = [] if judge is None else judge.marks()
             failed_at = group.get("last_error_at")
@@ -380,8 +400,8 @@ def up_tiles(status: dict[str, Any], pictures: dict[Key, tuple[Picture, TileJudg
                 "picture": picture_json(picture, judge, thumb_url(key, picture.index) if picture else None),
                 "marks": marks,
             })  # fmt: skip
-        shown = [p for (r, _), (p, _) in pictures.items() if r == row]
-        streams.append({"stream": stream["stream"], "tiles": tiles, "differs": differs(shown)})
+        streams.append({"stream": stream["stream"], "tiles": tiles,
+                        "differs": differs(p for (r, _), p in showing.items() if r == row)})  # fmt: skip
     return streams
 
 
@@ -437,12 +457,14 @@ def ingest_rows(arrivals: dict[Key, Arrivals], pictures: dict[Key, tuple[Picture
     rows: dict[Row, list[Key]] = {}
     for key in arrivals:
         rows.setdefault(key[0], []).append(key)
+    showing = shown(pictures)
     out = []
     for row in sorted(rows):
         tiles = []
         for key in sorted(rows[row], key=lambda k: k[1]):
             a = arrivals[key]
-            picture, judge = pictures.get(key, (None, None))
+            judge = pictures[key][1] if key in pictures else None
+            picture = showing.get(key)
             age = None if a.last_seen is None else now - a.last_seen
             marks = [] if judge is None else judge.marks()
             if is_stale(age, a.fragment_seconds or 2.0):
@@ -456,8 +478,7 @@ def ingest_rows(arrivals: dict[Key, Arrivals], pictures: dict[Key, tuple[Picture
                 "picture": picture_json(picture, judge, thumb_url(key, picture.index) if picture else None),
                 "marks": marks,
             })  # fmt: skip
-        shown = [p for (r, _), (p, _) in pictures.items() if r == row]
         kind = arrivals[rows[row][0]].kind
         out.append({"stream": row[0], "track": row[1] if len(row) > 1 else "", "kind": kind, "tiles": tiles,
-                    "differs": differs(shown)})  # fmt: skip
+                    "differs": differs(p for (r, _), p in showing.items() if r == row)})  # fmt: skip
     return out

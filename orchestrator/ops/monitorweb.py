@@ -30,7 +30,7 @@ import httpx
 import trio
 
 from orchestrator.ops.httpserve import Scope, Send
-from orchestrator.ops.monitor import Key, Row
+from orchestrator.ops.monitor import Key, Picture, Row, TileJudge
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,18 @@ def key_of(scope: Scope) -> Key | None:
     return row, group
 
 
-async def serve_thumb(scope: Scope, send: Send, pictures: dict[Key, Any]) -> None:
+async def serve_thumb(scope: Scope, send: Send, pictures: dict[Key, tuple[Picture, TileJudge]]) -> None:
+    """The tile's picture of index ``i`` (one it still holds), else its newest."""
     key = key_of(scope)
     entry = pictures.get(key) if key is not None else None
-    if entry is None or entry[0].png is None:
+    index = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("i", [""])[0]
+    picture = None
+    if entry is not None:
+        picture = (entry[1].picture(int(index)) if index.isdigit() else None) or entry[0]
+    if picture is None or picture.png is None:
         await answer(send, 404, "text/plain", b"no picture for this tile (yet)\n")
         return
-    await answer(send, 200, "image/png", entry[0].png)
+    await answer(send, 200, "image/png", picture.png)
 
 
 def json_body(document: dict[str, Any]) -> bytes:

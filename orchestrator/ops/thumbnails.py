@@ -98,7 +98,7 @@ class Thumbnailer:
     def offer(self, key: Key, index: int, kind: str, data: bytes) -> None:
         if not self._watching:
             return
-        self.shelf.offer(key, index, kind, data, trio.current_time())
+        self.shelf.offer(key, index, kind, data)
         self._wake.set()
 
     # --- the decoding task -------------------------------------------------------------------------
@@ -123,7 +123,7 @@ class Thumbnailer:
                              self.counts.failed, self.counts.timed_out, self.shelf.refused)  # fmt: skip
                 if not self._watching or self.ffmpeg is None:
                     continue
-                for job in self.shelf.jobs(now, fresh_seconds=2 * self.fragment_seconds):
+                for job in self.shelf.jobs():
                     nursery.start_soon(self._decode, job)
 
     async def _decode(self, job: Job) -> None:

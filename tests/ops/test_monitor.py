@@ -32,6 +32,7 @@ from orchestrator.ops.monitor import (
     merge_peer,
     poll_seconds,
     rms_dbfs,
+    shown,
     up_tiles,
 )
 from orchestrator.ops.state import EncoderState, GroupState, LiveState, PublisherState
@@ -140,68 +141,84 @@ def shelf_with_headers(kinds: tuple[str, ...] = ("video",), **options: Any) -> S
 
 def test_nothing_is_kept_for_an_unknown_stream_or_kind():
     shelf = Shelf()
-    shelf.offer(P, 1, "video", b"x" * 10, now=0)
+    shelf.offer(P, 1, "video", b"x" * 10)
     assert shelf.size == 0
-    assert shelf.jobs(0, 4) == []
+    assert shelf.jobs() == []
     shelf.header(P, b"HDR", ["video"])
-    shelf.offer(P, 1, "audio", b"y" * 10, now=0)
+    shelf.offer(P, 1, "audio", b"y" * 10)
     assert shelf.size == 0
 
 
 def test_an_index_is_decoded_once_when_all_its_kinds_arrived():
     shelf = Shelf()
     shelf.header(P, b"HDR", ["video", "audio"])
-    shelf.offer(P, 7, "video", b"v7", now=0)
-    assert shelf.jobs(0, 4) == [], "audio of 7 missing"
-    shelf.offer(P, 7, "audio", b"a7", now=0)
-    [job] = shelf.jobs(0, 4)
+    shelf.offer(P, 7, "video", b"v7")
+    assert shelf.jobs() == [], "audio of 7 missing"
+    shelf.offer(P, 7, "audio", b"a7")
+    [job] = shelf.jobs()
     assert (job.key, job.index, job.data) == (P, 7, b"HDRv7a7")
-    assert shelf.jobs(0, 4) == [], "busy: one decode per tile at a time"
+    assert shelf.jobs() == [], "busy: one decode per tile at a time"
     shelf.done(job)
-    assert shelf.jobs(0, 4) == [], "never the same index twice"
+    assert shelf.jobs() == [], "never the same index twice"
     assert shelf.size == 0, "what is decoded is let go"
-    shelf.offer(P, 6, "video", b"v6", now=0)
-    shelf.offer(P, 6, "audio", b"a6", now=0)
-    assert (shelf.size, shelf.jobs(0, 4)) == (0, []), "never an older index"
+    shelf.offer(P, 6, "video", b"v6")
+    shelf.offer(P, 6, "audio", b"a6")
+    assert (shelf.size, shelf.jobs()) == (0, []), "never an older index"
 
 
-def test_groups_are_aligned_on_the_newest_index_they_all_have():
+def test_each_tile_decodes_its_newest_complete_index():
     shelf = shelf_with_headers()
     for k in (10, 11, 12):
-        shelf.offer(P, k, "video", b"p", now=0)
-    shelf.offer(B, 10, "video", b"b", now=0)
-    shelf.offer(B, 11, "video", b"b", now=0)
-    jobs = {job.key: job.index for job in shelf.jobs(0, 4)}
-    assert jobs == {P: 11, B: 11}, "both show fragment 11, not the primary's newer 12"
+        shelf.offer(P, k, "video", b"p")
+    shelf.offer(B, 10, "video", b"b")
+    shelf.offer(B, 11, "video", b"b")
+    jobs = shelf.jobs()
+    assert {job.key: job.index for job in jobs} == {P: 12, B: 11}, "the newest wins: older ones are skipped"
+    for job in jobs:
+        shelf.done(job)
+    assert shelf.size == 0
 
 
-def test_a_group_that_stopped_delivering_does_not_hold_the_others_back():
-    shelf = shelf_with_headers()
-    shelf.offer(B, 3, "video", b"b", now=0)
-    for k in (10, 11):
-        shelf.offer(P, k, "video", b"p", now=100)
-    jobs = {job.key: job.index for job in shelf.jobs(100, fresh_seconds=4)}
-    assert jobs == {P: 11, B: 3}
+def judged(*indices_levels: tuple[int, int]) -> tuple[Picture, TileJudge]:
+    judge = TileJudge()
+    for index, level in indices_levels:
+        judge.add(picture(index, level))
+    assert judge.last is not None
+    return judge.last, judge
+
+
+def test_tiles_side_by_side_show_the_newest_index_they_all_hold():
+    late = (("video",), "late")
+    pictures = {P: judged((10, 100), (11, 100), (12, 100)), B: judged((9, 100), (10, 200), (11, 200)),
+                late: judged((3, 50))}  # fmt: skip
+    showing = shown(pictures)
+    assert (showing[P].index, showing[B].index) == (11, 11), "the primary shows 11 too, not its newer 12"
+    assert showing[late].index == 3, "a tile far behind (stopped) does not hold the others back"
+    assert differs(p for p in showing.values()), "11 from each, at 100 and 200: different content"
+    only = {P: judged((10, 100), (11, 100), (12, 100)), B: judged((5, 100), (6, 100), (7, 100))}
+    assert {k: p.index for k, p in shown(only).items()} == {P: 12, B: 7}
+    history = judged(*((i, 100) for i in range(10)))[1].history
+    assert [p.index for p in history] == [6, 7, 8, 9], "the last HISTORY pictures"
 
 
 def test_the_shelf_keeps_the_last_indices_within_its_byte_budget():
     shelf = shelf_with_headers(budget=100, keep=2)
     for k in range(5):
-        shelf.offer(P, k, "video", b"x" * 20, now=0)
+        shelf.offer(P, k, "video", b"x" * 20)
     assert shelf.size == 40, "2 indices of 20 bytes"
     for k in range(5):
-        shelf.offer(B, k, "video", b"y" * 40, now=0)
+        shelf.offer(B, k, "video", b"y" * 40)
     assert (shelf.size, shelf.refused) == (80, 0), "over the budget, the backup gave up its own older index"
-    jobs = shelf.jobs(0, 4)
+    jobs = shelf.jobs()
     assert {job.key: job.index for job in jobs} == {P: 4, B: 4}
-    shelf.offer(P, 9, "video", b"w" * 101, now=0)
+    shelf.offer(P, 9, "video", b"w" * 101)
     assert (shelf.refused, shelf.size) == (1, 40), "a fragment over the whole budget is refused, counted"
     for job in jobs:
         shelf.done(job)
     shelf.clear()
     assert shelf.size == 0
-    shelf.offer(P, 10, "video", b"z", now=0)
-    assert [j.data for j in shelf.jobs(0, 4)] == [b"HDRz"], "clear() keeps the headers"
+    shelf.offer(P, 10, "video", b"z")
+    assert [j.data for j in shelf.jobs()] == [b"HDRz"], "clear() keeps the headers"
 
 
 def test_decode_argv_is_a_list_reading_stdin_with_one_output_per_kind():

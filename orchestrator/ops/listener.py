@@ -48,7 +48,7 @@ class UpMonitor:
         self.fragment_ns = (fragment_duration.numerator * 10**9, fragment_duration.denominator)
         self.peers = peers
 
-    async def document(self) -> dict[str, Any]:
+    async def document(self, *, with_peers: bool = True) -> dict[str, Any]:
         self.thumbnailer.watch()
         now_wall, now = time.time(), trio.current_time()
         status = status_document(self.live, now_wall=now_wall, now_monotonic=now)
@@ -59,7 +59,7 @@ class UpMonitor:
         streams = up_tiles(status, self.thumbnailer.pictures, ages=ages, epoch_ns=self.epoch_ns,
                            fragment_ns=self.fragment_ns, thumb_url=monitorweb.thumb_url)  # fmt: skip
         peers = []
-        if self.peers is not None:
+        if self.peers is not None and with_peers:
             for n, (name, document, error) in enumerate(await self.peers.documents()):
                 if document is not None:
                     merge_peer(streams, document, name, self.peers.rewrite(n), unreachable=error is not None)
@@ -122,7 +122,9 @@ async def _monitor(monitor: UpMonitor, scope: Scope, send: Send) -> None:
     if await monitorweb.serve_static(path, send):
         return
     if path == "/monitor.json":
-        await monitorweb.answer(send, 200, "application/json", monitorweb.json_body(await monitor.document()))
+        with_peers = b"peers=0" not in scope.get("query_string", b"").split(b"&")
+        document = await monitor.document(with_peers=with_peers)
+        await monitorweb.answer(send, 200, "application/json", monitorweb.json_body(document))
     elif path == "/monitor/thumb":
         await monitorweb.serve_thumb(scope, send, monitor.thumbnailer.pictures)
     elif monitor.peers is not None:

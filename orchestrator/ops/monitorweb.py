@@ -6,7 +6,8 @@ Routes (GET and HEAD only; the caller checks the method):
   style, served from the package (no external asset: the page works on an isolated network);
 * ``/monitor.json``: the document the page polls; each request renews the viewer lease
   (:class:`orchestrator.ops.monitor.ViewerLease`), so pictures are decoded only while a page is
-  open;
+  open; ``?peers=0`` leaves the peers out (what a peer asks for: two processes that list each
+  other never ask each other in a loop);
 * ``/monitor/thumb?s=<stream>[&t=<track>]&g=<group>&i=<index>``: a tile's latest thumbnail (PNG);
 * on ``up`` with ``[monitor] peers``: ``/monitor/peer/<n>/thumb?...``, the same from peer n,
   fetched by this process (so the page's Content-Security-Policy stays ``'self'``).
@@ -148,7 +149,7 @@ class Peers:
 
     async def _fetch(self, n: int) -> None:
         try:
-            body = await self._get(f"{self.urls[n]}/monitor.json")
+            body = await self._get(f"{self.urls[n]}/monitor.json?peers=0")  # its own tiles: peers never recurse
             document = json.loads(body)
             if not isinstance(document, dict):
                 raise ValueError("not a JSON object")

@@ -18,11 +18,13 @@ module bytes, integers and ``now`` and do what it decides:
   up its own older indices first; what still does not fit is refused and counted). :meth:`Shelf.jobs`
   says what to decode now: each tile's newest complete index, never one already decoded or
   older, never two decodes of one (row, group) at once: at most one decode per (row, group)
-  per fragment, fewer when decoding falls behind (the newest wins).
+  per fragment, fewer when decoding falls behind (the newest wins, and the tile served longest
+  ago goes first, so every tile gets its turn).
 * :func:`shown`: each tile keeps its last :data:`HISTORY` pictures, and the tiles of a row show
   the newest fragment index they all hold, so the pictures side by side are of the same
   fragment even when one group delivers a fragment later than the other.
-* :func:`decode_argv`: the ffmpeg command of one decode (an argv list, never a shell string):
+* :func:`decode_argv`: the ffmpeg command of a batch of decodes (an argv list, never a shell
+  string; one process for several tiles, since starting ffmpeg is most of the cost): per job,
   the first video frame of the fragment, i.e. its first keyframe, as a small PNG plus a
   :data:`GRID_WIDTH` x :data:`GRID_HEIGHT` grey grid, and the first second of its audio as mono
   16-bit PCM at 8 kHz.
@@ -48,7 +50,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,6 +255,8 @@ class Shelf:
         self._kept: dict[Key, _Kept] = {}
         self._decoded: dict[Key, int] = {}  # the newest index decoded (or being decoded)
         self._busy: set[Key] = set()
+        self._served: dict[Key, int] = {}  # the turn at which each tile's last decode started
+        self._turn = 0
 
     def clear(self) -> None:
         """Drop every fragment kept (the headers stay: a stream sends its header once)."""
@@ -288,19 +292,25 @@ class Shelf:
         part[kind] = data
         self.size += len(data)
 
-    def jobs(self) -> list[Job]:
-        """What to decode now: each idle tile's newest complete index, if newer than the last
-        it decoded (each job marks its key busy until :meth:`done`)."""
-        out = []
+    def jobs(self, limit: int) -> list[Job]:
+        """At most ``limit`` decodes to start now: idle tiles with a complete index newer than
+        the last they decoded, the tile served longest ago first (so with fewer decodes than
+        tiles, every tile still gets its turn), each its newest such index. Each job marks its
+        tile busy until :meth:`done`."""
+        ready = []
         for key, kept in self._kept.items():
             complete = kept.complete()
-            if key in self._busy or not complete or complete[-1] <= self._decoded.get(key, -1):
-                continue
-            index = complete[-1]
+            if key not in self._busy and complete and complete[-1] > self._decoded.get(key, -1):
+                ready.append((self._served.get(key, -1), key, complete[-1]))
+        out = []
+        for _, key, index in sorted(ready, key=lambda r: r[0])[:limit]:
+            kept = self._kept[key]
             part = kept.parts[index]
             out.append(Job(key, index, kept.header, part.get("video"), part.get("audio")))
             self._busy.add(key)
             self._decoded[key] = index
+            self._turn += 1
+            self._served[key] = self._turn
         return out
 
     def done(self, job: Job) -> None:
@@ -312,18 +322,35 @@ class Shelf:
                 self.size -= sum(len(b) for b in kept.parts.pop(index).values())
 
 
-def decode_argv(ffmpeg: str, job: Job, video_out: str, grid_out: str, audio_out: str) -> list[str]:
-    """The ffmpeg command that decodes ``job`` read from stdin (see the module docstring)."""
-    argv = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "1", "-filter_threads", "1",
-            "-f", "mp4", "-i", "pipe:0", "-y"]  # fmt: skip
-    if job.video is not None:
-        argv += ["-filter_complex", f"[0:v:0]scale={THUMB_WIDTH}:-2,split=2[t][s];"
-                 f"[s]scale={GRID_WIDTH}:{GRID_HEIGHT},format=gray[g]",
-                 "-map", "[t]", "-frames:v", "1", "-c:v", "png", "-f", "image2", video_out,
-                 "-map", "[g]", "-frames:v", "1", "-f", "rawvideo", grid_out]  # fmt: skip
-    if job.audio is not None:
-        argv += ["-map", "0:a:0", "-t", str(AUDIO_SECONDS), "-ac", "1", "-ar", str(AUDIO_RATE), "-f", "s16le",
-                 audio_out]  # fmt: skip
+@dataclass(frozen=True)
+class Outputs:
+    """Where one job's input is and its outputs go (files in the decoder's private directory)."""
+
+    source: str
+    thumbnail: str
+    grid: str
+    pcm: str
+
+
+def decode_argv(ffmpeg: str, batch: Sequence[tuple[Job, Outputs]]) -> list[str]:
+    """One ffmpeg command that decodes every job of ``batch`` (one input each, its outputs beside):
+    one process start for several tiles, which is most of a decode's cost."""
+    argv = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "1", "-filter_threads", "1"]
+    for _, out in batch:
+        argv += ["-f", "mp4", "-i", out.source]
+    argv.append("-y")
+    grid = f"scale={GRID_WIDTH}:{GRID_HEIGHT},format=gray"
+    graph = [f"[{i}:v:0]scale={THUMB_WIDTH}:-2,split=2[t{i}][s{i}];[s{i}]{grid}[g{i}]"
+             for i, (job, _) in enumerate(batch) if job.video is not None]  # fmt: skip
+    if graph:
+        argv += ["-filter_complex", ";".join(graph)]
+    for i, (job, out) in enumerate(batch):
+        if job.video is not None:
+            argv += ["-map", f"[t{i}]", "-frames:v", "1", "-c:v", "png", "-f", "image2", out.thumbnail,
+                     "-map", f"[g{i}]", "-frames:v", "1", "-f", "rawvideo", out.grid]  # fmt: skip
+        if job.audio is not None:
+            argv += ["-map", f"{i}:a:0", "-t", str(AUDIO_SECONDS), "-ac", "1", "-ar", str(AUDIO_RATE), "-f", "s16le",
+                     out.pcm]  # fmt: skip
     return argv
 
 
@@ -426,8 +453,8 @@ def merge_peer(streams: list[dict[str, Any]], peer: dict[str, Any], name: str, r
             marks = [m for m in tile.get("marks", []) if isinstance(m, str)]
             tile["marks"] = ["unreachable", *marks] if unreachable else marks
             picture = tile.get("picture")
-            if isinstance(picture, dict):
-                tile["picture"] = dict(picture, url=rewrite(picture.get("url")))
+            if isinstance(picture, dict):  # a gone peer's thumbnails cannot be fetched: none shown
+                tile["picture"] = dict(picture, url=None if unreachable else rewrite(picture.get("url")))
             ours["tiles"].append(tile)
         ours["differs"] = bool(ours["differs"] or stream.get("differs"))
 

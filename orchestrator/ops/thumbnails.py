@@ -5,9 +5,11 @@ fan-out, the ingest server's POSTs); what it keeps and decodes is decided by
 :mod:`orchestrator.ops.monitor` (the lease, the shelf, the rules). While nobody watches,
 :meth:`Thumbnailer.offer` returns after one comparison and nothing is kept.
 
-Each decode is one ``ffmpeg`` process (argv list, stdin the header and fragment bytes, its
-outputs in a private temporary directory), at most ``concurrency`` at once over the whole
-process, each within ``timeout`` seconds (then killed and reaped by trio). A decode that fails or
+Decodes run in batches: one ``ffmpeg`` process (argv list; its inputs, each tile's header and
+fragment, and its outputs in a private temporary directory) decodes up to ``batch`` tiles, since
+starting ffmpeg costs more than decoding one keyframe; at most ``concurrency`` processes at once
+over the whole process, each within ``timeout`` seconds (then killed and reaped by trio). A batch
+that fails is decoded again tile by tile, to find the one bad input; a decode that fails or
 times out is logged (``monitor.decode.failed``), counted, and the tile keeps its last picture.
 """
 
@@ -25,6 +27,7 @@ import trio
 from orchestrator.ops.monitor import (
     Job,
     Key,
+    Outputs,
     Picture,
     Shelf,
     TileJudge,
@@ -36,7 +39,8 @@ from orchestrator.ops.monitor import (
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 2
-DEFAULT_TIMEOUT = 5.0
+DEFAULT_BATCH = 8  # tiles decoded by one ffmpeg process
+DEFAULT_TIMEOUT = 10.0  # seconds for one process (a batch)
 MAX_OUTPUT = 1024 * 1024  # bytes of a PNG we accept back from ffmpeg
 
 
@@ -63,14 +67,16 @@ class Thumbnailer:
     """Keeps, decodes and judges the pictures of the tiles. See the module docstring."""
 
     def __init__(self, ffmpeg: str | None, *, fragment_seconds: float, concurrency: int = DEFAULT_CONCURRENCY,
-                 timeout: float = DEFAULT_TIMEOUT, lease: ViewerLease | None = None,
+                 batch: int = DEFAULT_BATCH, timeout: float = DEFAULT_TIMEOUT, lease: ViewerLease | None = None,
                  shelf: Shelf | None = None) -> None:  # fmt: skip
         self.ffmpeg = ffmpeg
         self.fragment_seconds = fragment_seconds
         self.timeout = timeout
         self.lease = lease or ViewerLease()
         self.shelf = shelf or Shelf()
-        self.slots = trio.CapacityLimiter(concurrency)
+        self.concurrency = concurrency
+        self.batch = batch
+        self._running = 0  # ffmpeg processes running
         self.pictures: dict[Key, tuple[Picture, TileJudge]] = {}
         self.counts = DecodeCounts()
         self._wake = trio.Event()
@@ -104,7 +110,9 @@ class Thumbnailer:
     # --- the decoding task -------------------------------------------------------------------------
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Decode what the shelf says, while watched, until cancelled.
+        """Decode what the shelf says, while watched, until cancelled: at most ``concurrency``
+        ffmpeg processes, each decoding a batch of up to ``batch`` tiles. Work is taken from the
+        shelf only when a process can start, so nothing queues up behind a closed page.
 
         Cancellation: decodes in flight are cancelled (their ffmpeg killed and reaped, their
         temporary files removed)."""
@@ -114,8 +122,7 @@ class Thumbnailer:
                 with trio.move_on_after(1.0):
                     await self._wake.wait()
                 self._wake = trio.Event()
-                now = trio.current_time()
-                if self.lease.lapsed(now):
+                if self.lease.lapsed(trio.current_time()):
                     self._watching = False
                     self.shelf.clear()
                     self.pictures.clear()
@@ -123,57 +130,79 @@ class Thumbnailer:
                              self.counts.failed, self.counts.timed_out, self.shelf.refused)  # fmt: skip
                 if not self._watching or self.ffmpeg is None:
                     continue
-                for job in self.shelf.jobs():
-                    nursery.start_soon(self._decode, job)
+                while self._running < self.concurrency and (jobs := self.shelf.jobs(self.batch)):
+                    self._running += 1
+                    nursery.start_soon(self._decode, jobs)
 
-    async def _decode(self, job: Job) -> None:
+    async def _decode(self, jobs: list[Job]) -> None:
         try:
-            async with self.slots:
-                picture = await self._run_ffmpeg(job)
+            pictures = await self._run_ffmpeg(jobs)
+            if pictures is None and len(jobs) > 1:  # one bad input fails the batch: find which, one by one
+                pictures = [picture for job in jobs for picture in (await self._run_ffmpeg([job]) or [None])]
         finally:
-            self.shelf.done(job)
+            self._running -= 1
+            for job in jobs:
+                self.shelf.done(job)
             self._wake.set()
-        if picture is None or not self._watching:
+        if pictures is None or not self._watching:
             return
-        self.counts.decoded += 1
-        entry = self.pictures.get(job.key)
-        judge = entry[1] if entry else TileJudge()
-        judge.add(picture)
-        self.pictures[job.key] = (judge.last or picture, judge)
+        for job, picture in zip(jobs, pictures, strict=True):
+            if picture is None:
+                continue
+            self.counts.decoded += 1
+            entry = self.pictures.get(job.key)
+            judge = entry[1] if entry else TileJudge()
+            judge.add(picture)
+            self.pictures[job.key] = (judge.last or picture, judge)
 
-    async def _run_ffmpeg(self, job: Job) -> Picture | None:
+    async def _run_ffmpeg(self, jobs: list[Job]) -> list[Picture | None] | None:
+        """One ffmpeg for ``jobs``: a picture (or None) per job, or None if the process failed."""
         assert self.ffmpeg is not None
+        where = f"keys={','.join('/'.join((*job.key[0], job.key[1])) for job in jobs)} index={jobs[0].index}"
         with tempfile.TemporaryDirectory(prefix="orchestrator-monitor-") as tmp:
-            out = Path(tmp)
-            argv = decode_argv(self.ffmpeg, job, str(out / "t.png"), str(out / "g.gray"), str(out / "a.pcm"))
+            batch = []
+            for i, job in enumerate(jobs):
+                out = Outputs(f"{tmp}/in{i}.mp4", f"{tmp}/t{i}.png", f"{tmp}/g{i}.gray", f"{tmp}/a{i}.pcm")
+                _write(Path(out.source), job.data)
+                batch.append((job, out))
             result = None
             with trio.move_on_after(self.timeout) as waiting:
                 try:
-                    result = await trio.run_process(argv, stdin=job.data, capture_stdout=True, capture_stderr=True,
-                                                    check=False)  # fmt: skip
+                    result = await trio.run_process(decode_argv(self.ffmpeg, batch), stdin=b"", capture_stdout=True,
+                                                    capture_stderr=True, check=False)  # fmt: skip
                 except OSError as exc:
-                    self.counts.failed += 1
-                    log.error("monitor.decode.failed key=%s index=%d error=%s", job.key, job.index, exc)
+                    self.counts.failed += len(jobs)
+                    log.error("monitor.decode.failed %s error=%s", where, exc)
                     return None
             if waiting.cancelled_caught or result is None:
-                self.counts.timed_out += 1
-                log.warning("monitor.decode.failed key=%s index=%d reason=timeout seconds=%g", job.key, job.index,
-                            self.timeout)  # fmt: skip
+                self.counts.timed_out += len(jobs)
+                log.warning("monitor.decode.failed %s reason=timeout seconds=%g", where, self.timeout)
                 return None
             if result.returncode != 0:
-                self.counts.failed += 1
                 lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
-                log.warning("monitor.decode.failed key=%s index=%d exit_code=%d stderr=%r", job.key, job.index,
-                            result.returncode, lines[-1] if lines else "")  # fmt: skip
+                if len(jobs) == 1:
+                    self.counts.failed += 1
+                log.warning("monitor.decode.failed %s exit_code=%d stderr=%r", where, result.returncode,
+                            lines[-1] if lines else "")  # fmt: skip
                 return None
-            png = _read(out / "t.png") if job.video is not None else None
-            grid = _read(out / "g.gray") if job.video is not None else None
-            pcm = _read(out / "a.pcm") if job.audio is not None else None
-        if job.video is not None and not (png and grid):
-            self.counts.failed += 1
-            log.warning("monitor.decode.failed key=%s index=%d reason=no_picture", job.key, job.index)
-            return None
-        return Picture(job.index, png, grid, rms_dbfs(pcm) if pcm is not None else None)
+            pictures: list[Picture | None] = []
+            for job, out in batch:
+                png = _read(Path(out.thumbnail)) if job.video is not None else None
+                grid = _read(Path(out.grid)) if job.video is not None else None
+                pcm = _read(Path(out.pcm)) if job.audio is not None else None
+                if job.video is not None and not (png and grid):
+                    self.counts.failed += 1
+                    log.warning("monitor.decode.failed key=%s index=%d reason=no_picture", job.key, job.index)
+                    pictures.append(None)
+                    continue
+                pictures.append(Picture(job.index, png, grid, rms_dbfs(pcm) if pcm is not None else None))
+        return pictures
+
+
+def _write(path: Path, data: bytes) -> None:
+    # Synchronous, as the ingest server's archive writes: a fragment or two, to a local temporary
+    # directory, once per fragment at most while a page is open.
+    path.write_bytes(data)
 
 
 def _read(path: Path) -> bytes | None:

@@ -19,6 +19,7 @@ from orchestrator.ops.monitor import (
     GRID_WIDTH,
     Arrivals,
     Job,
+    Outputs,
     Picture,
     Shelf,
     TileJudge,
@@ -143,7 +144,7 @@ def test_nothing_is_kept_for_an_unknown_stream_or_kind():
     shelf = Shelf()
     shelf.offer(P, 1, "video", b"x" * 10)
     assert shelf.size == 0
-    assert shelf.jobs() == []
+    assert shelf.jobs(8) == []
     shelf.header(P, b"HDR", ["video"])
     shelf.offer(P, 1, "audio", b"y" * 10)
     assert shelf.size == 0
@@ -153,17 +154,17 @@ def test_an_index_is_decoded_once_when_all_its_kinds_arrived():
     shelf = Shelf()
     shelf.header(P, b"HDR", ["video", "audio"])
     shelf.offer(P, 7, "video", b"v7")
-    assert shelf.jobs() == [], "audio of 7 missing"
+    assert shelf.jobs(8) == [], "audio of 7 missing"
     shelf.offer(P, 7, "audio", b"a7")
-    [job] = shelf.jobs()
+    [job] = shelf.jobs(8)
     assert (job.key, job.index, job.data) == (P, 7, b"HDRv7a7")
-    assert shelf.jobs() == [], "busy: one decode per tile at a time"
+    assert shelf.jobs(8) == [], "busy: one decode per tile at a time"
     shelf.done(job)
-    assert shelf.jobs() == [], "never the same index twice"
+    assert shelf.jobs(8) == [], "never the same index twice"
     assert shelf.size == 0, "what is decoded is let go"
     shelf.offer(P, 6, "video", b"v6")
     shelf.offer(P, 6, "audio", b"a6")
-    assert (shelf.size, shelf.jobs()) == (0, []), "never an older index"
+    assert (shelf.size, shelf.jobs(8)) == (0, []), "never an older index"
 
 
 def test_each_tile_decodes_its_newest_complete_index():
@@ -172,7 +173,7 @@ def test_each_tile_decodes_its_newest_complete_index():
         shelf.offer(P, k, "video", b"p")
     shelf.offer(B, 10, "video", b"b")
     shelf.offer(B, 11, "video", b"b")
-    jobs = shelf.jobs()
+    jobs = shelf.jobs(8)
     assert {job.key: job.index for job in jobs} == {P: 12, B: 11}, "the newest wins: older ones are skipped"
     for job in jobs:
         shelf.done(job)
@@ -209,7 +210,7 @@ def test_the_shelf_keeps_the_last_indices_within_its_byte_budget():
     for k in range(5):
         shelf.offer(B, k, "video", b"y" * 40)
     assert (shelf.size, shelf.refused) == (80, 0), "over the budget, the backup gave up its own older index"
-    jobs = shelf.jobs()
+    jobs = shelf.jobs(8)
     assert {job.key: job.index for job in jobs} == {P: 4, B: 4}
     shelf.offer(P, 9, "video", b"w" * 101)
     assert (shelf.refused, shelf.size) == (1, 40), "a fragment over the whole budget is refused, counted"
@@ -218,24 +219,45 @@ def test_the_shelf_keeps_the_last_indices_within_its_byte_budget():
     shelf.clear()
     assert shelf.size == 0
     shelf.offer(P, 10, "video", b"z")
-    assert [j.data for j in shelf.jobs()] == [b"HDRz"], "clear() keeps the headers"
+    assert [j.data for j in shelf.jobs(8)] == [b"HDRz"], "clear() keeps the headers"
 
 
-def test_decode_argv_is_a_list_reading_stdin_with_one_output_per_kind():
-    video = decode_argv("ffmpeg", Job(P, 1, b"h", video=b"v"), "t.png", "g.gray", "a.pcm")
-    assert video[0] == "ffmpeg"
-    assert video[video.index("-i") + 1] == "pipe:0"
-    assert video[-1] == "g.gray"
-    assert "t.png" in video
-    assert "a.pcm" not in video
-    assert video.count("-frames:v") == 2
-    assert video[video.index("-frames:v") + 1] == "1"
-    both = decode_argv("ffmpeg", Job(P, 1, b"h", video=b"v", audio=b"a"), "t.png", "g.gray", "a.pcm")
-    assert both[-1] == "a.pcm"
-    assert both[both.index("0:a:0") - 1] == "-map"
-    audio = decode_argv("ffmpeg", Job(P, 1, b"h", audio=b"a"), "t.png", "g.gray", "a.pcm")
-    assert "t.png" not in audio
-    assert "-filter_complex" not in audio
+def test_decode_argv_is_one_process_for_a_batch_with_outputs_per_job():
+    def out(i: int) -> Outputs:
+        return Outputs(f"in{i}.mp4", f"t{i}.png", f"g{i}.gray", f"a{i}.pcm")
+
+    video_only = decode_argv("ffmpeg", [(Job(P, 1, b"h", video=b"v"), out(0))])
+    assert video_only[0] == "ffmpeg"
+    assert video_only[video_only.index("-i") + 1] == "in0.mp4"
+    assert video_only[-1] == "g0.gray"
+    assert "t0.png" in video_only
+    assert "a0.pcm" not in video_only
+    assert video_only.count("-frames:v") == 2
+    batch = decode_argv("ffmpeg", [(Job(P, 1, b"h", video=b"v", audio=b"a"), out(0)),
+                                   (Job(B, 1, b"h", audio=b"a"), out(1))])  # fmt: skip
+    assert [batch[i + 1] for i, a in enumerate(batch) if a == "-i"] == ["in0.mp4", "in1.mp4"]
+    graph = batch[batch.index("-filter_complex") + 1]
+    assert graph.startswith("[0:v:0]scale=")
+    assert "[1:v:0]" not in graph, "input 1 has no video"
+    assert batch[batch.index("0:a:0") - 1] == "-map"
+    assert batch[batch.index("1:a:0") - 1] == "-map"
+    assert batch[-1] == "a1.pcm"
+    assert "t1.png" not in batch
+
+
+def test_with_fewer_decodes_than_tiles_every_tile_gets_its_turn():
+    keys = [((f"s{i}",), "g") for i in range(5)]
+    shelf = Shelf()
+    for key in keys:
+        shelf.header(key, b"H", ["video"])
+    served = []
+    for k in range(5):
+        for key in keys:
+            shelf.offer(key, k, "video", b"x")
+        for job in shelf.jobs(2):
+            served.append(job.key)
+            shelf.done(job)
+    assert [served.count(key) for key in keys] == [2, 2, 2, 2, 2], "2 decodes per fragment, shared in turn"
 
 
 # --- documents --------------------------------------------------------------------------------------
@@ -305,9 +327,14 @@ def test_peer_tiles_are_merged_by_stream_with_proxy_urls_and_marked_when_unreach
     backup = video["tiles"][1]
     assert backup["where"] == "peer-b:9464"
     assert backup["marks"] == ["unreachable"]
-    assert backup["picture"]["url"] == "/proxied"
+    assert backup["picture"]["url"] is None, "an unreachable peer's thumbnail is not offered"
     assert video["differs"] is True
-    assert extra["tiles"][0]["picture"]["url"] is None, "only the peer's own thumbnail route is proxied"
+    assert extra["tiles"][0]["picture"]["url"] is None
+    reached: list[dict[str, Any]] = []
+    merge_peer(reached, peer, "peer-b:9464", lambda url: None if url is None or "evil" in url else "/proxied")
+    assert reached[0]["tiles"][0]["picture"]["url"] == "/proxied"
+    assert reached[0]["tiles"][0]["marks"] == []
+    assert reached[1]["tiles"][0]["picture"]["url"] is None, "only the peer's own thumbnail route is proxied"
 
 
 def test_ingest_rows_per_stream_and_track_with_arrivals_per_group():

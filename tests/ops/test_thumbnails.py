@@ -124,17 +124,24 @@ async def test_nothing_is_kept_or_decoded_unless_watched_and_the_lease_lapses(tm
 async def test_a_fragment_ffmpeg_cannot_decode_is_counted_and_survived(tmp_path, caplog):
     init, fragments = encode(tmp_path, "moving", fragments=2)
     thumbs = Thumbnailer(FFMPEG, fragment_seconds=2.0)
-    key: Key = (("broken",), "g")
+    broken: Key = (("broken",), "g")
+    good: Key = (("good",), "g")
     async with trio.open_nursery() as nursery:
         await nursery.start(thumbs.run)
         thumbs.watch()
-        thumbs.header(key, init, ["video"])
-        thumbs.offer(key, 0, "video", b"\x00\x00\x00\x10moofgarbage!" + bytes(64))
-        await wait_for(lambda: thumbs.counts.failed == 1, 30, "the broken fragment's decode failed")
-        thumbs.offer(key, 1, "video", fragments[1])
-        await wait_for(lambda: key in thumbs.pictures, 30, "the next good fragment decoded")
+        thumbs.header(broken, init, ["video"])
+        thumbs.header(good, init, ["video"])
+        # Offered together, so one ffmpeg gets both: the batch fails, and is decoded tile by tile.
+        thumbs.offer(broken, 0, "video", b"\x00\x00\x00\x10moofgarbage!" + bytes(64))
+        thumbs.offer(good, 0, "video", fragments[0])
+        await wait_for(lambda: thumbs.counts.failed == 1 and good in thumbs.pictures, 30,
+                       "the broken fragment failed, the good one beside it decoded")  # fmt: skip
+        assert broken not in thumbs.pictures
+        thumbs.offer(broken, 1, "video", fragments[1])
+        await wait_for(lambda: broken in thumbs.pictures, 30, "the next good fragment decoded")
         nursery.cancel_scope.cancel()
     assert "monitor.decode.failed" in caplog.text
+    assert thumbs.counts.failed == 1
 
 
 async def test_a_decode_over_its_timeout_is_killed_and_counted(tmp_path):

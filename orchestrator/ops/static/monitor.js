@@ -25,7 +25,7 @@
 
   function clock(ms) {
     if (ms === null || ms === undefined) return "–";
-    return new Date(ms).toISOString().slice(11, 23) + " UTC";
+    return new Date(ms).toISOString().slice(11, 23) + "Z";
   }
 
   function picture(tileId, tile, kind) {

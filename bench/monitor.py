@@ -16,6 +16,8 @@ memory at the end of each phase:
              poll_seconds and each thumbnail whose URL changed
   closed2    the page closed again, after its lease lapsed (the kept fragments are let go)
 
+CPU is split into ``up`` itself and the ffmpeg processes it ran (reaped children).
+
 and the ratios closed / disabled and open / closed. The decodes the monitor counted (decoded,
 failed, timed out) and the thumbnails fetched are printed with the open phase. The machine's
 load (``uptime``) is printed first and last: other work on the machine shows in every figure.
@@ -51,10 +53,10 @@ def free_port() -> int:
         return port
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime + cutime + cstime: the process and the children it reaped (the decodes)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime + stime, cutime + cstime): the process, and the children it reaped (the decodes)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK, (int(fields[13]) + int(fields[14])) / CLK_TCK
 
 
 def rss_mb(pid: int) -> float:
@@ -107,13 +109,14 @@ def wait_ready(base: str, up: subprocess.Popen[str], log: Path, timeout: float =
 
 def measure(pid: int, window: float, during: object = None) -> dict[str, float]:
     """CPU % of one core over ``window`` s and RSS at its end; ``during(deadline)`` runs meanwhile."""
-    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    (own0, children0), t0 = cpu_seconds(pid), time.monotonic()
     if callable(during):
         during(t0 + window)
     else:
         time.sleep(window)
-    cpu1, t1 = cpu_seconds(pid), time.monotonic()
-    return {"cpu_%": 100 * (cpu1 - cpu0) / (t1 - t0), "rss_MB": rss_mb(pid)}
+    (own1, children1), t1 = cpu_seconds(pid), time.monotonic()
+    own, children = 100 * (own1 - own0) / (t1 - t0), 100 * (children1 - children0) / (t1 - t0)
+    return {"cpu_%": own + children, "up_%": own, "ffmpeg_%": children, "rss_MB": rss_mb(pid)}
 
 
 class Page:
@@ -174,7 +177,7 @@ def main() -> None:
                     page = Page(base)
                     results["open"] = measure(up.pid, args.window, page)
                     decodes = page.last.get("decodes", {})
-                    lapse = 12.0  # the lease (10 s) and the decoder's next check (1 s)
+                    lapse = 8.0  # the lease (5 s at 2 s fragments), the decoder's next check, a batch in flight
                     time.sleep(lapse)
                     results["closed2"] = measure(up.pid, args.window)
                 finally:
@@ -182,9 +185,9 @@ def main() -> None:
         finally:
             stop(sink)
     print(f"streams={args.streams} tiles={2 * args.streams} window={args.window:g}s fragment=2s")
-    print(f"{'phase':<10} {'cpu_%':>7} {'rss_MB':>8}")
+    print(f"{'phase':<10} {'cpu_%':>7} {'(up':>7} {'ffmpeg)':>8} {'rss_MB':>8}")
     for phase, r in results.items():
-        print(f"{phase:<10} {r['cpu_%']:7.1f} {r['rss_MB']:8.1f}")
+        print(f"{phase:<10} {r['cpu_%']:7.1f} {r['up_%']:7.1f} {r['ffmpeg_%']:8.1f} {r['rss_MB']:8.1f}")
     print(f"closed/disabled  cpu {results['closed']['cpu_%'] / results['disabled']['cpu_%']:.2f}  "
           f"rss {results['closed']['rss_MB'] / results['disabled']['rss_MB']:.2f}")  # fmt: skip
     print(f"open/closed      cpu {results['open']['cpu_%'] / results['closed']['cpu_%']:.2f}  "

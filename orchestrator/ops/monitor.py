@@ -68,7 +68,7 @@ RECENT_FAILURE_FRAGMENTS = 5  # an encoder that failed (and was restarted) this 
 KEEP = 3  # fragment indices kept per (row, group) while watched
 HISTORY = 4  # decoded pictures kept per tile, to show the groups' pictures of one index side by side
 SHELF_BYTES = 96 * 1024 * 1024  # bytes of fragments kept over all rows and groups
-LEASE_SECONDS = 10.0  # a page's poll renews the lease for this long
+LEASE_SECONDS = 5.0  # a page's poll renews the lease for this long, or three polls if longer
 
 Row = tuple[str, ...]  # (stream,) on up; (stream, track) at the ingest
 Key = tuple[Row, str]  # (row, group)
@@ -218,7 +218,7 @@ def is_stale(age_seconds: float | None, fragment_seconds: float) -> bool:
 
 @dataclass(frozen=True)
 class Job:
-    """Decode fragment ``index`` of ``key``: ``header`` + ``video`` (+ ``audio``) as ffmpeg input."""
+    """Decode fragment ``index`` of ``key``: ``header`` + ``video`` and ``header`` + ``audio``."""
 
     key: Key
     index: int
@@ -227,8 +227,12 @@ class Job:
     audio: bytes | None = field(default=None, repr=False)
 
     @property
-    def data(self) -> bytes:
-        return self.header + (self.video or b"") + (self.audio or b"")
+    def video_data(self) -> bytes:
+        return self.header + (self.video or b"")
+
+    @property
+    def audio_data(self) -> bytes:
+        return self.header + (self.audio or b"")
 
 
 @dataclass
@@ -324,33 +328,39 @@ class Shelf:
 
 @dataclass(frozen=True)
 class Outputs:
-    """Where one job's input is and its outputs go (files in the decoder's private directory)."""
+    """Where one job's inputs are and its outputs go (files in the decoder's private directory)."""
 
-    source: str
+    video_source: str  # header + video fragment
+    audio_source: str  # header + audio fragment
     thumbnail: str
     grid: str
     pcm: str
 
 
-def decode_argv(ffmpeg: str, batch: Sequence[tuple[Job, Outputs]]) -> list[str]:
-    """One ffmpeg command that decodes every job of ``batch`` (one input each, its outputs beside):
-    one process start for several tiles, which is most of a decode's cost."""
+def decode_argv(ffmpeg: str, batch: Sequence[tuple[Job, Outputs]], kind: str) -> list[str] | None:
+    """One ffmpeg command that decodes the ``kind`` (video or audio) of every job of ``batch``
+    that has it (one input each, its outputs beside): one process start for several tiles, which
+    is most of a decode's cost. Video and audio go to separate processes: with both in one,
+    ffmpeg 5.1 went on decoding every video frame of each input until the audio was done (three
+    times the CPU). None if no job has ``kind``."""
+    chosen = [(job, out) for job, out in batch if (job.video if kind == "video" else job.audio) is not None]
+    if not chosen:
+        return None
     argv = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "1", "-filter_threads", "1"]
-    for _, out in batch:
-        argv += ["-f", "mp4", "-i", out.source]
+    for _, out in chosen:
+        argv += ["-f", "mp4", "-i", out.video_source] if kind == "video" else \
+            ["-t", str(AUDIO_SECONDS), "-f", "mp4", "-i", out.audio_source]  # fmt: skip
     argv.append("-y")
-    grid = f"scale={GRID_WIDTH}:{GRID_HEIGHT},format=gray"
-    graph = [f"[{i}:v:0]scale={THUMB_WIDTH}:-2,split=2[t{i}][s{i}];[s{i}]{grid}[g{i}]"
-             for i, (job, _) in enumerate(batch) if job.video is not None]  # fmt: skip
-    if graph:
-        argv += ["-filter_complex", ";".join(graph)]
-    for i, (job, out) in enumerate(batch):
-        if job.video is not None:
+    if kind == "video":
+        grid = f"scale={GRID_WIDTH}:{GRID_HEIGHT},format=gray"
+        argv += ["-filter_complex", ";".join(f"[{i}:v:0]scale={THUMB_WIDTH}:-2,split=2[t{i}][s{i}];[s{i}]{grid}[g{i}]"
+                                             for i in range(len(chosen)))]  # fmt: skip
+    for i, (_, out) in enumerate(chosen):
+        if kind == "video":
             argv += ["-map", f"[t{i}]", "-frames:v", "1", "-c:v", "png", "-f", "image2", out.thumbnail,
                      "-map", f"[g{i}]", "-frames:v", "1", "-f", "rawvideo", out.grid]  # fmt: skip
-        if job.audio is not None:
-            argv += ["-map", f"{i}:a:0", "-t", str(AUDIO_SECONDS), "-ac", "1", "-ar", str(AUDIO_RATE), "-f", "s16le",
-                     out.pcm]  # fmt: skip
+        else:
+            argv += ["-map", f"{i}:a:0", "-ac", "1", "-ar", str(AUDIO_RATE), "-f", "s16le", out.pcm]
     return argv
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import trio
 
 from orchestrator.ops.monitor import (
+    LEASE_SECONDS,
     Job,
     Key,
     Outputs,
@@ -33,13 +34,15 @@ from orchestrator.ops.monitor import (
     TileJudge,
     ViewerLease,
     decode_argv,
+    poll_seconds,
     rms_dbfs,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 2
-DEFAULT_BATCH = 8  # tiles decoded by one ffmpeg process
+DEFAULT_BATCH = 16  # tiles decoded by one ffmpeg process
+GATHER_SECONDS = 0.25  # after the first fragment wanted, wait this long for the others of the burst
 DEFAULT_TIMEOUT = 10.0  # seconds for one process (a batch)
 MAX_OUTPUT = 1024 * 1024  # bytes of a PNG we accept back from ffmpeg
 
@@ -72,7 +75,7 @@ class Thumbnailer:
         self.ffmpeg = ffmpeg
         self.fragment_seconds = fragment_seconds
         self.timeout = timeout
-        self.lease = lease or ViewerLease()
+        self.lease = lease or ViewerLease(max(LEASE_SECONDS, 3 * poll_seconds(fragment_seconds)))
         self.shelf = shelf or Shelf()
         self.concurrency = concurrency
         self.batch = batch
@@ -111,8 +114,9 @@ class Thumbnailer:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Decode what the shelf says, while watched, until cancelled: at most ``concurrency``
-        ffmpeg processes, each decoding a batch of up to ``batch`` tiles. Work is taken from the
-        shelf only when a process can start, so nothing queues up behind a closed page.
+        ffmpeg processes, each decoding a batch of up to ``batch`` tiles (gathered for
+        :data:`GATHER_SECONDS` after the first is ready). Work is taken from the shelf only when
+        a process can start, so nothing queues up behind a closed page.
 
         Cancellation: decodes in flight are cancelled (their ffmpeg killed and reaped, their
         temporary files removed)."""
@@ -128,17 +132,19 @@ class Thumbnailer:
                     self.pictures.clear()
                     log.info("monitor.idle decoded=%d failed=%d timed_out=%d refused=%d", self.counts.decoded,
                              self.counts.failed, self.counts.timed_out, self.shelf.refused)  # fmt: skip
-                if not self._watching or self.ffmpeg is None:
+                if not self._watching or self.ffmpeg is None or self._running >= self.concurrency:
                     continue
+                # The streams' fragments arrive in a burst at each boundary: gather it into full batches.
+                await trio.sleep(GATHER_SECONDS)
                 while self._running < self.concurrency and (jobs := self.shelf.jobs(self.batch)):
                     self._running += 1
                     nursery.start_soon(self._decode, jobs)
 
     async def _decode(self, jobs: list[Job]) -> None:
         try:
-            pictures = await self._run_ffmpeg(jobs)
-            if pictures is None and len(jobs) > 1:  # one bad input fails the batch: find which, one by one
-                pictures = [picture for job in jobs for picture in (await self._run_ffmpeg([job]) or [None])]
+            pictures, outcome = await self._run_ffmpeg(jobs)
+            if outcome == "failed" and len(jobs) > 1:  # one bad input fails the batch: find which, one by one
+                pictures = [picture for job in jobs for picture in ((await self._run_ffmpeg([job]))[0] or [None])]
         finally:
             self._running -= 1
             for job in jobs:
@@ -155,36 +161,26 @@ class Thumbnailer:
             judge.add(picture)
             self.pictures[job.key] = (judge.last or picture, judge)
 
-    async def _run_ffmpeg(self, jobs: list[Job]) -> list[Picture | None] | None:
-        """One ffmpeg for ``jobs``: a picture (or None) per job, or None if the process failed."""
+    async def _run_ffmpeg(self, jobs: list[Job]) -> tuple[list[Picture | None] | None, str]:
+        """The ffmpeg processes for ``jobs`` (video, then audio): a picture (or None) per job and
+        "ok", or None and "failed" / "timeout"."""
         assert self.ffmpeg is not None
         where = f"keys={','.join('/'.join((*job.key[0], job.key[1])) for job in jobs)} index={jobs[0].index}"
         with tempfile.TemporaryDirectory(prefix="orchestrator-monitor-") as tmp:
             batch = []
             for i, job in enumerate(jobs):
-                out = Outputs(f"{tmp}/in{i}.mp4", f"{tmp}/t{i}.png", f"{tmp}/g{i}.gray", f"{tmp}/a{i}.pcm")
-                _write(Path(out.source), job.data)
+                out = Outputs(f"{tmp}/v{i}.mp4", f"{tmp}/a{i}.mp4", f"{tmp}/t{i}.png", f"{tmp}/g{i}.gray",
+                              f"{tmp}/a{i}.pcm")  # fmt: skip
+                if job.video is not None:
+                    _write(Path(out.video_source), job.video_data)
+                if job.audio is not None:
+                    _write(Path(out.audio_source), job.audio_data)
                 batch.append((job, out))
-            result = None
-            with trio.move_on_after(self.timeout) as waiting:
-                try:
-                    result = await trio.run_process(decode_argv(self.ffmpeg, batch), stdin=b"", capture_stdout=True,
-                                                    capture_stderr=True, check=False)  # fmt: skip
-                except OSError as exc:
-                    self.counts.failed += len(jobs)
-                    log.error("monitor.decode.failed %s error=%s", where, exc)
-                    return None
-            if waiting.cancelled_caught or result is None:
-                self.counts.timed_out += len(jobs)
-                log.warning("monitor.decode.failed %s reason=timeout seconds=%g", where, self.timeout)
-                return None
-            if result.returncode != 0:
-                lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
-                if len(jobs) == 1:
-                    self.counts.failed += 1
-                log.warning("monitor.decode.failed %s exit_code=%d stderr=%r", where, result.returncode,
-                            lines[-1] if lines else "")  # fmt: skip
-                return None
+            for kind in ("video", "audio"):
+                argv = decode_argv(self.ffmpeg, batch, kind)
+                outcome = "ok" if argv is None else await self._run(argv, len(jobs), where)
+                if outcome != "ok":
+                    return None, outcome
             pictures: list[Picture | None] = []
             for job, out in batch:
                 png = _read(Path(out.thumbnail)) if job.video is not None else None
@@ -196,7 +192,32 @@ class Thumbnailer:
                     pictures.append(None)
                     continue
                 pictures.append(Picture(job.index, png, grid, rms_dbfs(pcm) if pcm is not None else None))
-        return pictures
+        return pictures, "ok"
+
+    async def _run(self, argv: list[str], jobs: int, where: str) -> str:
+        """Run one ffmpeg within the timeout: "ok", "timeout", or "failed" (logged; counted when it
+        was one job: a batch that fails is decoded again job by job)."""
+        result = None
+        with trio.move_on_after(self.timeout) as waiting:
+            try:
+                result = await trio.run_process(argv, stdin=b"", capture_stdout=True, capture_stderr=True,
+                                                check=False)  # fmt: skip
+            except OSError as exc:
+                self.counts.failed += jobs
+                log.error("monitor.decode.failed %s error=%s", where, exc)
+                return "timeout"  # not the input's fault: no retry job by job
+        if waiting.cancelled_caught or result is None:
+            self.counts.timed_out += jobs
+            log.warning("monitor.decode.failed %s reason=timeout seconds=%g", where, self.timeout)
+            return "timeout"
+        if result.returncode != 0:
+            lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
+            if jobs == 1:
+                self.counts.failed += 1
+            log.warning("monitor.decode.failed %s exit_code=%d stderr=%r", where, result.returncode,
+                        lines[-1] if lines else "")  # fmt: skip
+            return "failed"
+        return "ok"
 
 
 def _write(path: Path, data: bytes) -> None:

@@ -157,7 +157,7 @@ def test_an_index_is_decoded_once_when_all_its_kinds_arrived():
     assert shelf.jobs(8) == [], "audio of 7 missing"
     shelf.offer(P, 7, "audio", b"a7")
     [job] = shelf.jobs(8)
-    assert (job.key, job.index, job.data) == (P, 7, b"HDRv7a7")
+    assert (job.key, job.index, job.video_data, job.audio_data) == (P, 7, b"HDRv7", b"HDRa7")
     assert shelf.jobs(8) == [], "busy: one decode per tile at a time"
     shelf.done(job)
     assert shelf.jobs(8) == [], "never the same index twice"
@@ -219,30 +219,30 @@ def test_the_shelf_keeps_the_last_indices_within_its_byte_budget():
     shelf.clear()
     assert shelf.size == 0
     shelf.offer(P, 10, "video", b"z")
-    assert [j.data for j in shelf.jobs(8)] == [b"HDRz"], "clear() keeps the headers"
+    assert [j.video_data for j in shelf.jobs(8)] == [b"HDRz"], "clear() keeps the headers"
 
 
-def test_decode_argv_is_one_process_for_a_batch_with_outputs_per_job():
+def test_decode_argv_is_one_process_per_kind_for_a_batch_with_outputs_per_job():
     def out(i: int) -> Outputs:
-        return Outputs(f"in{i}.mp4", f"t{i}.png", f"g{i}.gray", f"a{i}.pcm")
+        return Outputs(f"v{i}.mp4", f"a{i}.mp4", f"t{i}.png", f"g{i}.gray", f"a{i}.pcm")
 
-    video_only = decode_argv("ffmpeg", [(Job(P, 1, b"h", video=b"v"), out(0))])
-    assert video_only[0] == "ffmpeg"
-    assert video_only[video_only.index("-i") + 1] == "in0.mp4"
-    assert video_only[-1] == "g0.gray"
-    assert "t0.png" in video_only
-    assert "a0.pcm" not in video_only
-    assert video_only.count("-frames:v") == 2
-    batch = decode_argv("ffmpeg", [(Job(P, 1, b"h", video=b"v", audio=b"a"), out(0)),
-                                   (Job(B, 1, b"h", audio=b"a"), out(1))])  # fmt: skip
-    assert [batch[i + 1] for i, a in enumerate(batch) if a == "-i"] == ["in0.mp4", "in1.mp4"]
-    graph = batch[batch.index("-filter_complex") + 1]
-    assert graph.startswith("[0:v:0]scale=")
-    assert "[1:v:0]" not in graph, "input 1 has no video"
-    assert batch[batch.index("0:a:0") - 1] == "-map"
-    assert batch[batch.index("1:a:0") - 1] == "-map"
-    assert batch[-1] == "a1.pcm"
-    assert "t1.png" not in batch
+    batch = [(Job(P, 1, b"h", video=b"v", audio=b"a"), out(0)), (Job(B, 1, b"h", audio=b"a"), out(1))]
+    video = decode_argv("ffmpeg", batch, "video")
+    assert video is not None
+    assert video[0] == "ffmpeg"
+    assert [video[i + 1] for i, a in enumerate(video) if a == "-i"] == ["v0.mp4"], "job 1 has no video"
+    assert video[video.index("-filter_complex") + 1].startswith("[0:v:0]scale=")
+    assert video[-1] == "g0.gray"
+    assert "t0.png" in video
+    assert video.count("-frames:v") == 2
+    assert "a0.pcm" not in video
+    audio = decode_argv("ffmpeg", batch, "audio")
+    assert audio is not None
+    assert [audio[i + 1] for i, a in enumerate(audio) if a == "-i"] == ["a0.mp4", "a1.mp4"]
+    assert audio[audio.index("1:a:0") - 1] == "-map"
+    assert audio[-1] == "a1.pcm"
+    assert "-filter_complex" not in audio
+    assert decode_argv("ffmpeg", batch[1:], "video") is None
 
 
 def test_with_fewer_decodes_than_tiles_every_tile_gets_its_turn():

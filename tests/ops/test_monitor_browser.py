@@ -21,11 +21,14 @@ from rig import (
     free_port,
     group,
     loopback_ingest,
+    two_groups,
     up_in_process,
     video,
     wait_for,
     write_profile,
 )
+
+from orchestrator.encode.synthetic import SyntheticStream
 
 pytestmark = [
     pytest.mark.integration,
@@ -233,3 +236,25 @@ async def test_a_peer_groups_tiles_come_through_its_monitor_and_are_marked_when_
         assert "unreachable" in page.tile(stream, "backup").marks
         assert page.tile(stream, "primary").marks == []
     assert processes["primary"].stop() == 0
+
+
+async def test_names_from_the_wire_are_shown_as_text_never_as_markup(tmp_path):
+    """The ingest takes its group names from the X-Encoder-Group header: anyone who can POST
+    chooses them. The page shows them as text."""
+    hostile = '<img src="x" onerror="document.title=1"><b>bold</b>'
+    async with loopback_ingest(tmp_path / "archive") as ingest, httpx.AsyncClient(timeout=10) as client:
+        base = f"http://127.0.0.1:{ingest.port}"
+        profile = build_profile(groups=two_groups(ingest.port), streams={"video": [video()]})
+        source = SyntheticStream(profile, profile.streams[0])
+        body = source.header.data + b"".join(f.data for k in range(7000, 7003) for f in source.fragment(k))
+        answer = await client.post(f"{base}/live/rig.isml/Streams(video)", content=body,
+                                   headers={"X-Encoder-Group": hostile})  # fmt: skip
+        assert answer.status_code == 200
+        html = await dump_dom(f"{base}/monitor")
+        page = read_page(html)
+        [tile] = page.tiles
+        assert tile.group == hostile
+        assert tile.text.startswith(hostile), "the name, shown literally"
+        assert '<img src="x"' not in html
+        assert "<b>bold</b>" not in html
+        assert "&lt;b&gt;bold&lt;/b&gt;" in html

@@ -171,6 +171,7 @@ async def test_one_group_with_other_content_shows_as_different_on_the_up_and_the
     page = read_page(await dump_dom(f"{ingest_base}/monitor"))
     await screenshot(f"{ingest_base}/monitor", tmp_path / "ingest-differs.png")
     assert page.rows[row]["differs"] == "yes"
+    assert "1 row(s) differ" in page.summary
     assert page.rows[("live/rig/audio", "audio_eng")]["differs"] == "no"
     for track_row in (row, ("live/rig/audio", "audio_eng")):
         for g in ("primary", "backup"):

@@ -105,6 +105,7 @@
       (doc.presentation ? " · " + doc.presentation : "");
     const source = doc.kind === "ingest" ? doc.rows : doc.streams;
     let marked = 0;
+    let differing = 0;
     const fragment = document.createDocumentFragment();
     const seen = new Set();
     for (const row of source) {
@@ -115,7 +116,7 @@
       node.dataset.differs = row.differs ? "yes" : "no";
       const h = el("h2", "", row.stream);
       if (row.track) h.append(el("span", "sub", row.track + (row.kind ? " (" + row.kind + ")" : "")));
-      if (row.differs) h.append(el("span", "mark", "differs"));
+      if (row.differs) { h.append(el("span", "mark", "differs")); differing += 1; }
       node.append(h);
       const tiles = el("div", "tiles");
       for (const tile of row.tiles) {
@@ -135,8 +136,9 @@
       node.dataset.ok = peer.ok ? "yes" : "no";
       peersBox.append(node);
     }
-    summary.className = "summary" + (marked ? " bad" : "");
-    summary.textContent = (marked ? marked + " tile(s) marked · " : "all tiles fine · ") + "updated " +
+    summary.className = "summary" + (marked || differing ? " bad" : "");
+    summary.textContent = (marked ? marked + " tile(s) marked · " : "") + (differing ? differing + " row(s) differ · " : "") +
+      (marked || differing ? "" : "all tiles fine · ") + "updated " +
       new Date(doc.time * 1000).toISOString().slice(11, 19) + " UTC" + (doc.decoding === false ? " · no ffmpeg: no pictures" : "");
     document.body.dataset.updated = String(doc.time);
   }

@@ -51,7 +51,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 THUMB_WIDTH = 232  # pixels; the height follows the picture's aspect ratio (even)
@@ -106,10 +106,24 @@ class Picture:
     png: bytes | None = field(default=None, repr=False)  # the thumbnail; None: no video
     grid: bytes | None = field(default=None, repr=False)  # GRID_WIDTH x GRID_HEIGHT luma
     level_dbfs: float | None = None  # the audio's RMS level; None: no audio
+    frozen_since: int | None = None  # set by TileJudge.add: the first index of the same picture, if repeated
 
     @property
     def luma(self) -> float | None:
         return mean_luma(self.grid) if self.grid else None
+
+    def marks(self) -> list[str]:
+        """This picture's marks (frozen, black, silent): a tile's marks are those of the
+        picture it shows."""
+        marks = []
+        if self.frozen_since is not None:
+            marks.append("frozen")
+        luma = self.luma
+        if luma is not None and luma < BLACK_LUMA:
+            marks.append("black")
+        if self.level_dbfs is not None and self.level_dbfs < SILENT_DBFS:
+            marks.append("silent")
+        return marks
 
 
 def mean_luma(grid: bytes) -> float:
@@ -148,31 +162,24 @@ class TileJudge:
     def picture(self, index: int) -> Picture | None:
         return next((p for p in self.history if p.index == index), None)
 
-    def add(self, picture: Picture) -> None:
+    def add(self, picture: Picture) -> Picture:
+        """Judge ``picture`` against the one before; returns it with its ``frozen_since`` set."""
         previous = self.last
         if previous is not None and picture.index <= previous.index:
-            return  # older than what is shown: never go back
-        self.history = [*self.history[-(HISTORY - 1) :], picture]
+            return previous  # older than what is shown: never go back
         if previous is not None and previous.grid and picture.grid and \
                 mean_abs_diff(previous.grid, picture.grid) < SAME_PICTURE:  # fmt: skip
             if self.frozen_since is None:
                 self.frozen_since = previous.index
         else:
             self.frozen_since = None
+        picture = replace(picture, frozen_since=self.frozen_since)
+        self.history = [*self.history[-(HISTORY - 1) :], picture]
         self.last = picture
+        return picture
 
     def marks(self) -> list[str]:
-        picture, marks = self.last, list[str]()
-        if picture is None:
-            return marks
-        if self.frozen_since is not None:
-            marks.append("frozen")
-        luma = picture.luma
-        if luma is not None and luma < BLACK_LUMA:
-            marks.append("black")
-        if picture.level_dbfs is not None and picture.level_dbfs < SILENT_DBFS:
-            marks.append("silent")
-        return marks
+        return [] if self.last is None else self.last.marks()
 
 
 def shown(pictures: dict[Key, tuple[Picture, TileJudge]]) -> dict[Key, Picture]:
@@ -379,7 +386,7 @@ def poll_seconds(fragment_seconds: float) -> float:
     return min(3.0, max(1.0, fragment_seconds / 2))
 
 
-def picture_json(picture: Picture | None, judge: TileJudge | None, url: str | None) -> dict[str, Any] | None:
+def picture_json(picture: Picture | None, url: str | None) -> dict[str, Any] | None:
     if picture is None:
         return None
     luma = picture.luma
@@ -388,7 +395,7 @@ def picture_json(picture: Picture | None, judge: TileJudge | None, url: str | No
         "url": url if picture.png else None,
         "luma": None if luma is None else round(luma, 1),
         "level_dbfs": None if picture.level_dbfs is None else round(picture.level_dbfs, 1),
-        "frozen_since": judge.frozen_since if judge else None,
+        "frozen_since": picture.frozen_since,
     }
 
 
@@ -406,10 +413,9 @@ def up_tiles(status: dict[str, Any], pictures: dict[Key, tuple[Picture, TileJudg
         for g in stream["groups"]:
             key: Key = (row, g["group"])
             group = status["groups"].get(g["group"], {})
-            judge = pictures[key][1] if key in pictures else None
             picture = showing.get(key)
             age = ages.get(key)
-            marks = [] if judge is None else judge.marks()
+            marks = [] if picture is None else picture.marks()
             failed_at = group.get("last_error_at")
             if failed_at is not None and status["time"] - failed_at < RECENT_FAILURE_FRAGMENTS * fragment_seconds:
                 marks.insert(0, "restarted")
@@ -434,7 +440,7 @@ def up_tiles(status: dict[str, Any], pictures: dict[Key, tuple[Picture, TileJudg
                 "content_offset_seconds": g["content_offset_seconds"],
                 "endpoints": [{"endpoint": e["endpoint"], "region": e["region"], "state": e["state"]}
                               for e in g["endpoints"]],
-                "picture": picture_json(picture, judge, thumb_url(key, picture.index) if picture else None),
+                "picture": picture_json(picture, thumb_url(key, picture.index) if picture else None),
                 "marks": marks,
             })  # fmt: skip
         streams.append({"stream": stream["stream"], "tiles": tiles,
@@ -500,10 +506,9 @@ def ingest_rows(arrivals: dict[Key, Arrivals], pictures: dict[Key, tuple[Picture
         tiles = []
         for key in sorted(rows[row], key=lambda k: k[1]):
             a = arrivals[key]
-            judge = pictures[key][1] if key in pictures else None
             picture = showing.get(key)
             age = None if a.last_seen is None else now - a.last_seen
-            marks = [] if judge is None else judge.marks()
+            marks = [] if picture is None else picture.marks()
             if is_stale(age, a.fragment_seconds or 2.0):
                 marks.insert(0, "stale")
             tiles.append({
@@ -512,7 +517,7 @@ def ingest_rows(arrivals: dict[Key, Arrivals], pictures: dict[Key, tuple[Picture
                 "media_ms": a.media_ms,
                 "age_seconds": None if age is None else round(age, 2),
                 "outcomes": dict(sorted(a.outcomes.items())),
-                "picture": picture_json(picture, judge, thumb_url(key, picture.index) if picture else None),
+                "picture": picture_json(picture, thumb_url(key, picture.index) if picture else None),
                 "marks": marks,
             })  # fmt: skip
         kind = arrivals[rows[row][0]].kind

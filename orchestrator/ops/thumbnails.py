@@ -158,8 +158,7 @@ class Thumbnailer:
             self.counts.decoded += 1
             entry = self.pictures.get(job.key)
             judge = entry[1] if entry else TileJudge()
-            judge.add(picture)
-            self.pictures[job.key] = (judge.last or picture, judge)
+            self.pictures[job.key] = (judge.add(picture), judge)
 
     async def _run_ffmpeg(self, jobs: list[Job]) -> tuple[list[Picture | None] | None, str]:
         """The ffmpeg processes for ``jobs`` (video, then audio): a picture (or None) per job and

@@ -101,8 +101,12 @@ def test_frozen_is_two_fragments_with_the_same_picture_and_clears_on_motion():
     assert judge.frozen_since == 10
     judge.add(picture(13, 120))  # a decode skipped (load): still the same picture
     assert judge.frozen_since == 10
+    frozen = judge.last
     judge.add(picture(14, 140))
     assert judge.marks() == []
+    assert frozen is not None
+    assert frozen.marks() == ["frozen"], "a picture keeps the marks it was judged with"
+    assert [p.frozen_since for p in judge.history] == [None, 10, 10, None]
     assert judge.frozen_since is None
     judge.add(picture(12, 140))
     assert judge.last is not None

@@ -414,6 +414,8 @@ def _monitor(plan: _Planned, running: Running) -> UpMonitor:
     p, config = plan.profile.presentation, plan.profile.monitor
     decoder = next((ff.executable for ff in plan.ffmpeg.values() if ff is not None), None) or find_decoder()
     thumbnailer = Thumbnailer(decoder, fragment_seconds=float(p.fragment_duration), concurrency=config.concurrency)
+    decodes = plan.metrics.monitor_decodes
+    thumbnailer.counts.on_count = lambda outcome, n: decodes.labels(outcome).inc(n)
     peers = Peers(config.peers, refresh=min(1.0, float(p.fragment_duration) / 2)) if config.peers else None
     return UpMonitor(running, thumbnailer, epoch_ns=p.epoch_ns, fragment_duration=p.fragment_duration, peers=peers)
 

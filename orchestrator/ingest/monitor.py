@@ -14,7 +14,6 @@ fragment as received; a track of another kind than video or audio is counted, no
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -97,7 +96,7 @@ class IngestMonitor:
             "poll_seconds": poll_seconds(fragment_seconds),
             "time": round(time.time(), 3),
             "decoding": self.thumbnailer.ffmpeg is not None,
-            "decodes": dataclasses.asdict(self.thumbnailer.counts),
+            "decodes": self.thumbnailer.counts.as_json(),
             "rows": rows,
             "peers": [],
         }

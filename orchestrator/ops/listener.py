@@ -16,7 +16,6 @@ Only GET and HEAD are served (405 otherwise). Nothing here writes; no secret is 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import time
@@ -71,7 +70,7 @@ class UpMonitor:
             "poll_seconds": poll_seconds(status["fragment_duration"]),
             "time": status["time"],
             "decoding": self.thumbnailer.ffmpeg is not None,
-            "decodes": dataclasses.asdict(self.thumbnailer.counts),
+            "decodes": self.thumbnailer.counts.as_json(),
             "streams": streams,
             "peers": peers,
         }

@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -61,9 +61,21 @@ def find_ffmpeg() -> str | None:
 
 @dataclass
 class DecodeCounts:
+    """Tiles decoded, failed and timed out, since the start (``decodes`` in ``/monitor.json``);
+    ``on_count(outcome, n)``, if set, hears each change too (``up``: a Prometheus counter)."""
+
     decoded: int = 0
     failed: int = 0
     timed_out: int = 0
+    on_count: Callable[[str, int], None] | None = field(default=None, repr=False, compare=False)
+
+    def add(self, outcome: str, n: int = 1) -> None:
+        setattr(self, outcome, getattr(self, outcome) + n)
+        if self.on_count is not None:
+            self.on_count(outcome, n)
+
+    def as_json(self) -> dict[str, int]:
+        return {"decoded": self.decoded, "failed": self.failed, "timed_out": self.timed_out}
 
 
 class Thumbnailer:
@@ -155,7 +167,7 @@ class Thumbnailer:
         for job, picture in zip(jobs, pictures, strict=True):
             if picture is None:
                 continue
-            self.counts.decoded += 1
+            self.counts.add("decoded", 1)
             entry = self.pictures.get(job.key)
             judge = entry[1] if entry else TileJudge()
             self.pictures[job.key] = (judge.add(picture), judge)
@@ -186,7 +198,7 @@ class Thumbnailer:
                 grid = _read(Path(out.grid)) if job.video is not None else None
                 pcm = _read(Path(out.pcm)) if job.audio is not None else None
                 if job.video is not None and not (png and grid):
-                    self.counts.failed += 1
+                    self.counts.add("failed", 1)
                     log.warning("monitor.decode.failed key=%s index=%d reason=no_picture", job.key, job.index)
                     pictures.append(None)
                     continue
@@ -202,17 +214,17 @@ class Thumbnailer:
                 result = await trio.run_process(argv, stdin=b"", capture_stdout=True, capture_stderr=True,
                                                 check=False)  # fmt: skip
             except OSError as exc:
-                self.counts.failed += jobs
+                self.counts.add("failed", jobs)
                 log.error("monitor.decode.failed %s error=%s", where, exc)
                 return "timeout"  # not the input's fault: no retry job by job
         if waiting.cancelled_caught or result is None:
-            self.counts.timed_out += jobs
+            self.counts.add("timed_out", jobs)
             log.warning("monitor.decode.failed %s reason=timeout seconds=%g", where, self.timeout)
             return "timeout"
         if result.returncode != 0:
             lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
             if jobs == 1:
-                self.counts.failed += 1
+                self.counts.add("failed", 1)
             log.warning("monitor.decode.failed %s exit_code=%d stderr=%r", where, result.returncode,
                         lines[-1] if lines else "")  # fmt: skip
             return "failed"

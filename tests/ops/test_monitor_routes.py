@@ -89,6 +89,11 @@ async def test_up_serves_the_monitor_read_only_with_a_strict_policy(tmp_path):
             assert png.status_code == 200
             assert png.headers["content-type"] == "image/png"
             assert png.content.startswith(b"\x89PNG")
+            metrics = (await client.get(f"{base}/metrics")).text
+            series = r'^orchestrator_monitor_decodes_total\{outcome="decoded"\} (\S+)$'
+            decoded = re.search(series, metrics, re.MULTILINE)
+            assert decoded is not None
+            assert float(decoded.group(1)) >= 2, "the decodes are counted in the metrics"
 
 
 async def test_a_disabled_monitor_is_not_served(tmp_path):

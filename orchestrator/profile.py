@@ -536,6 +536,33 @@ class Metrics(_Model):
     )
 
 
+class Monitor(_Model):
+    """The confidence monitor (``/monitor`` on the metrics listener): each group's pictures side by side."""
+
+    enabled: StrictBool = Field(default=True, description="serve /monitor on the metrics listener (needs metrics)")
+    peers: list[str] = Field(
+        default_factory=list,
+        description="base URLs (http://host:port) of the metrics listeners of the orchestrators that run the "
+        "other groups (one pod per region): their tiles are shown beside this process's, fetched by this process",
+    )
+    concurrency: StrictInt = Field(default=2, ge=1, le=16, description="thumbnail decodes (ffmpeg) at once")
+
+    @field_validator("peers")
+    @classmethod
+    def _peer_urls(cls, peers: list[str]) -> list[str]:
+        for url in peers:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r}: a peer is http://host:port or https://host:port")
+            if parts.username or parts.password:
+                raise ValueError(f"{url!r}: no credentials in a peer URL (the monitor is read-only and needs none)")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ValueError(f"{url!r}: give the listener's base URL only (no path, query or fragment)")
+        if len(set(peers)) != len(peers):
+            raise ValueError("each peer once")
+        return peers
+
+
 class Profile(_Model):
     """A whole event profile."""
 
@@ -543,6 +570,7 @@ class Profile(_Model):
     streams: list[Stream] = Field(min_length=1)
     groups: dict[str, Group]
     metrics: Metrics = Metrics()
+    monitor: Monitor = Monitor()
     state: State = State()
 
     # Field validators rather than one model validator, so that the error names its key path

@@ -48,11 +48,15 @@ from orchestrator.encode.instance import InstanceRunner, Sink, run_synthetic_enc
 from orchestrator.encode.statefile import hold_group_lock, read_state, state_path
 from orchestrator.encode.synthetic import SharedFragments, SyntheticStream
 from orchestrator.errors import EncoderError, ListenError, ProfileError, SourceError
+from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.gcpacer import GcPacer, paced_collection
-from orchestrator.ops.listener import serve_listener
+from orchestrator.ops.listener import UpMonitor, serve_listener
 from orchestrator.ops.metrics import Metrics
+from orchestrator.ops.monitorweb import Peers
 from orchestrator.ops.openfiles import ensure_open_files, files_needed
 from orchestrator.ops.state import EncoderState, GroupState, LiveState
+from orchestrator.ops.thumbnails import Thumbnailer
+from orchestrator.ops.thumbnails import find_ffmpeg as find_decoder
 from orchestrator.ops.view import StatusView
 from orchestrator.profile import FfmpegEncoder, Profile, parse_listen
 from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
@@ -92,6 +96,7 @@ class Running(LiveState):
 
     group_encoders: list[GroupEncoder] = field(default_factory=list)
     metrics_address: tuple[str, int] | None = None
+    monitor: UpMonitor | None = None
     ingest_addresses: list[tuple[str, int]] = field(default_factory=list)
     stop: trio.Event = field(default_factory=trio.Event)
 
@@ -294,8 +299,10 @@ async def _run_services(
                 running.ingest_addresses.append(bound)
         if profile.metrics.enabled:
             host, port = parse_listen(profile.metrics.listen)
-            # /metrics, /healthz, /readyz, /status; ``running`` is filled in as the groups are built.
-            serve = functools.partial(serve_listener, metrics.registry, running)
+            if profile.monitor.enabled:
+                running.monitor = _monitor(plan, running)
+            # /metrics, /healthz, /readyz, /status, /monitor; ``running`` is filled in as the groups are built.
+            serve = functools.partial(serve_listener, metrics.registry, running, monitor=running.monitor)
             running.metrics_address = await _listen(services, "the profile's metrics.listen", host, port, serve)
         if options.handle_signals:
             # start(), not start_soon(): the handlers are in place before anything logs "started",
@@ -335,6 +342,8 @@ async def _run_groups(
         metrics.backlog_limit_bytes.labels(group_name).set(int(group.max_backlog.bytes))
         metrics.initialise_group(group_name, [stream.id for stream in profile.streams])
         fanout = FanOut(group_name, metrics)  # the encoder's output to every endpoint's outbox
+        if running.monitor is not None:
+            fanout.tap = MonitorTap(running.monitor.thumbnailer, group_name)
         fanouts.append(fanout)
         states: dict[str, EncoderState] = {}
         group_state = GroupState(group_name)
@@ -398,6 +407,42 @@ async def _run_groups(
                 fanout.close()
             view.stop()
             publishers_nursery.cancel_scope.deadline = deadline
+
+
+def _monitor(plan: _Planned, running: Running) -> UpMonitor:
+    """The confidence monitor: decodes with the groups' ffmpeg if they have one, else any found."""
+    p, config = plan.profile.presentation, plan.profile.monitor
+    decoder = next((ff.executable for ff in plan.ffmpeg.values() if ff is not None), None) or find_decoder()
+    thumbnailer = Thumbnailer(decoder, fragment_seconds=float(p.fragment_duration), concurrency=config.concurrency)
+    decodes = plan.metrics.monitor_decodes
+    thumbnailer.counts.on_count = lambda outcome, n: decodes.labels(outcome).inc(n)
+    peers = Peers(config.peers, refresh=min(1.0, float(p.fragment_duration) / 2)) if config.peers else None
+    return UpMonitor(running, thumbnailer, epoch_ns=p.epoch_ns, fragment_duration=p.fragment_duration, peers=peers)
+
+
+class MonitorTap:
+    """What a group's fan-out hands the confidence monitor: each stream's header and the
+    fragments of its first video and first audio track (the thumbnailer keeps them only while
+    a page is open)."""
+
+    def __init__(self, thumbnailer: Thumbnailer, group: str) -> None:
+        self.thumbnailer = thumbnailer
+        self.group = group
+        self._kinds: dict[str, dict[int, str]] = {}  # stream -> track ID -> "video" | "audio"
+
+    def header(self, header: StreamHeader) -> None:
+        kinds: dict[int, str] = {}
+        for track in header.tracks:
+            kind = {b"vide": "video", b"soun": "audio"}.get(track.handler)
+            if kind is not None and kind not in kinds.values():
+                kinds[track.track_id] = kind
+        self._kinds[header.stream_id] = kinds
+        self.thumbnailer.header(((header.stream_id,), self.group), header.data, kinds.values())
+
+    def fragment(self, fragment: EncodedFragment) -> None:
+        kind = self._kinds.get(fragment.stream_id, {}).get(fragment.track_id)
+        if kind is not None:
+            self.thumbnailer.offer(((fragment.stream_id,), self.group), fragment.index, kind, fragment.data)
 
 
 async def _stop_after(seconds: float, stop: trio.Event) -> None:

@@ -54,6 +54,7 @@ PURE_CORE = [
     "ingest/cmafpoint",
     "ops/state",
     "ops/status",
+    "ops/monitor",
     "testing/bodyscan",
 ]
 IO_MODULES = {"trio", "httpx", "httpcore", "hypercorn", "anyio", "subprocess", "socket", "asyncio", "os", "shutil",

@@ -157,6 +157,7 @@ class GroupEncoder(Sink):
             state = self.states.get(stream_id)
             if state is not None:
                 state.last_index = done
+                state.completed_monotonic = self._last_progress
                 state.fragments += 1
             log.debug("encoder.fragment group=%s stream=%s index=%d", self.group, stream_id, done)
         if self._final_index is not None and self.continuity.final_reached:

@@ -302,6 +302,8 @@ class Decision:
     reason: str | None = None  # why it was rejected, or how a conflicting duplicate differs
     conflict: bool = False
     writes: tuple[ArchiveWrite, ...] = ()
+    # The fragment as received (every track of it), for the confidence monitor: a reference, not a copy.
+    received: bytes = field(default=b"", repr=False, compare=False)
 
 
 @dataclass
@@ -568,10 +570,11 @@ class PublishingPoint:
                         f"index {info.index}, duration {info.duration}; "
                         f"archived copy has index {index}, duration {duration}"
                     )
-                decision = Decision(record.id, record.stream, info, "duplicate", reason, reason is not None)
+                decision = Decision(record.id, record.stream, info, "duplicate", reason, reason is not None,
+                                    received=parsed.data)  # fmt: skip
             else:
                 assert info.time is not None  # accepted fragments give their time
-                decision = Decision(record.id, record.stream, info, "archived", writes=writes)
+                decision = Decision(record.id, record.stream, info, "archived", writes=writes, received=parsed.data)
             record.fragments_seen += 1
             record.fragments.append((info, decision.outcome))
             out.append(_Pending(decision, track, info.time) if writes is not None and info.time is not None
@@ -635,6 +638,11 @@ class Post:
     @property
     def encoder_group(self) -> str | None:
         return self._record.encoder_group
+
+    @property
+    def header(self) -> Header | None:
+        """The stream header this POST opened with (None until it arrived)."""
+        return self._checker.header
 
     @property
     def status(self) -> PostStatus:

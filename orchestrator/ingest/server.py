@@ -13,6 +13,9 @@ Routes:
   * ``POST`` or ``PUT /<point path>/<stream>/<track>/init.m4s`` and ``.../<n>.m4s``: CMAF ingest
     (DASH-IF Interface-1), one CMAF header or segment per request: :mod:`orchestrator.ingest.cmafpoint`.
   * ``GET /status``: the receiver's counters as JSON; ``GET /status?posts=1`` adds the per-POST log.
+  * ``GET /monitor`` (and ``/monitor.json``, ``/monitor.js`` ...): the confidence monitor, what
+    arrived from each encoder group side by side with their pictures of one fragment index
+    (:mod:`orchestrator.ingest.monitor`; Smooth POSTs; pictures decoded only while a page is open).
   * anything else: 404, or 405 for a known path with the wrong method.
 
 Fault injection: set :attr:`IngestApp.fail_with` to a status code (401, 503 ...) and every POST,
@@ -47,6 +50,7 @@ from orchestrator.fmp4.reader import NEED_DATA
 from orchestrator.ingest.cmafpoint import MAX_BODY as MAX_CMAF_BODY
 from orchestrator.ingest.cmafpoint import Answer, CmafPath, CmafPoint
 from orchestrator.ingest.cmafpoint import parse_path as parse_cmaf_path
+from orchestrator.ingest.monitor import IngestMonitor
 from orchestrator.ingest.receiver import (
     DEFAULT_MEMORY_BUDGET,
     ArchiveWrite,
@@ -56,6 +60,7 @@ from orchestrator.ingest.receiver import (
     PublishingPoint,
     parse_stream_path,
 )
+from orchestrator.ops import monitorweb
 from orchestrator.ops.httpserve import DEFAULT_MAX_CONNECTIONS, ConnectionStats, Receive, Scope, Send, serve_asgi
 from orchestrator.profile import parse_listen
 
@@ -172,6 +177,7 @@ class IngestApp:
         self.connections = ConnectionStats()  # filled in by the listener serve_app starts
         self.refusals: Counter[str] = Counter()  # answers other than 200, by status code
         self.cmaf = CmafPoint()  # CMAF ingest (orchestrator.ingest.cmafpoint): its own publishing point
+        self.monitor = IngestMonitor(self.point.rules)  # /monitor; its decoder runs in serve_app
 
     def close(self) -> None:
         """Close the archive files (they are flushed after every fragment already)."""
@@ -191,6 +197,12 @@ class IngestApp:
             status["refusals"] = dict(sorted(self.refusals.items()))
             status["cmaf"] = self.cmaf.status(posts=query.get("posts", ["0"])[0] not in ("", "0"))
             await _respond(send, 200, json.dumps(status, indent=2) + "\n", "application/json")
+            return
+        if monitorweb.is_monitor_path(path):
+            if method != "GET":
+                await _respond(send, 405, "use GET\n", allow="GET")
+                return
+            await self.monitor.serve(scope, send)
             return
         try:
             cmaf_path = parse_cmaf_path(path)
@@ -286,6 +298,7 @@ class IngestApp:
                             self._apply(decision)
                             if decision.outcome == "archived":
                                 post.written(decision)
+                            self.monitor.decision(post, decision)
                         for notice in post.take_notices():
                             logger.warning("%s post=%d", notice, post.id)
                     if not message.get("more_body", False):
@@ -313,6 +326,7 @@ class IngestApp:
             raise
         finally:
             post.close(self.clock(), status, reason)
+            self.monitor.post_ended(post)
             level = logging.INFO if status == "ok" else logging.WARNING
             logger.log(level, "ingest.post.ended server=%s post=%d stream=%s status=%s reason=%r",
                        server, post.id, post.path, status, reason)  # fmt: skip
@@ -386,6 +400,7 @@ async def serve_app(
         async with trio.open_nursery() as nursery:
             serve = partial(serve_asgi, app, host, port, "ingest", max_connections=max_connections,
                             stats=app.connections)  # fmt: skip
+            await nursery.start(app.monitor.thumbnailer.run)
             bound = await nursery.start(serve)
             task_status.started(bound)
             if shutdown_event is not None:

@@ -111,6 +111,10 @@ class Metrics:
             "orchestrator_encoder_skipped_fragments_total",
             "Fragment indices a group never produced (its encoder was down); the other group covers them",
             ("stream", "group"), registry=r)  # fmt: skip
+        self.monitor_decodes = Counter(
+            "orchestrator_monitor_decodes_total",
+            "Tiles the confidence monitor decoded while a page was open, by outcome (decoded, failed, timed_out)",
+            ("outcome",), registry=r)  # fmt: skip
         self.state_write_failures = Counter(
             "orchestrator_state_write_failures_total",
             "Failed writes of the group's continuity state file (a restart may then repeat an index)",

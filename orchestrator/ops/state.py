@@ -100,6 +100,7 @@ class EncoderState:
     group: str
     stream_id: str
     last_index: int | None = None
+    completed_monotonic: float | None = None  # when ``last_index`` completed: the monitor's "stale" rule
     fragments: int = 0
     lock: str | None = None  # how its content is locked: pattern, file, or a live lock's origin (peer, saved, ...)
     content_offset: float | None = None  # the stream's first track, as orchestrator_content_offset_seconds

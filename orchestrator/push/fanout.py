@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.ops.metrics import LabelledChildren, Metrics
@@ -41,12 +42,21 @@ class Route:
     metrics: LabelledChildren = field(compare=False)
 
 
+class Tap(Protocol):
+    """Sees every header and fragment the fan-out carries (the confidence monitor); never waits."""
+
+    def header(self, header: StreamHeader) -> None: ...
+
+    def fragment(self, fragment: EncodedFragment) -> None: ...
+
+
 class FanOut:
     """One group's routes: a header board per stream, an outbox per (stream, endpoint)."""
 
     def __init__(self, group: str, metrics: Metrics) -> None:
         self.group = group
         self.metrics = metrics
+        self.tap: Tap | None = None
         self.boards: dict[str, HeaderBoard] = {}
         self._routes: dict[str, list[Route]] = {}
 
@@ -81,11 +91,15 @@ class FanOut:
         board = self.boards.get(header.stream_id)
         if board is not None:
             board.announce(header)
+            if self.tap is not None:
+                self.tap.header(header)
 
     def fragment(self, fragment: EncodedFragment) -> int:
         """Push ``fragment`` into the outbox of every endpoint of its stream, without waiting;
         count and log what each full outbox dropped. Returns how many fragments were dropped."""
         dropped = 0
+        if self.tap is not None:
+            self.tap.fragment(fragment)
         for route in self._routes.get(fragment.stream_id, ()):
             lost = route.outbox.push(fragment)
             if lost:

@@ -187,3 +187,30 @@ def ingest(listen: str, archive: Path, max_connections: int, memory_budget_mib: 
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             _fail(ListenError(f"cannot listen on {listen} (set by ingest --listen): {exc.strerror or exc}"), 1)
         _fail(exc, 1)
+
+
+@main.command()
+@click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--group", metavar="NAME",
+              help='The relay group to run (its encoder is { backend = "relay" }); default: the only one.')  # fmt: skip
+@click.option("--status", type=click.Choice(["auto", "live", "log", "off"]), default="auto", show_default=True,
+              help="Live table on a terminal, log lines otherwise.")  # fmt: skip
+def relay(profile: Path, group: str | None, status: str) -> None:
+    """Relay Smooth encoders' POSTs to the group's endpoints (probe, reconnect, resend, catch-up, spool)."""
+    from orchestrator.relay.server import RelayOptions, run_relay_process
+
+    try:
+        loaded = load_profile(profile)
+        run_relay_process(loaded, RelayOptions(group=group, status=status, profile_path=str(profile)))
+    except ProfileError as exc:
+        _fail(exc, 2)
+    except OrchestratorError as exc:
+        _fail(exc, 1)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            _fail(ListenError(f"cannot listen ({exc.strerror or exc}): check the relay's listen and metrics.listen"), 1)
+        _fail(exc, 1)
+    except BaseExceptionGroup as group_error:
+        if (error := _error_in(group_error)) is None:
+            raise
+        _fail(error, 2 if isinstance(error, ProfileError) else 1)

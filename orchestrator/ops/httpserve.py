@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from functools import partial
@@ -130,8 +131,10 @@ class GuardedListener(trio.abc.Listener[trio.abc.Stream]):
     """A TCP listener with the connection cap and the once-per-episode EMFILE log described in
     the module docstring; it counts into ``stats`` (shared by the listeners of one server)."""
 
-    def __init__(self, inner: trio.SocketListener, name: str, stats: ConnectionStats) -> None:
+    def __init__(self, inner: trio.SocketListener, name: str, stats: ConnectionStats,
+                 ssl_context: ssl.SSLContext | None = None) -> None:  # fmt: skip
         self._inner = inner
+        self._ssl_context = ssl_context  # TLS on every accepted connection (hypercorn does the handshake)
         self._name = name
         self.stats = stats
         self._capped_refusals: int | None = None  # refusals in the current cap episode
@@ -167,7 +170,10 @@ class GuardedListener(trio.abc.Listener[trio.abc.Stream]):
                 await self._refuse(stream)
                 continue
             self.stats.open += 1
-            return _CountedStream(stream, self._release)
+            counted = _CountedStream(stream, self._release)
+            if self._ssl_context is not None:
+                return trio.SSLStream(counted, self._ssl_context, server_side=True, https_compatible=True)
+            return counted
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
         self.stats.refused += 1
@@ -200,10 +206,12 @@ async def serve_asgi(
     *,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     stats: ConnectionStats | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``host:port`` (port 0 picks a free one) until cancelled, with at most
-    ``max_connections`` connections open at once, counting into ``stats`` if given.
+    ``max_connections`` connections open at once, counting into ``stats`` if given; with
+    ``ssl_context``, over TLS (hypercorn's handshake, bounded by its ``ssl_handshake_timeout``).
 
     Reports the bound ``(host, port)`` through ``task_status``. Cancellation closes the
     listener and every open connection; requests in flight see their connection cut.
@@ -222,7 +230,7 @@ async def serve_asgi(
     for sock in sockets.insecure_sockets:
         sock.listen(config.backlog)
         inner = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-        listeners.append(GuardedListener(inner, name, stats))
+        listeners.append(GuardedListener(inner, name, stats, ssl_context))
     bound_host, bound_port = sockets.insecure_sockets[0].getsockname()[:2]
     handler = partial(_TCPServer, wrap_app(_with_lifespan(app), config.wsgi_max_body_size, "asgi"), config,  # type: ignore[arg-type]
                       WorkerContext(None), {})  # fmt: skip

@@ -12,7 +12,9 @@ Routes:
     used up, 500 when an archive write fails (the reason names no absolute path).
   * ``POST`` or ``PUT /<point path>/<stream>/<track>/init.m4s`` and ``.../<n>.m4s``: CMAF ingest
     (DASH-IF Interface-1), one CMAF header or segment per request: :mod:`orchestrator.ingest.cmafpoint`.
-  * ``GET /status``: the receiver's counters as JSON; ``GET /status?posts=1`` adds the per-POST log.
+  * ``GET /status``: the receiver's counters as JSON; ``GET /status?posts=1`` adds the per-POST log
+    (the newest 50 POSTs, ``&limit=<n>`` for up to 200, each with its last 100 fragments);
+    ``GET /status?post=<id>`` shows one POST with every fragment its log keeps.
   * anything else: 404, or 405 for a known path with the wrong method.
 
 Fault injection: set :attr:`IngestApp.fail_with` to a status code (401, 503 ...) and every POST,
@@ -49,6 +51,7 @@ from orchestrator.ingest.cmafpoint import Answer, CmafPath, CmafPoint
 from orchestrator.ingest.cmafpoint import parse_path as parse_cmaf_path
 from orchestrator.ingest.receiver import (
     DEFAULT_MEMORY_BUDGET,
+    STATUS_POSTS,
     ArchiveWrite,
     Decision,
     Post,
@@ -186,10 +189,17 @@ class IngestApp:
                 await _respond(send, 405, "use GET\n", allow="GET")
                 return
             query = parse_qs(scope["query_string"].decode("latin-1"))
-            status = self.point.status(posts=query.get("posts", ["0"])[0] not in ("", "0"))
+            posts = query.get("posts", ["0"])[0] not in ("", "0")
+            try:
+                limit = int(query.get("limit", [str(STATUS_POSTS)])[0])
+                post_id = int(query["post"][0]) if "post" in query else None
+            except ValueError:
+                await _respond(send, 400, "limit and post take whole numbers\n")
+                return
+            status = self.point.status(posts=posts, limit=limit, post_id=post_id)
             status["connections"] = dataclasses.asdict(self.connections)
             status["refusals"] = dict(sorted(self.refusals.items()))
-            status["cmaf"] = self.cmaf.status(posts=query.get("posts", ["0"])[0] not in ("", "0"))
+            status["cmaf"] = self.cmaf.status(posts=posts)
             await _respond(send, 200, json.dumps(status, indent=2) + "\n", "application/json")
             return
         try:
@@ -314,8 +324,10 @@ class IngestApp:
         finally:
             post.close(self.clock(), status, reason)
             level = logging.INFO if status == "ok" else logging.WARNING
-            logger.log(level, "ingest.post.ended server=%s post=%d stream=%s status=%s reason=%r",
-                       server, post.id, post.path, status, reason)  # fmt: skip
+            outcomes = post.outcomes
+            logger.log(level, "ingest.post.ended server=%s post=%d stream=%s status=%s archived=%d duplicates=%d "
+                       "rejected=%d reason=%r", server, post.id, post.path, status, outcomes["archived"],
+                       outcomes["duplicate"], outcomes["rejected"], reason)  # fmt: skip
         return answer
 
     def _apply(self, decision: Decision) -> None:

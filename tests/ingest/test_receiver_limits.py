@@ -231,11 +231,13 @@ def test_a_redefined_track_goes_to_a_new_file_with_a_notice() -> None:
         ("archived", "video-2.mp4"),
     ]
     assert decisions[0].writes[0].data == init(changed)
-    (notice,) = post.take_notices()
-    assert notice == (
+    notices = post.take_notices()
+    assert notices[0] == (
         "ingest.track.redefined stream=/live/demo.isml/Streams(video) track=1 old_file=live/demo/video/video.mp4 "
         "new_file=live/demo/video/video-2.mp4 timescale=90000->30000"
     )
+    # Another header: a mismatch, and (the same group's header changed) a restart of its encoder.
+    assert [n.split()[0] for n in notices[1:]] == ["ingest.stream.header_mismatch", "ingest.stream.encoder_restarted"]
     tracks = point.status()["publishing_points"]["live/demo"]["streams"]["video"]["tracks"]
     assert {key: (t["file"], t["timescale"], t["fragments_archived"]) for key, t in tracks.items()} == {
         "1": ("live/demo/video/video.mp4", 90000, 1),

@@ -9,8 +9,9 @@ encoder, sent. Encoders as they really behave (the first field report; ffmpeg's 
 
 * no probe POST, ``Connection: close``, one long chunked POST per stream;
 * a first fragment stamped before zero (AAC priming: ffmpeg writes tfxd time -213,333 as an
-  unsigned 64-bit number): tfxd times are read as *signed* 64-bit, so it is -213,333 and the
-  next audio fragment follows it;
+  unsigned 64-bit number): tfxd times are read as *signed* 64-bit (the format's rule,
+  :func:`orchestrator.wire.smooth.signed_time`), so it is -213,333 and the next audio fragment
+  follows it;
 * ``mfhd`` numbered across the tracks of the stream (video 1, 3, 5 ...; audio 2, 4, 6 ...) and
   no ``tfdt``: the relay never judges by ``mfhd``. A fragment's *index* is its time on the
   profile's fragment grid, ``round(time / (fragment_duration x timescale))``, the same for every
@@ -60,15 +61,6 @@ from orchestrator.wire import smooth
 from orchestrator.wire.format import FragmentTiming
 
 RECENT = 64  # forwarded times remembered per track for duplicate detection (about 2 minutes of 2 s fragments)
-_SIGN = 1 << 63
-
-
-def signed_time(time: int, tfxd_version: int | None) -> int:
-    """A tfxd (version 1 or 2) time as the signed 64-bit number encoders mean: 2^64 - 213,333 is
-    -213,333 (AAC priming). Version 0 times are 32-bit and unsigned."""
-    if tfxd_version in (1, 2) and time >= _SIGN:
-        return time - (1 << 64)
-    return time
 
 
 def grid(time: int, fragment_ticks: Fraction) -> tuple[int, int]:
@@ -232,8 +224,7 @@ class EncoderPost:
                 raise MediaError(f"fragment at offset {fragment.offset} carries track {traf.track_id}, "
                                  "which the moov does not declare")  # fmt: skip
             try:
-                timing = self.rules.timing(traf, parsed.sequence_number)
-                tfxd = smooth.tfxd_of(traf)
+                timing = self.rules.timing(traf, parsed.sequence_number)  # times signed (smooth.signed_time)
             except BoxError as exc:
                 raise BoxError(f"fragment at offset {fragment.offset}: {exc}") from None
             problem = self.rules.problem(traf)
@@ -242,8 +233,7 @@ class EncoderPost:
             if problem is not None or timing.time is None:
                 out.append(Dropped(self.timeline.stream_id, traf.track_id, None, "rejected", problem or ""))
                 continue
-            time = signed_time(timing.time, tfxd.version if tfxd is not None else None)
-            out.append(self._decide(traf.track_id, time, timing, parsed, traf))
+            out.append(self._decide(traf.track_id, timing.time, timing, parsed, traf))
         return out
 
     def _decide(self, track_id: int, time: int, timing: FragmentTiming, parsed: ParsedFragment,

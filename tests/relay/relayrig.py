@@ -62,12 +62,12 @@ def push(relay_port: int, seconds: int) -> Push:
                                ffmpeg=need_ffmpeg()))  # fmt: skip
 
 
-def packets(path: Path) -> list[tuple[int, int]]:
-    """(pts, duration) of every packet of the file's one track, read by ffprobe (which must be able
-    to play the file through: a non-zero exit fails)."""
-    out = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "packet=pts,duration", "-of", "json", str(path)],
+def packets(path: Path) -> list[int]:
+    """The pts of every packet of the file's one track, sorted, read by ffprobe (which must read
+    the file through: a non-zero exit fails)."""
+    out = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "packet=pts", "-of", "json", str(path)],
                          check=True, capture_output=True, text=True)  # fmt: skip
-    return [(int(p["pts"]), int(p["duration"])) for p in json.loads(out.stdout)["packets"]]
+    return sorted(int(p["pts"]) for p in json.loads(out.stdout)["packets"])
 
 
 def track_files(archive: Path) -> dict[str, Path]:

@@ -45,10 +45,10 @@ def assert_whole(server: IngestServer, seconds: int) -> dict[str, bytes]:
     files = track_files(server.archive)
     video = packets(files["video"])
     assert len(video) == seconds * 25
-    assert sorted(p for p, _ in video) == [k * FRAME for k in range(seconds * 25)]
-    audio = sorted(packets(files["audio"]))
+    assert video == [k * FRAME for k in range(seconds * 25)]
+    audio = packets(files["audio"])
     assert seconds * 48_000 // 1024 - 1 <= len(audio) <= seconds * 48_000 // 1024 + 2, len(audio)
-    steps = {b[0] - a[0] for a, b in itertools.pairwise(audio)}
+    steps = {b - a for a, b in itertools.pairwise(audio)}
     assert steps <= {AAC_FRAME, AAC_FRAME + 1}, steps  # contiguous: no AAC frame missing
     return {name: path.read_bytes() for name, path in files.items()}
 
@@ -140,7 +140,7 @@ async def test_a_relay_killed_mid_stream_loses_nothing_it_had_read(
         for name in ("video", "audio"):
             assert files[0][name].read_bytes() == files[1][name].read_bytes(), name
             assert packets(files[1][name])  # playable through
-        video = sorted(p for p, _ in packets(files[1]["video"]))
+        video = packets(files[1]["video"])
         assert video == [k * FRAME for k in range(len(video))]  # from the first frame on, no hole
         assert again.stop() == 0
         nursery.cancel_scope.cancel()

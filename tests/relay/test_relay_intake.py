@@ -21,7 +21,7 @@ from relaykit import (
 
 from orchestrator.errors import MediaError
 from orchestrator.fmp4 import boxes
-from orchestrator.relay.intake import Dropped, Forward, HeaderReceived, StreamTimeline, grid, signed_time
+from orchestrator.relay.intake import Dropped, Forward, HeaderReceived, StreamTimeline, grid
 from orchestrator.wire import smooth
 
 
@@ -32,15 +32,6 @@ def forwarded(evs: list[object]) -> list[tuple[int, int, int]]:
 
 def dropped(evs: list[object]) -> list[tuple[int, int | None, str]]:
     return [(e.track_id, e.time, e.reason) for e in evs if isinstance(e, Dropped)]
-
-
-@pytest.mark.parametrize(
-    ("time", "version", "expected"),
-    [(2**64 - PRIMING, 1, -PRIMING), (2**64 - PRIMING, 2, -PRIMING), (5, 1, 5), (2**63 - 1, 1, 2**63 - 1),
-     (2**63, 1, -(2**63)), (0xFFFFFFFF, 0, 0xFFFFFFFF), (2**64 - 1, None, 2**64 - 1)],
-)  # fmt: skip
-def test_tfxd_times_are_signed(time: int, version: int | None, expected: int) -> None:
-    assert signed_time(time, version) == expected
 
 
 @pytest.mark.parametrize(

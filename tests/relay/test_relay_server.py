@@ -1,0 +1,164 @@
+"""The relay in-process (orchestrator/relay/server.py): an encoder's POSTs over real HTTP (httpx,
+chunked) into ``run_relay``, pushed to a real ingest server (in-process, on loopback): duplicates
+from a reconnecting encoder are not forwarded twice, a new header re-opens the outbound POST, a
+silent encoder shows in metrics and /status, credentials and TLS on the encoder listener, and a
+profile that cannot run as a relay is refused with its key path."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+import trustme
+from prometheus_client import CollectorRegistry
+from relaykit import PRIMING, ffmpeg_body, header
+from rig import TEST_SETTINGS, build_profile, endpoint, group, loopback_ingest, wait_for
+
+from orchestrator.errors import ProfileError
+from orchestrator.profile import Profile
+from orchestrator.relay.server import RelayOptions, RelayRunning, run_relay
+from orchestrator.supervisor import UpOptions, run_up
+
+STREAMS = {"video": [{"kind": "video", "name": "video", "bitrate": 300_000, "width": 320, "height": 180,
+                      "frame_rate": 25}]}  # fmt: skip
+
+
+def relay_profile(port: int, metrics: bool = False, **relay: Any) -> Profile:
+    encoder = {"backend": "relay", "listen": "127.0.0.1:0", "silent_fragments": 1, **relay}
+    return build_profile(name="relay", streams=STREAMS, groups={
+        "primary": group(endpoint(port, name="ingest-a", region="region-a"), encoder=encoder),
+        "backup": group(endpoint(port))}, metrics={"enabled": metrics, "listen": "127.0.0.1:0"})  # fmt: skip
+
+
+@asynccontextmanager
+async def relay_in_process(profile: Profile, registry: CollectorRegistry) -> AsyncIterator[RelayRunning]:
+    options = RelayOptions(status="off", handle_signals=False, publisher_settings=TEST_SETTINGS, shutdown_grace=5)
+    async with trio.open_nursery() as nursery:
+        running: RelayRunning = await nursery.start(
+            lambda task_status: run_relay(profile, options, registry=registry, task_status=task_status))  # fmt: skip
+        try:
+            yield running
+        finally:
+            running.stop.set()
+
+
+async def post(url: str, *parts: bytes, client: httpx.AsyncClient | None = None, **headers: str) -> httpx.Response:
+    """One encoder POST, chunked, a part per chunk (as an encoder writes them)."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    async with httpx.AsyncClient(timeout=10) if client is None else client as http:
+        return await http.post(url, content=body(), headers=headers)
+
+
+def relay_url(running: RelayRunning, scheme: str = "http") -> str:
+    assert running.listen_address is not None
+    return f"{scheme}://127.0.0.1:{running.listen_address[1]}/live/pp.isml/Streams(video)"
+
+
+def tracks(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    stream = status["publishing_points"].get("live/relay", {}).get("streams", {}).get("video", {})
+    return {t["name"]: t for t in stream.get("tracks", {}).values()}
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
+    return registry.get_sample_value(name, {"stream": "video", "group": "primary", **labels})
+
+
+async def test_duplicates_are_dropped_and_a_new_header_reopens_the_outbound_post(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    async with loopback_ingest(tmp_path / "archive") as ingest, \
+            relay_in_process(relay_profile(ingest.port), registry) as running:  # fmt: skip
+        url = relay_url(running)
+        assert (await post(url, header(), *ffmpeg_body(3))).status_code == 200
+        # The encoder reconnects and resends its last two fragments of each track, then goes on.
+        assert (await post(url, header(), *ffmpeg_body(2, first=1), *ffmpeg_body(2, first=3))).status_code == 200
+        await wait_for(lambda: tracks(ingest.app.point.status()).get("audio", {}).get("fragments_archived") == 5, 10,
+                       "the ingest to archive 5 fragments a track")  # fmt: skip
+        assert sample(registry, "orchestrator_relay_fragments_total", outcome="duplicate") == 4
+        assert sample(registry, "orchestrator_relay_fragments_total", outcome="forwarded") == 10
+        archived = tracks(ingest.app.point.status())
+        assert [(t["fragments_received"], t["duplicates_dropped"]) for t in archived.values()] == [(5, 0), (5, 0)]
+        labels = {"endpoint": "ingest-a", "endpoint_region": "region-a"}
+        assert sample(registry, "orchestrator_posts_opened_total", **labels) == 1
+
+        # The encoder restarts with new settings (another header) and a timeline from 0 again.
+        assert (await post(url, header(creator="restarted"), *ffmpeg_body(2))).status_code == 200
+        await wait_for(lambda: sample(registry, "orchestrator_posts_opened_total", **labels) == 2, 10,
+                       "the outbound POST to be re-opened with the new header")  # fmt: skip
+        assert sample(registry, "orchestrator_relay_header_changes_total") == 1
+        assert ingest.app.point.status()["posts"]["total"] == 2  # the relay's second outbound POST
+        # The ingest takes the new header as an encoder restart: the new timeline goes to new files.
+        await wait_for(lambda: (tmp_path / "archive/live/relay/video/audio-2.mp4").exists(), 10, "the new timeline")
+        audio = registry.get_sample_value("orchestrator_relay_last_fragment_start_ticks",
+                                          {"presentation": "relay", "stream": "video", "group": "primary",
+                                           "track": "2"})  # fmt: skip
+        assert audio == 20_000_000 - PRIMING
+
+
+async def test_a_silent_encoder_shows_in_metrics_and_status(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    async with loopback_ingest(tmp_path / "archive") as ingest, \
+            relay_in_process(relay_profile(ingest.port, metrics=True), registry) as running:  # fmt: skip
+        assert running.metrics_address is not None
+        status_url = f"http://127.0.0.1:{running.metrics_address[1]}/status"
+        assert (await post(relay_url(running), header(), *ffmpeg_body(2))).status_code == 200
+        async with httpx.AsyncClient(timeout=5) as http:
+
+            async def encoder_up() -> bool:
+                return bool((await http.get(status_url)).json()["groups"]["primary"]["encoder_up"])
+
+            await wait_for(encoder_up, 5, "the encoder to be up in /status")
+            await wait_for(lambda: sample(registry, "orchestrator_relay_encoder_silent") == 1, 10,
+                           "the relay to call the encoder silent (1 fragment duration)")  # fmt: skip
+            document = (await http.get(status_url)).json()
+        assert document["groups"]["primary"]["encoder_up"] is False
+        assert document["groups"]["primary"]["last_error"] == "encoder silent: stream video"
+        assert "group primary: encoder down" in document["not_ready"]
+        since = registry.get_sample_value("orchestrator_relay_seconds_since_last_fragment",
+                                          {"presentation": "relay", "stream": "video", "group": "primary"})  # fmt: skip
+        assert since is not None
+        assert since >= 2
+
+
+async def test_credentials_and_tls_on_the_encoder_listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.private_key_and_cert_chain_pem.write_to_path(tmp_path / "relay.pem")
+    monkeypatch.setenv("RELAY_TOKEN", "s3cret")
+    pem = str(tmp_path / "relay.pem")
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    async with loopback_ingest(tmp_path / "archive") as ingest:
+        profile = relay_profile(ingest.port, tls_cert=pem, tls_key=pem, credentials={"token_env": "RELAY_TOKEN"})
+        async with relay_in_process(profile, CollectorRegistry()) as running:
+            url = relay_url(running, "https")
+            refused = await post(url, header(), client=httpx.AsyncClient(verify=context, timeout=10))
+            assert refused.status_code == 401
+            wrong = await post(url, header(), client=httpx.AsyncClient(verify=context, timeout=10),
+                               Authorization="Bearer nope")  # fmt: skip
+            assert wrong.status_code == 401
+            ok = await post(url, header(), *ffmpeg_body(1), client=httpx.AsyncClient(verify=context, timeout=10),
+                            Authorization="Bearer s3cret")  # fmt: skip
+            assert ok.status_code == 200
+            with pytest.raises(httpx.ConnectError):  # the listener speaks TLS only, and its CA is not a default one
+                await post(url, header(), Authorization="Bearer s3cret")
+            await wait_for(lambda: len(tracks(ingest.app.point.status())) == 2, 10, "the fragments to reach the ingest")
+
+
+async def test_profiles_that_cannot_run_as_a_relay_are_refused_with_their_key_path(tmp_path: Path) -> None:
+    profile = relay_profile(1, credentials={"token_env": "RELAY_TOKEN_THAT_IS_NOT_SET"})
+    with pytest.raises(ProfileError, match=r"groups\.primary\.encoder\.credentials: environment variable"):
+        await run_relay(profile, RelayOptions(handle_signals=False, status="off"))
+    with pytest.raises(ProfileError, match=r"groups\.backup\.encoder\.backend: a relay runs a group"):
+        await run_relay(profile, RelayOptions(group="backup", handle_signals=False, status="off"))
+    with pytest.raises(ProfileError, match=r"groups\.primary\.encoder\.backend: a relay group is run by"):
+        await run_up(profile, UpOptions(status="off", handle_signals=False))

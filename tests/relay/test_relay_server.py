@@ -162,3 +162,24 @@ async def test_profiles_that_cannot_run_as_a_relay_are_refused_with_their_key_pa
         await run_relay(profile, RelayOptions(group="backup", handle_signals=False, status="off"))
     with pytest.raises(ProfileError, match=r"groups\.primary\.encoder\.backend: a relay group is run by"):
         await run_up(profile, UpOptions(status="off", handle_signals=False))
+
+
+async def test_a_cmaf_endpoint_gets_each_track_as_cmaf_segments(tmp_path: Path) -> None:
+    """The profile's tracks name the encoder's track IDs (video 1, audio 2): each goes to the CMAF
+    endpoint on its own path, header first, a segment per fragment (orchestrator/push/cmafroute.py)."""
+    streams = {"video": [*STREAMS["video"], {"kind": "audio", "name": "audio", "bitrate": 64_000,
+                                             "sample_rate": 48_000, "channels": 2}]}  # fmt: skip
+    async with loopback_ingest(tmp_path / "archive") as ingest:
+        cmaf = endpoint(ingest.port, name="ingest-c", region="region-c", format="cmaf", cmaf_paths="template")
+        profile = build_profile(name="relay", streams=streams, groups={
+            "primary": group(cmaf, encoder={"backend": "relay", "listen": "127.0.0.1:0"}),
+            "backup": group(endpoint(ingest.port))})  # fmt: skip
+        async with relay_in_process(profile, CollectorRegistry()) as running:
+            assert (await post(relay_url(running), header(), *ffmpeg_body(3))).status_code == 200
+
+            def archived() -> dict[str, int]:
+                points = ingest.app.cmaf.status()["publishing_points"]
+                streams = next(iter(points.values()), {}).get("streams", {})
+                return {name: next(iter(s["tracks"].values()))["fragments_archived"] for name, s in streams.items()}
+
+            await wait_for(lambda: archived() == {"video": 3, "audio": 3}, 10, "3 CMAF segments of each track")

@@ -38,20 +38,16 @@ from typing import Any
 import httpx
 import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the rig's free_port lives with the tests
+
+from rig import free_port
+
 from orchestrator.testing.faultproxy import Fault, FaultProxy
 from orchestrator.testing.ismvpush import ismv_push_argv
 from orchestrator.testing.profiles import endpoint, group, write_profile
 
 FRAME = 400_000  # 25 fps in ffmpeg's 10 MHz ticks
 AAC_FRAME = 1024 * 10_000_000 / 48_000
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -489,13 +489,15 @@ def parse_fragment(
     ``moof_offset`` is where the moof sits in the whole stream; it is needed only for a tfhd that
     gives an absolute base_data_offset.
     """
-    boxes = list(parse_boxes(data))
-    if len(boxes) != 2 or boxes[0].type != b"moof" or boxes[1].type != b"mdat":
+    # The mdat is not copied out (its payload is most of the fragment): only its bounds are read.
+    moof_header = read_box_header(data, 0)
+    mdat_header = read_box_header(data, moof_header[1]) if moof_header and moof_header[1] <= len(data) else None
+    if (moof_header is None or mdat_header is None or moof_header[0] != b"moof" or mdat_header[0] != b"mdat"
+            or moof_header[1] + mdat_header[1] != len(data)):  # fmt: skip
         raise BoxError("a fragment must be exactly one moof followed by one mdat")
-    moof, mdat = boxes
-    mdat_start = mdat.offset + mdat.header_size
-    mdat_end = mdat.offset + mdat.size
-    children = _children(moof.payload)
+    mdat_start = moof_header[1] + mdat_header[2]
+    mdat_end = len(data)
+    children = _children(data[moof_header[2] : moof_header[1]])
     mfhd = _one(children, b"mfhd", "moof").payload
     if len(mfhd) < 8:
         raise BoxError("mfhd is truncated")

@@ -53,7 +53,7 @@ from functools import partial
 import trio
 from prometheus_client import CollectorRegistry
 
-from orchestrator.errors import MediaError, ProfileError
+from orchestrator.errors import IngestOverloaded, MediaError, ProfileError
 from orchestrator.fmp4.reader import NEED_DATA, Header
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.ingest.receiver import parse_stream_path
@@ -71,13 +71,14 @@ from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import IdleSweeper, Publisher, PublisherSettings, auth_for
 from orchestrator.relay.intake import Dropped, EncoderPost, Event, Forward, HeaderReceived, StreamTimeline
 from orchestrator.relay.metrics import RelayMetrics
-from orchestrator.relay.spool import FragmentRecord, HeaderRecord, key_of
+from orchestrator.relay.spool import DEFAULT_SEGMENT_BYTES, FragmentRecord, HeaderRecord, key_of
 from orchestrator.relay.spoolfiles import SpoolFiles
 from orchestrator.wire import smooth
 
 log = logging.getLogger(__name__)
 
 BODY_TIMEOUT = 60.0  # seconds without a body byte before an encoder's POST is ended (408)
+DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,8 @@ class RelayOptions:
     publisher_settings: PublisherSettings | None = None
     body_timeout: float = BODY_TIMEOUT
     max_connections: int = 512
+    memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes all encoder POSTs' readers may hold together
+    spool_segment_bytes: int = DEFAULT_SEGMENT_BYTES
 
 
 @dataclass
@@ -146,7 +149,8 @@ class RelayApp:
 
     def __init__(self, *, group: str, fanout: FanOut, streams: dict[str, RelayStream], metrics: RelayMetrics,
                  fragment_duration: Fraction, spool: SpoolFiles | None, authorization: str | None,
-                 body_timeout: float = BODY_TIMEOUT, clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+                 body_timeout: float = BODY_TIMEOUT, memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.group = group
         self.fanout = fanout
         self.streams = streams
@@ -158,6 +162,11 @@ class RelayApp:
         self.clock = clock
         self.connections = ConnectionStats()
         self._post_ids = 0
+        # What the open POSTs' readers hold or are about to hold (the declared size of the box or
+        # fragment being received, at its real cost: fmp4.reader), against the budget.
+        self.memory_budget = memory_budget
+        self._reserved: dict[int, int] = {}
+        self._reserved_total = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -215,8 +224,10 @@ class RelayApp:
                         break
                     if message["body"]:
                         post.feed(message["body"])
+                        self._reserve(post_id, post.reserved)
                         while (event := post.next_event()) is not NEED_DATA:
                             self._handle(stream, event, post_id)
+                        self._reserve(post_id, post.reserved)
                     if not message.get("more_body", False):
                         post.end_of_body()
                         status, reason, answer = "ok", None, (200, "")
@@ -226,16 +237,28 @@ class RelayApp:
                 answer = (408, f"{reason}\n")
         except MediaError as exc:
             status, reason, answer = "error", str(exc), (400, f"{exc}\n")
+        except IngestOverloaded as exc:
+            status, reason, answer = "overloaded", str(exc), (503, f"{exc}\n")
         except trio.Cancelled:
             status, reason = "cancelled", "the relay is stopping"
             raise
         finally:
+            self._reserved_total -= self._reserved.pop(post_id, 0)
             stream.open_posts -= 1
             self.metrics.connected.labels(stream.stream_id, self.group).dec()
             level = logging.INFO if status == "ok" else logging.WARNING
             log.log(level, "relay.post.ended post=%d stream=%s status=%s reason=%r", post_id, stream.stream_id,
                     status, reason)  # fmt: skip
         return status, answer
+
+    def _reserve(self, post_id: int, size: int) -> None:
+        """Hold ``size`` bytes for the POST; raises IngestOverloaded (503) over the budget."""
+        others = self._reserved_total - self._reserved.get(post_id, 0)
+        if others + size > self.memory_budget:
+            raise IngestOverloaded(f"the relay's memory budget ({self.memory_budget} bytes over all encoder POSTs) "
+                                   f"is used up: this POST needs {size}, the others hold {others}")  # fmt: skip
+        self._reserved[post_id] = size
+        self._reserved_total = others + size
 
     def _handle(self, stream: RelayStream, event: Event, post_id: int) -> None:
         stream_id, group, m = stream.stream_id, self.group, self.metrics
@@ -458,9 +481,10 @@ async def run_relay(
 
     spool = None
     if config.spool is not None:
-        spool = SpoolFiles(config.spool, fsync=config.fsync == "fragment")
+        spool = SpoolFiles(config.spool, fsync=config.fsync == "fragment", segment_bytes=options.spool_segment_bytes)
     app = RelayApp(group=group_name, fanout=fanout, streams=streams, metrics=relay_metrics, fragment_duration=duration,
-                   spool=spool, authorization=inbound, body_timeout=options.body_timeout)  # fmt: skip
+                   spool=spool, authorization=inbound, body_timeout=options.body_timeout,
+                   memory_budget=options.memory_budget)  # fmt: skip
     running.app = app
     try:
         recovered = app.recover()

@@ -43,11 +43,11 @@ def unsigned(time: int) -> int:
 
 
 def fragment(track_id: int, time: int, *, mfhd: int = 1, duration: int = FRAGMENT, samples: int = 4,
-             tfxd_version: int = 1) -> bytes:  # fmt: skip
-    """One track's fragment at signed ``time``: ``samples`` samples over ``duration`` ticks."""
+             tfxd_version: int = 1, sample_bytes: int = 16) -> bytes:  # fmt: skip
+    """One track's fragment at signed ``time``: ``samples`` samples of ``sample_bytes`` over ``duration`` ticks."""
     each = duration // samples
-    run = boxes.TrackRun(track_id, unsigned(time), [boxes.Sample(bytes([track_id, mfhd % 256]) * 8, each)] * samples,
-                         mfhd)  # fmt: skip
+    data = bytes([track_id, mfhd % 256]) * (sample_bytes // 2)
+    run = boxes.TrackRun(track_id, unsigned(time), [boxes.Sample(data, each)] * samples, mfhd)
     return smooth.write_fragment(mfhd, [run], tfxd_version)
 
 
@@ -56,14 +56,14 @@ def two_track_fragment(time: int, mfhd: int = 1) -> bytes:
     return smooth.write_fragment(mfhd, runs)
 
 
-def ffmpeg_body(count: int, *, first: int = 0) -> list[bytes]:
+def ffmpeg_body(count: int, *, first: int = 0, sample_bytes: int = 16) -> list[bytes]:
     """Fragments ``first`` .. ``first + count - 1`` of both tracks as ffmpeg's ismv push sends them:
     video at k x 2 s, audio at k x 2 s - PRIMING, mfhd counting moofs of both tracks (video 1, 3,
     5 ...; audio 2, 4, 6 ...)."""
     out = []
     for k in range(first, first + count):
-        out.append(fragment(1, k * FRAGMENT, mfhd=2 * k + 1))
-        out.append(fragment(2, k * FRAGMENT - PRIMING, mfhd=2 * k + 2))
+        out.append(fragment(1, k * FRAGMENT, mfhd=2 * k + 1, sample_bytes=sample_bytes))
+        out.append(fragment(2, k * FRAGMENT - PRIMING, mfhd=2 * k + 2, sample_bytes=sample_bytes))
     return out
 
 

@@ -21,9 +21,11 @@ from relaykit import PRIMING, ffmpeg_body, header
 from rig import TEST_SETTINGS, build_profile, endpoint, group, loopback_ingest, wait_for
 
 from orchestrator.errors import ProfileError
+from orchestrator.fmp4 import boxes
 from orchestrator.profile import Profile
 from orchestrator.relay.server import RelayOptions, RelayRunning, run_relay
 from orchestrator.supervisor import UpOptions, run_up
+from orchestrator.testing.faultproxy import Fault
 
 STREAMS = {"video": [{"kind": "video", "name": "video", "bitrate": 300_000, "width": 320, "height": 180,
                       "frame_rate": 25}]}  # fmt: skip
@@ -37,11 +39,14 @@ def relay_profile(port: int, metrics: bool = False, **relay: Any) -> Profile:
 
 
 @asynccontextmanager
-async def relay_in_process(profile: Profile, registry: CollectorRegistry) -> AsyncIterator[RelayRunning]:
-    options = RelayOptions(status="off", handle_signals=False, publisher_settings=TEST_SETTINGS, shutdown_grace=5)
+async def relay_in_process(profile: Profile, registry: CollectorRegistry,
+                           **options: Any) -> AsyncIterator[RelayRunning]:  # fmt: skip
+    options = {"status": "off", "handle_signals": False, "publisher_settings": TEST_SETTINGS, "shutdown_grace": 5,
+               **options}  # fmt: skip
     async with trio.open_nursery() as nursery:
         running: RelayRunning = await nursery.start(
-            lambda task_status: run_relay(profile, options, registry=registry, task_status=task_status))  # fmt: skip
+            lambda task_status: run_relay(profile, RelayOptions(**options), registry=registry,
+                                          task_status=task_status))  # fmt: skip
         try:
             yield running
         finally:
@@ -183,3 +188,60 @@ async def test_a_cmaf_endpoint_gets_each_track_as_cmaf_segments(tmp_path: Path) 
                 return {name: next(iter(s["tracks"].values()))["fragments_archived"] for name, s in streams.items()}
 
             await wait_for(lambda: archived() == {"video": 3, "audio": 3}, 10, "3 CMAF segments of each track")
+
+
+async def test_the_spool_keeps_what_a_down_endpoint_lacks_and_lets_it_go_once_it_has_it(tmp_path: Path) -> None:
+    """Two endpoints, one down: every fragment stays on disk (the other endpoint has them all);
+    once the down one is back and has caught up, the spool keeps only the segment being written."""
+    spool = tmp_path / "spool"
+    registry = CollectorRegistry()
+    async with loopback_ingest(tmp_path / "a") as up, loopback_ingest(tmp_path / "b", proxy=True) as down:
+        assert down.proxy is not None
+        assert down.proxy_port is not None
+        down.proxy.set_fault(Fault.DOWN)
+        profile = build_profile(name="relay", streams=STREAMS, groups={
+            "primary": group(endpoint(up.port, name="ingest-a"), endpoint(down.proxy_port, name="ingest-b"),
+                             encoder={"backend": "relay", "listen": "127.0.0.1:0", "spool": str(spool)}),
+            "backup": group(endpoint(up.port))})  # fmt: skip
+        async with relay_in_process(profile, registry, spool_segment_bytes=4096) as running:
+            body = ffmpeg_body(6, sample_bytes=1200)  # ~5 kB a fragment: one a 4 kB segment
+            assert (await post(relay_url(running), header(), *body)).status_code == 200
+            await wait_for(lambda: tracks(up.app.point.status()).get("audio", {}).get("fragments_archived") == 6, 10,
+                           "ingest a to have everything")  # fmt: skip
+            await trio.sleep(1.5)  # the watcher trims the spool once a second: nothing may go while b lacks it
+            segments = sorted((spool / "video").glob("*.seg"))
+            numbers = [int(p.stem) for p in segments]
+            # None holding a fragment deleted (segment 0 held the header alone: every segment repeats it).
+            assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+            assert numbers[0] <= 1
+            assert len(segments) >= 12
+            assert sample(registry, "orchestrator_relay_spool_fragments") == 12
+            down.proxy.heal()
+            await wait_for(lambda: tracks(down.app.point.status()).get("audio", {}).get("fragments_archived") == 6,
+                           20, "ingest b to catch up")  # fmt: skip
+            # b's outbox (and a's) keeps its forward buffer, the last 1 MiB sent plus what the socket's
+            # send queue held: the spool keeps all of it. 16 MB more push the first fragments out of
+            # every forward buffer; then their segments go.
+            more = ffmpeg_body(10, first=6, sample_bytes=200_000)
+            assert (await post(relay_url(running), header(), *more)).status_code == 200
+            await wait_for(lambda: tracks(down.app.point.status()).get("audio", {}).get("fragments_archived") == 16,
+                           30, "ingest b to have the rest")  # fmt: skip
+
+            def oldest() -> int:
+                return min(int(p.stem) for p in (spool / "video").glob("*.seg"))
+
+            await wait_for(lambda: oldest() > numbers[-1], 10, "the first segments to be deleted")
+            assert sample(registry, "orchestrator_relay_spool_fragments") < 20
+
+
+async def test_an_encoder_post_over_the_memory_budget_is_answered_503(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    async with loopback_ingest(tmp_path / "archive") as ingest, \
+            relay_in_process(relay_profile(ingest.port), registry, memory_budget=64 * 1024) as running:  # fmt: skip
+        big = boxes.box(b"mdat", bytes(100_000))  # declared before it is read: refused at its size field
+        moof = ffmpeg_body(1)[0]
+        moof = moof[: int.from_bytes(moof[:4], "big")]
+        answer = await post(relay_url(running), header(), moof, big)
+        assert answer.status_code == 503
+        assert "memory budget" in answer.text
+        assert (await post(relay_url(running), header(), *ffmpeg_body(1))).status_code == 200

@@ -17,7 +17,7 @@ import pytest
 import trio
 import trustme
 from prometheus_client import CollectorRegistry
-from relaykit import PRIMING, ffmpeg_body, header
+from relaykit import FRAGMENT, PRIMING, SECOND, ffmpeg_body, fragment, header
 from rig import TEST_SETTINGS, build_profile, endpoint, group, loopback_ingest, wait_for
 
 from orchestrator.errors import ProfileError
@@ -245,3 +245,41 @@ async def test_an_encoder_post_over_the_memory_budget_is_answered_503(tmp_path: 
         assert answer.status_code == 503
         assert "memory budget" in answer.text
         assert (await post(relay_url(running), header(), *ffmpeg_body(1))).status_code == 200
+
+
+async def test_two_relays_export_the_timing_the_divergence_rule_compares(tmp_path: Path) -> None:
+    """A primary and a backup relay, each behind its own encoder, pushing to the same ingest: with
+    the encoders in step their phases and media offsets agree (within a sample, and well within
+    half a fragment); the backup re-stamped 1 s off shows a phase 1 s away, more than a sample
+    (the rule of deploy/prometheus/orchestrator-relay-rules.yml, tested there with promtool)."""
+    relay_encoder = {"backend": "relay", "listen": "127.0.0.1:0"}
+    registries = {"primary": CollectorRegistry(), "backup": CollectorRegistry()}
+
+    def value(group_name: str, name: str, track: str) -> float:
+        found = registries[group_name].get_sample_value(
+            name, {"presentation": "relay", "stream": "video", "group": group_name, "track": track}
+        )
+        assert found is not None, (group_name, name, track)
+        return found
+
+    async with loopback_ingest(tmp_path / "archive") as ingest:
+        groups = {name: group(endpoint(ingest.port, name="ingest-a"), encoder=relay_encoder) for name in registries}
+        profile = build_profile(name="relay", streams=STREAMS, groups=groups)
+        async with relay_in_process(profile, registries["primary"], group="primary") as primary, \
+                relay_in_process(profile, registries["backup"], group="backup") as backup:  # fmt: skip
+            for running in (primary, backup):
+                assert (await post(relay_url(running), header(), *ffmpeg_body(3))).status_code == 200
+            for track in ("1", "2"):
+                phases = [value(g, "orchestrator_relay_fragment_phase_ticks", track) for g in registries]
+                assert phases[0] == phases[1]
+                tolerance = value("primary", "orchestrator_relay_sample_duration_ticks", track)
+                assert tolerance == FRAGMENT // 4
+                offsets = [value(g, "orchestrator_relay_media_offset_seconds", track) for g in registries]
+                assert abs(offsets[0] - offsets[1]) < 1.0  # half a fragment
+            # The backup's encoder restarts 1 s off the primary's timeline.
+            shifted = [fragment(1, k * FRAGMENT + SECOND, mfhd=2 * k + 1) for k in range(3, 5)]
+            assert (await post(relay_url(backup), header(creator="shifted"), *shifted)).status_code == 200
+            spread = abs(value("backup", "orchestrator_relay_fragment_phase_ticks", "1")
+                         - value("primary", "orchestrator_relay_fragment_phase_ticks", "1"))  # fmt: skip
+            assert spread == SECOND
+            assert spread > value("backup", "orchestrator_relay_sample_duration_ticks", "1")

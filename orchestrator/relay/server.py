@@ -49,22 +49,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import partial
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
 
-from orchestrator.errors import IngestOverloaded, MediaError, ProfileError
+from orchestrator.errors import IngestOverloaded, ListenError, MediaError, ProfileError
 from orchestrator.fmp4.reader import NEED_DATA, Header
 from orchestrator.fmp4.stream import EncodedFragment, StreamHeader
 from orchestrator.ingest.receiver import parse_stream_path
 from orchestrator.ops.httpserve import ConnectionStats, Receive, Scope, Send, serve_asgi
 from orchestrator.ops.listener import serve_listener
 from orchestrator.ops.metrics import Metrics
+from orchestrator.ops.openfiles import ensure_open_files, files_needed
 from orchestrator.ops.state import EncoderState, GroupState, LiveState
 from orchestrator.ops.view import StatusView
 from orchestrator.profile import Profile, RelayEncoder, parse_listen
 from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
-from orchestrator.push.connection import Connector
+from orchestrator.push.connection import FILES_PER_PUBLISHER, Connector
 from orchestrator.push.fanout import FanOut
 from orchestrator.push.handoff import EndpointOutbox
 from orchestrator.push.outbox import OutboxLimits
@@ -479,6 +481,8 @@ async def run_relay(
                 metrics.initialise_endpoint(publisher.labels)
                 running.publishers.append(publisher.state)
 
+    # Each publisher's connections, and per stream an encoder connection and an open spool segment.
+    ensure_open_files(files_needed(len(publishers), FILES_PER_PUBLISHER) + 2 * len(streams))
     spool = None
     if config.spool is not None:
         spool = SpoolFiles(config.spool, fsync=config.fsync == "fragment", segment_bytes=options.spool_segment_bytes)
@@ -491,7 +495,9 @@ async def run_relay(
         async with trio.open_nursery() as services:
             if profile.metrics.enabled:
                 host, port = parse_listen(profile.metrics.listen)
-                running.metrics_address = await services.start(serve_listener, metrics.registry, running, host, port)
+                serve_metrics = partial(serve_listener, metrics.registry, running, host, port)
+                running.metrics_address = await _listen(services, serve_metrics, profile.metrics.listen,
+                                                        "the profile's metrics.listen")  # fmt: skip
             if options.handle_signals:
                 await services.start(_watch_signals, running.stop, services.cancel_scope)
             services.start_soon(idle_sweeper.run)
@@ -505,7 +511,8 @@ async def run_relay(
                     host, port = parse_listen(config.listen)
                     serve = partial(serve_asgi, app, host, port, "relay", max_connections=options.max_connections,
                                     stats=app.connections, ssl_context=tls)  # fmt: skip
-                    running.listen_address = await listening.start(serve)
+                    running.listen_address = await _listen(listening, serve, config.listen,
+                                                           f"groups.{group_name}.encoder.listen")  # fmt: skip
                     log.info("relay.started group=%s listen=%s:%d streams=%d publishers=%d recovered=%d spool=%s",
                              group_name, *running.listen_address, len(streams), len(publishers), recovered,
                              config.spool)  # fmt: skip
@@ -522,6 +529,20 @@ async def run_relay(
         if spool is not None:
             spool.close()
     log.info("relay.stopped")
+
+
+async def _listen(nursery: trio.Nursery, serve: Callable[..., Any], address: str, what: str) -> tuple[str, int]:
+    """Start a listener; a bind error names the address and the profile key that set it."""
+    try:
+        bound: tuple[str, int] = await nursery.start(serve)
+    except (OSError, BaseExceptionGroup) as exc:
+        error = exc
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if not isinstance(error, OSError):
+            raise
+        raise ListenError(f"cannot listen on {address} (set by {what}): {error.strerror or error}") from exc
+    return bound
 
 
 async def _watch_encoders(app: RelayApp, group_state: GroupState, silent_after: float, metrics: RelayMetrics) -> None:

@@ -4,6 +4,7 @@ group; SIGTERM stops a running relay with exit 0."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -50,3 +51,14 @@ def test_validate_accepts_a_relay_group_and_sigterm_stops_the_relay(
     relay.wait_logged(f"relay.started group=primary listen=127.0.0.1:{listen}")
     assert relay.stop() == 0
     assert "relay.stopped" in relay.text()
+
+
+def test_a_listen_address_in_use_names_the_key(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        profile = relay_profile(tmp_path / "relay.toml", listen=port, ports=[1], metrics=free_port())
+        result = run("relay", str(profile), "--status", "off")
+    assert result.returncode == 1, result.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port} (set by groups.primary.encoder.listen)" in result.stderr

@@ -18,7 +18,16 @@ Reported:
   relay CPU       % of one core and CPU seconds per stream per minute, idle (before the encoders,
                   the baseline) and while relaying; memory: RSS and peak RSS, and per stream
 
+With ``--scale N[,N...]`` it measures the relay's cost at N streams instead: ``orchestrator up``
+(synthetic encoder, one 800 kbit/s video track per stream, 2 s fragments) stands for N
+third-party encoders, each stream one long POST to the relay; the relay (durable spool, fsync per
+fragment) pushes every stream to two endpoints, two counting sinks
+(``orchestrator.testing.countsink``): N POSTs in, 2N out. Once every POST is open, over
+``--window`` seconds: the relay's CPU (% of one core, and per stream), its RSS (and per stream,
+above the idle relay's), and the fragments the sinks received against the fragments due.
+
 Run:  .venv/bin/python bench/relay.py [--streams 2] [--outage 60] [--warmup 20] [--gap 20] [--tail 30]
+      .venv/bin/python bench/relay.py --scale 100,300 [--window 30]
 """
 
 from __future__ import annotations
@@ -255,6 +264,80 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return result
 
 
+def start_sink() -> tuple[subprocess.Popen[str], int]:
+    sink = subprocess.Popen([sys.executable, "-m", "orchestrator.testing.countsink"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert sink.stdout is not None
+    return sink, int(json.loads(sink.stdout.readline())["port"])
+
+
+def sink_report(port: int) -> dict[str, Any]:
+    report: dict[str, Any] = httpx.get(f"http://127.0.0.1:{port}/report?clear=1", timeout=60).json()
+    return report
+
+
+def stop(process: subprocess.Popen[Any] | None) -> None:
+    if process is not None and process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def scale(n: int, window: float, tmp: Path) -> dict[str, Any]:
+    """The relay at ``n`` streams: see the module docstring."""
+    streams = {f"s{i}": [{"kind": "video", "name": "video", "bitrate": 800_000, "width": 640, "height": 360,
+                          "frame_rate": "30000/1001"}] for i in range(n)}  # fmt: skip
+    sinks = [start_sink() for _ in range(2)]
+    relay = encoders = None
+    try:
+        listen, metrics_port = free_port(), free_port()
+        relay_encoder = {"backend": "relay", "listen": f"127.0.0.1:{listen}", "spool": str(tmp / f"spool-{n}")}
+        points = [endpoint(port, name=f"sink-{i}", region=f"region-{i}") for i, (_, port) in enumerate(sinks)]
+        relay_profile = write_profile(tmp / f"relay-{n}.toml", name="scale", streams=streams,
+                                      groups={"primary": group(*points, encoder=relay_encoder),
+                                              "backup": group(points[0])},
+                                      metrics={"enabled": True, "listen": f"127.0.0.1:{metrics_port}"})  # fmt: skip
+        relay = start(["relay", str(relay_profile), "--status", "off"], tmp / f"relay-{n}.log")
+        deadline = time.monotonic() + 60
+        while get(f"http://127.0.0.1:{metrics_port}/status") is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        idle_rss = memory_kib(relay.pid)[0]
+        up_profile = write_profile(tmp / f"encoders-{n}.toml", name="scale", streams=streams,
+                                   groups={g: group(endpoint(listen)) for g in ("primary", "backup")})  # fmt: skip
+        started = time.monotonic()
+        encoders = start(["up", str(up_profile), "--group", "primary", "--status", "off"], tmp / f"up-{n}.log")
+        while time.monotonic() < started + 300:
+            if all(sink_report(port)["open_posts"] >= n for _, port in sinks):
+                break
+            time.sleep(1)
+        all_open = time.monotonic() - started
+        time.sleep(4)  # two fragment durations: what queued while POSTs opened goes out
+        for _, port in sinks:
+            sink_report(port)  # clear
+        cpu0, t0 = cpu_seconds(relay.pid), time.monotonic()
+        time.sleep(window)
+        cpu = (cpu_seconds(relay.pid) - cpu0) / (time.monotonic() - t0)
+        reports = [sink_report(port) for _, port in sinks]
+        rss, peak = memory_kib(relay.pid)
+        due = n * window / 2
+        return {
+            "streams": n, "posts_in": n, "posts_out": 2 * n, "all_open_s": round(all_open, 1),
+            "posts_open_at_sinks": [r["open_posts"] for r in reports],
+            "fragments_at_sinks_per_due": [round(len(r["fragments"]) / due, 3) for r in reports],
+            "relay_cpu_pct": round(100 * cpu, 1), "relay_cpu_pct_per_stream": round(100 * cpu / n, 3),
+            "relay_rss_mib": round(rss / 1024, 1), "relay_rss_kib_per_stream": round((rss - idle_rss) / n),
+            "relay_peak_rss_mib": round(peak / 1024, 1),
+        }  # fmt: skip
+    finally:
+        stop(encoders)
+        stop(relay)
+        for sink, _ in sinks:
+            stop(sink)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--streams", type=int, default=2, help="ffmpeg encoders, one stream each (default 2)")
@@ -263,7 +346,16 @@ def main() -> None:
     parser.add_argument("--gap", type=float, default=20.0, help="seconds between the two outages (default 20)")
     parser.add_argument("--tail", type=float, default=30.0, help="seconds of streaming after the second outage")
     parser.add_argument("--keep", type=Path, help="keep the archives and logs here")
+    parser.add_argument("--scale", help="measure the relay at these stream counts instead (e.g. 100,300)")
+    parser.add_argument("--window", type=float, default=30.0, help="with --scale: seconds measured (default 30)")
     args = parser.parse_args()
+    if args.scale:
+        print(f"load: {os.getloadavg()}", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in (int(x) for x in args.scale.split(",")):
+                print(json.dumps(scale(n, args.window, Path(tmp))), flush=True)
+        print(f"load: {os.getloadavg()}", file=sys.stderr)
+        return
     if args.keep is not None:
         args.keep.mkdir(parents=True, exist_ok=True)
         result = trio.run(run, args, args.keep)

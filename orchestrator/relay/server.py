@@ -92,7 +92,7 @@ class RelayOptions:
     profile_path: str = "<profile>"
     publisher_settings: PublisherSettings | None = None
     body_timeout: float = BODY_TIMEOUT
-    max_connections: int = 512
+    max_connections: int | None = None  # None: two per stream (an encoder reconnecting beside its old POST) + 64
     memory_budget: int = DEFAULT_MEMORY_BUDGET  # bytes all encoder POSTs' readers may hold together
     spool_segment_bytes: int = DEFAULT_SEGMENT_BYTES
 
@@ -481,8 +481,9 @@ async def run_relay(
                 metrics.initialise_endpoint(publisher.labels)
                 running.publishers.append(publisher.state)
 
-    # Each publisher's connections, and per stream an encoder connection and an open spool segment.
-    ensure_open_files(files_needed(len(publishers), FILES_PER_PUBLISHER) + 2 * len(streams))
+    max_connections = options.max_connections or 2 * len(streams) + 64
+    # Each publisher's connections, the encoder connections, and per stream an open spool segment.
+    ensure_open_files(files_needed(len(publishers), FILES_PER_PUBLISHER) + max_connections + len(streams))
     spool = None
     if config.spool is not None:
         spool = SpoolFiles(config.spool, fsync=config.fsync == "fragment", segment_bytes=options.spool_segment_bytes)
@@ -509,7 +510,7 @@ async def run_relay(
                 publishing.start_soon(_watch_encoders, app, group_state, silent_after, relay_metrics)
                 async with trio.open_nursery() as listening:
                     host, port = parse_listen(config.listen)
-                    serve = partial(serve_asgi, app, host, port, "relay", max_connections=options.max_connections,
+                    serve = partial(serve_asgi, app, host, port, "relay", max_connections=max_connections,
                                     stats=app.connections, ssl_context=tls)  # fmt: skip
                     running.listen_address = await _listen(listening, serve, config.listen,
                                                            f"groups.{group_name}.encoder.listen")  # fmt: skip

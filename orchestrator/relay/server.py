@@ -74,7 +74,7 @@ from orchestrator.push.publisher import IdleSweeper, Publisher, PublisherSetting
 from orchestrator.relay.intake import Dropped, EncoderPost, Event, Forward, HeaderReceived, StreamTimeline
 from orchestrator.relay.metrics import RelayMetrics
 from orchestrator.relay.spool import DEFAULT_SEGMENT_BYTES, FragmentRecord, HeaderRecord, key_of
-from orchestrator.relay.spoolfiles import SpoolFiles
+from orchestrator.relay.spoolfiles import SpoolFiles, sync_all
 from orchestrator.wire import smooth
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class RelayApp:
                         post.feed(message["body"])
                         self._reserve(post_id, post.reserved)
                         while (event := post.next_event()) is not NEED_DATA:
-                            self._handle(stream, event, post_id)
+                            await self._handle(stream, event, post_id)
                         self._reserve(post_id, post.reserved)
                     if not message.get("more_body", False):
                         post.end_of_body()
@@ -262,14 +262,14 @@ class RelayApp:
         self._reserved[post_id] = size
         self._reserved_total = others + size
 
-    def _handle(self, stream: RelayStream, event: Event, post_id: int) -> None:
+    async def _handle(self, stream: RelayStream, event: Event, post_id: int) -> None:
         stream_id, group, m = stream.stream_id, self.group, self.metrics
         if isinstance(event, HeaderReceived):
             if event.changed:
                 m.header_changes.labels(stream_id, group).inc()
                 log.warning("relay.encoder.header_changed post=%d stream=%s action=reopen_outbound_posts", post_id,
                             stream_id)  # fmt: skip
-            self.announce(stream_id, event.header)
+            await self.announce(stream_id, event.header)
             return
         if isinstance(event, Forward):
             fragment = event.fragment
@@ -277,7 +277,7 @@ class RelayApp:
                 m.timeline_resets.labels(stream_id, group).inc()
                 log.warning("relay.encoder.timeline_reset post=%d stream=%s track=%d time=%d", post_id, stream_id,
                             fragment.track_id, fragment.start)  # fmt: skip
-            self.forward(stream, fragment)
+            await self.forward(stream, fragment)
             labels = (m.presentation, stream_id, group, str(fragment.track_id))
             m.fragments.labels(stream_id, group, "forwarded").inc()
             m.last_start.labels(*labels).set(fragment.start)
@@ -297,24 +297,35 @@ class RelayApp:
         log.log(level, "relay.fragment.%s post=%d stream=%s track=%d time=%s detail=%r", event.reason, post_id,
                 stream_id, event.track_id, event.time, event.detail)  # fmt: skip
 
-    def announce(self, stream_id: str, header: StreamHeader) -> None:
+    async def announce(self, stream_id: str, header: StreamHeader) -> None:
         """The stream's header: to the spool first, then to the publishers."""
         if self.spool is not None:
             try:
                 self.spool.append_header(stream_id, header.data)
+                await self._synced(stream_id)
             except OSError as exc:
                 self._spool_failed(stream_id, exc)
         self.fanout.header(header)
 
-    def forward(self, stream: RelayStream, fragment: EncodedFragment) -> None:
-        """To the spool first (when there is one), then to every endpoint's outbox."""
+    async def forward(self, stream: RelayStream, fragment: EncodedFragment) -> None:
+        """To the spool first (when there is one: written, and fsync'd as the policy says), then
+        to every endpoint's outbox. Cancellation while the fsync runs: it completes in its
+        thread, then the cancellation is raised; the fragment is spooled, not forwarded (the
+        next run sends it)."""
         if self.spool is not None:
             try:
                 self.spool.append_fragment(stream.stream_id, fragment)
+                await self._synced(stream.stream_id)
             except OSError as exc:
                 self._spool_failed(stream.stream_id, exc)
             self._show_spool(stream.stream_id)
         self.fanout.fragment(fragment)
+
+    async def _synced(self, stream_id: str) -> None:
+        """The stream's pending fsyncs, in a worker thread (fsyncs of several streams overlap)."""
+        assert self.spool is not None
+        if fds := self.spool.take_syncs(stream_id):
+            await trio.to_thread.run_sync(sync_all, fds)
 
     def _spool_failed(self, stream_id: str, exc: OSError) -> None:
         self.metrics.spool_failures.labels(stream_id, self.group).inc()

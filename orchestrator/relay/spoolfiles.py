@@ -6,16 +6,22 @@ id is a profile stream id, a safe file name). Each record is one ``os.write`` to
 
 **fsync policy** (the relay group's ``fsync`` key):
 
-* ``"fragment"`` (the default): ``fsync`` after every record, and of the stream's directory
-  after a segment is created or deleted, before the fragment is forwarded. A fragment the relay
-  forwarded is on stable storage: it survives a killed process and a crashed host. It costs one
-  fsync per fragment and track (500 a second for 1,000 two-track streams of 2 s fragments).
+* ``"fragment"`` (the default): every record is fsync'd, and the stream's directory after a
+  segment is created, before the fragment is forwarded. A fragment the relay forwarded is on
+  stable storage: it survives a killed process and a crashed host. It costs one fsync per
+  fragment and track (500 a second for 1,000 two-track streams of 2 s fragments).
 * ``"none"``: no fsync. A write is in the kernel's page cache when it returns, which a killed
   process (SIGKILL, the OOM killer) does not lose; a crashed host or a power cut may.
 
-Writes are synchronous, from the relay's one thread: small, in order, and never interrupted by
-cancellation (the same choice as the ingest archive). A write that fails (a full disk) raises
-OSError; the caller logs and counts it and still forwards the fragment (held in memory only).
+Writes are synchronous, on the event loop: small, in order, never interrupted by cancellation
+(the same choice as the ingest archive). An fsync is not: it waits for the disk, milliseconds to
+tens of them, and 150 of them a second on the event loop starved 300 streams. So a write leaves
+its fsyncs pending (:meth:`SpoolFiles.take_syncs`: duplicated descriptors, so a rotation that
+closes the file meanwhile does not matter) and the caller runs them in a worker thread
+(:func:`sync_all`) before it forwards the fragment; fsyncs of different streams overlap. A write
+that fails (a full disk) raises OSError; the caller logs and counts it and still forwards the
+fragment (held in memory only). A deleted segment's directory entry is not fsync'd: a deletion
+lost in a crash brings back a segment whose fragments are sent again, and receivers drop them.
 
 Recovery reads every segment of every stream, cuts a torn tail off the newest segment of a
 stream, and deletes nothing until the endpoints' outboxes say they have the fragments.
@@ -60,6 +66,7 @@ class SpoolFiles:
         self.segment_bytes = segment_bytes
         self.streams: dict[str, StreamSpool] = {}
         self._open: dict[str, _Open] = {}
+        self._syncs: dict[str, list[int]] = {}  # per stream, duplicated descriptors to fsync
         root.mkdir(parents=True, exist_ok=True)
 
     def _dir(self, stream_id: str) -> Path:
@@ -106,16 +113,26 @@ class SpoolFiles:
         record = encode_header(data)
         self._write(stream_id, spool, record)
         spool.wrote_header(len(record), data)
-        self._sync(stream_id)
+        self._sync_later(stream_id)
 
     def append_fragment(self, stream_id: str, fragment: EncodedFragment) -> int:
-        """Spool ``fragment`` (on disk, per the fsync policy, when this returns); its sequence number."""
+        """Spool ``fragment`` (written when this returns; on stable storage once the fsyncs of
+        :meth:`take_syncs` have run); its sequence number."""
         spool = self.spool(stream_id)
         record = encode_fragment(fragment)
         self._write(stream_id, spool, record)
         seq = spool.wrote_fragment(len(record), fragment)
-        self._sync(stream_id)
+        self._sync_later(stream_id)
         return seq
+
+    def take_syncs(self, stream_id: str) -> list[int]:
+        """The descriptors to fsync (and close) before what was written for ``stream_id`` counts as
+        on stable storage: run :func:`sync_all` on them (in a worker thread). Empty with fsync off."""
+        return self._syncs.pop(stream_id, [])
+
+    def sync(self, stream_id: str) -> None:
+        """Run the stream's pending fsyncs here and now (blocking)."""
+        sync_all(self.take_syncs(stream_id))
 
     def _write(self, stream_id: str, spool: StreamSpool, record: bytes) -> None:
         placement = spool.place(len(record))
@@ -134,21 +151,14 @@ class SpoolFiles:
                     header = encode_header(spool.header)
                     _write_all(fd, header)
                     spool.wrote_header(len(header), spool.header)
-                self._sync_dir(stream_id)
+                if self.fsync:  # the new file's directory entry
+                    directory = os.open(self._dir(stream_id), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+                    self._syncs.setdefault(stream_id, []).append(directory)
         _write_all(current.fd, record)
 
-    def _sync(self, stream_id: str) -> None:
+    def _sync_later(self, stream_id: str) -> None:
         if self.fsync:
-            os.fsync(self._open[stream_id].fd)
-
-    def _sync_dir(self, stream_id: str) -> None:
-        if not self.fsync:
-            return
-        fd = os.open(self._dir(stream_id), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            self._syncs.setdefault(stream_id, []).append(os.dup(self._open[stream_id].fd))
 
     # --- releasing -------------------------------------------------------------------------
 
@@ -161,14 +171,30 @@ class SpoolFiles:
         for number in gone:
             with contextlib.suppress(FileNotFoundError):
                 self._path(stream_id, number).unlink()
-        if gone:
-            self._sync_dir(stream_id)
         return len(gone)
 
     def close(self) -> None:
+        """Run what fsyncs are pending, close every file."""
+        for stream_id in list(self._syncs):
+            self.sync(stream_id)
         for current in self._open.values():
             os.close(current.fd)
         self._open.clear()
+
+
+def sync_all(fds: list[int]) -> None:
+    """fsync then close each descriptor (blocking: run it in a worker thread). Raises the first
+    OSError after closing them all."""
+    error: OSError | None = None
+    for fd in fds:
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            error = error or exc
+        finally:
+            os.close(fd)
+    if error is not None:
+        raise error
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -4,6 +4,7 @@ damaged records, what is kept and released, and the recovery order; and its file
 
 from __future__ import annotations
 
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -22,7 +23,7 @@ from orchestrator.relay.spool import (
     key_of,
     recover,
 )
-from orchestrator.relay.spoolfiles import SpoolFiles
+from orchestrator.relay.spoolfiles import SpoolFiles, sync_all
 
 
 def frag(seq: int, track: int = 1, size: int = 100, start: int | None = None) -> EncodedFragment:
@@ -172,3 +173,24 @@ def test_a_torn_tail_on_disk_is_cut_off_at_recovery(tmp_path: Path) -> None:
     recovered.close()
     assert [r.fragment.index for r in SpoolFiles(tmp_path).recover("video") if isinstance(r, FragmentRecord)] == [
         0, 1, 2, 3]  # fmt: skip
+
+
+def test_fsyncs_are_left_pending_for_a_worker_thread(tmp_path: Path) -> None:
+    """With fsync on, each record leaves a duplicated descriptor to fsync (and the directory, for a
+    new segment); the caller runs them off the event loop. With fsync off, nothing."""
+    synced = SpoolFiles(tmp_path / "on", fsync=True, segment_bytes=4096)
+    synced.append_fragment("video", frag(0))
+    pending = synced.take_syncs("video")
+    assert len(pending) == 2  # the new segment's directory entry, then the record
+    assert synced.take_syncs("video") == []
+    sync_all(pending)
+    for fd in pending:
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(fd)  # closed
+    synced.append_fragment("video", frag(1))
+    assert len(synced.take_syncs("video")) == 1
+    synced.close()
+    unsynced = SpoolFiles(tmp_path / "off", fsync=False)
+    unsynced.append_fragment("video", frag(0))
+    assert unsynced.take_syncs("video") == []
+    unsynced.close()

@@ -51,7 +51,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrator.errors import BoxError, MediaError
+from orchestrator.errors import BoxError, MediaError, over_limit
 from orchestrator.fmp4.boxes import (
     ParsedFragment,
     TrackDefaults,
@@ -165,6 +165,8 @@ class StreamReader:
         if header is None:
             return len(self._buffer)
         box_type, size, _ = header
+        if self.header is None:
+            self._check_header_box(box_type, size)
         if self.header is None or box_type != b"moof":
             return max(len(self._buffer), size)
         self._check_moof(size)
@@ -206,10 +208,16 @@ class StreamReader:
             if event is not None:
                 return event
 
+    def _check_header_box(self, box_type: bytes, size: int) -> None:
+        if size > MAX_HEADER_BOX_SIZE:
+            raise over_limit(BoxError(f"{_name(box_type)} at offset {self._consumed} declares {size} bytes, over "
+                                      f"the limit of {MAX_HEADER_BOX_SIZE} for a box of the header "
+                                      f"(max_header_box_size)"), "max_header_box_size")  # fmt: skip
+
     def _check_moof(self, size: int) -> None:
         if size > MAX_MOOF_SIZE:
-            raise BoxError(f"moof at offset {self._consumed} declares {size} bytes, over the limit of "
-                           f"{MAX_MOOF_SIZE} for a moof (max_moof_size)")  # fmt: skip
+            raise over_limit(BoxError(f"moof at offset {self._consumed} declares {size} bytes, over the limit of "
+                                      f"{MAX_MOOF_SIZE} for a moof (max_moof_size)"), "max_moof_size")  # fmt: skip
 
     def _take_box(self) -> tuple[bytes, bytes, int] | None:
         """The next whole box (type, bytes, offset), a ``moof`` together with its ``mdat``; None
@@ -218,9 +226,8 @@ class StreamReader:
         if header is None:
             return None
         box_type, size, _ = header
-        if self.header is None and size > MAX_HEADER_BOX_SIZE:
-            raise BoxError(f"{_name(box_type)} at offset {self._consumed} declares {size} bytes, over the limit of "
-                           f"{MAX_HEADER_BOX_SIZE} for a box of the header")  # fmt: skip
+        if self.header is None:
+            self._check_header_box(box_type, size)
         if self.header is not None and box_type == b"moof":
             self._check_moof(size)
             if len(self._buffer) < size:
@@ -247,7 +254,7 @@ class StreamReader:
             try:
                 parsed = parse_fragment(data, offset, self.header.defaults)
             except BoxError as exc:
-                raise BoxError(f"fragment at offset {offset}: {exc}") from None
+                raise over_limit(BoxError(f"fragment at offset {offset}: {exc}"), None, exc) from None
             return Fragment(parsed, offset)
         if box_type in (b"ftyp", b"moov"):
             raise MediaError(f"{_name(box_type)} at offset {offset}: a second header in one stream")
@@ -276,7 +283,7 @@ class StreamReader:
                 defaults = parse_trex(moov)
                 text = spec.decode(_payload(self._manifest)) if spec is not None and self._manifest else None
             except BoxError as exc:
-                raise BoxError(f"moov at offset {offset}: {exc}") from None
+                raise over_limit(BoxError(f"moov at offset {offset}: {exc}"), None, exc) from None
             self.header = Header(self._ftyp, self._manifest, data, tuple(tracks), text, defaults)
             return self.header
         if box_type in (b"free", b"skip") or box_type == b"uuid":

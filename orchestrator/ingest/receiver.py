@@ -114,7 +114,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator.errors import BoxError, IngestOverloaded, MediaError
+from orchestrator.errors import BoxError, IngestOverloaded, MediaError, over_limit
 from orchestrator.fmp4.boxes import ParsedFragment, ParsedTraf
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, NeedData, StreamReader
 from orchestrator.tracks import is_continuous
@@ -221,7 +221,7 @@ def _fragment_info(rules: ReceiverRules, fragment: Fragment, traf_at: int) -> Fr
     try:
         timing = rules.timing(traf, parsed.sequence_number)
     except BoxError as exc:
-        raise BoxError(f"fragment at offset {fragment.offset}: {exc}") from None
+        raise over_limit(BoxError(f"fragment at offset {fragment.offset}: {exc}"), None, exc) from None
     return FragmentInfo(traf.track_id, timing.index, timing.time, timing.duration)
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
-from orchestrator.errors import BoxError, MediaError
+from orchestrator.errors import BoxError, MediaError, over_limit
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.boxes import MovieFragmentTemplate, Sample, TrackRun
 from orchestrator.fmp4.reader import Header, ManifestBox, StreamReader
@@ -183,8 +183,9 @@ def _manifest_tracks(smil: str | None) -> dict[int, dict[str, str]]:
                 root = element if root is None else root
                 elements += 1
                 if elements > MAX_MANIFEST_ELEMENTS:
-                    raise MediaError(f"the Live Server Manifest has more than {MAX_MANIFEST_ELEMENTS} elements, "
-                                     "the limit")  # fmt: skip
+                    raise over_limit(MediaError(f"the Live Server Manifest has more than {MAX_MANIFEST_ELEMENTS} "
+                                                "elements, the limit (max_manifest_elements)"),
+                                     "max_manifest_elements")  # fmt: skip
         parser.close()
     except ElementTree.ParseError:
         return {}

@@ -77,17 +77,25 @@ async def test_a_post_that_sends_no_body_is_answered_408(nursery: trio.Nursery, 
 
 
 async def test_connections_over_the_cap_are_answered_503_and_logged_once(
-    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture, media: Media
 ) -> None:
+    """Every slot in real use (three POSTs streaming their body: nothing to evict): a new
+    connection is answered 503 and closed, logged once for the episode."""
     caplog.set_level(logging.INFO, logger="orchestrator.ops.httpserve")
     app = IngestApp(tmp_path / "archive")
-    host, port = await nursery.start(serve_app, app, "127.0.0.1", 0)
+    host, uncapped = await nursery.start(serve_app, app, "127.0.0.1", 0)
     # serve_app's default cap is 512; this server has a cap of 3, on the same app.
     stats = ConnectionStats()
     host, port = await nursery.start(lambda task_status: serve_asgi(app, host, 0, "capped", max_connections=3,
                                                                     stats=stats, task_status=task_status))  # fmt: skip
-    idle = [await trio.open_tcp_stream(host, port) for _ in range(3)]
-    await trio.sleep(0.2)  # let the server accept them
+    idle = []
+    for k in range(3):
+        busy = await trio.open_tcp_stream(host, port)
+        await busy.send_all(f"POST /live/demo.isml/Streams(s{k}) HTTP/1.1\r\nhost: x\r\n"
+                            f"transfer-encoding: chunked\r\n\r\n{len(media.header):x}\r\n".encode()
+                            + media.header + b"\r\n")  # fmt: skip
+        idle.append(busy)
+    await wait_for_status(f"http://{host}:{uncapped}", lambda s: s["posts"]["active"] == 3)
     answers = []
     for _ in range(5):
         extra = await trio.open_tcp_stream(host, port)
@@ -120,6 +128,7 @@ async def test_connections_over_the_cap_are_answered_503_and_logged_once(
     assert int(match[1]) >= 5
     assert stats.refused == int(match[1])
     assert stats.max_connections == 3
+    assert (stats.evicted_idle, stats.evicted_no_body) == (0, 0)
     for stream in idle:
         await stream.aclose()
 

@@ -286,7 +286,7 @@ def stop(process: subprocess.Popen[Any] | None) -> None:
             process.wait()
 
 
-def scale(n: int, window: float, tmp: Path) -> dict[str, Any]:
+def scale(n: int, window: float, tmp: Path, fsync: str = "fragment") -> dict[str, Any]:
     """The relay at ``n`` streams: see the module docstring."""
     streams = {f"s{i}": [{"kind": "video", "name": "video", "bitrate": 800_000, "width": 640, "height": 360,
                           "frame_rate": "30000/1001"}] for i in range(n)}  # fmt: skip
@@ -294,7 +294,8 @@ def scale(n: int, window: float, tmp: Path) -> dict[str, Any]:
     relay = encoders = None
     try:
         listen, metrics_port = free_port(), free_port()
-        relay_encoder = {"backend": "relay", "listen": f"127.0.0.1:{listen}", "spool": str(tmp / f"spool-{n}")}
+        relay_encoder = {"backend": "relay", "listen": f"127.0.0.1:{listen}", "spool": str(tmp / f"spool-{n}"),
+                         "fsync": fsync}  # fmt: skip
         points = [endpoint(port, name=f"sink-{i}", region=f"region-{i}") for i, (_, port) in enumerate(sinks)]
         relay_profile = write_profile(tmp / f"relay-{n}.toml", name="scale", streams=streams,
                                       groups={"primary": group(*points, encoder=relay_encoder),
@@ -324,7 +325,7 @@ def scale(n: int, window: float, tmp: Path) -> dict[str, Any]:
         rss, peak = memory_kib(relay.pid)
         due = n * window / 2
         return {
-            "streams": n, "posts_in": n, "posts_out": 2 * n, "all_open_s": round(all_open, 1),
+            "streams": n, "fsync": fsync, "posts_in": n, "posts_out": 2 * n, "all_open_s": round(all_open, 1),
             "posts_open_at_sinks": [r["open_posts"] for r in reports],
             "fragments_at_sinks_per_due": [round(len(r["fragments"]) / due, 3) for r in reports],
             "relay_cpu_pct": round(100 * cpu, 1), "relay_cpu_pct_per_stream": round(100 * cpu / n, 3),
@@ -348,12 +349,13 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the archives and logs here")
     parser.add_argument("--scale", help="measure the relay at these stream counts instead (e.g. 100,300)")
     parser.add_argument("--window", type=float, default=30.0, help="with --scale: seconds measured (default 30)")
+    parser.add_argument("--fsync", choices=["fragment", "none"], default="fragment", help="with --scale: the spool's policy")
     args = parser.parse_args()
     if args.scale:
         print(f"load: {os.getloadavg()}", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:
             for n in (int(x) for x in args.scale.split(",")):
-                print(json.dumps(scale(n, args.window, Path(tmp))), flush=True)
+                print(json.dumps(scale(n, args.window, Path(tmp), args.fsync)), flush=True)
         print(f"load: {os.getloadavg()}", file=sys.stderr)
         return
     if args.keep is not None:

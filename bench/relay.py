@@ -349,7 +349,9 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the archives and logs here")
     parser.add_argument("--scale", help="measure the relay at these stream counts instead (e.g. 100,300)")
     parser.add_argument("--window", type=float, default=30.0, help="with --scale: seconds measured (default 30)")
-    parser.add_argument("--fsync", choices=["fragment", "none"], default="fragment", help="with --scale: the spool's policy")
+    parser.add_argument(
+        "--fsync", choices=["fragment", "none"], default="fragment", help="with --scale: the spool's fsync policy"
+    )
     args = parser.parse_args()
     if args.scale:
         print(f"load: {os.getloadavg()}", file=sys.stderr)

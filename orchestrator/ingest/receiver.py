@@ -472,10 +472,14 @@ class PublishingPoint:
 
     ``memory_budget``: bytes that all POSTs together may hold in their readers (buffered, or
     declared by the box being received). ``rules``: the wire format's checks (Smooth's by
-    default)."""
+    default). ``detect_restarts``: a POST with another header than its encoder group's last one
+    is a restart (see the module docstring); off for CMAF, whose every segment request carries
+    the track's stored header, whichever sender stored it."""
 
-    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET, rules: ReceiverRules = smooth.RECEIVER) -> None:
+    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET, rules: ReceiverRules = smooth.RECEIVER, *,
+                 detect_restarts: bool = True) -> None:  # fmt: skip
         self.rules = rules
+        self.detect_restarts = detect_restarts
         self._streams: dict[StreamPath, _Stream] = {}
         self._log: deque[_PostRecord] = deque(maxlen=POST_LOG_SIZE)
         self._next_post_id = 1
@@ -607,7 +611,7 @@ class PublishingPoint:
             else:
                 stream.mismatches_unlogged += 1
         previous = stream.last_header.pop(group, None)
-        restarted = previous is not None and previous != digest
+        restarted = self.detect_restarts and previous is not None and previous != digest
         stream.last_header[group] = digest
         if len(stream.last_header) > HEADERS_KEPT:
             del stream.last_header[next(iter(stream.last_header))]

@@ -207,3 +207,14 @@ def test_a_header_mismatch_is_logged_at_most_once_a_minute_per_stream() -> None:
     (notice,) = mismatch_notices("B", 61.0)
     assert "mismatches=4 not_logged_since=2 " in notice
     assert point.status()["publishing_points"]["live/demo"]["streams"]["video"]["header_mismatches"] == 4
+
+
+def test_cmaf_detects_no_restarts() -> None:
+    """CMAF feeds every segment request with the track's stored header, whichever sender stored
+    it: a header change there is no restart, and the old timeline goes on (duplicates dropped)."""
+    point = PublishingPoint(detect_restarts=False)
+    post_of(point, two_tracks(), *ffmpeg_like(3))
+    _, decisions = post_of(point, two_tracks(smil({1: "video", 2: "audio"}, creator="other")), *ffmpeg_like(3))
+    assert [d.outcome for d in decisions] == ["duplicate"] * 6
+    assert set(tracks(point)) == {"1", "2"}
+    assert point.status()["tolerated"] == {"header_mismatch": 1, "negative_time": 1}

@@ -283,3 +283,40 @@ async def test_two_relays_export_the_timing_the_divergence_rule_compares(tmp_pat
                          - value("primary", "orchestrator_relay_fragment_phase_ticks", "1"))  # fmt: skip
             assert spread == SECOND
             assert spread > value("backup", "orchestrator_relay_sample_duration_ticks", "1")
+
+
+async def test_after_a_restart_the_spool_is_sent_again_and_the_encoders_resend_is_dropped(tmp_path: Path) -> None:
+    """The relay cancelled outright while its endpoint is down (no graceful stop; the real SIGKILL
+    is tests/relay/test_relay_e2e.py); restarted on the same spool, it sends what it had read, and
+    the encoder's reconnect, resending its last fragments, adds only what is new."""
+    spool = tmp_path / "spool"
+    async with loopback_ingest(tmp_path / "archive", proxy=True) as ingest:
+        assert ingest.proxy is not None
+        assert ingest.proxy_port is not None
+        ingest.proxy.set_fault(Fault.DOWN)
+        encoder = {"backend": "relay", "listen": "127.0.0.1:0", "spool": str(spool), "fsync": "none"}
+        profile = build_profile(name="relay", streams=STREAMS, groups={
+            "primary": group(endpoint(ingest.proxy_port, name="ingest-a"), encoder=encoder),
+            "backup": group(endpoint(ingest.port))})  # fmt: skip
+        options = RelayOptions(status="off", handle_signals=False, publisher_settings=TEST_SETTINGS)
+        async with trio.open_nursery() as nursery:
+            first: RelayRunning = await nursery.start(
+                lambda task_status: run_relay(profile, options, registry=CollectorRegistry(),
+                                              task_status=task_status))  # fmt: skip
+            assert (await post(relay_url(first), header(), *ffmpeg_body(3))).status_code == 200
+            nursery.cancel_scope.cancel()
+        assert not tracks(ingest.app.point.status())  # the endpoint never had any of it
+
+        registry = CollectorRegistry()
+        async with relay_in_process(profile, registry) as second:
+            assert sample(registry, "orchestrator_relay_recovered_fragments_total") == 6
+            ingest.proxy.heal()
+            # The encoder reconnects and resends its last two fragments of each track, then goes on.
+            assert (await post(relay_url(second), header(), *ffmpeg_body(3, first=1))).status_code == 200
+            assert sample(registry, "orchestrator_relay_fragments_total", outcome="duplicate") == 4
+            assert sample(registry, "orchestrator_relay_fragments_total", outcome="forwarded") == 2
+            await wait_for(lambda: tracks(ingest.app.point.status()).get("audio", {}).get("fragments_archived") == 4,
+                           20, "the ingest to archive all 4 fragments of each track")  # fmt: skip
+            archived = tracks(ingest.app.point.status())
+            assert {name: (t["fragments_archived"], t["rejected"]) for name, t in archived.items()} == {
+                "video": (4, 0), "audio": (4, 0)}  # fmt: skip

@@ -1,4 +1,4 @@
-"""Command line: ``orchestrator up | status | validate | schema | ingest``.
+"""Command line: ``orchestrator up | relay | status | validate | schema | ingest``.
 
 Exit codes: 0 success (including a stop by SIGINT/SIGTERM), 2 a profile or usage error (the
 message names the file, the key path and the reason), 1 anything else that went wrong.
@@ -169,9 +169,11 @@ def schema() -> None:
 @click.option("--archive", type=click.Path(file_okay=False, path_type=Path), required=True,
               metavar="DIR", help="Write one fragmented MP4 per track here.")  # fmt: skip
 @click.option("--max-connections", type=click.IntRange(1, 100_000), default=512, show_default=True,
-              help="Connections open at once; more are answered 503 and closed.")  # fmt: skip
+              help="Connections open at once; at the cap, an idle one (or one whose POST sent no body byte "
+                   "for 2 s) is closed to make room, else the new one is answered 503.")  # fmt: skip
 @click.option("--memory-budget-mib", type=click.IntRange(1, 1_048_576), default=512, show_default=True,
-              help="MiB that all POSTs together may hold in memory; a POST over it is answered 503.")  # fmt: skip
+              help="MiB that all POSTs together may hold in memory (a fragment counts 3-4 times its size "
+                   "until it is decided); a POST over it is answered 503.")  # fmt: skip
 @click.option("--body-timeout", type=click.FloatRange(1, 86_400), default=60, show_default=True, metavar="SECONDS",
               help="A POST that sends no body bytes for this long is answered 408.")  # fmt: skip
 def ingest(listen: str, archive: Path, max_connections: int, memory_budget_mib: int, body_timeout: float) -> None:
@@ -187,3 +189,30 @@ def ingest(listen: str, archive: Path, max_connections: int, memory_budget_mib: 
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             _fail(ListenError(f"cannot listen on {listen} (set by ingest --listen): {exc.strerror or exc}"), 1)
         _fail(exc, 1)
+
+
+@main.command()
+@click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--group", metavar="NAME",
+              help='The relay group to run (its encoder is { backend = "relay" }); default: the only one.')  # fmt: skip
+@click.option("--status", type=click.Choice(["auto", "live", "log", "off"]), default="auto", show_default=True,
+              help="Live table on a terminal, log lines otherwise.")  # fmt: skip
+def relay(profile: Path, group: str | None, status: str) -> None:
+    """Relay Smooth encoders' POSTs to the group's endpoints (probe, reconnect, resend, catch-up, spool)."""
+    from orchestrator.relay.server import RelayOptions, run_relay_process
+
+    try:
+        loaded = load_profile(profile)
+        run_relay_process(loaded, RelayOptions(group=group, status=status, profile_path=str(profile)))
+    except ProfileError as exc:
+        _fail(exc, 2)
+    except OrchestratorError as exc:
+        _fail(exc, 1)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            _fail(ListenError(f"cannot listen ({exc.strerror or exc}): check the relay's listen and metrics.listen"), 1)
+        _fail(exc, 1)
+    except BaseExceptionGroup as group_error:
+        if (error := _error_in(group_error)) is None:
+            raise
+        _fail(error, 2 if isinstance(error, ProfileError) else 1)

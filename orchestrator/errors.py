@@ -32,6 +32,17 @@ pure core raises only ``MediaError`` / ``BoxError`` and ``ProfileError``.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+_Media = TypeVar("_Media", bound="MediaError")
+
+
+def over_limit(error: _Media, limit: str | None, cause: MediaError | None = None) -> _Media:
+    """``error``, saying it exceeds ``limit`` (or the limit ``cause`` exceeds, if any: for an
+    error re-raised with more context); for ``raise over_limit(BoxError(...), "max_moof_size")``."""
+    error.limit = cause.limit if cause is not None and cause.limit is not None else limit
+    return error
+
 
 class OrchestratorError(Exception):
     """Root of every error this package raises on purpose."""
@@ -63,7 +74,10 @@ class FileLockError(SourceError):
 
 
 class MediaError(OrchestratorError):
-    """Bytes that are not a valid fragmented-MP4 live ingest stream."""
+    """Bytes that are not a valid fragmented-MP4 live ingest stream. ``limit`` names the limit
+    they exceed (``max_moof_size`` ...), if that is what is wrong with them (:func:`over_limit`)."""
+
+    limit: str | None = None
 
 
 class BoxError(MediaError):

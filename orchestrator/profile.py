@@ -449,7 +449,49 @@ class FfmpegEncoder(_Model):
     )
 
 
-Encoder = Annotated[SyntheticEncoder | FfmpegEncoder, Field(discriminator="backend")]
+class RelayEncoder(_Model):
+    """Someone else's encoder: the group relays what Smooth encoders POST to it (``orchestrator
+    relay``, :mod:`orchestrator.relay`) to the group's endpoints. The stream header and the
+    fragments are the encoder's; the profile's ``[[streams]]`` say which stream ids it accepts."""
+
+    backend: Literal["relay"]
+    listen: Annotated[str, BeforeValidator(lambda v: _listen_address(str(v)))] = Field(
+        default="127.0.0.1:8081",
+        description="host:port where encoders POST (http://<listen>/<point>.isml/Streams(<id>)); loopback "
+        "unless you mean otherwise",
+    )
+    spool: Path | None = Field(
+        default=None,
+        description="directory of the durable spool: every fragment read from an encoder is on disk until every "
+        "endpoint has it, so a restarted relay loses nothing it had read; relative to the working directory. "
+        "Without it, fragments are kept in memory only",
+    )
+    fsync: Literal["fragment", "none"] = Field(
+        default="fragment",
+        description="fragment: each spooled fragment is fsync'd before it is forwarded (survives a host crash); "
+        "none: written to the page cache only (survives a killed process, not a crashed host)",
+    )
+    tls_cert: Path | None = Field(default=None, description="PEM certificate chain: the relay listens with TLS")
+    tls_key: Path | None = Field(default=None, description="PEM private key of tls_cert")
+    credentials: Credentials | None = Field(
+        default=None,
+        description="what an encoder must send (HTTP Basic or a bearer token, read from the environment or a "
+        "file); without it any encoder that reaches the listener may POST",
+    )
+    silent_fragments: StrictInt = Field(
+        default=3, ge=1, le=30,
+        description="an encoder that sends nothing for this many fragment durations counts as silent (status, "
+        "metric, alert)",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> RelayEncoder:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        return self
+
+
+Encoder = Annotated[SyntheticEncoder | FfmpegEncoder | RelayEncoder, Field(discriminator="backend")]
 
 
 class BacklogBound(_Model):

@@ -58,7 +58,7 @@ from orchestrator.ops.state import EncoderState, GroupState, LiveState
 from orchestrator.ops.thumbnails import Thumbnailer
 from orchestrator.ops.thumbnails import find_ffmpeg as find_decoder
 from orchestrator.ops.view import StatusView
-from orchestrator.profile import FfmpegEncoder, Profile, parse_listen
+from orchestrator.profile import FfmpegEncoder, Profile, RelayEncoder, parse_listen
 from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
 from orchestrator.push.connection import FILES_PER_PUBLISHER, Connector
 from orchestrator.push.connection import tls_context as tls_context  # re-exported: tests and callers use it from here
@@ -115,7 +115,13 @@ class _Planned:
                                                                   f"(the profile has: {known})")])  # fmt: skip
         self.groups = selected
         self.ffmpeg: dict[str, FfmpegPlan | None] = {}
-        problems: list[tuple[str, str]] = []
+        problems: list[tuple[str, str]] = [
+            (f"groups.{name}.encoder.backend", "a relay group is run by `orchestrator relay`, not `up` (choose the "
+             "other groups with --group)")
+            for name in selected if isinstance(profile.groups[name].encoder, RelayEncoder)
+        ]  # fmt: skip
+        if problems:
+            raise ProfileError(options.profile_path, problems)
         for group_name in selected:
             try:
                 self.ffmpeg[group_name] = self._plan_ffmpeg(group_name)

@@ -27,8 +27,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "push": {"core", "fmp4", "wire", "ops"},
     "encode": {"core", "fmp4", "wire", "ops", "push"},
     "ingest": {"core", "fmp4", "wire", "ops"},
+    "relay": {"core", "fmp4", "wire", "ops", "push", "ingest"},
     "testing": {"core"},
-    "app": {"core", "fmp4", "wire", "ops", "push", "encode", "ingest"},
+    "app": {"core", "fmp4", "wire", "ops", "push", "encode", "ingest", "relay"},
 }
 
 # Pure modules: bytes, integers and `now` in, bytes and decisions out.
@@ -52,6 +53,8 @@ PURE_CORE = [
     "encode/ffmpeg_command",
     "ingest/receiver",
     "ingest/cmafpoint",
+    "relay/intake",
+    "relay/spool",
     "ops/state",
     "ops/status",
     "ops/monitor",

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from orchestrator.errors import BoxError
+from orchestrator.errors import BoxError, over_limit
 
 # ISO/IEC 14496-12, 8.8.3.1: sample_flags. depends_on=2 (an I-frame), or depends_on=1 with the
 # sample_is_non_sync_sample bit for frames that need earlier ones.
@@ -118,7 +118,8 @@ def read_box_header(data: bytes | bytearray, offset: int, base: int = 0) -> tupl
     if size < header_size:
         raise BoxError(f"box {box_type!r} at offset {at} declares size {size}, smaller than its header")
     if size > MAX_BOX_SIZE:
-        raise BoxError(f"box {box_type!r} at offset {at} declares size {size}, over the limit of {MAX_BOX_SIZE}")
+        raise over_limit(BoxError(f"box {box_type!r} at offset {at} declares size {size}, over the limit of "
+                                  f"{MAX_BOX_SIZE}"), "max_box_size")  # fmt: skip
     return box_type, size, header_size
 
 
@@ -489,13 +490,15 @@ def parse_fragment(
     ``moof_offset`` is where the moof sits in the whole stream; it is needed only for a tfhd that
     gives an absolute base_data_offset.
     """
-    boxes = list(parse_boxes(data))
-    if len(boxes) != 2 or boxes[0].type != b"moof" or boxes[1].type != b"mdat":
+    # The mdat is not copied out (its payload is most of the fragment): only its bounds are read.
+    moof_header = read_box_header(data, 0)
+    mdat_header = read_box_header(data, moof_header[1]) if moof_header and moof_header[1] <= len(data) else None
+    if (moof_header is None or mdat_header is None or moof_header[0] != b"moof" or mdat_header[0] != b"mdat"
+            or moof_header[1] + mdat_header[1] != len(data)):  # fmt: skip
         raise BoxError("a fragment must be exactly one moof followed by one mdat")
-    moof, mdat = boxes
-    mdat_start = mdat.offset + mdat.header_size
-    mdat_end = mdat.offset + mdat.size
-    children = _children(moof.payload)
+    mdat_start = moof_header[1] + mdat_header[2]
+    mdat_end = len(data)
+    children = _children(data[moof_header[2] : moof_header[1]])
     mfhd = _one(children, b"mfhd", "moof").payload
     if len(mfhd) < 8:
         raise BoxError("mfhd is truncated")
@@ -548,7 +551,8 @@ def parse_fragment(
         data_end = base
         truns = traf_children.get(b"trun", [])
         if len(truns) > MAX_TRUNS_PER_TRAF:
-            raise BoxError(f"traf of track {track_id} has {len(truns)} truns, over the limit of {MAX_TRUNS_PER_TRAF}")
+            raise over_limit(BoxError(f"traf of track {track_id} has {len(truns)} truns, over the limit of "
+                                      f"{MAX_TRUNS_PER_TRAF}"), "max_truns_per_traf")  # fmt: skip
         for trun_box in truns:
             run_samples, data_end = _parse_trun(
                 trun_box.payload, data, base, data_end,
@@ -599,8 +603,9 @@ def _parse_trun(
             raise BoxError(f"trun declares {count} samples, more than the mdat has bytes")
         if count > sample_budget[0]:
             limit = min(MAX_SAMPLES_PER_FRAGMENT, max(1, mdat_span[1] - mdat_span[0]))
-            raise BoxError(f"the fragment declares more than {limit} samples, over the limit (one per mdat byte, "
-                           f"{MAX_SAMPLES_PER_FRAGMENT} in all)")  # fmt: skip
+            raise over_limit(BoxError(f"the fragment declares more than {limit} samples, over the limit (one per "
+                                      f"mdat byte, {MAX_SAMPLES_PER_FRAGMENT} in all)"),
+                             "max_samples_per_fragment")  # fmt: skip
         sample_budget[0] -= count
         # The whole sample table in one unpack (its size was checked above), then one column per
         # field the flags carry, in table order; the default where they carry none.

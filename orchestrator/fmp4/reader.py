@@ -29,9 +29,17 @@ unusable: the caller drops the stream (or the POST) it was reading.
 
 A box is only ever handed out whole, so memory is bounded by the largest box
 (``fmp4.MAX_BOX_SIZE``); a box of the header (``ftyp``, the manifest, ``moov``) may not exceed
-``MAX_HEADER_BOX_SIZE``, and that limit is checked as soon as the box's size field arrives.
-:attr:`StreamReader.reserved` says how many bytes the reader holds or is about to hold (the
-declared size of the box it is receiving), for a caller that keeps a memory budget.
+``MAX_HEADER_BOX_SIZE``, nor a ``moof`` ``MAX_MOOF_SIZE``, and those limits are checked as soon
+as the box's size field arrives (a 100 MiB moof before its 100 MiB mdat peaked the process at
++789 MiB: issue 20). A fragment is taken from the buffer in one copy, ``moof`` and ``mdat``
+together, once both are whole.
+
+:attr:`StreamReader.reserved` says how many bytes the reader holds or is about to hold, for a
+caller that keeps a memory budget: the declared size of the box it is receiving, and for a
+fragment what it really costs until it is handed out and decided: ``FRAGMENT_COST_ONE_TRAF``
+or ``FRAGMENT_COST`` times the declared ``moof`` + ``mdat`` (the buffer, the fragment's own
+copy, the samples parsed out of it, and a per-track rebuild: measured in
+tests/ingest/test_fragment_cost.py).
 
 Every offset in an error message counts from the start of the stream.
 """
@@ -39,10 +47,11 @@ Every offset in an error message counts from the start of the stream.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from orchestrator.errors import BoxError, MediaError
+from orchestrator.errors import BoxError, MediaError, over_limit
 from orchestrator.fmp4.boxes import (
     ParsedFragment,
     TrackDefaults,
@@ -56,6 +65,16 @@ from orchestrator.fmp4.boxes import (
 # The header boxes are small (a moov with a few sample entries is a few kilobytes); a 40 MB
 # manifest of empty elements cost 1.1 GiB to parse before this limit (issue 13).
 MAX_HEADER_BOX_SIZE = 1024 * 1024
+# A moof describes samples, it does not hold them: 10,000 samples (boxes.MAX_SAMPLES_PER_FRAGMENT)
+# of 16-byte trun entries are 160 KB. Anything near the limit is hostile or broken.
+MAX_MOOF_SIZE = 2 * 1024 * 1024
+# What a fragment of n bytes (moof + mdat, as declared) costs in memory until it is handed out
+# and decided, in units of n (measured with tracemalloc, tests/ingest/test_fragment_cost.py):
+# one traf, 2.1 (the buffer with its over-allocation, then the fragment's copy and its parsed
+# samples); several trafs, 3.5 (each track's share rebuilt for its own file as well). Until the
+# moof is whole the reader does not know, and counts the larger.
+FRAGMENT_COST_ONE_TRAF = 3
+FRAGMENT_COST = 4
 
 
 class NeedData(enum.Enum):
@@ -131,7 +150,7 @@ class StreamReader:
         self._ftyp: bytes | None = None
         self._manifest: bytes | None = None
         self.header: Header | None = None
-        self._pending_moof: tuple[bytes, int] | None = None
+        self._moof_cost: tuple[int, int] = (-1, FRAGMENT_COST)  # (stream offset of a whole moof, its cost factor)
 
     @property
     def bytes_received(self) -> int:
@@ -139,16 +158,42 @@ class StreamReader:
 
     @property
     def reserved(self) -> int:
-        """Bytes held, or about to be held: at least the declared size of the box being received."""
-        pending = len(self._pending_moof[0]) if self._pending_moof else 0
+        """Bytes held, or about to be held: at least the declared size of the box being received,
+        and ``FRAGMENT_COST`` times that of a fragment (moof + mdat, once the mdat's size is
+        known). Raises BoxError for a size that cannot be right, as :meth:`next_event` would."""
         header = read_box_header(self._buffer, 0, self._consumed)
-        return pending + max(len(self._buffer), header[1] if header else 0)
+        if header is None:
+            return len(self._buffer)
+        box_type, size, _ = header
+        if self.header is None:
+            self._check_header_box(box_type, size)
+        if self.header is None or box_type != b"moof":
+            return max(len(self._buffer), size)
+        self._check_moof(size)
+        mdat = read_box_header(self._buffer, size, self._consumed) if len(self._buffer) >= size else None
+        return self._cost_factor(size) * max(len(self._buffer), size + (mdat[1] if mdat else 0))
+
+    def _cost_factor(self, moof_size: int) -> int:
+        """FRAGMENT_COST_ONE_TRAF once the moof at the buffer's start is whole and has one traf,
+        else FRAGMENT_COST. Counted once per moof (``reserved`` is read for every chunk)."""
+        if len(self._buffer) < moof_size:
+            return FRAGMENT_COST
+        if self._moof_cost[0] != self._consumed:
+            header_size = read_box_header(self._buffer, 0)[2]  # type: ignore[index]  # whole, checked above
+            trafs, at = 0, header_size
+            while at + 8 <= moof_size:
+                child_size, child_type = struct.unpack_from(">I4s", self._buffer, at)
+                trafs += child_type == b"traf"
+                if child_size < 8:
+                    break  # a malformed moof: the parser will say what is wrong with it
+                at += child_size
+            self._moof_cost = (self._consumed, FRAGMENT_COST_ONE_TRAF if trafs == 1 else FRAGMENT_COST)
+        return self._moof_cost[1]
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet make a whole event."""
-        pending = len(self._pending_moof[0]) if self._pending_moof else 0
-        return len(self._buffer) + pending
+        return len(self._buffer)
 
     def feed(self, data: bytes) -> None:
         self._buffer += data
@@ -163,17 +208,40 @@ class StreamReader:
             if event is not None:
                 return event
 
+    def _check_header_box(self, box_type: bytes, size: int) -> None:
+        if size > MAX_HEADER_BOX_SIZE:
+            raise over_limit(BoxError(f"{_name(box_type)} at offset {self._consumed} declares {size} bytes, over "
+                                      f"the limit of {MAX_HEADER_BOX_SIZE} for a box of the header "
+                                      f"(max_header_box_size)"), "max_header_box_size")  # fmt: skip
+
+    def _check_moof(self, size: int) -> None:
+        if size > MAX_MOOF_SIZE:
+            raise over_limit(BoxError(f"moof at offset {self._consumed} declares {size} bytes, over the limit of "
+                                      f"{MAX_MOOF_SIZE} for a moof (max_moof_size)"), "max_moof_size")  # fmt: skip
+
     def _take_box(self) -> tuple[bytes, bytes, int] | None:
+        """The next whole box (type, bytes, offset), a ``moof`` together with its ``mdat``; None
+        if more bytes are needed."""
         header = read_box_header(self._buffer, 0, self._consumed)
         if header is None:
             return None
         box_type, size, _ = header
-        if self.header is None and size > MAX_HEADER_BOX_SIZE:
-            raise BoxError(f"{_name(box_type)} at offset {self._consumed} declares {size} bytes, over the limit of "
-                           f"{MAX_HEADER_BOX_SIZE} for a box of the header")  # fmt: skip
+        if self.header is None:
+            self._check_header_box(box_type, size)
+        if self.header is not None and box_type == b"moof":
+            self._check_moof(size)
+            if len(self._buffer) < size:
+                return None
+            mdat = read_box_header(self._buffer, size, self._consumed)
+            if mdat is None:
+                return None
+            if mdat[0] != b"mdat":
+                raise MediaError(f"moof at offset {self._consumed} is followed by {_name(mdat[0])}, not mdat")
+            size += mdat[1]
         if len(self._buffer) < size:
             return None
-        data = bytes(self._buffer[:size])
+        with memoryview(self._buffer) as view:  # one copy, not a slice and then a copy of it
+            data = bytes(view[:size])
         del self._buffer[:size]
         offset = self._consumed
         self._consumed += size
@@ -182,19 +250,12 @@ class StreamReader:
     def _handle(self, box_type: bytes, data: bytes, offset: int) -> Event | None:
         if self.header is None:
             return self._handle_header_box(box_type, data, offset)
-        if self._pending_moof is not None:
-            moof, moof_offset = self._pending_moof
-            self._pending_moof = None
-            if box_type != b"mdat":
-                raise MediaError(f"moof at offset {moof_offset} is followed by {_name(box_type)}, not mdat")
+        if box_type == b"moof":  # with its mdat (_take_box)
             try:
-                parsed = parse_fragment(moof + data, moof_offset, self.header.defaults)
+                parsed = parse_fragment(data, offset, self.header.defaults)
             except BoxError as exc:
-                raise BoxError(f"fragment at offset {moof_offset}: {exc}") from None
-            return Fragment(parsed, moof_offset)
-        if box_type == b"moof":
-            self._pending_moof = (data, offset)
-            return None
+                raise over_limit(BoxError(f"fragment at offset {offset}: {exc}"), None, exc) from None
+            return Fragment(parsed, offset)
         if box_type in (b"ftyp", b"moov"):
             raise MediaError(f"{_name(box_type)} at offset {offset}: a second header in one stream")
         if box_type == b"mdat":
@@ -222,7 +283,7 @@ class StreamReader:
                 defaults = parse_trex(moov)
                 text = spec.decode(_payload(self._manifest)) if spec is not None and self._manifest else None
             except BoxError as exc:
-                raise BoxError(f"moov at offset {offset}: {exc}") from None
+                raise over_limit(BoxError(f"moov at offset {offset}: {exc}"), None, exc) from None
             self.header = Header(self._ftyp, self._manifest, data, tuple(tracks), text, defaults)
             return self.header
         if box_type in (b"free", b"skip") or box_type == b"uuid":

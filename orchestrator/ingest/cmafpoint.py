@@ -84,7 +84,7 @@ class CmafPoint:
     """Every CMAF request of the local publishing point (see the module docstring)."""
 
     def __init__(self, point: PublishingPoint | None = None) -> None:
-        self.point = point if point is not None else PublishingPoint(rules=cmaf.RECEIVER)
+        self.point = point if point is not None else PublishingPoint(rules=cmaf.RECEIVER, detect_restarts=False)
         self._headers: dict[StreamPath, bytes] = {}
         self._newest: dict[tuple[StreamPath, int], int] = {}
         self.counts: Counter[str] = Counter()  # headers, segments, missing_init, malformed, late, last_segments

@@ -24,7 +24,21 @@ module. None of them touches a socket, a file or a clock; time comes in as ``now
   to arrive is archived, later copies are duplicates and dropped, whichever POST or group sends
   them. A duplicate whose index or duration differs from the archived copy's is also counted
   as a *conflict*: the groups are not aligned (spec 8.4, 8.5). A POST whose header bytes differ
-  from the stream's first header counts a header mismatch (7.5.c, 8.3) and is still accepted.
+  from the stream's first header counts a header mismatch (7.5.c, 8.3) and is still accepted;
+  it says so in a notice, at most once a minute per stream (``MISMATCH_LOG_INTERVAL``).
+
+  Encoders as they really behave (issue 20; ffmpeg 5.1's ``ismv`` push is the model): no probe
+  POST, ``Connection: close``, no ``tfdt``, a first AAC fragment stamped before zero (a 64-bit
+  time is read signed, :func:`orchestrator.wire.smooth.signed_time`; counted as
+  ``negative_time``), ``mfhd`` numbered across tracks (so a *gap* is a hole in a track's
+  timeline, judged by time and duration, never by missing indices), an encoder that reconnects
+  and resends its last fragments (duplicates, dropped and counted per POST), and an encoder that
+  *restarts*: a POST whose header differs from the last header of the same encoder group (no
+  group counts as one). Its time may start again at zero: the first fragment of each track at or
+  before the time the track last archived starts a new *timeline* of that track, a new file
+  ``<track name>-<n>.mp4`` with its own de-duplication index (a notice says so); a restart that
+  goes on in time continues the same files. What was tolerated is counted by kind
+  (:attr:`PublishingPoint.tolerated`).
 
 * :class:`Post` joins the two for one request, h11-style::
 
@@ -70,31 +84,37 @@ tfxd time). The init segment is the format's too (Smooth: the ``isml`` ftyp and 
 Memory, bounded whatever the run time and the number of POSTs:
 
 * the de-duplication index keeps (time -> index, duration) for the last ``DEDUP_WINDOW``
-  fragments archived per track (about 2.3 hours of 2-second fragments). A fragment older than
+  fragments archived per track (about 2.3 hours of 2-second fragments), their times also kept
+  sorted for the gap count. A fragment older than
   everything the index still remembers (its time at or below the newest time it forgot) is
   treated as a duplicate: it was archived then, or it arrives hours late and would land out of
-  order in the archive; it is counted, never archived twice. ``gaps`` counts distinct indices
-  with a counter, not a set, and only for a continuous track (one whose ``hdlr`` is a kind with
-  a fragment for every index, :mod:`orchestrator.tracks`; an unknown handler counts as
-  continuous): a sparse track's missing indices are not gaps;
+  order in the archive; it is counted, never archived twice. ``gaps`` counts holes
+  in the timeline (a fragment that ends more than a millisecond short of the next one's time),
+  kept up to date as each fragment fills, splits or opens one, and only for a continuous track
+  (one whose ``hdlr`` is a kind with a fragment for every moment, :mod:`orchestrator.tracks`;
+  an unknown handler counts as continuous): a sparse track's silences are not gaps;
 * the per-POST log keeps the last ``POST_LOG_SIZE`` POSTs; each POST's record keeps its last
   ``FRAGMENT_LOG_SIZE`` fragments, fewer when many POSTs are active at once: a record opened
   while ``n`` POSTs are active keeps ``max(FRAGMENT_LOG_MIN, FRAGMENT_LOG_BUDGET // n)`` at
   most. The records of n active POSTs opened one after another hold at most about
   ``FRAGMENT_LOG_BUDGET x (1 + ln(n / 100))`` entries (about 470,000 for 4,000 POSTs, a few
   dozen bytes each), whatever the run time; the log of closed POSTs at most
-  ``POST_LOG_SIZE x FRAGMENT_LOG_SIZE``.
+  ``POST_LOG_SIZE x FRAGMENT_LOG_SIZE``. :meth:`PublishingPoint.status` lists at most
+  ``STATUS_POSTS`` records (``limit``: up to ``POST_LOG_SIZE``) of ``STATUS_FRAGMENTS`` entries
+  each, or one record whole (``post_id``): the answer is bounded too (the whole log, 200 x
+  1,000 entries, took 6.1 s and 30 MiB to render).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import re
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from orchestrator.errors import BoxError, IngestOverloaded, MediaError
+from orchestrator.errors import BoxError, IngestOverloaded, MediaError, over_limit
 from orchestrator.fmp4.boxes import ParsedFragment, ParsedTraf
 from orchestrator.fmp4.reader import NEED_DATA, Fragment, Header, NeedData, StreamReader
 from orchestrator.tracks import is_continuous
@@ -111,6 +131,11 @@ DEFAULT_MEMORY_BUDGET = 512 * 1024 * 1024
 FRAGMENT_LOG_BUDGET = 100_000  # fragment entries over the records of all active POSTs
 FRAGMENT_LOG_MIN = 10
 DEDUP_WINDOW = 4096  # fragments remembered per track for de-duplication
+RETIRED_KEPT = 32  # earlier timelines of a stream's tracks kept in /status after restarts
+HEADERS_KEPT = 16  # encoder groups whose last header a stream remembers (restart detection)
+MISMATCH_LOG_INTERVAL = 60.0  # seconds between two log lines about one stream's header mismatches
+STATUS_FRAGMENTS = 100  # fragment entries per record in /status?posts=1; a whole record with ?post=<id>
+STATUS_POSTS = 50  # POST records in /status?posts=1 (the newest); more with posts=<n>, at most POST_LOG_SIZE
 
 # --- addresses and names ------------------------------------------------------------------
 
@@ -196,7 +221,7 @@ def _fragment_info(rules: ReceiverRules, fragment: Fragment, traf_at: int) -> Fr
     try:
         timing = rules.timing(traf, parsed.sequence_number)
     except BoxError as exc:
-        raise BoxError(f"fragment at offset {fragment.offset}: {exc}") from None
+        raise over_limit(BoxError(f"fragment at offset {fragment.offset}: {exc}"), None, exc) from None
     return FragmentInfo(traf.track_id, timing.index, timing.time, timing.duration)
 
 
@@ -313,45 +338,60 @@ class _Track:
     file: tuple[str, ...]  # the archive file, relative to the archive directory
     timescale: int
     init: bytes = field(repr=False)  # dropped (b"") once written
-    key: str = ""  # in /status: the track ID, and "<id>-<n>" for a later definition of it
-    continuous: bool = True  # a fragment for every index: a missing one is a gap
+    key: str = ""  # in /status: the track ID, and "<id>-<n>" for a later definition or timeline of it
+    continuous: bool = True  # a fragment for every moment of its timeline: a hole in time is a gap
+    definition: tuple[int, bytes] = (0, b"")  # (track ID, sha256 of the init segment): its key in _Stream.tracks
     init_written: bool = False
     received: int = 0
     archived: int = 0
     duplicates: int = 0
     conflicts: int = 0
     rejected: int = 0
+    negative_times: int = 0  # fragments archived at a time below zero (read as signed: AAC priming)
     first_index: int | None = None
     last_index: int | None = None
     last_time: int | None = None
     # The last DEDUP_WINDOW archived fragments, time -> (index, duration), in archive order.
     by_time: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
     forgotten_time: int | None = None  # the newest time dropped from by_time
-    recent_indices: dict[int, None] = field(default_factory=dict, repr=False)  # the last DEDUP_WINDOW, ordered
-    distinct_indices: int = 0
+    times: list[int] = field(default_factory=list, repr=False)  # the keys of by_time, sorted
+    holes: int = 0  # holes in the timeline: a fragment that does not reach the next one's time
 
     @property
     def gaps(self) -> int:
-        """Indices missing between the first and the last archived; 0 for a sparse track."""
-        if self.first_index is None or self.last_index is None or not self.continuous:
-            return 0
-        return self.last_index - self.first_index + 1 - self.distinct_indices
+        """Holes in the archived timeline (a run of missing fragments is one); 0 for a sparse track.
+
+        Judged by time, not by index: ffmpeg numbers its ``mfhd`` across the tracks of a stream
+        (video 1, 3, 5 ..., audio 2, 4, 6 ...), so missing indices are no evidence of anything."""
+        return self.holes if self.continuous else 0
 
     def seen(self, time: int) -> bool:
         """True if a fragment at ``time`` was archived, as far as the bounded index can tell."""
         return time in self.by_time or (self.forgotten_time is not None and time <= self.forgotten_time)
 
+    def _hole(self, before: int, after: int) -> bool:
+        """True if the fragment at ``before`` ends short of ``after`` (by more than a millisecond:
+        durations rounded to the timescale do not make a hole)."""
+        return before + self.by_time[before][1] + self.timescale // 1000 < after
+
     def archive(self, index: int, time: int, duration: int) -> None:
         self.archived += 1
-        if index not in self.recent_indices:
-            self.distinct_indices += 1
-            self.recent_indices[index] = None
-            if len(self.recent_indices) > DEDUP_WINDOW:
-                del self.recent_indices[next(iter(self.recent_indices))]
         self.by_time[time] = (index, duration)
-        if len(self.by_time) > DEDUP_WINDOW:
+        # The holes around the new fragment: it may fill one, split one, or open one at an end.
+        at = bisect.bisect_left(self.times, time)
+        before = self.times[at - 1] if at > 0 else None
+        after = self.times[at] if at < len(self.times) else None
+        if before is not None and after is not None and self._hole(before, after):
+            self.holes -= 1
+        if before is not None and self._hole(before, time):
+            self.holes += 1
+        if after is not None and self._hole(time, after):
+            self.holes += 1
+        self.times.insert(at, time)
+        if len(self.by_time) > DEDUP_WINDOW:  # forgetting one changes no count: the holes stay counted
             oldest = next(iter(self.by_time))
             del self.by_time[oldest]
+            del self.times[bisect.bisect_left(self.times, oldest)]
             self.forgotten_time = oldest if self.forgotten_time is None else max(self.forgotten_time, oldest)
         self.first_index = index if self.first_index is None else min(self.first_index, index)
         self.last_index = index if self.last_index is None else max(self.last_index, index)
@@ -363,9 +403,18 @@ class _Stream:
     header_digest: bytes | None = field(default=None, repr=False)  # sha256 of the first POST's header
     posts: int = 0
     header_mismatches: int = 0
-    # (track ID, sha256 of its init segment) -> track: one entry per definition of a track ID.
+    mismatch_logged: float | None = None  # when a header mismatch was last logged (rate limit)
+    mismatches_unlogged: int = 0  # mismatches since then, not logged
+    restarts: int = 0  # POSTs whose encoder came back with another header (a restart)
+    # encoder group (None: the POST named none) -> sha256 of its last header; at most HEADERS_KEPT.
+    last_header: dict[str | None, bytes] = field(default_factory=dict, repr=False)
+    # (track ID, sha256 of its init segment) -> track: the current timeline of each definition.
     tracks: dict[tuple[int, bytes], _Track] = field(default_factory=dict)
+    retired: list[_Track] = field(default_factory=list)  # earlier timelines, replaced after a restart
     files: set[str] = field(default_factory=set)  # track file names in use
+
+    def all_tracks(self) -> list[_Track]:
+        return [*self.retired, *self.tracks.values()]
 
 
 @dataclass(frozen=True)
@@ -390,11 +439,16 @@ class _PostRecord:
     fragments_seen: int = 0
     log_size: int = FRAGMENT_LOG_SIZE
     fragments: deque[tuple[FragmentInfo, Outcome]] = field(init=False, repr=False)
+    outcomes: Counter[str] = field(default_factory=Counter)  # per-traf decisions by outcome
 
     def __post_init__(self) -> None:
         self.fragments = deque(maxlen=self.log_size)
 
-    def as_json(self) -> dict[str, Any]:
+    def as_json(self, fragments: int | None = None) -> dict[str, Any]:
+        """The record; with ``fragments``, only the last that many fragment entries."""
+        kept = list(self.fragments)
+        if fragments is not None:
+            kept = kept[-fragments:] if fragments > 0 else []
         return {
             "id": self.id,
             "publishing_point": self.stream.point_name,
@@ -406,9 +460,11 @@ class _PostRecord:
             "reason": self.reason,
             "bytes_received": self.bytes_received,
             "fragments_seen": self.fragments_seen,
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "fragments_not_listed": self.fragments_seen - len(kept),
             "fragments": [
                 {"track": f.track_id, "index": f.index, "time": f.time, "duration": f.duration, "outcome": o}
-                for f, o in self.fragments
+                for f, o in kept
             ],
         }
 
@@ -418,10 +474,14 @@ class PublishingPoint:
 
     ``memory_budget``: bytes that all POSTs together may hold in their readers (buffered, or
     declared by the box being received). ``rules``: the wire format's checks (Smooth's by
-    default)."""
+    default). ``detect_restarts``: a POST with another header than its encoder group's last one
+    is a restart (see the module docstring); off for CMAF, whose every segment request carries
+    the track's stored header, whichever sender stored it."""
 
-    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET, rules: ReceiverRules = smooth.RECEIVER) -> None:
+    def __init__(self, memory_budget: int = DEFAULT_MEMORY_BUDGET, rules: ReceiverRules = smooth.RECEIVER, *,
+                 detect_restarts: bool = True) -> None:  # fmt: skip
         self.rules = rules
+        self.detect_restarts = detect_restarts
         self._streams: dict[StreamPath, _Stream] = {}
         self._log: deque[_PostRecord] = deque(maxlen=POST_LOG_SIZE)
         self._next_post_id = 1
@@ -431,6 +491,8 @@ class PublishingPoint:
         self._reserved: dict[int, int] = {}  # post id -> bytes reserved
         self._reserved_total = 0  # sum(self._reserved.values()), kept as it changes: read for every chunk
         self.memory_refusals = 0
+        # What was tolerated, by kind: header_mismatch, encoder_restart, negative_time.
+        self.tolerated: Counter[str] = Counter()
 
     @property
     def memory_reserved(self) -> int:
@@ -452,16 +514,22 @@ class PublishingPoint:
         stream.posts += 1
         return Post(self, record, stream)
 
-    def status(self, *, posts: bool = False) -> dict[str, Any]:
-        """Counters per publishing point, stream and track, as plain JSON-able data; with
-        ``posts``, also the per-POST log (oldest first)."""
+    def status(self, *, posts: bool = False, limit: int = STATUS_POSTS, post_id: int | None = None) -> dict[str, Any]:
+        """Counters per publishing point, stream and track, as plain JSON-able data.
+
+        With ``posts``, also the per-POST log, oldest first: the newest ``limit`` records (at
+        most ``POST_LOG_SIZE``), each with its last ``STATUS_FRAGMENTS`` fragment entries
+        (``fragments_not_listed`` says how many it leaves out). With ``post_id``, that one
+        record in full (every entry its log keeps), or an empty log if it is not kept. The
+        answer is bounded whatever the run: with every record full it took 6.1 s and 30 MiB."""
         points: dict[str, Any] = {}
         for path, stream in sorted(self._streams.items()):
             streams = points.setdefault(path.point_name, {"streams": {}})["streams"]
             streams[path.stream_id] = {
                 "posts": stream.posts,
                 "header_mismatches": stream.header_mismatches,
-                "tracks": {track.key: _track_json(track) for track in stream.tracks.values()},
+                "restarts": stream.restarts,
+                "tracks": {track.key: _track_json(track) for track in stream.all_tracks()},
             }
         out: dict[str, Any] = {
             "posts": {"total": self._next_post_id - 1, "active": self._active},
@@ -471,10 +539,15 @@ class PublishingPoint:
                 "reserved": self.memory_reserved,
                 "refusals": self.memory_refusals,
             },
+            "tolerated": dict(sorted(self.tolerated.items())),
             "publishing_points": points,
         }
-        if posts:
-            out["post_log"] = [record.as_json() for record in self._log]
+        if post_id is not None:
+            out["post_log"] = [record.as_json() for record in self._log if record.id == post_id]
+        elif posts:
+            limit = max(0, min(limit, POST_LOG_SIZE))
+            records = list(self._log)[len(self._log) - limit :] if limit else []
+            out["post_log"] = [record.as_json(STATUS_FRAGMENTS) for record in records]
         return out
 
     def _reserve(self, post_id: int, size: int) -> None:
@@ -492,14 +565,17 @@ class PublishingPoint:
     def _release(self, post_id: int) -> None:
         self._reserved_total -= self._reserved.pop(post_id, 0)
 
-    def _on_header(self, path: StreamPath, stream: _Stream, header: Header) -> tuple[dict[int, _Track], list[str]]:
-        """The tracks a POST with ``header`` writes to, and notices. Computes everything before it
+    def _on_header(
+        self, path: StreamPath, stream: _Stream, header: Header, group: str | None, now: float
+    ) -> tuple[dict[int, _Track], list[str], bool]:
+        """The tracks a POST with ``header`` writes to, notices, and whether the POST is a restart
+        of its encoder (another header than its group's last one). Computes everything before it
         changes anything, so a header that fails half-way leaves the stream as it was."""
         digest = hashlib.sha256(header.data).digest()
         names = self.rules.track_names(header)
         files = set(stream.files)
         chosen: dict[int, _Track] = {}
-        created: list[tuple[tuple[int, bytes], _Track]] = []
+        created: list[_Track] = []
         notices = []
         for track in header.tracks:
             init = self.rules.init_segment(track)
@@ -508,22 +584,14 @@ class PublishingPoint:
             if known is not None:
                 chosen[track.track_id] = known
                 continue
-            earlier = [t for (track_id, _), t in stream.tracks.items() if track_id == track.track_id]
+            earlier = [t for t in stream.all_tracks() if t.track_id == track.track_id]
             name = names.get(track.track_id, "")
             if not is_safe_name(name) or name.lower().endswith(".mp4"):
                 name = f"track{track.track_id}"
-            if earlier:
-                name = earlier[0].name
-            stem, n = name, len(earlier) + 1
-            while f"{stem}.mp4" in files:
-                stem = f"{name}-{n}" if n > 1 else f"{name}-{track.track_id}"
-                n += 1
-            files.add(f"{stem}.mp4")
-            key = str(track.track_id) if not earlier else f"{track.track_id}-{len(earlier) + 1}"
-            new = _Track(track.track_id, stem, (*path.point, path.stream_id, f"{stem}.mp4"), track.timescale, init,
-                         key=key, continuous=is_continuous(track.handler))  # fmt: skip
+            new = _new_track(path, files, track.track_id, name, earlier, track.timescale, init,
+                             is_continuous(track.handler), definition)  # fmt: skip
             chosen[track.track_id] = new
-            created.append((definition, new))
+            created.append(new)
             if earlier:
                 old = earlier[-1]
                 notices.append(f"ingest.track.redefined stream={path} track={track.track_id} "
@@ -534,9 +602,41 @@ class PublishingPoint:
             stream.header_digest = digest
         elif stream.header_digest != digest:
             stream.header_mismatches += 1
-        stream.tracks.update(created)
+            self.tolerated["header_mismatch"] += 1
+            if stream.mismatch_logged is None or now - stream.mismatch_logged >= MISMATCH_LOG_INTERVAL:
+                notices.append(f"ingest.stream.header_mismatch stream={path} group={group} "
+                               f"mismatches={stream.header_mismatches} "
+                               f"not_logged_since={stream.mismatches_unlogged} "
+                               f"note=\"the header differs from the stream's first; "
+                               f"accepted (spec 7.5.c, 8.3)\"")  # fmt: skip
+                stream.mismatch_logged, stream.mismatches_unlogged = now, 0
+            else:
+                stream.mismatches_unlogged += 1
+        previous = stream.last_header.pop(group, None)
+        restarted = self.detect_restarts and previous is not None and previous != digest
+        stream.last_header[group] = digest
+        if len(stream.last_header) > HEADERS_KEPT:
+            del stream.last_header[next(iter(stream.last_header))]
+        if restarted:
+            stream.restarts += 1
+            self.tolerated["encoder_restart"] += 1
+            notices.append(f"ingest.stream.encoder_restarted stream={path} group={group} note=\"a new header "
+                           f"from this encoder: a track whose time goes back starts a new file\"")  # fmt: skip
+        for new in created:
+            stream.tracks[new.definition] = new
         stream.files = files
-        return chosen, notices
+        return chosen, notices, restarted
+
+    def _new_timeline(self, path: StreamPath, stream: _Stream, old: _Track, init: bytes) -> _Track:
+        """A restarted encoder's track whose time went back: a new file (``init``, then its
+        fragments) with its own de-duplication index; the old timeline stays in /status."""
+        earlier = [t for t in stream.all_tracks() if t.track_id == old.track_id]
+        new = _new_track(path, stream.files, old.track_id, earlier[0].name, earlier, old.timescale, init,
+                         old.continuous, old.definition)  # fmt: skip
+        stream.retired.append(old)
+        del stream.retired[:-RETIRED_KEPT]
+        stream.tracks[old.definition] = new
+        return new
 
     def _decide(
         self, record: _PostRecord, tracks: dict[int, _Track], checked: CheckedFragment
@@ -576,6 +676,7 @@ class PublishingPoint:
                 assert info.time is not None  # accepted fragments give their time
                 decision = Decision(record.id, record.stream, info, "archived", writes=writes, received=parsed.data)
             record.fragments_seen += 1
+            record.outcomes[decision.outcome] += 1
             record.fragments.append((info, decision.outcome))
             out.append(_Pending(decision, track, info.time) if writes is not None and info.time is not None
                        else decision)  # fmt: skip
@@ -589,6 +690,22 @@ class PublishingPoint:
         self._active -= 1
 
 
+def _new_track(path: StreamPath, files: set[str], track_id: int, name: str, earlier: list[_Track], timescale: int,
+               init: bytes, continuous: bool, definition: tuple[int, bytes]) -> _Track:  # fmt: skip
+    """A track file for ``track_id`` named after ``name`` (or after the first of ``earlier``
+    definitions or timelines of it), not one of ``files``, which it joins."""
+    if earlier:
+        name = earlier[0].name
+    stem, n = name, len(earlier) + 1
+    while f"{stem}.mp4" in files:
+        stem = f"{name}-{n}" if n > 1 else f"{name}-{track_id}"
+        n += 1
+    files.add(f"{stem}.mp4")
+    key = str(track_id) if not earlier else f"{track_id}-{len(earlier) + 1}"
+    return _Track(track_id, stem, (*path.point, path.stream_id, f"{stem}.mp4"), timescale, init, key=key,
+                  continuous=continuous, definition=definition)  # fmt: skip
+
+
 def _track_json(track: _Track) -> dict[str, Any]:
     return {
         "name": track.name,
@@ -600,6 +717,7 @@ def _track_json(track: _Track) -> dict[str, Any]:
         "conflicts": track.conflicts,
         "rejected": track.rejected,
         "gaps": track.gaps,
+        "negative_times": track.negative_times,
         "first_index": track.first_index,
         "last_index": track.last_index,
         "last_timestamp": track.last_time,
@@ -626,6 +744,7 @@ class Post:
         self._queue: deque[_Pending | Decision] = deque()
         self._unconfirmed: _Pending | None = None
         self._notices: list[str] = []
+        self._restart_pending: set[int] = set()  # tracks whose first fragment decides on a new timeline
 
     @property
     def id(self) -> int:
@@ -648,6 +767,11 @@ class Post:
     def status(self) -> PostStatus:
         return self._record.status
 
+    @property
+    def outcomes(self) -> Counter[str]:
+        """This POST's decisions so far by outcome (archived, duplicate, rejected), per traf."""
+        return self._record.outcomes
+
     def feed(self, data: bytes) -> None:
         """Take bytes of the body. Raises IngestOverloaded if holding them (or the box they
         start) would exceed the publishing point's memory budget: the POST must end."""
@@ -667,9 +791,15 @@ class Post:
                     self._point._reserve(self._record.id, self._checker.reserved)
                     return NEED_DATA
                 if isinstance(event, Header):
-                    self._tracks, notices = self._point._on_header(self._record.stream, self._stream, event)
+                    record = self._record
+                    self._tracks, notices, restarted = self._point._on_header(
+                        record.stream, self._stream, event, record.encoder_group, record.started
+                    )
                     self._notices += notices
+                    self._restart_pending = set(self._tracks) if restarted else set()
                 else:
+                    if self._restart_pending and event.rejected is None:
+                        self._restart_timelines(event)
                     self._queue.extend(self._point._decide(self._record, self._tracks, event))
         except (MediaError, IngestOverloaded):
             raise
@@ -681,6 +811,26 @@ class Post:
             return item.decision
         return item
 
+    def _restart_timelines(self, checked: CheckedFragment) -> None:
+        """The first fragment of each track after a restart: a time at or before the track's last
+        archived one starts a new timeline (a new file); a later time continues the old one."""
+        header = self._checker.header
+        assert header is not None
+        for info in checked.tracks:
+            if info.track_id not in self._restart_pending:
+                continue
+            self._restart_pending.discard(info.track_id)
+            track = self._tracks[info.track_id]
+            if info.time is None or track.last_time is None or info.time > track.last_time:
+                continue
+            (definition,) = (t for t in header.tracks if t.track_id == info.track_id)
+            init = self._point.rules.init_segment(definition)
+            new = self._point._new_timeline(self._record.stream, self._stream, track, init)
+            self._tracks[info.track_id] = new
+            self._notices.append(f"ingest.track.new_timeline stream={self._record.stream} track={info.track_id} "
+                                 f"time={info.time} last_time={track.last_time} old_file={'/'.join(track.file)} "
+                                 f"new_file={'/'.join(new.file)}")  # fmt: skip
+
     def written(self, decision: Decision) -> None:
         """The writes of ``decision`` (an archived one) succeeded: the fragment is archived now."""
         pending = self._unconfirmed
@@ -689,6 +839,13 @@ class Post:
         self._unconfirmed = None
         track, info = pending.track, decision.fragment
         track.archive(info.index, pending.time, info.duration)
+        if pending.time < 0:  # read as signed: an encoder's priming (smooth.signed_time)
+            track.negative_times += 1
+            self._point.tolerated["negative_time"] += 1
+            if track.negative_times == 1:
+                self._notices.append(f"ingest.fragment.negative_time stream={self._record.stream} "
+                                     f"track={info.track_id} time={pending.time} note=\"read as a signed time "
+                                     f"(encoder priming): archived\"")  # fmt: skip
         if not track.init_written:
             track.init_written, track.init = True, b""
 

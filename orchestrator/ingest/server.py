@@ -12,11 +12,24 @@ Routes:
     used up, 500 when an archive write fails (the reason names no absolute path).
   * ``POST`` or ``PUT /<point path>/<stream>/<track>/init.m4s`` and ``.../<n>.m4s``: CMAF ingest
     (DASH-IF Interface-1), one CMAF header or segment per request: :mod:`orchestrator.ingest.cmafpoint`.
-  * ``GET /status``: the receiver's counters as JSON; ``GET /status?posts=1`` adds the per-POST log.
+  * ``GET /metrics``: the same counters for Prometheus (:class:`IngestCollector`), read when
+    scraped: nothing is counted twice on the hot path.
+  * ``GET /status``: the receiver's counters as JSON; ``GET /status?posts=1`` adds the per-POST log
+    (the newest 50 POSTs, ``&limit=<n>`` for up to 200, each with its last 100 fragments);
+    ``GET /status?post=<id>`` shows one POST with every fragment its log keeps.
   * ``GET /monitor`` (and ``/monitor.json``, ``/monitor.js`` ...): the confidence monitor, what
     arrived from each encoder group side by side with their pictures of one fragment index
     (:mod:`orchestrator.ingest.monitor`; Smooth POSTs; pictures decoded only while a page is open).
   * anything else: 404, or 405 for a known path with the wrong method.
+
+Limits (:class:`IngestLimits`, the ``orchestrator ingest`` options): each request refused by one
+is answered with a status and a one-line body naming it, logged ``ingest.limit.exceeded
+limit=<name> status=<code>``, and counted as ``orchestrator_ingest_limit_hits_total{limit,
+action}``: ``max_connections`` (503, or ``evicted_idle`` / ``evicted_no_body``: see
+:mod:`orchestrator.ops.httpserve`), ``memory_budget`` (503 with ``Retry-After``),
+``body_timeout`` (408), ``max_moof_size``, ``max_header_box_size``, ``max_box_size``,
+``max_truns_per_traf``, ``max_samples_per_fragment``, ``max_manifest_elements`` (400),
+``max_cmaf_body`` (413).
 
 Fault injection: set :attr:`IngestApp.fail_with` to a status code (401, 503 ...) and every POST,
 probes included, answers it without reading the body; ``None`` restores normal service.
@@ -36,7 +49,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -44,6 +57,9 @@ from typing import BinaryIO
 from urllib.parse import parse_qs
 
 import trio
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from orchestrator.errors import IngestOverloaded, MediaError
 from orchestrator.fmp4.reader import NEED_DATA
@@ -53,6 +69,7 @@ from orchestrator.ingest.cmafpoint import parse_path as parse_cmaf_path
 from orchestrator.ingest.monitor import IngestMonitor
 from orchestrator.ingest.receiver import (
     DEFAULT_MEMORY_BUDGET,
+    STATUS_POSTS,
     ArchiveWrite,
     Decision,
     Post,
@@ -176,6 +193,9 @@ class IngestApp:
         self.fail_with: int | None = None
         self.connections = ConnectionStats()  # filled in by the listener serve_app starts
         self.refusals: Counter[str] = Counter()  # answers other than 200, by status code
+        self.limits: Counter[str] = Counter()  # requests refused by a limit, by the limit's name
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(IngestCollector(self))
         self.cmaf = CmafPoint()  # CMAF ingest (orchestrator.ingest.cmafpoint): its own publishing point
         self.monitor = IngestMonitor(self.point.rules)  # /monitor; its decoder runs in serve_app
 
@@ -187,15 +207,29 @@ class IngestApp:
         if scope["type"] != "http":
             return  # httpserve answers lifespan; a websocket that is not accepted gets 403
         method, path = scope["method"], scope["path"]
+        if path == "/metrics":
+            if method != "GET":
+                await _respond(send, 405, "use GET\n", allow="GET")
+                return
+            await _respond(send, 200, generate_latest(self.registry).decode(), "text/plain; version=0.0.4")
+            return
         if path == "/status":
             if method != "GET":
                 await _respond(send, 405, "use GET\n", allow="GET")
                 return
             query = parse_qs(scope["query_string"].decode("latin-1"))
-            status = self.point.status(posts=query.get("posts", ["0"])[0] not in ("", "0"))
+            posts = query.get("posts", ["0"])[0] not in ("", "0")
+            try:
+                limit = int(query.get("limit", [str(STATUS_POSTS)])[0])
+                post_id = int(query["post"][0]) if "post" in query else None
+            except ValueError:
+                await _respond(send, 400, "limit and post take whole numbers\n")
+                return
+            status = self.point.status(posts=posts, limit=limit, post_id=post_id)
             status["connections"] = dataclasses.asdict(self.connections)
             status["refusals"] = dict(sorted(self.refusals.items()))
-            status["cmaf"] = self.cmaf.status(posts=query.get("posts", ["0"])[0] not in ("", "0"))
+            status["limits"] = dict(sorted(self.limits.items()))
+            status["cmaf"] = self.cmaf.status(posts=posts)
             await _respond(send, 200, json.dumps(status, indent=2) + "\n", "application/json")
             return
         if monitorweb.is_monitor_path(path):
@@ -266,6 +300,9 @@ class IngestApp:
                     break
         if waiting.cancelled_caught:
             answer = Answer(408, f"no body bytes for {self.body_timeout:g} s (the body timeout)\n")
+            self._limit_hit("body_timeout", 408, scope["path"])
+        elif answer.status == 413:
+            self._limit_hit("max_cmaf_body", 413, scope["path"])
         if answer.status != 200:
             self.refusals[str(answer.status)] += 1
             logger.warning("ingest.cmaf.refused path=%s status=%d reason=%r", scope["path"], answer.status,
@@ -308,14 +345,18 @@ class IngestApp:
             if waiting.cancelled_caught:
                 status, reason = "error", f"no body bytes for {self.body_timeout:g} s (the body timeout)"
                 answer = (408, f"{reason}\n")
+                self._limit_hit("body_timeout", 408, str(post.path), post.id)
         except MediaError as exc:
             status, reason = "error", str(exc)
             answer = (400, f"{exc}\n")
+            if exc.limit is not None:
+                self._limit_hit(exc.limit, 400, str(post.path), post.id)
             if exc.__cause__ is not None and not isinstance(exc.__cause__, MediaError):
                 logger.error("ingest.post.internal_error post=%d stream=%s", post.id, post.path, exc_info=exc.__cause__)
         except IngestOverloaded as exc:
             status, reason = "error", str(exc)
             answer = (503, f"{exc}\n")
+            self._limit_hit("memory_budget", 503, str(post.path), post.id)
         except OSError as exc:
             # The full error (with the absolute path) goes to the log; the client sees the reason only.
             logger.error("ingest.archive.write_failed post=%d stream=%s error=%s", post.id, post.path, exc)
@@ -328,9 +369,16 @@ class IngestApp:
             post.close(self.clock(), status, reason)
             self.monitor.post_ended(post)
             level = logging.INFO if status == "ok" else logging.WARNING
-            logger.log(level, "ingest.post.ended server=%s post=%d stream=%s status=%s reason=%r",
-                       server, post.id, post.path, status, reason)  # fmt: skip
+            outcomes = post.outcomes
+            logger.log(level, "ingest.post.ended server=%s post=%d stream=%s status=%s archived=%d duplicates=%d "
+                       "rejected=%d reason=%r", server, post.id, post.path, status, outcomes["archived"],
+                       outcomes["duplicate"], outcomes["rejected"], reason)  # fmt: skip
         return answer
+
+    def _limit_hit(self, limit: str, status: int, where: str, post: int | None = None) -> None:
+        self.limits[limit] += 1
+        logger.warning("ingest.limit.exceeded limit=%s status=%d stream=%s post=%s hits=%d", limit, status, where,
+                       post if post is not None else "-", self.limits[limit])  # fmt: skip
 
     def _apply(self, decision: Decision) -> None:
         for write in decision.writes:
@@ -346,6 +394,69 @@ class IngestApp:
         else:
             logger.debug("ingest.fragment.%s post=%d stream=%s track=%d index=%d time=%s",
                          decision.outcome, *fields)  # fmt: skip
+
+
+class IngestCollector(Collector):
+    """The ingest server's counters as Prometheus metrics, read from the receiver's state when
+    scraped (no per-fragment cost). Labels: ``format`` (smooth, cmaf), ``publishing_point``,
+    ``stream``, ``track`` (the /status key: the track ID, ``<id>-<n>`` for a later definition or
+    timeline), ``outcome``, ``kind``, ``limit`` and ``action``."""
+
+    def __init__(self, app: IngestApp) -> None:
+        self._app = app
+
+    def collect(self) -> Iterator[Metric]:
+        app = self._app
+        track_labels = ["format", "publishing_point", "stream", "track"]
+        fragments = CounterMetricFamily("orchestrator_ingest_fragments", "Track fragments received, by what "
+                                        "became of them", labels=[*track_labels, "outcome"])  # fmt: skip
+        conflicts = CounterMetricFamily("orchestrator_ingest_conflicts", "Duplicates whose index or duration "
+                                        "differ from the archived copy's", labels=track_labels)  # fmt: skip
+        gaps = GaugeMetricFamily("orchestrator_ingest_gaps", "Holes in a track's archived timeline",
+                                 labels=track_labels)  # fmt: skip
+        mismatches = CounterMetricFamily("orchestrator_ingest_header_mismatches", "POSTs whose header differs "
+                                         "from the stream's first", labels=track_labels[:3])  # fmt: skip
+        tolerated = CounterMetricFamily("orchestrator_ingest_tolerated", "Encoder behaviour taken in stride "
+                                        "(negative_time, header_mismatch, encoder_restart)",
+                                        labels=["format", "kind"])  # fmt: skip
+        posts = CounterMetricFamily("orchestrator_ingest_posts", "Ingest POSTs opened", labels=["format"])
+        active = GaugeMetricFamily("orchestrator_ingest_posts_active", "Ingest POSTs open now", labels=["format"])
+        reserved = GaugeMetricFamily("orchestrator_ingest_memory_reserved_bytes", "Bytes reserved by open "
+                                     "POSTs against the memory budget", labels=["format"])  # fmt: skip
+        budget = GaugeMetricFamily("orchestrator_ingest_memory_budget_bytes", "The memory budget",
+                                   labels=["format"])  # fmt: skip
+        for name, point in (("smooth", app.point), ("cmaf", app.cmaf.point)):
+            status = point.status()
+            posts.add_metric([name], status["posts"]["total"])
+            active.add_metric([name], status["posts"]["active"])
+            reserved.add_metric([name], status["memory"]["reserved"])
+            budget.add_metric([name], status["memory"]["budget"])
+            for kind, count in status["tolerated"].items():
+                tolerated.add_metric([name, kind], count)
+            for point_name, streams in status["publishing_points"].items():
+                for stream_id, stream in streams["streams"].items():
+                    mismatches.add_metric([name, point_name, stream_id], stream["header_mismatches"])
+                    for key, track in stream["tracks"].items():
+                        labels = [name, point_name, stream_id, key]
+                        fragments.add_metric([*labels, "archived"], track["fragments_archived"])
+                        fragments.add_metric([*labels, "duplicate"], track["duplicates_dropped"])
+                        fragments.add_metric([*labels, "rejected"], track["rejected"])
+                        conflicts.add_metric(labels, track["conflicts"])
+                        gaps.add_metric(labels, track["gaps"])
+        limits = CounterMetricFamily("orchestrator_ingest_limit_hits", "Requests and connections refused or "
+                                     "evicted by a limit", labels=["limit", "action"])  # fmt: skip
+        connections = app.connections
+        limits.add_metric(["max_connections", "refused"], connections.refused)
+        limits.add_metric(["max_connections", "evicted_idle"], connections.evicted_idle)
+        limits.add_metric(["max_connections", "evicted_no_body"], connections.evicted_no_body)
+        for limit, count in sorted(app.limits.items()):
+            limits.add_metric([limit, "refused"], count)
+        open_now = GaugeMetricFamily("orchestrator_ingest_connections_open", "Connections open now")
+        open_now.add_metric([], connections.open)
+        cap = GaugeMetricFamily("orchestrator_ingest_connections_max", "The connection cap")
+        cap.add_metric([], connections.max_connections)
+        yield from (fragments, conflicts, gaps, mismatches, tolerated, posts, active, reserved, budget, limits,
+                    open_now, cap)  # fmt: skip
 
 
 def _server(scope: Scope) -> str:

@@ -221,6 +221,16 @@ class Outbox:
         )  # fmt: skip
 
     @property
+    def oldest_held(self) -> EncodedFragment | None:
+        """The oldest fragment this outbox still holds, pending or kept for a rewind (None: it
+        holds nothing). Never newer than what a rewind or a take could still hand out; it may be
+        older by what the outbox has not forgotten yet (forgetting happens on take). A relay's
+        spool keeps what some outbox holds (orchestrator.relay.spool)."""
+        if self._sent:
+            return self._sent[0].fragment
+        return self._pending[0].fragment if self._pending else None
+
+    @property
     def forward_buffer(self) -> list[EncodedFragment]:
         """What a rewind would send again now (oldest first)."""
         return [fragment for fragment, _ in self._select(self._window)]

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
 
-from orchestrator.errors import BoxError, MediaError
+from orchestrator.errors import BoxError, MediaError, over_limit
 from orchestrator.fmp4 import boxes
 from orchestrator.fmp4.boxes import MovieFragmentTemplate, Sample, TrackRun
 from orchestrator.fmp4.reader import Header, ManifestBox, StreamReader
@@ -183,8 +183,9 @@ def _manifest_tracks(smil: str | None) -> dict[int, dict[str, str]]:
                 root = element if root is None else root
                 elements += 1
                 if elements > MAX_MANIFEST_ELEMENTS:
-                    raise MediaError(f"the Live Server Manifest has more than {MAX_MANIFEST_ELEMENTS} elements, "
-                                     "the limit")  # fmt: skip
+                    raise over_limit(MediaError(f"the Live Server Manifest has more than {MAX_MANIFEST_ELEMENTS} "
+                                                "elements, the limit (max_manifest_elements)"),
+                                     "max_manifest_elements")  # fmt: skip
         parser.close()
     except ElementTree.ParseError:
         return {}
@@ -321,6 +322,19 @@ def parse_tfxd(payload: bytes) -> Tfxd:
     return Tfxd(version, values[0], values[1], values[2] if version == 2 else None)
 
 
+def signed_time(value: int) -> int:
+    """A 64-bit fragment time (tfxd v1/v2 ``fragment_absolute_time``, tfdt v1) as the encoder
+    meant it: values from 2**63 up are negative, two's complement.
+
+    The fields are unsigned on paper (MS-SSTR 2.2.4.4, ISO/IEC 14496-12 8.8.12), but encoders
+    that start audio before zero write the signed value: ffmpeg 5.1's ``ismv`` muxer stamps its
+    first AAC fragment -213,333 (the encoder's 1,024-sample priming delay at 10 MHz), which
+    read unsigned is 2**64 - 213,333 and puts every later fragment of the track "before" it.
+    No stream reaches 2**63 ticks (29,000 years at 10 MHz), so the reading is unambiguous.
+    A 32-bit time (tfxd v0, tfdt v0) is below 2**63 and comes back unchanged."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def tfxd_of(traf: boxes.ParsedTraf) -> Tfxd | None:
     """The ``tfxd`` of a generic ``traf`` (the last, if it carries several), or None."""
     found = None
@@ -402,12 +416,14 @@ class SmoothReceiverRules:
 
     def timing(self, traf: boxes.ParsedTraf, sequence_number: int) -> FragmentTiming:
         """Index: tfxd v2 fragment_index, else mfhd.sequence_number; time and duration: the
-        tfxd's, else tfdt and the sum of the sample durations."""
+        tfxd's, else tfdt and the sum of the sample durations. A 64-bit time is read as a
+        signed one (:func:`signed_time`): an encoder's first fragment may start before zero."""
         tfxd = tfxd_of(traf)
         if tfxd is None:
-            return FragmentTiming(sequence_number, traf.base_time, traf.duration)
+            base = None if traf.base_time is None else signed_time(traf.base_time)
+            return FragmentTiming(sequence_number, base, traf.duration)
         index = sequence_number if tfxd.fragment_index is None else tfxd.fragment_index
-        return FragmentTiming(index, tfxd.absolute_time, tfxd.duration)
+        return FragmentTiming(index, signed_time(tfxd.absolute_time), tfxd.duration)
 
     def problem(self, traf: boxes.ParsedTraf) -> str | None:
         return "traf has no tfxd" if tfxd_of(traf) is None else None  # ingest spec 3.3

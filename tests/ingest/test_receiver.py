@@ -93,6 +93,7 @@ def test_post_fed_one_byte_at_a_time() -> None:
         "conflicts": 0,
         "rejected": 0,
         "gaps": 0,
+        "negative_times": 0,
         "first_index": 0,
         "last_index": 2,
         "last_timestamp": 2 * FRAME,
@@ -109,6 +110,8 @@ def test_post_fed_one_byte_at_a_time() -> None:
         "reason": None,
         "bytes_received": len(head) + sum(map(len, frags)),
         "fragments_seen": 3,
+        "outcomes": {"archived": 3},
+        "fragments_not_listed": 0,
         "fragments": [
             {"track": 1, "index": k, "time": k * FRAME, "duration": FRAME, "outcome": "archived"} for k in range(3)
         ],
@@ -177,13 +180,18 @@ def test_duplicate_with_another_index_or_duration_is_a_conflict() -> None:
 
 
 def test_gaps_are_counted_and_a_late_fragment_fills_one() -> None:
+    """A gap is a hole in time; a run of missing fragments is one gap."""
     point = PublishingPoint()
-    whole_post(point, header(), fragment(0), fragment(1), fragment(4))
-    assert (video(point)["gaps"], video(point)["first_index"], video(point)["last_index"]) == (2, 0, 4)
+    whole_post(point, header(), fragment(0), fragment(1), fragment(3), fragment(6))
+    assert (video(point)["gaps"], video(point)["first_index"], video(point)["last_index"]) == (2, 0, 6)
 
     late = whole_post(point, header(), fragment(2))  # a new POST may go back in time
     assert outcomes(late) == [(2, "archived")]
-    assert (video(point)["gaps"], video(point)["last_timestamp"]) == (1, 4 * FRAME)
+    assert (video(point)["gaps"], video(point)["last_timestamp"]) == (1, 6 * FRAME)
+    whole_post(point, header(), fragment(4))  # splits the hole of 4 and 5: still one (5)
+    assert video(point)["gaps"] == 1
+    whole_post(point, header(), fragment(5))
+    assert video(point)["gaps"] == 0
 
 
 def test_a_different_header_is_counted_and_the_post_still_accepted() -> None:
@@ -407,8 +415,9 @@ def test_post_log_is_bounded() -> None:
     point = PublishingPoint()
     for _ in range(POST_LOG_SIZE + 5):
         point.open_post(PATH, None, 0.0).close(1.0, "disconnected")
-    log = point.status(posts=True)["post_log"]
+    log = point.status(posts=True, limit=POST_LOG_SIZE + 1000)["post_log"]
     assert [p["id"] for p in log] == list(range(6, POST_LOG_SIZE + 6))
+    assert [p["id"] for p in point.status(posts=True)["post_log"]] == list(range(156, POST_LOG_SIZE + 6))
     assert point.status()["posts"] == {"total": POST_LOG_SIZE + 5, "active": 0}
 
 
@@ -416,9 +425,12 @@ def test_fragment_log_of_a_post_is_bounded() -> None:
     point = PublishingPoint()
     count = FRAGMENT_LOG_SIZE + 5
     whole_post(point, header(), b"".join(fragment(k) for k in range(count)))
-    (logged,) = point.status(posts=True)["post_log"]
+    (logged,) = point.status(post_id=1)["post_log"]
     assert logged["fragments_seen"] == count
     assert [f["index"] for f in logged["fragments"]] == list(range(5, count))
+    (listed,) = point.status(posts=True)["post_log"]  # the list of POSTs shows the last few of each
+    assert [f["index"] for f in listed["fragments"]] == list(range(count - receiver.STATUS_FRAGMENTS, count))
+    assert listed["fragments_not_listed"] == count - receiver.STATUS_FRAGMENTS
 
 
 def test_status_is_json() -> None:
@@ -437,14 +449,14 @@ def test_dedup_index_is_bounded_and_an_older_fragment_is_still_a_duplicate(monke
     assert [d.outcome for d in first] == ["archived"] * 10
     (track,) = point._streams[PATH].tracks.values()  # keyed by (track ID, init digest)
     assert len(track.by_time) == 4  # not 10
-    assert len(track.recent_indices) == 4
+    assert len(track.times) == 4
     # The backup sends the same ten: the six the index forgot are still duplicates, never archived twice.
     again = whole_post(point, header(), b"".join(fragment(k) for k in range(10)))
     assert [d.outcome for d in again] == ["duplicate"] * 10
     assert (video(point)["fragments_archived"], video(point)["duplicates_dropped"], video(point)["gaps"]) == (10, 10, 0)
     # A new fragment after a gap is archived, and the gap is counted.
     assert outcomes(whole_post(point, header(), fragment(12))) == [(12, "archived")]
-    assert video(point)["gaps"] == 2  # 10 and 11
+    assert video(point)["gaps"] == 1  # 10 and 11: one hole
 
 
 def test_fragment_log_shrinks_with_many_active_posts(monkeypatch) -> None:
@@ -457,9 +469,9 @@ def test_fragment_log_shrinks_with_many_active_posts(monkeypatch) -> None:
     assert len(posts[3]._record.fragments) == receiver.FRAGMENT_LOG_MIN
 
 
-@pytest.mark.parametrize(("handler", "gaps"), [(b"vide", 7), (b"meta", 0), (b"hint", 7)])
+@pytest.mark.parametrize(("handler", "gaps"), [(b"vide", 2), (b"meta", 0), (b"hint", 2)])
 def test_a_missing_index_is_a_gap_only_on_a_continuous_track(handler: bytes, gaps: int) -> None:
-    """Indices 0, 5 and 9 archived: 7 missing. A sparse (``meta``) track has them missing by
+    """Indices 0, 5 and 9 archived: two holes in time. A sparse (``meta``) track has them missing by
     design; a handler no kind uses counts as continuous, as every track did before kinds."""
     point = PublishingPoint()
     track = boxes.TrackHeader(1, handler, 90000, AVC1, 192, 108)

@@ -86,10 +86,11 @@ def test_manifest_of_many_elements_is_refused_naming_the_limit() -> None:
 
 
 def test_unfinished_boxes_of_many_posts_stay_within_the_budget() -> None:
-    """Six POSTs each announcing a 200 MiB mdat: the third is refused, nothing near 1.2 GiB is held."""
+    """Six POSTs each announcing a 60 MiB mdat, which costs 3 x 60 MiB until it is handed out
+    (reader.FRAGMENT_COST): the third is refused, nothing near 1 GiB is held."""
     point = PublishingPoint(memory_budget=512 * MIB)
     moof = fragment(0)[: -(len(fragment(0)) - fragment(0).index(b"mdat") + 4)]
-    opening = header() + moof + struct.pack(">I4s", 200 * MIB, b"mdat")
+    opening = header() + moof + struct.pack(">I4s", 60 * MIB, b"mdat")
     outcomes = []
     for k in range(6):
         post = point.open_post(StreamPath(("live",), f"s{k}"), None, 0.0)
@@ -231,11 +232,13 @@ def test_a_redefined_track_goes_to_a_new_file_with_a_notice() -> None:
         ("archived", "video-2.mp4"),
     ]
     assert decisions[0].writes[0].data == init(changed)
-    (notice,) = post.take_notices()
-    assert notice == (
+    notices = post.take_notices()
+    assert notices[0] == (
         "ingest.track.redefined stream=/live/demo.isml/Streams(video) track=1 old_file=live/demo/video/video.mp4 "
         "new_file=live/demo/video/video-2.mp4 timescale=90000->30000"
     )
+    # Another header: a mismatch, and (the same group's header changed) a restart of its encoder.
+    assert [n.split()[0] for n in notices[1:]] == ["ingest.stream.header_mismatch", "ingest.stream.encoder_restarted"]
     tracks = point.status()["publishing_points"]["live/demo"]["streams"]["video"]["tracks"]
     assert {key: (t["file"], t["timescale"], t["fragments_archived"]) for key, t in tracks.items()} == {
         "1": ("live/demo/video/video.mp4", 90000, 1),

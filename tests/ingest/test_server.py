@@ -75,6 +75,7 @@ async def test_two_groups_post_the_same_fragments_and_one_copy_of_each_is_archiv
         "conflicts": 0,
         "rejected": 0,
         "gaps": 0,
+        "negative_times": 0,
         "first_index": 0,
         "last_index": FRAGMENTS - 1,
         "last_timestamp": (FRAGMENTS - 1) * FRAMES_PER_FRAGMENT * FRAME,
@@ -195,11 +196,12 @@ async def test_other_routes(server: Server) -> None:
         status = await status_of(client, server.url)
         assert "post_log" not in (await client.get(server.url + "/status")).json()
     assert status == {"posts": {"total": 0, "active": 0}, "probes": 0, "publishing_points": {}, "post_log": [],
-                      "memory": {"budget": DEFAULT_MEMORY_BUDGET, "reserved": 0, "refusals": 0},
-                      "connections": {"max_connections": 512, "open": 1, "refused": 0, "fd_exhausted_episodes": 0},
-                      "refusals": {},  # the one connection of this client; 404 and 405 are not refusals
+                      "memory": {"budget": DEFAULT_MEMORY_BUDGET, "reserved": 0, "refusals": 0}, "tolerated": {},
+                      "connections": {"max_connections": 512, "open": 1, "refused": 0, "fd_exhausted_episodes": 0,
+                                      "evicted_idle": 0, "evicted_no_body": 0},
+                      "refusals": {}, "limits": {},  # the one connection of this client; 404 and 405 are not refusals
                       "cmaf": {"counts": {}, "tracks": 0, "posts": {"total": 0, "active": 0}, "probes": 0,
-                               "publishing_points": {}, "post_log": [],
+                               "publishing_points": {}, "post_log": [], "tolerated": {},
                                "memory": {"budget": DEFAULT_MEMORY_BUDGET, "reserved": 0, "refusals": 0}}}  # fmt: skip
 
 

@@ -77,17 +77,25 @@ async def test_a_post_that_sends_no_body_is_answered_408(nursery: trio.Nursery, 
 
 
 async def test_connections_over_the_cap_are_answered_503_and_logged_once(
-    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture, media: Media
 ) -> None:
+    """Every slot in real use (three POSTs streaming their body: nothing to evict): a new
+    connection is answered 503 and closed, logged once for the episode."""
     caplog.set_level(logging.INFO, logger="orchestrator.ops.httpserve")
     app = IngestApp(tmp_path / "archive")
-    host, port = await nursery.start(serve_app, app, "127.0.0.1", 0)
+    host, uncapped = await nursery.start(serve_app, app, "127.0.0.1", 0)
     # serve_app's default cap is 512; this server has a cap of 3, on the same app.
     stats = ConnectionStats()
     host, port = await nursery.start(lambda task_status: serve_asgi(app, host, 0, "capped", max_connections=3,
                                                                     stats=stats, task_status=task_status))  # fmt: skip
-    idle = [await trio.open_tcp_stream(host, port) for _ in range(3)]
-    await trio.sleep(0.2)  # let the server accept them
+    idle = []
+    for k in range(3):
+        busy = await trio.open_tcp_stream(host, port)
+        await busy.send_all(f"POST /live/demo.isml/Streams(s{k}) HTTP/1.1\r\nhost: x\r\n"
+                            f"transfer-encoding: chunked\r\n\r\n{len(media.header):x}\r\n".encode()
+                            + media.header + b"\r\n")  # fmt: skip
+        idle.append(busy)
+    await wait_for_status(f"http://{host}:{uncapped}", lambda s: s["posts"]["active"] == 3)
     answers = []
     for _ in range(5):
         extra = await trio.open_tcp_stream(host, port)
@@ -120,6 +128,7 @@ async def test_connections_over_the_cap_are_answered_503_and_logged_once(
     assert int(match[1]) >= 5
     assert stats.refused == int(match[1])
     assert stats.max_connections == 3
+    assert (stats.evicted_idle, stats.evicted_no_body) == (0, 0)
     for stream in idle:
         await stream.aclose()
 
@@ -219,7 +228,8 @@ async def test_memory_budget_over_http_answers_503_with_retry_after(nursery: tri
     moof_end = media.fragments[0].index(b"mdat") - 4
 
     async def holding() -> AsyncIterator[bytes]:
-        yield media.header + media.fragments[0][:moof_end] + (900_000).to_bytes(4, "big") + b"mdat"
+        # An mdat of 300,000 bytes costs 3 x that until it is decided (reader.FRAGMENT_COST_ONE_TRAF).
+        yield media.header + media.fragments[0][:moof_end] + (300_000).to_bytes(4, "big") + b"mdat"
         await trio.sleep_forever()
 
     async with httpx.AsyncClient() as client, trio.open_nursery() as posts:

@@ -341,3 +341,31 @@ def test_an_old_sparse_fragment_does_not_stay_in_the_forward_buffer():
     assert [(f.track_id, f.index) for f in outbox.forward_buffer] == [(VIDEO, 8), (VIDEO, 9)]
     # Forgotten, not only skipped (video 7 is forgotten at the next take, as before sparse tracks).
     assert [(s.fragment.track_id, s.fragment.index) for s in outbox._sent] == [(VIDEO, 7), (VIDEO, 8), (VIDEO, 9)]
+
+
+def test_oldest_held_is_never_newer_than_what_a_rewind_or_a_take_could_still_hand_out():
+    """What a relay's spool keeps for this endpoint (orchestrator/relay/spool.py): conservative,
+    it counts what the outbox has not forgotten yet (forgetting happens on take)."""
+    outbox = Outbox(limits(unconfirmed_bytes=0, resend_per_track=1))
+    assert outbox.oldest_held is None
+    fragments = [frag(i) for i in range(4)]
+    for fragment in fragments:
+        outbox.push(fragment)
+    assert outbox.oldest_held is fragments[0]  # pending
+    for _ in range(3):
+        outbox.take()
+        outbox.written()
+    # A rewind would send fragment 2 again (one per track, no byte window); 1 is forgotten at the next take.
+    assert outbox.forward_buffer == [fragments[2]]
+    assert outbox.oldest_held is fragments[1]
+    outbox.take()
+    assert outbox.oldest_held is fragments[2]  # 3 in flight, 2 kept until 3 is written
+    outbox.written()
+    assert outbox.forward_buffer == [fragments[3]]
+    outbox.rewind()  # the forward buffer goes back to pending; the rest is forgotten
+    assert outbox.oldest_held is fragments[3]
+    drain(outbox)
+    outbox.rewind()
+    outbox.close()
+    drain(outbox)
+    assert outbox.oldest_held is fragments[3]  # still the last one written: a rewind could send it

@@ -4,9 +4,9 @@
 #   deploy/container/build.sh [--engine podman|docker|buildah] [--base IMAGE | --rootfs TAR]
 #                             [--tag NAME] [--file CONTAINERFILE] [--wheels DIR]
 #
-# 1. The base: --base IMAGE (default: the slim Python image of Docker Hub), or --rootfs TAR: an
-#    image FROM scratch of that root filesystem, which `install.sh rootfs TAR` makes first when TAR
-#    does not exist (Debian's mirror only, no container registry: what CI does).
+# 1. The base: --base IMAGE (default: the slim Python image of Docker Hub), or --rootfs TAR: that
+#    root filesystem imported as an image of one layer, which `install.sh rootfs TAR` makes first
+#    when TAR does not exist (Debian's mirror only, no container registry: what CI does).
 # 2. `install.sh versions` in a throwaway container of the base (or, for --rootfs, as it ran in the
 #    root filesystem: TAR.versions): Debian, Python, the ffmpeg that will be installed, the
 #    architecture. They become build arguments, so the image's labels; the build checks them.
@@ -26,6 +26,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 
 engine="" base="docker.io/library/python:3.11-slim-bookworm" rootfs="" tag="" file="$HERE/Containerfile" wheels=""
+importing=""  # the pid of the root filesystem's import, running in the background
 
 fail() {
     echo "build.sh: $*" >&2
@@ -55,7 +56,7 @@ fi
 command -v "$engine" >/dev/null || fail "$engine is not installed"
 
 context=$(mktemp -d)
-trap 'rm -rf "$context"' EXIT
+trap 'if [ -n "$importing" ]; then kill "$importing" 2>/dev/null || true; fi; rm -rf "$context"' EXIT
 cp "$HERE/install.sh" "$context/install.sh"
 
 # A command in a throwaway container of an image, as root, with this script's standard input.
@@ -83,10 +84,15 @@ if [ -n "$rootfs" ]; then
         bash "$HERE/install.sh" rootfs "$rootfs"
     fi
     base=localhost/orchestrator-rootfs:bookworm
-    # What a Debian image from a registry sets; PATH and LANG are the Containerfile's own anyway.
-    printf '%s\n' 'FROM scratch' "ADD $(basename "$rootfs") /" 'CMD ["bash"]' >"$context/Containerfile.rootfs"
-    step "building $base from $rootfs"
-    "$engine" build --file "$context/Containerfile.rootfs" --tag "$base" "$(cd "$(dirname "$rootfs")" && pwd)"
+    step "importing $rootfs as $base (while the wheels are built)"
+    if [ "$engine" = buildah ]; then
+        # The tarball transport: the tar as the image's one layer, stored once (no FROM scratch +
+        # ADD, which unpacks it and then packs it again to commit).
+        buildah tag "$(buildah pull --quiet "tarball:$rootfs")" "$base" &
+    else
+        "$engine" import "$rootfs" "$base" >/dev/null &
+    fi
+    importing=$!
 fi
 
 # 2. What the base holds (for a root filesystem, install.sh rootfs wrote it down already).
@@ -94,6 +100,7 @@ declare -A found=()
 if [ -n "$rootfs" ] && [ -f "$rootfs.versions" ]; then
     versions=$(cat "$rootfs.versions")
 else
+    if [ -n "$importing" ]; then wait "$importing"; importing=""; fi
     step "reading the versions in $base"
     versions=$(run_in "$base" bash -s versions <"$HERE/install.sh")
 fi
@@ -128,6 +135,7 @@ version=$(echo "$package" | cut -d- -f2)
 tag=${tag:-orchestrator:$version}
 
 # 4. The image.
+if [ -n "$importing" ]; then wait "$importing"; importing=""; fi  # its failure fails the build here
 step "building $tag FROM $base"
 "$engine" build --file "$file" --tag "$tag" \
     --build-arg "BASE=$base" \

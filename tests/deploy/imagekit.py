@@ -141,12 +141,10 @@ def build(directory: Path) -> Iterator[Image]:
             pytest.fail(f"build.sh exited {result.returncode}:\n{log.read_text(errors='replace')[-6000:]}")
         yield image
     finally:
-        image.remove_containers()
-        storage = directory / "storage"
-        if storage.exists():
-            subprocess.run(["buildah", "rm", "--all"], capture_output=True, env=env, timeout=120)
-            subprocess.run(["buildah", "rmi", "--all", "--force"], capture_output=True, env=env, timeout=120)
-            shutil.rmtree(storage, ignore_errors=True)
+        # The vfs storage is plain directories (chroot isolation leaves no mount behind): deleting
+        # them deletes the containers and the images.
+        for storage in ("storage", "run"):
+            shutil.rmtree(directory / storage, ignore_errors=True)
         (directory / "rootfs.tar").unlink(missing_ok=True)
 
 

@@ -85,6 +85,20 @@ def test_image_holds_no_compiler_pip_caches_or_unloaded_gl_drivers(image: Image,
                                                "__pycache__ | grep -c 'cli.*pyc'")) == "1"  # fmt: skip
 
 
+def test_the_build_fails_when_the_base_is_not_what_the_labels_would_say(image: Image, container: str):
+    # install.sh system, as the build runs it (root, in the image), given each version wrong in turn.
+    debian = image.label("orchestrator.base.debian")
+    python = image.label("orchestrator.base.python")
+    ffmpeg = image.label("orchestrator.ffmpeg")
+    assert ok(image.run(container, "orchestrator-install", "system", debian, python, ffmpeg, user="0:0")) == ""
+    for wrong, reason in [((debian + "9", python, ffmpeg), f"the base is Debian {debian}, not {debian}9"),
+                          ((debian, "3.11.0", ffmpeg), f"the base's python3 is Python {python}, not 3.11.0"),
+                          ((debian, python, "7:5.1.0-1"), f"ffmpeg {ffmpeg} is installed, not 7:5.1.0-1")]:  # fmt: skip
+        result = image.run(container, "orchestrator-install", "system", *wrong, user="0:0")
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"install.sh: {reason}" in result.stderr
+
+
 def test_image_validates_the_deployed_profile_as_user_10001(image: Image, container: str, tmp_path: Path):
     profile = tmp_path / "profile.toml"
     profile.write_text(configmap_profile(render(OVERLAYS[0])))

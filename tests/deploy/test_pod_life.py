@@ -136,11 +136,12 @@ class PodRun:
         return self.process.wait(timeout)
 
     def stop_all(self) -> None:
+        """Kill whatever of this pod still runs: every process below the one started, then it (a
+        killed buildah run would leave the container's processes behind)."""
         if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                if self.main_pid is not None:
-                    for pid in [self.main_pid, *descendants(self.main_pid)]:
-                        os.kill(pid, signal.SIGKILL)
+            for pid in descendants(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.process.kill()
             self.process.wait()
 

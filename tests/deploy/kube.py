@@ -1,6 +1,7 @@
 """Rendering deploy/kubernetes with ``kubectl kustomize`` and reading the objects, for the deploy
 tests; and materialising a rendered pod on this host (its ConfigMap, Secret and volumes as
-directories, its environment) so that its container command can run as a plain process.
+directories, its environment) so that its container command can run as a plain process, or in
+the image with those directories mounted (owned as the kubelet leaves them for the fsGroup).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import functools
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,9 +101,13 @@ def group_of(objects: list[dict[str, Any]]) -> str:
 class Pod:
     """A rendered pod, materialised: its argv and environment, each mount path as a directory."""
 
-    argv: list[str]
+    argv: list[str]  # the container's command and args, its paths mapped to this host
     env: dict[str, str]
     mounts: dict[str, Path]  # mountPath -> local directory
+    command: list[str] = field(default_factory=list)  # the container's command and args, as in the manifest
+    read_only: set[str] = field(default_factory=set)  # the mountPaths mounted readOnly
+    file_modes: dict[str, int] = field(default_factory=dict)  # mountPath -> mode of a ConfigMap's or Secret's files
+    empty_dirs: set[str] = field(default_factory=set)  # the mountPaths of emptyDir volumes
 
     def local(self, path: str) -> str:
         """``path`` as the pod sees it -> the same file on this host."""
@@ -124,8 +129,13 @@ def materialise(objects: list[dict[str, Any]], root: Path) -> Pod:
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     claims = {c["metadata"]["name"] for c in statefulset["spec"].get("volumeClaimTemplates", [])}
     mounts: dict[str, Path] = {}
+    read_only: set[str] = set()
+    file_modes: dict[str, int] = {}
+    empty_dirs: set[str] = set()
     for mount in spec_container.get("volumeMounts", []):
         name = mount["name"]
+        if mount.get("readOnly"):
+            read_only.add(mount["mountPath"])
         if name in claims:
             directory = root / "pvc" / name
             directory.mkdir(parents=True, exist_ok=True)
@@ -139,10 +149,14 @@ def materialise(objects: list[dict[str, Any]], root: Path) -> Pod:
                 configmap = by_name(objects, "ConfigMap", volume["configMap"]["name"])
                 data = {k: v.encode() for k, v in configmap["data"].items()}
                 _write_items(directory, data, volume["configMap"].get("items"))
+                file_modes[mount["mountPath"]] = volume["configMap"].get("defaultMode", 0o644)
             elif "secret" in volume:
                 data = secret_data(objects, volume["secret"]["secretName"])
                 _write_items(directory, data, volume["secret"].get("items"))
-            elif "emptyDir" not in volume:
+                file_modes[mount["mountPath"]] = volume["secret"].get("defaultMode", 0o644)
+            elif "emptyDir" in volume:
+                empty_dirs.add(mount["mountPath"])
+            else:
                 raise AssertionError(f"volume {name}: no local stand-in for {sorted(volume)}")
         mounts[mount["mountPath"]] = directory
     env: dict[str, str] = {}
@@ -155,9 +169,32 @@ def materialise(objects: list[dict[str, Any]], root: Path) -> Pod:
         else:
             ref = item["valueFrom"]["configMapKeyRef"]
             env[item["name"]] = by_name(objects, "ConfigMap", ref["name"])["data"][ref["key"]]
-    pod = Pod(argv=[], env=env, mounts=mounts)
-    pod.argv = [pod.local(a) for a in [*spec_container.get("command", []), *spec_container.get("args", [])]]
+    command = [*spec_container.get("command", []), *spec_container.get("args", [])]
+    pod = Pod(argv=[], env=env, mounts=mounts, command=command, read_only=read_only, file_modes=file_modes,
+              empty_dirs=empty_dirs)  # fmt: skip
+    pod.argv = [pod.local(a) for a in command]
     return pod
+
+
+def own_as_the_kubelet(pod: Pod, objects: list[dict[str, Any]]) -> None:
+    """Give the pod's volume directories the group and modes the kubelet gives them for the pod's
+    ``fsGroup`` (owners stay): a ConfigMap's or Secret's files in their defaultMode, readable by
+    the group; an emptyDir 2777; a claim group-writable and setgid, unless its root already has
+    the group (``fsGroupChangePolicy: OnRootMismatch``). Needs root."""
+    group = pod_spec(objects)["securityContext"]["fsGroup"]
+    for mount_path, directory in pod.mounts.items():
+        claim = mount_path not in pod.file_modes and mount_path not in pod.empty_dirs
+        if claim and directory.stat().st_gid == group:
+            continue
+        for path in [directory, *directory.rglob("*")]:
+            os.chown(path, -1, group)
+            mode = path.stat().st_mode & 0o7777
+            if mount_path in pod.empty_dirs:
+                path.chmod(0o2777)
+            elif mount_path in pod.file_modes:
+                path.chmod(0o755 if path.is_dir() else pod.file_modes[mount_path])
+            else:
+                path.chmod(mode | (0o2070 if path.is_dir() else 0o060))
 
 
 def _write_items(directory: Path, data: dict[str, bytes], items: list[dict[str, str]] | None) -> None:

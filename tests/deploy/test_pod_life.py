@@ -1,13 +1,23 @@
-"""A pod's life, simulated on loopback: the primary overlay's rendered StatefulSet, its container
-command and args run as a plain process, with the ConfigMap and the Secret materialised as the
-files and environment variables the manifest mounts, the PersistentVolumeClaim as a directory
-that outlives each "pod", and `orchestrator ingest` servers standing in for the two ingest
-endpoints.
+"""A pod's life on loopback: the primary overlay's rendered StatefulSet, its container command and
+args run in the image built from deploy/container/Containerfile (the ``image`` fixture: buildah,
+chroot isolation, so the host's network), each "pod" a new container of the image, as user and
+group 10001 (the pod's securityContext), with the ConfigMap and the Secret materialised as the
+files and environment variables the manifest mounts, mounted where the pod mounts them and owned
+as the kubelet leaves them for the fsGroup; the PersistentVolumeClaim a directory that outlives
+each "pod", mounted as the state directory; `orchestrator ingest` servers on the host's loopback
+standing in for the two ingest endpoints.
+
+Where buildah cannot run (not installed, not root) the same test runs the command as a plain
+process instead, the mounts' paths mapped to their local directories: the pod simulated. Under
+CI=true the image is required (imagekit.engine_present).
 
 What the test changes in the rendered profile, and only that: the endpoints' scheme and host (to
 the loopback ingest servers; the publishing point paths stay), the metrics listen address (a free
-loopback port instead of the pod's 0.0.0.0:9464) and the absolute paths of the pod's mounts (to
-their local directories). It shows:
+loopback port instead of the pod's 0.0.0.0:9464: the container shares the host's network) and,
+simulated only, the absolute paths of the pod's mounts (to their local directories). The kubelet
+signals the container's main process: in the image that is the command's process under buildah's
+chroot (buildah run does not pass signals on), and SIGKILL kills every process of the container,
+as the end of its PID namespace would. It shows:
 
 1. ``/healthz`` answers while ``/readyz`` says 503 with its reason as long as no ingest server
    is up, and ``/readyz`` turns 200 only when every stream has a POST open at an ingest server;
@@ -19,6 +29,7 @@ their local directories). It shows:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -32,31 +43,31 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import imagekit
 import pytest
-from kube import KUBERNETES, Pod, configmap_profile, group_of, materialise, pod_spec, render
+from imagekit import Image
+from kube import KUBERNETES, Pod, configmap_profile, group_of, materialise, own_as_the_kubelet, pod_spec, render
 from rig import Orchestrator, free_port, get_status, wait_until
 
 from orchestrator.profile import parse_profile
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("ffmpeg") is None,
-                       reason="the deployed profile encodes with ffmpeg: apt-get install ffmpeg (see README)"),
-]  # fmt: skip
+pytestmark = pytest.mark.integration
 
 OVERLAY = KUBERNETES / "overlays" / "primary"
 VENV_BIN = Path(sys.executable).parent  # where `orchestrator` is, as /opt/orchestrator/bin is in the image
 
 
 class PodRun:
-    """One "pod": the rendered container's argv as a process, on the node directory ``node``."""
+    """One "pod": the rendered container's argv, on the node directory ``node``; in a new container
+    of ``image``, or as a process on this host when ``image`` is None."""
 
     def __init__(self, objects: list[dict[str, Any]], node: Path, ingest: dict[str, int], metrics_port: int,
-                 log: Path) -> None:  # fmt: skip
+                 log: Path, image: Image | None) -> None:  # fmt: skip
         self.pod: Pod = materialise(objects, node)
         self.log = log
-        profile_path = Path(self.pod.argv[2])
-        assert self.pod.argv[:2] == ["orchestrator", "up"]
+        self.image = image
+        assert self.pod.command[:2] == ["orchestrator", "up"]
+        profile_path = Path(self.pod.local(self.pod.command[2]))
         assert profile_path.is_file()
         text = profile_path.read_text()
         for host, port in ingest.items():
@@ -64,15 +75,90 @@ class PodRun:
             assert n > 0, host
         text, n = re.subn(r'^listen = "0\.0\.0\.0:\d+"$', f'listen = "127.0.0.1:{metrics_port}"', text, flags=re.M)
         assert n == 1
-        text, n = re.subn(r'"(/[^"]*)"', lambda m: f'"{self.pod.local(m.group(1))}"', text)
-        assert n > 0
+        if image is None:
+            text, n = re.subn(r'"(/[^"]*)"', lambda m: f'"{self.pod.local(m.group(1))}"', text)
+            assert n > 0
         profile_path.write_text(text)
-        # The image's environment (PATH with the package first; Python unbuffered) and the pod's.
-        env = {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
-               "PYTHONDONTWRITEBYTECODE": "1", **self.pod.env}  # fmt: skip
+        self.main_pid: int | None = None
         with log.open("wb") as out:
-            self.process = subprocess.Popen(self.pod.argv, env=env, cwd=self.pod.local("/tmp"), stdout=out,
-                                            stderr=subprocess.STDOUT)  # fmt: skip
+            if image is None:
+                # The image's environment (PATH with the package first; Python unbuffered) and the pod's.
+                env = {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
+                       "PYTHONDONTWRITEBYTECODE": "1", **self.pod.env}  # fmt: skip
+                self.process = subprocess.Popen(self.pod.argv, env=env, cwd=self.pod.local("/tmp"), stdout=out,
+                                                stderr=subprocess.STDOUT)  # fmt: skip
+                self.main_pid = self.process.pid
+            else:
+                security = pod_spec(objects)["securityContext"]
+                own_as_the_kubelet(self.pod, objects)
+                options = ["--user", f"{security['runAsUser']}:{security['runAsGroup']}"]
+                for mount_path, directory in self.pod.mounts.items():
+                    read_only = ":ro" if mount_path in self.pod.read_only else ""
+                    options += ["--volume", f"{directory}:{mount_path}{read_only}"]
+                for name, value in self.pod.env.items():
+                    options += ["--env", f"{name}={value}"]
+                argv = ["buildah", "run", *options, image.container(), "--", *self.pod.command]
+                self.process = subprocess.Popen(argv, env=image.env, stdout=out, stderr=subprocess.STDOUT)
+
+    def main_process(self) -> int:
+        """The pid of the container's main process: the command itself (under buildah's chroot, the
+        process whose command line ends with the container's args)."""
+        if self.main_pid is None:
+            tail = [a.encode() for a in self.pod.command[1:]]
+
+            def found() -> bool:
+                for pid in descendants(self.process.pid):
+                    try:
+                        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+                    except OSError:
+                        continue
+                    if cmdline[-len(tail) :] == tail and b"buildah" not in cmdline[0]:
+                        self.main_pid = pid
+                        return True
+                return False
+
+            wait_until(found, 30, "the container's main process", [self.log])
+        assert self.main_pid is not None
+        return self.main_pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        """What the kubelet does: ``sig`` to the container's main process; SIGKILL to each of the
+        container's processes (in the image; the simulated pod's ffmpeg ends by itself)."""
+        main = self.main_process()
+        doomed = [main, *descendants(main)] if sig == signal.SIGKILL and self.image is not None else [main]
+        for pid in doomed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def exit_code(self, timeout: float) -> int:
+        """The container's exit code: the command's (buildah run passes it on); a SIGKILL is -9
+        simulated, and in the image whatever buildah makes of it (not 0)."""
+        return self.process.wait(timeout)
+
+    def stop_all(self) -> None:
+        """Kill whatever of this pod still runs: every process below the one started, then it (a
+        killed buildah run would leave the container's processes behind)."""
+        if self.process.poll() is None:
+            for pid in descendants(self.process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            self.process.kill()
+            self.process.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` now, parents first (Linux /proc)."""
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop(0)
+        children = []
+        for task in Path(f"/proc/{parent}/task").glob("*"):  # a Go program (buildah) forks from any thread
+            with contextlib.suppress(OSError):
+                children += (task / "children").read_text().split()
+        found += [int(c) for c in children]
+        frontier += [int(c) for c in children]
+    return found
 
 
 def get(port: int, path: str) -> httpx.Response | None:
@@ -92,7 +178,18 @@ def group_posts(ports: list[int], group: str) -> list[tuple[int, dict[str, Any]]
     return found
 
 
-def test_pod_life_ready_graceful_stop_restart_and_kill(tmp_path: Path):
+@pytest.fixture
+def pod_image(request: pytest.FixtureRequest) -> Image | None:
+    """The image the pods run in; None where buildah cannot run (outside CI): then simulated."""
+    if imagekit.engine_present():
+        image: Image = request.getfixturevalue("image")
+        return image
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("the deployed profile encodes with ffmpeg: apt-get install ffmpeg (see README)")
+    return None
+
+
+def test_pod_life_ready_graceful_stop_restart_and_kill(tmp_path: Path, pod_image: Image | None):
     objects = render(OVERLAY)
     grace_period = pod_spec(objects)["terminationGracePeriodSeconds"]
     group = group_of(objects)
@@ -113,7 +210,7 @@ def test_pod_life_ready_graceful_stop_restart_and_kill(tmp_path: Path):
 
     def start(n: int) -> PodRun:
         logs.append(tmp_path / f"pod-{n}.log")
-        runs.append(PodRun(objects, node, ingest, metrics_port, logs[-1]))
+        runs.append(PodRun(objects, node, ingest, metrics_port, logs[-1], pod_image))
         return runs[-1]
 
     def fragments(since: dict[int, int]) -> dict[tuple[str, int], list[tuple[int, int]]]:
@@ -136,13 +233,13 @@ def test_pod_life_ready_graceful_stop_restart_and_kill(tmp_path: Path):
                    set(fragments(since)) == tracks, 20 + 4 * count * fragment, what, logs)  # fmt: skip
 
     def graceful_stop(run: PodRun, since: dict[int, int]) -> None:
+        run.main_process()
         started = time.monotonic()
-        run.process.send_signal(signal.SIGTERM)
+        run.signal(signal.SIGTERM)
         try:
-            code = run.process.wait(grace_period)
+            code = run.exit_code(grace_period)
         except subprocess.TimeoutExpired:
-            run.process.kill()
-            run.process.wait()
+            run.stop_all()
             pytest.fail(f"no exit within terminationGracePeriodSeconds ({grace_period} s): the kubelet would "
                         f"SIGKILL it\n{run.log.read_text()[-4000:]}")  # fmt: skip
         elapsed = time.monotonic() - started
@@ -191,14 +288,17 @@ def test_pod_life_ready_graceful_stop_restart_and_kill(tmp_path: Path):
         graceful_stop(first, since_1)
         state_files = list((node / "pvc").rglob("*.json"))
         assert [p.name for p in state_files] == [f"{profile.presentation.name}.{group}.json"]
+        if pod_image is not None:  # written by the pod's user, into the mounted volume
+            assert state_files[0].stat().st_uid == pod_spec(objects)["securityContext"]["runAsUser"]
         before = fragments(since_1)
 
         # 3. Rescheduled on the same volume: continues.
         since_2 = boundary()
         second = start(2)
         wait_fragments(since_2, 2, "2 fragments per track from the second pod")
-        second.process.send_signal(signal.SIGKILL)  # 4. then killed mid-run (OOM, lost node)
-        assert second.process.wait(10) == -signal.SIGKILL
+        second.signal(signal.SIGKILL)  # 4. then killed mid-run (OOM, lost node)
+        killed = second.exit_code(10)
+        assert killed == -signal.SIGKILL if pod_image is None else killed != 0
         after_second = fragments(since_2)
 
         since_3 = boundary()
@@ -222,8 +322,8 @@ def test_pod_life_ready_graceful_stop_restart_and_kill(tmp_path: Path):
         assert "supervisor.state.restored" in third.log.read_text()
     finally:
         for run in runs:
-            if run.process.poll() is None:
-                run.process.kill()
-                run.process.wait()
+            run.stop_all()
         for server in servers:
             server.stop()
+        if pod_image is not None:
+            pod_image.remove_containers()

@@ -54,7 +54,7 @@ from orchestrator.ops.metrics import Metrics
 from orchestrator.ops.openfiles import ensure_open_files, files_needed
 from orchestrator.ops.state import EncoderState, GroupState, LiveState
 from orchestrator.ops.view import StatusView
-from orchestrator.profile import FfmpegEncoder, Profile, parse_listen
+from orchestrator.profile import FfmpegEncoder, Profile, endpoint_key, parse_listen
 from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
 from orchestrator.push.connection import FILES_PER_PUBLISHER, Connector
 from orchestrator.push.connection import tls_context as tls_context  # re-exported: tests and callers use it from here
@@ -125,7 +125,7 @@ class _Planned:
         self.auth: dict[tuple[str, int], str | None] = {}  # Authorization header values: never logged
         for group_name in selected:
             for i, endpoint in enumerate(profile.groups[group_name].endpoints):
-                key_path = f"groups.{group_name}.endpoints[{i}]"
+                key_path = endpoint_key(group_name, endpoint)
                 try:
                     self.auth[(group_name, i)] = auth_for(endpoint)
                 except ValueError as exc:
@@ -201,11 +201,11 @@ class _Planned:
         """Each address the local ingest servers listen on -> the first endpoint key that set it."""
         addresses: dict[tuple[str, int], str] = {}
         for group_name in self.groups:
-            for i, endpoint in enumerate(self.profile.groups[group_name].endpoints):
+            for endpoint in self.profile.groups[group_name].endpoints:
                 parts = urlsplit(endpoint.url)
                 host = parts.hostname or "127.0.0.1"
                 address = ("127.0.0.1" if host == "localhost" else host, parts.port or 80)
-                addresses.setdefault(address, f"groups.{group_name}.endpoints[{i}].url")
+                addresses.setdefault(address, f"{endpoint_key(group_name, endpoint)}.url")
         return dict(sorted(addresses.items()))
 
     def lock_groups(self, stack: contextlib.ExitStack) -> None:

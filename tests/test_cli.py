@@ -40,8 +40,9 @@ def test_validate_demo_ok():
 
 
 @pytest.mark.parametrize(("old", "new", "expected"), [
-    ("bitrate = 800_000", 'bitrate = "fast"', "streams[0].tracks[0].bitrate: Input should be a valid integer"),
-    ('language = "eng"', 'language = "eng"\n  colour = "blue"', "streams[1].tracks[0].colour: unknown key"),
+    ("bitrate = 800_000", 'bitrate = "fast"',
+     'streams[video].tracks[video_360p].bitrate: "fast" is not a bitrate; write bits per second, e.g. 800000'),
+    ('language = "eng"', 'language = "eng"\n  colour = "blue"', "streams[audio].tracks[audio_eng].colour: unknown key"),
     ("fragment_duration = 2 ", "fragment_duration = 10 ",
      "presentation.fragment_duration: fragment duration 10 s is outside 2 to 6 s"),
     (DEMO_BACKUP_ENDPOINTS, "", "groups.backup.endpoints: required key is missing"),
@@ -75,14 +76,15 @@ def test_up_with_missing_secret_fails_before_going_live(tmp_path):
     env = {"ORCH_TEST_UNSET_SECRET": ""}
     result = run("up", str(path), "--duration", "1", "--status", "off", env=env)
     assert result.returncode == 2
-    assert "groups.primary.endpoints[1].credentials: environment variable ORCH_TEST_UNSET_SECRET" in result.stderr
+    assert ("groups.primary.endpoints[region-b].credentials: environment variable ORCH_TEST_UNSET_SECRET"
+            in result.stderr)  # fmt: skip
 
 
 def test_up_local_ingest_refuses_remote_endpoints(tmp_path):
     path = write_variant(tmp_path, "http://127.0.0.1:18081/live/demo.isml", "https://ingest.example.net/live/demo.isml")
     result = run("up", str(path), "--local-ingest", str(tmp_path / "archive"), "--duration", "1")
     assert result.returncode == 2
-    assert "groups.primary.endpoints[0].url: --local-ingest serves loopback endpoints only" in result.stderr
+    assert "groups.primary.endpoints[region-a].url: --local-ingest serves loopback endpoints only" in result.stderr
 
 
 def test_up_unknown_group(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -27,7 +28,14 @@ pytestmark = pytest.mark.integration
 def test_install_script_builds_a_working_orchestrator_in_a_scratch_prefix(tmp_path: Path):
     prefix = tmp_path / "opt-orchestrator"
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    result = subprocess.run(["bash", str(INSTALL), "app", str(prefix), str(ROOT)], capture_output=True, text=True,
+    # What the Containerfile copies to /src, copied here: pip builds in its source tree (build/),
+    # which must not be the user's checkout.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "orchestrator", src / "orchestrator", ignore=shutil.ignore_patterns("__pycache__"))
+    result = subprocess.run(["bash", str(INSTALL), "app", str(prefix), str(src)], capture_output=True, text=True,
                             env=env, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"orchestrator, version {__version__}" in result.stdout

@@ -110,11 +110,12 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str, logs:
                interval: float = 0.2) -> None:  # fmt: skip
     """Poll ``predicate`` until it is true; fail after ``timeout`` s naming ``what``, with the logs.
 
-    If a process of the rig whose log is among ``logs`` was running when the wait began and exits
-    during it (with ``predicate`` still false), fail at once with its exit code and the logs:
-    nothing it would have done can come any more."""
+    If a process of the rig whose log is among ``logs`` exits (or has exited) with ``predicate``
+    still false, fail at once with its exit code and the logs: nothing it would have done can
+    come any more. A process whose end the test has already seen (``wait()`` or ``poll()``
+    returned its code) is not watched: the test ended it, or knows."""
     logs = list(logs)
-    watched = [p for p in (_STARTED.get(Path(log).resolve()) for log in logs) if p and p.process.poll() is None]
+    watched = [p for p in (_STARTED.get(Path(log).resolve()) for log in logs) if p and p.process.returncode is None]
     started = time.monotonic()
     while time.monotonic() < started + timeout:
         if predicate():

@@ -66,9 +66,9 @@ def main(args: list[str]) -> int:
                 return 1
             time.sleep(0.5)
         print("the demo streams to all 8 endpoints; running the tests beside it", flush=True)
-        code = subprocess.run(
-            [sys.executable, "-m", "pytest", *(args or DEFAULT_TESTS)], cwd=ROOT, check=False
-        ).returncode
+        if not any(a.endswith(".py") or "::" in a or (ROOT / a).is_dir() for a in args):
+            args = [*args, *DEFAULT_TESTS]  # only options given: the default test files
+        code = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=ROOT, check=False).returncode
         if demo.poll() is not None:
             problems.append(f"the demo exited ({demo.returncode}) while the tests ran; its log: {log}")
         elif not streaming():

@@ -5,7 +5,8 @@ While streaming, every line fits in 80 columns, with the compact layout: each en
 whole name and region, each stream's index beside that fragment's shared-clock time (checked
 against the epoch), a footer naming the --log-file. After Ctrl-C: a last frame that says
 "stopped" (not "encoder down", not "not ready"), then the summary (fragments pushed per endpoint,
-where the archive and the state are), and exit code 0.
+where the archive and the state are), and exit code 0. With an endpoint unreachable, its state
+and each group's last error are on screen, within the 80 columns.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ pytestmark = [
 ]
 
 ROW = re.compile(r"^ *(?:(video|audio) +(\d+) +(\d\d:\d\d:\d\d) +)?(?:(primary|backup) +)?"
-                 r"(region-[ab]) +(eu-west|us-east) +(\S+) +(\d+)$")  # fmt: skip
+                 r"(region-[ab]) +(eu-west|us-east) +(\S.*?) +(\d+)$")  # fmt: skip
 
 
 class Pane:
@@ -138,3 +139,52 @@ def test_the_demo_table_fits_an_80x24_terminal_and_ctrl_c_leaves_a_clean_last_fr
         assert sorted(p.name for p in (tmp_path / archive).rglob("*.mp4")) == ["audio_eng.mp4", "video_360p.mp4"]
     assert summary[8] == "state, where the next up continues the timeline: state"
     assert "supervisor.stopped" in log.read_text()  # the INFO went to --log-file, not over the table
+
+
+def test_an_unreachable_endpoint_and_the_last_errors_fit_an_80x24_terminal(tmp_path: Path, ingest_server) -> None:
+    region_a = ingest_server("region-a")
+    closed = free_port()  # region-b: nothing listens there
+    demo_profile(tmp_path / "event.toml", (region_a.port, closed), metrics=f"127.0.0.1:{free_port()}",
+                 state_dir=Path("state"), encoder="synthetic")  # fmt: skip
+    pane = Pane(tmp_path)
+    log = tmp_path / "up.log"
+
+    def failing(lines: list[str]) -> bool:
+        states = [m[7] for m in map(ROW.match, lines) if m]
+        notes = [line for line in lines if ": last error " in line]
+        return (
+            states.count("streaming") == 4
+            and len(notes) == 2
+            and sum(s.startswith("reconnecting") for s in states) == 4
+        )
+
+    try:
+        pane.start(tmp_path, [sys.executable, "-m", "orchestrator", "--log-file", "up.log", "up", "event.toml"])
+        lines = wait_screen(
+            pane, failing, 90, "region-b reconnecting, with a backlog, and both groups' last error", log
+        )
+        top = next(i for i, line in enumerate(lines) if line.startswith("orchestrator: demo "))
+        assert lines[top].endswith("UTC  ready"), "one endpoint per group and stream streams: ready"
+        rows = [ROW.match(line) for line in lines[top + 3 : top + 11]]
+        assert all(rows), "\n".join(lines)
+        assert [(m[5], m[6]) for m in rows] == [("region-a", "eu-west"), ("region-b", "us-east")] * 4  # type: ignore[index]
+        for m in rows[1::2]:  # region-b: since how long, and (if the width holds it) its backlog; never wrapped
+            assert re.fullmatch(r"reconnecting \d+s(, backlog \d+s)?|reconnecting \d+s[^ ]*…", m[7]), m[7]  # type: ignore[index]
+        notes = [line for line in lines if ": last error " in line]
+        assert [line.split(":")[0] for line in notes] == ["primary", "backup"]
+        for note in notes:
+            assert re.match(r"(primary|backup): last error \d\d:\d\d:\d\d \(\d+s ago\) region-b: \S", note), note
+        pane.tmux("send-keys", "-t", "up", "C-c")
+        deadline = time.monotonic() + 30
+        while (code := pane.dead()) is None:
+            assert time.monotonic() < deadline, "up did not exit within 30 s of Ctrl-C"
+            time.sleep(0.5)
+        assert code == 0, "\n".join(pane.screen(history=True)) + tails([log])
+        history = pane.screen(history=True)
+    finally:
+        pane.kill()
+    end = history[max(i for i, line in enumerate(history) if line.startswith("orchestrator: demo ")) :]
+    assert end[0].endswith("UTC  stopped")
+    assert [ROW.match(line)[7] for line in end[3:11]] == ["stopped"] * 8  # type: ignore[index]
+    assert "  primary -> region-b (us-east): video 0, audio 0" in end
+    assert "  backup -> region-b (us-east): video 0, audio 0" in end

@@ -456,7 +456,7 @@ class StatusView:
             console = self.console or Console()
             footer = footer_text()
             with Live(view(self.document(), console.width, footer=footer), console=console, refresh_per_second=2,
-                      transient=False, vertical_overflow="crop") as live:  # fmt: skip
+                      transient=False) as live:  # fmt: skip
                 while not self._stopped.is_set():
                     with trio.move_on_after(0.5):
                         await self._stopped.wait()

@@ -77,10 +77,12 @@ def _to_fraction(value: Any, *, what: str, allow_decimal: bool) -> Fraction:
         return Fraction(value)
     if isinstance(value, float):
         if not allow_decimal:
-            raise ValueError(f'{what} must be an integer or a ratio such as "30000/1001", not {value!r}')
+            raise ValueError(f'{what} must be an integer or a ratio such as "30000/1001", not {_shown(value)}')
         value = repr(value)  # the decimal the user wrote, never the binary float
     if isinstance(value, str):
         text = value.strip()
+        if allow_decimal and text.endswith("s"):  # a duration as people write it: "2s", "120 s"
+            text = text[:-1].rstrip()
         if len(text) > MAX_NUMBER_TEXT:
             raise ValueError(f"{what} is {len(text)} characters long; at most {MAX_NUMBER_TEXT} are accepted")
         try:
@@ -91,11 +93,12 @@ def _to_fraction(value: Any, *, what: str, allow_decimal: bool) -> Fraction:
                 return Fraction(int(text))
             number = Decimal(text)
         except (ValueError, ZeroDivisionError, InvalidOperation):
-            raise ValueError(f'{what} {value!r} is not a number or a ratio such as "30000/1001"') from None
+            example = '2, 2.5, "2s" or "2002/1000"' if allow_decimal else '30, "25" or "30000/1001"'
+            raise ValueError(f"{what} {_shown(value)} is not a number; write {example}") from None
         # Checked before Fraction(), which would compute 10**exponent: "1e-999999999" is refused
         # at once, not after minutes of arithmetic.
         if not number.is_finite() or abs(number.adjusted()) > MAX_DECIMAL_EXPONENT:
-            raise ValueError(f"{what} {value!r} is out of range")
+            raise ValueError(f"{what} {_shown(value)} is out of range")
         result = Fraction(number)
         return result
     raise ValueError(f"{what} must be a number or a ratio string, got {type(value).__name__}")
@@ -365,19 +368,19 @@ class Endpoint(_Model):
         if parts.username or parts.password:
             raise ValueError("credentials in the URL are not allowed; use [credentials] with password_env")
         if parts.scheme not in ("http", "https"):
-            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+            raise ValueError(f"{_shown(value)} is not an http:// or https:// URL")
         if not parts.hostname:
-            raise ValueError(f"{value!r} has no host")
+            raise ValueError(f"{_shown(value)} has no host")
         if parts.query or parts.fragment:
             raise ValueError("the publishing point URL takes no query or fragment")
         # A Smooth publishing point ends in .isml; a CMAF one is any base URL (MediaPackage v2:
         # .../in/v1/<group>/1/<channel>). No check while the format itself is invalid.
         if info.data.get("format") == "smooth" and not parts.path.endswith(".isml"):
-            raise ValueError(f"{value!r} must be a publishing point ending in .isml, e.g. .../live/event.isml")
+            raise ValueError(f"{_shown(value)} must be a publishing point ending in .isml, e.g. .../live/event.isml")
         try:
             _ = parts.port
         except ValueError:
-            raise ValueError(f"{value!r} has an invalid port") from None
+            raise ValueError(f"{_shown(value)} has an invalid port") from None
         return value.rstrip("/")
 
     @field_validator("ca_file")
@@ -456,7 +459,7 @@ class LiveSource(_Model):
         if self.url is not None:
             parts = urlsplit(self.url)
             if parts.scheme not in _LIVE_SCHEMES:
-                raise ValueError(f"{self.url!r}: the scheme must be one of {', '.join(_LIVE_SCHEMES)}")
+                raise ValueError(f"{_shown(self.url)}: the scheme must be one of {', '.join(_LIVE_SCHEMES)}")
             if parts.password or "passphrase=" in parts.query or "streamid=" in parts.query:
                 raise ValueError("this URL carries a secret; put the whole URL in an environment variable (url_env)")
         return self
@@ -569,7 +572,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     """``"127.0.0.1:8080"`` or ``"[::1]:8080"`` -> (host, port). Raises ValueError otherwise."""
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{listen!r} is not host:port")
+        raise ValueError(f"{_shown(listen)} is not host:port")
     return host.strip("[]"), int(port)
 
 
@@ -696,9 +699,13 @@ def _key_path(loc: tuple[int | str, ...], data: Any = None) -> str:
     parts: list[str] = []
     for i, item in enumerate(loc):
         previous = loc[i - 1] if i else None
-        # Discriminated unions insert the tag ("video", "synthetic") into the location: skip it.
-        if isinstance(item, str) and (isinstance(previous, int) or previous == "encoder") and item in {
-            "video", "audio", "synthetic", "ffmpeg"} and not (isinstance(data, dict) and item in data):  # fmt: skip
+        # Discriminated unions insert the tag (a track's kind, an encoder's backend, a source's
+        # kind) into the location, where the TOML has no such key: skip it.
+        if isinstance(item, str) and isinstance(data, dict) and item not in data and item in (
+            data.get("kind"), data.get("backend")):  # fmt: skip
+            continue
+        if isinstance(item, str) and data is None and (isinstance(previous, int) or previous == "encoder") and item in {
+            "video", "audio", "synthetic", "ffmpeg"}:  # fmt: skip
             continue
         if isinstance(item, int):
             entries = data if isinstance(data, list) else []
@@ -735,6 +742,8 @@ def _reason(item: Any) -> str:
                  "less_than_equal": "at most"}[kind]  # fmt: skip
         limit = next(iter(ctx.values()), "")
         return f"{shown} is out of range: it must be {bound} {limit}"
+    if kind == "path_type":
+        return f"{shown} is not a path; write it in double quotes"
     if kind in ("string_type",):
         return f"{shown} is not text; write it in double quotes"
     if kind == "string_pattern_mismatch":

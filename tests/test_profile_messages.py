@@ -59,6 +59,15 @@ def test_a_bad_bitrate_is_repeated_with_an_example(written: str, reason: str) ->
     assert problems(("bitrate = 800_000", f"bitrate = {written}")) == [f"demo.toml: {VIDEO}.bitrate: {reason}"]
 
 
+def test_a_duration_takes_seconds_with_or_without_the_unit() -> None:
+    profile = parse_profile(edited(("fragment_duration = 2 ", 'fragment_duration = "2s" '),
+                                   ("{ seconds = 120,", '{ seconds = "90 s",')))  # fmt: skip
+    assert (profile.presentation.fragment_duration, profile.groups["primary"].max_backlog.seconds) == (2, 90)
+    assert problems(("fragment_duration = 2 ", 'fragment_duration = "2ms" ')) == [
+        'demo.toml: presentation.fragment_duration: duration "2ms" is not a number; write 2, 2.5, "2s" or "2002/1000"'
+    ]
+
+
 def test_the_same_units_in_the_json_schema() -> None:
     bitrate = json_schema()["$defs"]["VideoTrack"]["properties"]["bitrate"]
     assert [choice["type"] for choice in bitrate["anyOf"]] == ["integer", "string"]
@@ -90,6 +99,10 @@ def test_the_same_units_in_the_json_schema() -> None:
          "write an RFC 3339 instant such as 2026-01-01T00:00:00Z"),
         ('[metrics]\nlisten = "127.0.0.1:9464"', "[metrics]\nenabled = 1",
          "metrics.enabled: 1 is not true or false"),
+        ('source = { kind = "testpattern" }', 'source = { kind = "file", path = 5 }',
+         "groups.primary.encoder.source.path: 5 is not a path; write it in double quotes"),
+        ('source = { kind = "testpattern" }', 'source = { kind = "testpattern", burn_in_clock = "yes" }',
+         'groups.primary.encoder.source.burn_in_clock: "yes" is not true or false'),
         ('  region = "us-east"\n', '  region = 5\n',
          'groups.primary.endpoints[region-b].region: 5 is not text; write it in double quotes'),
     ],

@@ -49,7 +49,7 @@ class Pane:
 
     def screen(self, history: bool = False) -> list[str]:
         text = self.tmux("capture-pane", "-p", "-t", "up", *(["-S", "-", "-E", "-"] if history else []))
-        return text.rstrip("\n").split("\n")
+        return text.rstrip("\n").split("\n")  # without the blank rows under the last line drawn
 
     def dead(self) -> int | None:
         """The exit code of the pane's process once it has ended, else None."""

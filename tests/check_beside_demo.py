@@ -86,7 +86,8 @@ def main(args: list[str]) -> int:
     for problem in problems:
         print(f"check_beside_demo: {problem}", file=sys.stderr)
     if not problems:
-        print(f"check_beside_demo: ok: tests exit {code}, the demo ran throughout and exited 0, no new paths")
+        verdict = "ok" if code == 0 else f"the tests failed (pytest exit {code})"
+        print(f"check_beside_demo: {verdict}; the demo ran throughout and exited 0, no new paths in the checkout")
     return code or (1 if problems else 0)
 
 

@@ -66,7 +66,84 @@ def _error_in(group: BaseExceptionGroup[BaseException]) -> Exception | None:
     return None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+MAIN_EPILOG = """\b
+Try the demo (no outside server: its publishing points run in-process):
+  orchestrator up profiles/demo.toml --local-ingest demo-archive
+  orchestrator status           (in another terminal: what it is doing)
+
+\b
+A real event, one group per host:
+  orchestrator validate event.toml
+  orchestrator up event.toml --group primary      (host A)
+  orchestrator up event.toml --group backup       (host B)
+
+\b
+Installed in a virtualenv: activate it (. .venv/bin/activate) first.
+Shell completion, bash (zsh_source and fish_source for the others):
+  eval "$(_ORCHESTRATOR_COMPLETE=bash_source orchestrator)"
+
+Each command has its own examples: orchestrator COMMAND --help.
+"""
+UP_EPILOG = """\b
+Examples:
+  orchestrator up profiles/demo.toml --local-ingest demo-archive
+      the demo: both groups, local publishing points, until Ctrl-C
+  orchestrator up event.toml --group primary
+      this host's group of a real event (the other host runs --group backup)
+  orchestrator --log-file up.log up event.toml --duration 60
+      one minute; the whole log in up.log, the terminal keeps the table
+  orchestrator up event.toml --status log
+      log lines instead of the table (as in a pod's log)
+
+Ctrl-C (or SIGTERM) stops it gracefully: the fragment in flight is finished and every POST
+ended; the last frame says "stopped" and a summary says what was pushed where.
+"""
+STATUS_EPILOG = """\b
+Examples:
+  orchestrator status
+      the up on this host (127.0.0.1:9464)
+  orchestrator status --profile event.toml --watch
+      at that profile's metrics.listen, redrawn until Ctrl-C
+  orchestrator status --url http://10.0.0.5:9464
+      another host's up
+  orchestrator status > status.txt
+      piped: the full table at its own width, not cut to 80 columns
+  orchestrator status || echo "something is down"
+      exit 1 when an encoder or an endpoint is down, 3 when nothing answers
+"""
+VALIDATE_EPILOG = """\b
+Examples:
+  orchestrator validate profiles/demo.toml
+  orchestrator validate event.toml && orchestrator up event.toml
+
+\b
+Errors read "<file>: <key path>: <reason>" (exit 2), e.g.
+  event.toml: streams[video].tracks[video_360p].bitrate: "fast" is not a
+  bitrate; write bits per second, e.g. 800000, "800k" or "2.5M"
+"""
+RELAY_EPILOG = """\b
+Examples:
+  orchestrator relay event.toml --group primary
+      the primary encoder pushes Smooth ingest to this relay's listen
+      address (encoder = { backend = "relay", listen = ... }); the relay
+      pushes on to the group's endpoints and survives their outages
+  orchestrator relay event.toml --group backup      (on the backup's host)
+"""
+SCHEMA_EPILOG = """\b
+Example (completion and checks in an editor that reads JSON Schema):
+  orchestrator schema > orchestrator-profile.schema.json
+"""
+INGEST_EPILOG = """\b
+Examples:
+  orchestrator ingest --archive archive
+      a publishing point on 127.0.0.1:8080; push to
+      http://127.0.0.1:8080/live/NAME.isml
+  orchestrator ingest --listen 127.0.0.1:18081 --archive region-a
+      one of the demo's two regions (up --local-ingest runs them in-process)
+"""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=MAIN_EPILOG)
 @click.version_option(__version__, prog_name="orchestrator")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))  # fmt: skip
@@ -77,7 +154,7 @@ def main(log_level: str, log_file: Path | None) -> None:
     _setup_logging(log_level, log_file)
 
 
-@main.command()
+@main.command(epilog=UP_EPILOG)
 @click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--group", "groups", multiple=True, metavar="NAME",
               help="Run only this encoder group (repeatable); default: every group.")  # fmt: skip
@@ -110,7 +187,7 @@ def up(profile: Path, groups: tuple[str, ...], local_ingest: Path | None, durati
         _fail(error, 2 if isinstance(error, ProfileError) else 1)
 
 
-@main.command()
+@main.command(epilog=STATUS_EPILOG)
 @click.option("--url", metavar="URL",
               help="A running up's metrics listener, e.g. http://127.0.0.1:9464 "
                    "(default: the --profile's metrics.listen, else 127.0.0.1:9464).")  # fmt: skip
@@ -137,7 +214,7 @@ def status(url: str | None, profile: Path | None, watch: bool, interval: float) 
     sys.exit(show_status(url, watch=watch, interval=interval))
 
 
-@main.command()
+@main.command(epilog=VALIDATE_EPILOG)
 @click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
 def validate(profile: Path) -> None:
     """Check a profile (and probe its file sources); print what it describes, or the errors (exit 2)."""
@@ -156,14 +233,14 @@ def validate(profile: Path) -> None:
                f"fragment duration {p.fragment_duration} s")  # fmt: skip
 
 
-@main.command()
+@main.command(epilog=SCHEMA_EPILOG)
 def schema() -> None:
     """Print the profile's JSON Schema (for editors)."""
     schema_doc: dict[str, Any] = json_schema()
     click.echo(json.dumps(schema_doc, indent=2))
 
 
-@main.command()
+@main.command(epilog=INGEST_EPILOG)
 @click.option("--listen", default="127.0.0.1:8080", show_default=True, metavar="HOST:PORT",
               help="Where to accept ingest POSTs (loopback unless you say otherwise).")  # fmt: skip
 @click.option("--archive", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -191,7 +268,7 @@ def ingest(listen: str, archive: Path, max_connections: int, memory_budget_mib: 
         _fail(exc, 1)
 
 
-@main.command()
+@main.command(epilog=RELAY_EPILOG)
 @click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--group", metavar="NAME",
               help='The relay group to run (its encoder is { backend = "relay" }); default: the only one.')  # fmt: skip

@@ -1,8 +1,12 @@
 """The event profile: what to encode, how to group it into streams, and where to push it.
 
 A profile is a TOML file validated by the pydantic models below. Every error is reported as
-``<file>: <key path>: <reason>`` (for example ``demo.toml: streams[0].tracks[1].frame_rate:
-...``) through :class:`~orchestrator.errors.ProfileError`; unknown keys are rejected.
+``<file>: <key path>: <reason>`` through :class:`~orchestrator.errors.ProfileError`, in the
+user's words: the key path names list entries by their name (``demo.toml:
+streams[video].tracks[video_360p].bitrate: "fast" is not a bitrate; write bits per second, e.g.
+800000, "800k" or "2.5M"``), the reason repeats the value written and says what would do;
+unknown keys are rejected (with a "did you mean" when one is close). Where people write units,
+units are accepted: a bitrate as ``"800k"``, a size as ``"256MiB"``.
 
 Secrets never appear in a profile: an endpoint's credentials name an environment variable or a
 file that holds them (``password_env``, ``password_file``, ``token_env``, ``token_file``), and
@@ -73,10 +77,12 @@ def _to_fraction(value: Any, *, what: str, allow_decimal: bool) -> Fraction:
         return Fraction(value)
     if isinstance(value, float):
         if not allow_decimal:
-            raise ValueError(f'{what} must be an integer or a ratio such as "30000/1001", not {value!r}')
+            raise ValueError(f'{what} must be an integer or a ratio such as "30000/1001", not {_shown(value)}')
         value = repr(value)  # the decimal the user wrote, never the binary float
     if isinstance(value, str):
         text = value.strip()
+        if allow_decimal and text.endswith("s"):  # a duration as people write it: "2s", "120 s"
+            text = text[:-1].rstrip()
         if len(text) > MAX_NUMBER_TEXT:
             raise ValueError(f"{what} is {len(text)} characters long; at most {MAX_NUMBER_TEXT} are accepted")
         try:
@@ -87,11 +93,12 @@ def _to_fraction(value: Any, *, what: str, allow_decimal: bool) -> Fraction:
                 return Fraction(int(text))
             number = Decimal(text)
         except (ValueError, ZeroDivisionError, InvalidOperation):
-            raise ValueError(f'{what} {value!r} is not a number or a ratio such as "30000/1001"') from None
+            example = '2, 2.5, "2s" or "2002/1000"' if allow_decimal else '30, "25" or "30000/1001"'
+            raise ValueError(f"{what} {_shown(value)} is not a number; write {example}") from None
         # Checked before Fraction(), which would compute 10**exponent: "1e-999999999" is refused
         # at once, not after minutes of arithmetic.
         if not number.is_finite() or abs(number.adjusted()) > MAX_DECIMAL_EXPONENT:
-            raise ValueError(f"{what} {value!r} is out of range")
+            raise ValueError(f"{what} {_shown(value)} is out of range")
         result = Fraction(number)
         return result
     raise ValueError(f"{what} must be a number or a ratio string, got {type(value).__name__}")
@@ -101,6 +108,51 @@ def _fraction_text(value: Fraction) -> str:
     return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
 
 
+BITRATE_EXAMPLE = 'bits per second, e.g. 800000, "800k" or "2.5M"'
+_BITRATE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKMG]?)(?:bps|bit/s|b/s)?")
+_BITRATE_UNITS = {"": 1, "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}  # SI, as ffmpeg's: k = 1000; m is milli
+
+
+def _bits_per_second(value: Any) -> Any:
+    """``800000``, ``"800k"``, ``"800 kbps"``, ``"2.5M"`` -> 800000, 800000, 800000, 2500000.
+    Integers pass through (the range is checked after); anything else is refused with an example."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    shown = _shown(value)
+    if isinstance(value, str) and len(value) <= MAX_NUMBER_TEXT and (match := _BITRATE.fullmatch(value.strip())):
+        bits = Decimal(match[1]) * _BITRATE_UNITS[match[2]]
+        if bits != bits.to_integral_value():
+            raise ValueError(f"{shown} is not a whole number of bits per second; write {BITRATE_EXAMPLE}")
+        return int(bits)
+    raise ValueError(f"{shown} is not a bitrate; write {BITRATE_EXAMPLE}")
+
+
+def _shown(value: Any) -> str:
+    """A value as the user wrote it in TOML: strings in double quotes, booleans lower case, long
+    values cut."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str):
+        text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    elif isinstance(value, int | float | Decimal | Fraction):
+        text = str(value)
+    elif isinstance(value, dict):
+        text = "a table"
+    elif isinstance(value, list):
+        text = "a list"
+    else:
+        text = str(value)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+Bitrate = Annotated[
+    StrictInt,
+    BeforeValidator(_bits_per_second),
+    Field(gt=0, le=UINT32_MAX),
+    WithJsonSchema({"anyOf": [{"type": "integer", "exclusiveMinimum": 0, "maximum": UINT32_MAX},
+                              {"type": "string", "pattern": _BITRATE.pattern}],
+                    "description": BITRATE_EXAMPLE + " (k = 1000, M = 1000000)"}),
+]  # fmt: skip
 FrameRate = Annotated[
     Fraction,
     BeforeValidator(lambda v: _to_fraction(v, what="frame rate", allow_decimal=False)),
@@ -126,7 +178,7 @@ class VideoTrack(_Model):
 
     kind: Literal["video"]
     name: str = Field(pattern=NAME_PATTERN)
-    bitrate: StrictInt = Field(gt=0, le=UINT32_MAX, description="bits per second")
+    bitrate: Bitrate
     width: StrictInt = Field(ge=16, le=7680)
     height: StrictInt = Field(ge=16, le=4320)
     frame_rate: FrameRate
@@ -164,7 +216,7 @@ class AudioTrack(_Model):
 
     kind: Literal["audio"]
     name: str = Field(pattern=NAME_PATTERN)
-    bitrate: StrictInt = Field(gt=0, le=UINT32_MAX, description="bits per second")
+    bitrate: Bitrate
     sample_rate: StrictInt = Field(ge=8000, le=96000)
     channels: StrictInt = Field(default=2, ge=1, le=8)
     language: str = Field(default="und", pattern=r"^[a-z]{3}$", description="ISO 639-2/T code")
@@ -316,19 +368,19 @@ class Endpoint(_Model):
         if parts.username or parts.password:
             raise ValueError("credentials in the URL are not allowed; use [credentials] with password_env")
         if parts.scheme not in ("http", "https"):
-            raise ValueError(f"{value!r} is not an http:// or https:// URL")
+            raise ValueError(f"{_shown(value)} is not an http:// or https:// URL")
         if not parts.hostname:
-            raise ValueError(f"{value!r} has no host")
+            raise ValueError(f"{_shown(value)} has no host")
         if parts.query or parts.fragment:
             raise ValueError("the publishing point URL takes no query or fragment")
         # A Smooth publishing point ends in .isml; a CMAF one is any base URL (MediaPackage v2:
         # .../in/v1/<group>/1/<channel>). No check while the format itself is invalid.
         if info.data.get("format") == "smooth" and not parts.path.endswith(".isml"):
-            raise ValueError(f"{value!r} must be a publishing point ending in .isml, e.g. .../live/event.isml")
+            raise ValueError(f"{_shown(value)} must be a publishing point ending in .isml, e.g. .../live/event.isml")
         try:
             _ = parts.port
         except ValueError:
-            raise ValueError(f"{value!r} has an invalid port") from None
+            raise ValueError(f"{_shown(value)} has an invalid port") from None
         return value.rstrip("/")
 
     @field_validator("ca_file")
@@ -407,7 +459,7 @@ class LiveSource(_Model):
         if self.url is not None:
             parts = urlsplit(self.url)
             if parts.scheme not in _LIVE_SCHEMES:
-                raise ValueError(f"{self.url!r}: the scheme must be one of {', '.join(_LIVE_SCHEMES)}")
+                raise ValueError(f"{_shown(self.url)}: the scheme must be one of {', '.join(_LIVE_SCHEMES)}")
             if parts.password or "passphrase=" in parts.query or "streamid=" in parts.query:
                 raise ValueError("this URL carries a secret; put the whole URL in an environment variable (url_env)")
         return self
@@ -562,7 +614,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     """``"127.0.0.1:8080"`` or ``"[::1]:8080"`` -> (host, port). Raises ValueError otherwise."""
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{listen!r} is not host:port")
+        raise ValueError(f"{_shown(listen)} is not host:port")
     return host.strip("[]"), int(port)
 
 
@@ -695,18 +747,45 @@ class Profile(_Model):
         raise KeyError(stream_id)
 
 
-def _key_path(loc: tuple[int | str, ...]) -> str:
+def entry_name(entry: Any, siblings: Sequence[Any] = ()) -> str | None:
+    """The name a person gave a list entry (a track's or endpoint's ``name``, a stream's ``id``),
+    if it is one to name it by: a valid name, not all digits (``[0]`` is an index), and unique
+    among ``siblings``."""
+    if not isinstance(entry, dict):
+        return None
+    key = "name" if "name" in entry else "id"
+    name = entry.get(key)
+    if not isinstance(name, str) or not re.match(NAME_PATTERN, name) or name.isdigit():
+        return None
+    if sum(isinstance(s, dict) and s.get(key) == name for s in siblings) > 1:
+        return None
+    return name
+
+
+def _key_path(loc: tuple[int | str, ...], data: Any = None) -> str:
+    """A pydantic error location as the key path a person finds in the TOML: list entries by
+    their name where they have one (``streams[video].tracks[video_360p].bitrate``), else by
+    index (``streams[0]``)."""
     parts: list[str] = []
     for i, item in enumerate(loc):
         previous = loc[i - 1] if i else None
-        # Discriminated unions insert the tag ("video", "synthetic") into the location: skip it.
-        if isinstance(item, str) and (isinstance(previous, int) or previous == "encoder") and item in {
-            "video", "audio", "synthetic"}:  # fmt: skip
+        # Discriminated unions insert the tag (a track's kind, an encoder's backend, a source's
+        # kind) into the location, where the TOML has no such key: skip it.
+        if isinstance(item, str) and isinstance(data, dict) and item not in data and item in (
+            data.get("kind"), data.get("backend")):  # fmt: skip
+            continue
+        if isinstance(item, str) and data is None and (isinstance(previous, int) or previous == "encoder") and item in {
+            "video", "audio", "synthetic", "ffmpeg"}:  # fmt: skip
             continue
         if isinstance(item, int):
-            parts.append(f"[{item}]")
+            entries = data if isinstance(data, list) else []
+            entry = entries[item] if 0 <= item < len(entries) else None
+            name = entry_name(entry, entries)
+            parts.append(f"[{item if name is None else name}]")
+            data = entry
         else:
             parts.append(("." if parts else "") + item)
+            data = data.get(item) if isinstance(data, dict) else None
     return "".join(parts)
 
 
@@ -714,21 +793,78 @@ _REASONS = {
     "extra_forbidden": "unknown key",
     "missing": "required key is missing",
 }
+_PATTERNS = {  # what a pattern asks for, in words
+    NAME_PATTERN: "letters, digits, '_', '.' and '-', starting with a letter or digit",
+    r"^[a-z]{3}$": 'a three-letter ISO 639-2/T language code such as "eng"',
+}
 
 
-def problems_from(error: ValidationError) -> list[tuple[str, str]]:
+def _reason(item: Any) -> str:
+    """pydantic's error ``item`` in the user's words, repeating the value they wrote."""
+    kind, ctx, value = item["type"], item.get("ctx") or {}, item.get("input")
+    shown = _shown(value)
+    if kind in _REASONS:
+        return _REASONS[kind]
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"{shown} is not a whole number"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        bound = {"greater_than": "more than", "greater_than_equal": "at least", "less_than": "less than",
+                 "less_than_equal": "at most"}[kind]  # fmt: skip
+        limit = next(iter(ctx.values()), "")
+        return f"{shown} is out of range: it must be {bound} {limit}"
+    if kind == "path_type":
+        return f"{shown} is not a path; write it in double quotes"
+    if kind in ("string_type",):
+        return f"{shown} is not text; write it in double quotes"
+    if kind == "string_pattern_mismatch":
+        wanted = _PATTERNS.get(ctx.get("pattern", ""), f"text matching {ctx.get('pattern')}")
+        return f"{shown} is not valid here: write {wanted}"
+    if kind == "literal_error":
+        return f"{shown} is not one of {ctx.get('expected')}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"{shown} is not true or false"
+    if kind == "union_tag_invalid":
+        key = str(ctx.get("discriminator")).strip("'")
+        return f"{key} = {_shown(ctx.get('tag'))} is not one of {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return f"required key is missing: {str(ctx.get('discriminator')).strip(chr(39))}"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{shown} is not a table; write [table] or {{ key = value }}"
+    if kind == "list_type":
+        return f"{shown} is not a list; write [[array-of-tables]] or [ ... ]"
+    if kind.startswith("datetime") or kind.startswith("date_"):
+        return f"{shown} is not a date and time; write an RFC 3339 instant such as 2026-01-01T00:00:00Z"
+    if kind.startswith("byte_size"):
+        return f'{shown} is not a size; write bytes as a whole number or with a unit, e.g. "256MiB" or "1GB"'
+    if kind == "too_short":
+        return f"needs at least one entry ({item['msg']})"
+    reason = str(item["msg"]).removeprefix("Value error, ")
+    if kind != "value_error" and isinstance(value, str | int | float) and shown not in reason:
+        reason += f" (got {shown})"
+    return reason
+
+
+def problems_from(error: ValidationError, data: Any = None) -> list[tuple[str, str]]:
+    """The errors of validating ``data`` as (key path, reason) pairs, in the user's words."""
     problems = []
     for item in error.errors(include_url=False):
-        reason = _REASONS.get(item["type"], item["msg"])
-        if item["type"] == "too_short" and item["loc"] and item["loc"][-1] in ("endpoints", "streams", "tracks"):
-            reason = f"needs at least one entry ({item['msg']})"
+        reason = _reason(item)
         if item["type"] == "extra_forbidden" and item["loc"] and isinstance(item["loc"][-1], str):
             close = difflib.get_close_matches(item["loc"][-1], _keys_at(item["loc"][:-1]), n=1)
             if close:
                 reason += f"; did you mean {close[0]!r}?"
-        reason = reason.removeprefix("Value error, ")
-        problems.append((_key_path(item["loc"]), reason))
+        problems.append((_key_path(item["loc"], data), reason))
     return problems
+
+
+def track_key(stream: Stream, track: VideoTrack | AudioTrack) -> str:
+    """``streams[video].tracks[video_360p]``: a validated track's key path (names are unique)."""
+    return f"streams[{stream.id}].tracks[{track.name}]"
+
+
+def endpoint_key(group: str, endpoint: Endpoint) -> str:
+    """``groups.primary.endpoints[region-a]``: a validated endpoint's key path (names are unique)."""
+    return f"groups.{group}.endpoints[{endpoint.name}]"
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -789,15 +925,15 @@ def runnable_problems(profile: Profile, now_ns: int) -> list[tuple[str, str]]:
             )
         )
     problems += _cmaf_problems(profile)
-    for i, stream in enumerate(profile.streams):
-        for j, track in enumerate(stream.tracks):
+    for stream in profile.streams:
+        for track in stream.tracks:
             timescale = track.clock_timescale(p)
             if span * timescale > UINT64_MAX:
                 # The key to change: a video track's own timescale, else the presentation's; an
                 # audio track's timescale is its sample rate, so only the epoch can move.
                 key = "presentation.epoch"
                 if isinstance(track, VideoTrack):
-                    key = f"streams[{i}].tracks[{j}].timescale" if track.timescale else "presentation.video_timescale"
+                    key = f"{track_key(stream, track)}.timescale" if track.timescale else "presentation.video_timescale"
                 problems.append(
                     (
                         key,
@@ -824,9 +960,9 @@ def _cmaf_problems(profile: Profile) -> list[tuple[str, str]]:
                              f"{timescale}, so CMAF times (ticks since 1970) could not be exact"))  # fmt: skip
     names = [f"{s.id}-{t.name}" for s in profile.streams for t in s.tracks]
     clashes = sorted({n for n in names if names.count(n) > 1})
-    for group, i, endpoint in endpoints:
+    for group, _, endpoint in endpoints:
         if endpoint.cmaf_paths == "streams" and clashes:
-            problems.append((f"groups.{group}.endpoints[{i}].cmaf_paths", "two tracks would share the path "
+            problems.append((f"{endpoint_key(group, endpoint)}.cmaf_paths", "two tracks would share the path "
                              f"Streams({clashes[0]}); rename one or use cmaf_paths = \"template\""))  # fmt: skip
     return problems
 
@@ -865,7 +1001,7 @@ def parse_profile(text: str, path: str = "<profile>", *, now_ns: int | None = No
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(path, problems_from(exc)) from None
+        raise ProfileError(path, problems_from(exc, data)) from None
     problems = runnable_problems(profile, time.time_ns() if now_ns is None else now_ns)
     if problems:
         raise ProfileError(path, problems)

@@ -58,7 +58,7 @@ from orchestrator.ops.state import EncoderState, GroupState, LiveState
 from orchestrator.ops.thumbnails import Thumbnailer
 from orchestrator.ops.thumbnails import find_ffmpeg as find_decoder
 from orchestrator.ops.view import StatusView
-from orchestrator.profile import FfmpegEncoder, Profile, RelayEncoder, parse_listen
+from orchestrator.profile import FfmpegEncoder, Profile, RelayEncoder, endpoint_key, parse_listen
 from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
 from orchestrator.push.connection import FILES_PER_PUBLISHER, Connector
 from orchestrator.push.connection import tls_context as tls_context  # re-exported: tests and callers use it from here
@@ -136,7 +136,7 @@ class _Planned:
         self.auth: dict[tuple[str, int], str | None] = {}  # Authorization header values: never logged
         for group_name in selected:
             for i, endpoint in enumerate(profile.groups[group_name].endpoints):
-                key_path = f"groups.{group_name}.endpoints[{i}]"
+                key_path = endpoint_key(group_name, endpoint)
                 try:
                     self.auth[(group_name, i)] = auth_for(endpoint)
                 except ValueError as exc:
@@ -212,11 +212,11 @@ class _Planned:
         """Each address the local ingest servers listen on -> the first endpoint key that set it."""
         addresses: dict[tuple[str, int], str] = {}
         for group_name in self.groups:
-            for i, endpoint in enumerate(self.profile.groups[group_name].endpoints):
+            for endpoint in self.profile.groups[group_name].endpoints:
                 parts = urlsplit(endpoint.url)
                 host = parts.hostname or "127.0.0.1"
                 address = ("127.0.0.1" if host == "localhost" else host, parts.port or 80)
-                addresses.setdefault(address, f"groups.{group_name}.endpoints[{i}].url")
+                addresses.setdefault(address, f"{endpoint_key(group_name, endpoint)}.url")
         return dict(sorted(addresses.items()))
 
     def lock_groups(self, stack: contextlib.ExitStack) -> None:
@@ -247,18 +247,22 @@ async def run_up(
     """
     wall = wall or SystemWallClock()
     metrics = Metrics(registry)
-    plan = _Planned(profile, options, metrics)
-    running = Running(presentation=profile.presentation.name,
-                      fragment_duration=float(profile.presentation.fragment_duration))  # fmt: skip
-    metrics.describe_profile(profile.presentation.name, list(profile.groups), plan.groups,
-                             profile.presentation.epoch_ns / 1e9, running.fragment_duration)  # fmt: skip
-    metrics.endpoint_state.watch(running)
-    metrics.push_lag.watch(running)
-
-    with contextlib.ExitStack() as locks:
-        plan.lock_groups(locks)
-        await _run_services(plan, options, running, wall, task_status)
-    log.info("supervisor.stopped")
+    p = profile.presentation
+    running = Running(presentation=p.name, fragment_duration=float(p.fragment_duration), epoch_ns=p.epoch_ns,
+                      fragment_duration_exact=p.fragment_duration, started_wall=wall.now_ns() / 1e9,
+                      state_dir=None if profile.state.dir is None else str(profile.state.dir))  # fmt: skip
+    view = StatusView(running, interval=running.fragment_duration, mode=options.status)
+    with view.quiet_console():  # on a terminal the table is the view: the console keeps to warnings
+        plan = _Planned(profile, options, metrics)
+        metrics.describe_profile(p.name, list(profile.groups), plan.groups, p.epoch_ns / 1e9,
+                                 running.fragment_duration)  # fmt: skip
+        metrics.endpoint_state.watch(running)
+        metrics.push_lag.watch(running)
+        with contextlib.ExitStack() as locks:
+            plan.lock_groups(locks)
+            await _run_services(plan, options, running, wall, view, task_status)
+        log.info("supervisor.stopped")
+        view.print_summary()
 
 
 async def _listen(
@@ -290,7 +294,12 @@ def _os_error(exc: BaseException) -> OSError | None:
 
 
 async def _run_services(
-    plan: _Planned, options: UpOptions, running: Running, wall: WallClock, task_status: trio.TaskStatus[Running]
+    plan: _Planned,
+    options: UpOptions,
+    running: Running,
+    wall: WallClock,
+    view: StatusView,
+    task_status: trio.TaskStatus[Running],
 ) -> None:
     profile, metrics = plan.profile, plan.metrics
     async with trio.open_nursery() as services:
@@ -303,6 +312,7 @@ async def _run_services(
                 bound = await _listen(services, f"{key} with --local-ingest", host, port,
                                       functools.partial(serve_ingest, archive_dir=archive))  # fmt: skip
                 running.ingest_addresses.append(bound)
+                running.archives.append(str(archive))
         if profile.metrics.enabled:
             host, port = parse_listen(profile.metrics.listen)
             if profile.monitor.enabled:
@@ -317,7 +327,7 @@ async def _run_services(
         if options.duration is not None:
             services.start_soon(_stop_after, options.duration, running.stop)
 
-        await _run_groups(plan, options, running, wall, services, task_status)
+        await _run_groups(plan, options, running, wall, view, services, task_status)
         services.cancel_scope.cancel()
 
 
@@ -326,11 +336,13 @@ async def _run_groups(
     options: UpOptions,
     running: Running,
     wall: WallClock,
+    view: StatusView,
     services: trio.Nursery,
     task_status: trio.TaskStatus[Running],
 ) -> None:
     """Build the groups' publishers and encoders and run them; ``services`` runs what serves them
-    all (the idle sweeper, the garbage-collection pacer) and is cancelled by the caller after."""
+    all (the idle sweeper, the garbage-collection pacer) and is cancelled by the caller after.
+    The status view runs until the last publisher has ended, then draws its last frame."""
     profile, metrics = plan.profile, plan.metrics
     publishers: list[Publisher] = []
     encoders: list[GroupEncoder] = []
@@ -385,7 +397,6 @@ async def _run_groups(
         encoders.append(encoder)
         running.group_encoders.append(encoder)
 
-    view = StatusView(running, interval=float(profile.presentation.fragment_duration), mode=options.status)
     log.info("supervisor.started profile=%s groups=%s streams=%d publishers=%d", profile.presentation.name,
              ",".join(plan.groups), len(profile.streams), len(publishers))  # fmt: skip
     # Garbage is collected in the quiet middle of each fragment duration, not in the bursts at
@@ -393,26 +404,28 @@ async def _run_groups(
     pacer = GcPacer(profile.presentation.epoch_ns, profile.presentation.fragment_duration, wall)
     with paced_collection():
         services.start_soon(pacer.run)
-        async with trio.open_nursery() as publishers_nursery:
-            for publisher in publishers:
-                publishers_nursery.start_soon(publisher.run)
-            publishers_nursery.start_soon(view.run)
-            async with trio.open_nursery() as encoders_nursery:
-                for encoder in encoders:
-                    encoders_nursery.start_soon(encoder.run)
-                task_status.started(running)
-                await running.stop.wait()
-                deadline = trio.current_time() + options.shutdown_grace
-                log.info("supervisor.stopping grace_seconds=%g", options.shutdown_grace)
-                # Finish the fragment in flight, but leave the publishers at least a third of the grace.
-                async with trio.open_nursery() as finishing:
+        async with trio.open_nursery() as view_nursery:
+            view_nursery.start_soon(view.run)
+            async with trio.open_nursery() as publishers_nursery:
+                for publisher in publishers:
+                    publishers_nursery.start_soon(publisher.run)
+                async with trio.open_nursery() as encoders_nursery:
                     for encoder in encoders:
-                        finishing.start_soon(encoder.finish, options.shutdown_grace * 2 / 3)
-                encoders_nursery.cancel_scope.deadline = trio.current_time() + 1.0
-            for fanout in fanouts:
-                fanout.close()
-            view.stop()
-            publishers_nursery.cancel_scope.deadline = deadline
+                        encoders_nursery.start_soon(encoder.run)
+                    task_status.started(running)
+                    await running.stop.wait()
+                    running.stopping = True  # the view says "stopping", not "encoder down"
+                    deadline = trio.current_time() + options.shutdown_grace
+                    log.info("supervisor.stopping grace_seconds=%g", options.shutdown_grace)
+                    # Finish the fragment in flight, but leave the publishers at least a third of the grace.
+                    async with trio.open_nursery() as finishing:
+                        for encoder in encoders:
+                            finishing.start_soon(encoder.finish, options.shutdown_grace * 2 / 3)
+                    encoders_nursery.cancel_scope.deadline = trio.current_time() + 1.0
+                for fanout in fanouts:
+                    fanout.close()
+                publishers_nursery.cancel_scope.deadline = deadline
+            view.stop()  # every publisher has ended: the last frame says "stopped"
 
 
 def _monitor(plan: _Planned, running: Running) -> UpMonitor:

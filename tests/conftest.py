@@ -1,6 +1,12 @@
 """Shared fixtures: the packaged ffmpeg clips, read once per session; the rig's processes
 (``orchestrators``, ``ingest_server``, ``up_process``: see ``rig.py``), whose logs' tails a failing
-test's report shows. Plugins: ``ci_skips`` (under ``CI=true`` a skipped test fails the run)."""
+test's report shows. Plugins: ``ci_skips`` (under ``CI=true`` a skipped test fails the run).
+
+The tests leave the checkout alone: the session works in a temporary directory (``away_from_the_checkout``),
+every process the rig starts runs in its test's ``tmp_path``, and every port is a free one, so
+the suite passes while the demo (``orchestrator up profiles/demo.toml --local-ingest
+demo-archive``, with its ``demo-state``, ports 18081, 18082 and 9464) runs in the same checkout.
+``tests/check_beside_demo.py`` shows it."""
 
 from __future__ import annotations
 
@@ -19,6 +25,16 @@ MEDIA = Path(__file__).resolve().parent.parent / "orchestrator" / "encode" / "me
 
 Clip = tuple[TrackHeader, tuple[Sample, ...]]
 """The one track of a packaged clip: its header as ffmpeg wrote it, and its samples."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def away_from_the_checkout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The whole session in a temporary working directory: a relative path anywhere (a profile's
+    ``[state] dir = "demo-state"``, an archive) lands there, never in the user's checkout."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        yield cwd
 
 
 def read_clip(name: str) -> Clip:
@@ -50,14 +66,16 @@ def audio_clip() -> Clip:
 
 @pytest.fixture
 def orchestrators(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Orchestrator]]:
-    """Start ``python -m orchestrator ARGS`` with ``log=`` a file name under ``tmp_path`` (or a path);
-    whatever still runs at teardown is killed. A failing test's report shows every log's tail."""
+    """Start ``python -m orchestrator ARGS`` in ``tmp_path`` with ``log=`` a file name under
+    ``tmp_path`` (or a path); whatever still runs at teardown is killed. A failing test's report
+    shows every log's tail, and a :func:`rig.wait_until` given its log fails as soon as it exits."""
     started: list[Orchestrator] = []
     logs: list[Path] = []
     request.node.stash[RIG_LOGS] = logs
 
     def start(*args: str, log: str | Path, **popen: object) -> Orchestrator:
         path = log if isinstance(log, Path) else tmp_path / log
+        popen.setdefault("cwd", tmp_path)  # relative paths in its profile land in the test's directory
         process = Orchestrator(*args, log=path, **popen)
         started.append(process)
         logs.append(path)

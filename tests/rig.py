@@ -4,7 +4,8 @@ orchestrator (as processes, as an operator starts them, or in-process on trio).
 * Profiles: :mod:`orchestrator.testing.profiles` (re-exported here), keyword overrides on a plain
   two-group loopback profile; bench/ uses the same builder.
 * :func:`free_port`; :func:`wait_until` (sync, polls) and :func:`wait_for` (trio, polls; the
-  predicate may be sync or async). Both fail with what they waited for and the logs' tails.
+  predicate may be sync or async). Both fail with what they waited for and the logs' tails;
+  :func:`wait_until` at once if a process of the rig whose log it was given exits meanwhile.
 * :class:`Orchestrator`: ``python -m orchestrator ...`` with its output in a log file;
   ``stop()`` is SIGTERM and a bounded wait. The fixtures in ``conftest.py`` (``orchestrators``,
   ``ingest_server``, ``up_process``) start them, stop what is left at teardown, and add every
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -72,6 +74,8 @@ DEMO_BACKUP_ENDPOINTS = """\
   url = "http://127.0.0.1:18082/live/demo.isml"
 """
 LOG_TAIL = 3000
+# The rig's processes by log file, so that a wait given a log knows the process that writes it.
+_STARTED: weakref.WeakValueDictionary[Path, Orchestrator] = weakref.WeakValueDictionary()
 
 # Fast enough for short tests, same shape as production (spec 7.1, 7.2): a 3 s send timeout for
 # 2 s fragments, retries capped at 1 s.
@@ -104,11 +108,23 @@ def tails(logs: Iterable[Path]) -> str:
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, logs: Iterable[Path] = (),
                interval: float = 0.2) -> None:  # fmt: skip
-    """Poll ``predicate`` until it is true; fail after ``timeout`` s naming ``what``, with the logs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` s naming ``what``, with the logs.
+
+    If a process of the rig whose log is among ``logs`` exits (or has exited) with ``predicate``
+    still false, fail at once with its exit code and the logs: nothing it would have done can
+    come any more. A process whose end the test has already seen (``wait()`` or ``poll()``
+    returned its code) is not watched: the test ended it, or knows."""
+    logs = list(logs)
+    watched = [p for p in (_STARTED.get(Path(log).resolve()) for log in logs) if p and p.process.returncode is None]
+    started = time.monotonic()
+    while time.monotonic() < started + timeout:
         if predicate():
             return
+        for exited in [p for p in watched if p.process.poll() is not None]:
+            if predicate():  # what it did before it exited may be all that was awaited
+                return
+            pytest.fail(f"{' '.join(exited.args[:2])} exited with code {exited.process.returncode} after "
+                        f"{time.monotonic() - started:.1f} s of waiting for {what}\n{tails(logs)}")  # fmt: skip
         time.sleep(interval)
     pytest.fail(f"timed out after {timeout} s waiting for {what}\n{tails(logs)}")
 
@@ -146,6 +162,7 @@ class Orchestrator:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator", *args], stdout=out, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, **popen)  # fmt: skip
+        _STARTED[log.resolve()] = self
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -260,12 +277,15 @@ def demo_profile(path: Path, ports: tuple[int, int], *, metrics: str | None, sta
     """``profiles/demo.toml`` as shipped, pointed at this test's two ingest ``ports``, written to ``path``.
 
     ``metrics``: the listen address, or None for metrics off; ``state_dir``: None for none;
-    ``encoder``: ``synthetic`` (no ffmpeg needed) or ``ffmpeg`` (ultrafast, no fallback)."""
+    ``encoder``: ``synthetic`` (no ffmpeg needed), ``ffmpeg`` (ultrafast, no fallback) or ``demo``
+    (as shipped: ffmpeg, falling back to the synthetic backend)."""
     text = DEMO.read_text()
     text = text.replace("127.0.0.1:18081", f"127.0.0.1:{ports[0]}").replace("127.0.0.1:18082", f"127.0.0.1:{ports[1]}")
     text = text.replace('listen = "127.0.0.1:9464"', "enabled = false" if metrics is None else f'listen = "{metrics}"')
     text = text.replace('dir = "demo-state"', "" if state_dir is None else f'dir = "{state_dir}"')
-    if encoder == "synthetic":
+    if encoder == "demo":
+        swapped = text.count('preset = "veryfast", fallback = "synthetic"')
+    elif encoder == "synthetic":
         text, swapped = re.subn(r"^encoder = .*$", 'encoder = { backend = "synthetic" }', text, flags=re.MULTILINE)
     else:
         real = 'preset = "ultrafast", fallback = "none"'

@@ -95,7 +95,7 @@ def test_local_ingest_address_in_use_names_the_endpoint_that_set_it(tmp_path, ta
     profile = demo_variant(tmp_path, metrics=None, ports=(taken_port, free_port()))
     result = run("up", str(profile), "--local-ingest", str(tmp_path / "archive"), "--duration", "5")
     assert result.returncode == 1
-    assert (f"error: cannot listen on 127.0.0.1:{taken_port} (set by groups.primary.endpoints[0].url with "
+    assert (f"error: cannot listen on 127.0.0.1:{taken_port} (set by groups.primary.endpoints[region-a].url with "
             "--local-ingest): Address already in use") in result.stderr  # fmt: skip
 
 

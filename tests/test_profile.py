@@ -67,14 +67,14 @@ def test_demo_profile_loads() -> None:
 def test_wrong_type() -> None:
     error = problem("bitrate = 800_000", 'bitrate = "fast"')
     [(key, reason)] = error.problems
-    assert key == "streams[0].tracks[0].bitrate"
-    assert "valid integer" in reason
-    assert str(error).startswith("demo.toml: streams[0].tracks[0].bitrate: ")
+    assert key == "streams[video].tracks[video_360p].bitrate"
+    assert reason == '"fast" is not a bitrate; write bits per second, e.g. 800000, "800k" or "2.5M"'
+    assert str(error).startswith("demo.toml: streams[video].tracks[video_360p].bitrate: ")
 
 
 def test_unknown_key() -> None:
     error = problem('language = "eng"\n', 'language = "eng"\n  foo = 1\n')
-    assert str(error) == "demo.toml: streams[1].tracks[0].foo: unknown key"
+    assert str(error) == "demo.toml: streams[audio].tracks[audio_eng].foo: unknown key"
 
 
 def test_fragment_duration_out_of_range() -> None:
@@ -119,20 +119,20 @@ def test_missing_backup_group() -> None:
 
 def test_password_inline_is_an_unknown_key() -> None:
     error = problem(REGION_A_URL, REGION_A_URL + '  password = "hunter2"\n')
-    assert str(error) == "demo.toml: groups.primary.endpoints[0].password: unknown key"
+    assert str(error) == "demo.toml: groups.primary.endpoints[region-a].password: unknown key"
 
 
 def test_password_inline_in_credentials_is_an_unknown_key() -> None:
     error = problem(REGION_A_URL, REGION_A_URL + '  credentials = { username = "bob", password = "hunter2" }\n')
     assert str(error) == (
-        "demo.toml: groups.primary.endpoints[0].credentials.password: unknown key; did you mean 'password_env'?"
+        "demo.toml: groups.primary.endpoints[region-a].credentials.password: unknown key; did you mean 'password_env'?"
     )
 
 
 def test_credentials_need_exactly_one_secret_source() -> None:
     error = problem(REGION_A_URL, REGION_A_URL + '  credentials = { username = "bob" }\n')
     assert str(error) == (
-        "demo.toml: groups.primary.endpoints[0].credentials: "
+        "demo.toml: groups.primary.endpoints[region-a].credentials: "
         "give exactly one of password_env, password_file, token_env, token_file"
     )
 
@@ -150,7 +150,7 @@ def test_credentials_by_reference_are_accepted() -> None:
 def test_url_with_credentials(url: str) -> None:
     error = problem("http://127.0.0.1:18081/live/demo.isml", url)
     [(key, reason)] = error.problems
-    assert key == "groups.primary.endpoints[0].url"
+    assert key == "groups.primary.endpoints[region-a].url"
     assert reason.startswith("credentials in the URL are not allowed")
     assert "hunter2" not in str(error)  # the message goes to logs: it must not repeat the password
 
@@ -165,14 +165,15 @@ def test_url_with_credentials(url: str) -> None:
 def test_bad_publishing_point_urls(url: str, reason: str) -> None:
     error = problem("http://127.0.0.1:18081/live/demo.isml", url)
     [(key, got)] = error.problems
-    assert key == "groups.primary.endpoints[0].url"
+    assert key == "groups.primary.endpoints[region-a].url"
     assert reason in got
 
 
 def test_float_frame_rate() -> None:
     error = problem('frame_rate = "30000/1001"', "frame_rate = 29.97")
     assert str(error) == (
-        'demo.toml: streams[0].tracks[0].frame_rate: frame rate must be an integer or a ratio such as "30000/1001", '
+        "demo.toml: streams[video].tracks[video_360p].frame_rate: "
+        'frame rate must be an integer or a ratio such as "30000/1001", '
         "not 29.97"
     )
 
@@ -180,7 +181,7 @@ def test_float_frame_rate() -> None:
 def test_decimal_string_frame_rate() -> None:
     error = problem('frame_rate = "30000/1001"', 'frame_rate = "29.97"')
     [(key, _reason)] = error.problems
-    assert key == "streams[0].tracks[0].frame_rate"
+    assert key == "streams[video].tracks[video_360p].frame_rate"
 
 
 def test_epoch_without_time_zone() -> None:
@@ -198,7 +199,7 @@ def test_several_problems_are_all_reported() -> None:
     with pytest.raises(ProfileError) as caught:
         parse_profile(text, "demo.toml")
     keys = [key for key, _ in caught.value.problems]
-    assert keys == ["streams[0].tracks[0].bitrate", "streams[1].tracks[0].sample_rate"]
+    assert keys == ["streams[video].tracks[video_360p].bitrate", "streams[audio].tracks[audio_eng].sample_rate"]
     assert len(str(caught.value).splitlines()) == 2
 
 

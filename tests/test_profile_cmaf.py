@@ -49,7 +49,7 @@ def test_a_cmaf_endpoint_takes_any_base_url_and_a_path_scheme() -> None:
 def test_a_smooth_endpoint_still_needs_a_publishing_point() -> None:
     [(key, reason)] = problems(('url = "http://127.0.0.1:18081/live/demo.isml"',
                                 'url = "http://127.0.0.1:18081/in/v1/group/1/channel"'))  # fmt: skip
-    assert key == "groups.primary.endpoints[0].url"
+    assert key == "groups.primary.endpoints[region-a].url"
     assert "must be a publishing point ending in .isml" in reason
 
 
@@ -63,7 +63,7 @@ def test_a_malformed_format_names_its_key(line: str, key: str, reason: str) -> N
     # Only the format is reported: the URL (not .isml) is not judged against a format that is not one.
     [(got_key, got)] = problems(('url = "http://127.0.0.1:18081/live/demo.isml"',
                                  f'url = "http://127.0.0.1:18081/live/demo"\n  {line}'))  # fmt: skip
-    assert got_key == f"groups.primary.endpoints[0].{key}"
+    assert got_key == f"groups.primary.endpoints[region-a].{key}"
     assert reason in got
 
 
@@ -87,7 +87,7 @@ def test_streams_paths_must_name_every_track_once() -> None:
     parse_profile(edited(*clash, (REGION_A, REGION_A + '  format = "cmaf"\n  cmaf_paths = "template"\n')),
                   now_ns=NOW_NS)  # fmt: skip
     [(key, reason)] = problems(*clash, (REGION_A, REGION_A + '  format = "cmaf"\n'))
-    assert key == "groups.primary.endpoints[0].cmaf_paths"
+    assert key == "groups.primary.endpoints[region-a].cmaf_paths"
     assert reason == (
         'two tracks would share the path Streams(video-video-360p); rename one or use cmaf_paths = "template"'
     )
@@ -103,5 +103,5 @@ def test_local_ingest_takes_cmaf_on_template_paths_only(tmp_path: Path) -> None:
                              str(tmp_path / "archive"), "--duration", "1"], capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert result.returncode == 2
-    assert ('groups.primary.endpoints[0].cmaf_paths: the local publishing point takes CMAF on cmaf_paths = '
+    assert ('groups.primary.endpoints[region-a].cmaf_paths: the local publishing point takes CMAF on cmaf_paths = '
             '"template" only') in result.stderr  # fmt: skip

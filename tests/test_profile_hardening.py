@@ -29,7 +29,7 @@ DEMO = Path(__file__).parent.parent / "profiles" / "demo.toml"
 DEMO_TEXT = DEMO.read_text(encoding="utf-8")
 REGION_A_URL = 'url = "http://127.0.0.1:18081/live/demo.isml"\n'
 # A refusal: "<file>: <key path>: <reason>" on every line of the message.
-REFUSAL = re.compile(r"^error: \S+\.toml: [A-Za-z0-9_.\[\]]+: \S.*$")
+REFUSAL = re.compile(r"^error: \S+\.toml: [A-Za-z0-9_.\[\]-]+: \S.*$")
 TIME_BOUND_S = 2.0  # generous: the slow cases took 10 s or more before the fix, the others take milliseconds
 
 
@@ -77,7 +77,7 @@ def test_numbers_that_exploded_are_refused_at_once(tmp_path: Path, old: str, new
 
 def test_a_string_is_not_an_integer(tmp_path: Path) -> None:
     line = refused(tmp_path, edited("stall_fragments = 3 ", 'stall_fragments = "3" '), "groups.primary.stall_fragments")
-    assert line.endswith("Input should be a valid integer")
+    assert line.endswith('"3" is not a whole number')
     refused(tmp_path, edited("video_timescale = 90000", "video_timescale = 90000.0"), "presentation.video_timescale")
     refused(tmp_path, edited("stall_fragments = 3 ", "stall_fragments = true "), "groups.primary.stall_fragments")
 
@@ -89,7 +89,7 @@ def test_a_string_is_not_an_integer(tmp_path: Path) -> None:
         ("video_timescale = 90000", "video_timescal = 90000", "presentation.video_timescal", "video_timescale"),
         ("fragment_duration = 2 ", "fragment_duration = 2\nfragmentduration = 2 ", "presentation.fragmentduration",
          "fragment_duration"),
-        (REGION_A_URL, REGION_A_URL + "  ca_fil = 'x.pem'\n", "groups.primary.endpoints[0].ca_fil", "ca_file"),
+        (REGION_A_URL, REGION_A_URL + "  ca_fil = 'x.pem'\n", "groups.primary.endpoints[region-a].ca_fil", "ca_file"),
     ],
 )  # fmt: skip
 def test_unknown_key_says_did_you_mean(tmp_path: Path, old: str, new: str, key: str, suggestion: str) -> None:
@@ -106,7 +106,7 @@ def test_unknown_key_far_from_any_gives_no_suggestion(tmp_path: Path) -> None:
 def test_timescale_over_32_bits_is_refused(tmp_path: Path, timescale: int) -> None:
     line = refused(tmp_path, edited("video_timescale = 90000", f"video_timescale = {timescale}"),
                    "presentation.video_timescale")  # fmt: skip
-    assert f"less than or equal to {UINT32_MAX}" in line
+    assert line.endswith(f"{timescale} is out of range: it must be at most {UINT32_MAX}")
 
 
 @pytest.mark.parametrize(
@@ -144,7 +144,7 @@ def test_epoch_whose_tfxd_times_overflow_64_bits_is_refused(tmp_path: Path) -> N
 @pytest.mark.parametrize("url", ["http://ingest.example.net/live/demo.isml", "http://10.0.0.5:8080/live/demo.isml"])
 def test_credentials_over_plain_http_to_a_remote_host_are_refused(tmp_path: Path, url: str) -> None:
     text = edited(REGION_A_URL, f'url = "{url}"\n  credentials = {{ token_env = "INGEST_TOKEN" }}\n')
-    line = refused(tmp_path, text, "groups.primary.endpoints[0]")
+    line = refused(tmp_path, text, "groups.primary.endpoints[region-a]")
     assert "in clear text; use https://" in line
 
 
@@ -160,12 +160,12 @@ def test_credentials_over_loopback_or_tls_are_accepted(tmp_path: Path, url: str)
 
 def test_ca_file_missing_or_not_pem_is_refused(tmp_path: Path) -> None:
     line = refused(tmp_path, edited(REGION_A_URL, REGION_A_URL + f"  ca_file = '{tmp_path / 'nope.pem'}'\n"),
-                   "groups.primary.endpoints[0].ca_file")  # fmt: skip
+                   "groups.primary.endpoints[region-a].ca_file")  # fmt: skip
     assert "cannot read CA bundle" in line
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
     line = refused(tmp_path, edited(REGION_A_URL, REGION_A_URL + f"  ca_file = '{junk}'\n"),
-                   "groups.primary.endpoints[0].ca_file")  # fmt: skip
+                   "groups.primary.endpoints[region-a].ca_file")  # fmt: skip
     assert "holds no PEM certificate" in line
 
 

@@ -5,7 +5,11 @@
 from __future__ import annotations
 
 import ast
+import time
 from pathlib import Path
+
+import pytest
+from rig import wait_until
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -46,3 +50,18 @@ def defines(path: Path, name: str) -> bool:
 def test_free_port_is_defined_once():
     files = [path for folder in (TESTS, ROOT / "bench") for path in folder.rglob("*.py")]
     assert sorted(str(p.relative_to(ROOT)) for p in files if defines(p, "free_port")) == ["tests/rig.py"]
+
+
+def test_a_wait_fails_at_once_when_a_watched_process_has_exited(tmp_path, orchestrators):
+    """``up`` that cannot start (here: no profile; in the field: a lock held, a port taken) exits
+    at once; a wait given its log says so with its exit code and log, long before its timeout."""
+    up = orchestrators("up", str(tmp_path / "missing.toml"), log="up.log")
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"exited with code 2 after .* waiting for fragments") as failed:
+        wait_until(lambda: False, 120, "fragments", [up.log])
+    assert time.monotonic() - started < 60
+    assert "cannot read the profile" in str(failed.value)  # the log's tail is in the message
+    # A process whose end the test has seen is not watched: the wait runs to its own end.
+    assert up.process.wait(10) == 2
+    with pytest.raises(pytest.fail.Exception, match=r"timed out after 0.5 s waiting for nothing"):
+        wait_until(lambda: False, 0.5, "nothing", [up.log])

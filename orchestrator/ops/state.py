@@ -15,6 +15,7 @@ one place, and the shells stay one-liners. :mod:`orchestrator.ops.status` turns 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 # What went wrong last, as :class:`orchestrator.push.reconnect.Failure` values; the view names
 # "unauthorized" and "not_found" (a person has to fix them) apart from the transient ones.
@@ -137,6 +138,13 @@ class LiveState:
 
     presentation: str = ""
     fragment_duration: float = 0.0
+    # The shared clock, exact: a fragment index's wall time is epoch + index x duration.
+    epoch_ns: int | None = None
+    fragment_duration_exact: Fraction | None = None
+    started_wall: float | None = None  # when ``up`` started
+    stopping: bool = False  # a graceful stop is under way: encoders finishing, publishers ending
+    archives: list[str] = field(default_factory=list)  # --local-ingest: one archive directory per server
+    state_dir: str | None = None  # the profile's [state] dir, if any
     publishers: list[PublisherState] = field(default_factory=list)
     encoders: list[EncoderState] = field(default_factory=list)
     groups: list[GroupState] = field(default_factory=list)

@@ -21,6 +21,7 @@ failure: the first POST is not open yet, or the last one ended idle while the en
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from orchestrator.ops.state import LiveState, PublisherState
@@ -98,11 +99,14 @@ def status_document(live: LiveState, *, now_wall: float, now_monotonic: float) -
                           for a in (encoder.peers if encoder else ())],
                 "endpoints": endpoints,
             })  # fmt: skip
-        streams.append({"stream": stream_id, "last_index": max(encoded) if encoded else None, "groups": per_group})
+        last_index = max(encoded) if encoded else None
+        streams.append({"stream": stream_id, "last_index": last_index, "last_index_time": index_time(live, last_index),
+                        "groups": per_group})  # fmt: skip
     document: dict[str, Any] = {
         "presentation": live.presentation,
         "fragment_duration": live.fragment_duration,
         "time": round(now_wall, 3),
+        "stopping": live.stopping,
         "groups": groups,
         "streams": streams,
     }
@@ -110,6 +114,18 @@ def status_document(live: LiveState, *, now_wall: float, now_monotonic: float) -
     document["ready"] = not reasons
     document["not_ready"] = reasons
     return document
+
+
+def index_time(live: LiveState, index: int | None) -> str | None:
+    """The shared-clock (UTC wall) time at which fragment ``index`` starts, as RFC 3339 with
+    milliseconds: ``epoch + index x fragment duration``, in integer nanoseconds."""
+    if index is None or live.epoch_ns is None or live.fragment_duration_exact is None:
+        return None
+    duration = live.fragment_duration_exact
+    start_ns = live.epoch_ns + index * duration.numerator * 10**9 // duration.denominator
+    seconds, ns = divmod(start_ns, 10**9)
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{ns // 10**6:03d}Z"
 
 
 def not_ready(document: dict[str, Any]) -> list[str]:

@@ -151,7 +151,7 @@ def test_profile_keys_for_ffmpeg():
     assert ladder().groups["backup"].encoder.source == PatternSource(kind="testpattern")
     with pytest.raises(ProfileError) as error:
         ladder(', preset = "placebo"')
-    assert str(error.value).startswith("ladder.toml: groups.primary.encoder.ffmpeg.preset: ")
+    assert str(error.value).startswith("ladder.toml: groups.primary.encoder.preset: ")
 
 
 def test_a_live_url_with_a_secret_must_come_from_the_environment():

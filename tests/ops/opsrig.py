@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from fractions import Fraction
 from pathlib import Path
 
 from rig import build_profile, endpoint, group, loopback_ingest, up_in_process
@@ -17,10 +18,12 @@ from orchestrator.testing.faultproxy import FaultProxy
 
 NOW_WALL = 1_800_000_000.0
 NOW_MONO = 5000.0
+EPOCH_NS = 1_767_225_600 * 10**9  # 2026-01-01T00:00:00Z
 
 
 def live() -> LiveState:
-    state = LiveState(presentation="demo", fragment_duration=2.0)
+    state = LiveState(presentation="demo", fragment_duration=2.0, epoch_ns=EPOCH_NS,
+                      fragment_duration_exact=Fraction(2))  # fmt: skip
     state.groups += [GroupState("primary", up=True, restarts=2, last_exit_code=-9), GroupState("backup", up=True)]
     state.encoders += [EncoderState("primary", "video", last_index=41), EncoderState("backup", "video", 42)]
     a = PublisherState("primary", "video", "region-a", "eu-west", connected=True, last_push_monotonic=NOW_MONO - 1.5)

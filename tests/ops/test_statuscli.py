@@ -4,6 +4,7 @@ loopback: the view, and its exit code: 0 all streaming, 1 an endpoint down, 3 un
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,8 +21,11 @@ from orchestrator.testing.faultproxy import Fault
 pytestmark = pytest.mark.integration
 
 
-async def status(*args: str) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+async def status(*args: str, columns: str | None = "200") -> subprocess.CompletedProcess[bytes]:
+    """``orchestrator status ARGS`` with its output in a pipe (not a terminal), ``COLUMNS`` set to
+    ``columns`` (None: unset, as under ``kubectl exec`` without ``-t``)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env.update({"NO_COLOR": "1", "TERM": "dumb"} | ({} if columns is None else {"COLUMNS": columns}))
     return await trio.run_process([sys.executable, "-m", "orchestrator", "status", *args], capture_stdout=True,
                                   capture_stderr=True, check=False, env=env)  # fmt: skip
 
@@ -31,10 +35,12 @@ def table_rows(out: str) -> list[list[str]]:
     return [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if line.startswith("│")]
 
 
-def cells_index(out: str, stream: str) -> str:
-    (index,) = [cells[1] for cells in table_rows(out) if cells[0] == stream]
+def cells_index(out: str, stream: str) -> tuple[str, str]:
+    """The stream's index and its shared-clock time (HH:MM:SS), as the table shows them."""
+    ((index, clock),) = [cells[1:3] for cells in table_rows(out) if cells[0] == stream]
     assert index.isdigit()
-    return index
+    assert re.fullmatch(r"\d\d:\d\d:\d\d", clock)
+    return index, clock
 
 
 async def test_status_view_and_exit_codes(tmp_path: Path) -> None:
@@ -49,14 +55,26 @@ async def test_status_view_and_exit_codes(tmp_path: Path) -> None:
         assert ok.returncode == 0, out + ok.stderr.decode()
         assert "orchestrator: ops" in out
         assert "ready" in out
-        assert [cells[:6] for cells in table_rows(out) if cells[3]] == [
-            ["video", cells_index(out, "video"), "primary", "region-a", "eu-west", "streaming"],
-            ["", "", "", "region-b", "us-east", "streaming"],
-            ["", "", "backup", "region-a", "eu-west", "streaming"],
-            ["audio", cells_index(out, "audio"), "primary", "region-a", "eu-west", "streaming"],
-            ["", "", "", "region-b", "us-east", "streaming"],
-            ["", "", "backup", "region-a", "eu-west", "streaming"],
+        assert [cells[:7] for cells in table_rows(out) if cells[4]] == [
+            ["video", *cells_index(out, "video"), "primary", "region-a", "eu-west", "streaming"],
+            ["", "", "", "", "region-b", "us-east", "streaming"],
+            ["", "", "", "backup", "region-a", "eu-west", "streaming"],
+            ["audio", *cells_index(out, "audio"), "primary", "region-a", "eu-west", "streaming"],
+            ["", "", "", "", "region-b", "us-east", "streaming"],
+            ["", "", "", "backup", "region-a", "eu-west", "streaming"],
         ]  # fmt: skip
+
+        # Piped with no COLUMNS (kubectl exec without -t): the full table at its own width, not cut at 80.
+        piped = (await status("--url", base_url, columns=None)).stdout.decode()
+        assert [cells[4] for cells in table_rows(piped) if cells[4]] == ["region-a", "region-b", "region-a"] * 2
+        assert max(len(line) for line in piped.splitlines()) > 80
+        assert "…" not in piped
+        # COLUMNS=80 (an 80x24 terminal): the compact layout, every line within 80 columns.
+        narrow = (await status("--url", base_url, columns="80")).stdout.decode()
+        assert max(len(line) for line in narrow.splitlines()) <= 80, narrow
+        a, b = ["region-a", "eu-west", "streaming", "0"], ["region-b", "us-east", "streaming", "0"]
+        assert [line.split()[-4:] for line in narrow.splitlines() if "streaming" in line] == [a, b, a] * 2
+        assert narrow.splitlines()[0].startswith("orchestrator: ops ")
 
         # --watch redraws until Ctrl-C, then exits with the last state seen.
         env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
@@ -82,8 +100,8 @@ async def test_status_view_and_exit_codes(tmp_path: Path) -> None:
         bad = await status("--url", base_url)
         out = bad.stdout.decode()
         assert bad.returncode == 1, out + bad.stderr.decode()
-        region_b = [cells for cells in table_rows(out) if cells[3] == "region-b"]
-        assert [cells[5].split()[:2] for cells in region_b] == [["reconnecting", "since"]] * 2
+        region_b = [cells for cells in table_rows(out) if cells[4] == "region-b"]
+        assert [cells[6].split()[:2] for cells in region_b] == [["reconnecting", "since"]] * 2
         assert "region-a" in out
         assert "down:" in out
         assert "stream video group primary endpoint region-b (us-east): reconnecting" in out

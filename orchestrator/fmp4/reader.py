@@ -307,4 +307,7 @@ def _payload(data: bytes) -> bytes:
 
 
 def _name(box_type: bytes) -> str:
-    return box_type.decode("latin-1")
+    """A box type for a message: as text if it is printable, else as Python writes the bytes (a
+    type with a newline or other control byte must not break a one-line message or log line)."""
+    text = box_type.decode("latin-1")
+    return text if text.isprintable() else repr(box_type)

@@ -249,8 +249,8 @@ def schema() -> None:
               help="Connections open at once; at the cap, an idle one (or one whose POST sent no body byte "
                    "for 2 s) is closed to make room, else the new one is answered 503.")  # fmt: skip
 @click.option("--memory-budget-mib", type=click.IntRange(1, 1_048_576), default=512, show_default=True,
-              help="MiB that all POSTs together may hold in memory (a fragment counts 3-4 times its size "
-                   "until it is decided); a POST over it is answered 503.")  # fmt: skip
+              help="MiB that all POSTs together may hold in memory (a whole fragment counts 3-4 times its "
+                   "size while it is decided); a POST over it is answered 503.")  # fmt: skip
 @click.option("--body-timeout", type=click.FloatRange(1, 86_400), default=60, show_default=True, metavar="SECONDS",
               help="A POST that sends no body bytes for this long is answered 408.")  # fmt: skip
 def ingest(listen: str, archive: Path, max_connections: int, memory_budget_mib: int, body_timeout: float) -> None:

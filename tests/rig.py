@@ -147,7 +147,8 @@ async def wait_for(predicate: Callable[[], object | Awaitable[object]], timeout:
 def get_status(port: int, posts: bool = False) -> dict[str, Any] | None:
     """An ingest server's (or ``up``'s) ``/status`` document; None while it does not answer."""
     try:
-        response = httpx.get(f"http://127.0.0.1:{port}/status" + ("?posts=1" if posts else ""), timeout=2)
+        # The whole POST log (200 records), not the newest 50 /status?posts=1 lists by default.
+        response = httpx.get(f"http://127.0.0.1:{port}/status" + ("?posts=1&limit=200" if posts else ""), timeout=2)
     except httpx.TransportError:
         return None
     return response.json() if response.status_code == 200 else None

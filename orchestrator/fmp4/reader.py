@@ -36,10 +36,10 @@ together, once both are whole.
 
 :attr:`StreamReader.reserved` says how many bytes the reader holds or is about to hold, for a
 caller that keeps a memory budget: the declared size of the box it is receiving, and for a
-fragment what it really costs until it is handed out and decided: ``FRAGMENT_COST_ONE_TRAF``
-or ``FRAGMENT_COST`` times the declared ``moof`` + ``mdat`` (the buffer, the fragment's own
-copy, the samples parsed out of it, and a per-track rebuild: measured in
-tests/ingest/test_fragment_cost.py).
+fragment its declared ``moof`` + ``mdat`` while it arrives, and once it is whole what taking
+and deciding it really costs: ``FRAGMENT_COST_ONE_TRAF`` or ``FRAGMENT_COST`` times that (the
+buffer, the fragment's own copy, the samples parsed out of it, and a per-track rebuild:
+measured in tests/ingest/test_fragment_cost.py).
 
 Every offset in an error message counts from the start of the stream.
 """
@@ -68,11 +68,10 @@ MAX_HEADER_BOX_SIZE = 1024 * 1024
 # A moof describes samples, it does not hold them: 10,000 samples (boxes.MAX_SAMPLES_PER_FRAGMENT)
 # of 16-byte trun entries are 160 KB. Anything near the limit is hostile or broken.
 MAX_MOOF_SIZE = 2 * 1024 * 1024
-# What a fragment of n bytes (moof + mdat, as declared) costs in memory until it is handed out
-# and decided, in units of n (measured with tracemalloc, tests/ingest/test_fragment_cost.py):
+# What a whole fragment of n bytes (moof + mdat) costs in memory while it is taken from the
+# buffer and decided, in units of n (measured with tracemalloc, tests/ingest/test_fragment_cost.py):
 # one traf, 2.1 (the buffer with its over-allocation, then the fragment's copy and its parsed
-# samples); several trafs, 3.5 (each track's share rebuilt for its own file as well). Until the
-# moof is whole the reader does not know, and counts the larger.
+# samples); several trafs, 3.5 (each track's share rebuilt for its own file as well).
 FRAGMENT_COST_ONE_TRAF = 3
 FRAGMENT_COST = 4
 
@@ -158,9 +157,13 @@ class StreamReader:
 
     @property
     def reserved(self) -> int:
-        """Bytes held, or about to be held: at least the declared size of the box being received,
-        and ``FRAGMENT_COST`` times that of a fragment (moof + mdat, once the mdat's size is
-        known). Raises BoxError for a size that cannot be right, as :meth:`next_event` would."""
+        """Bytes held, or about to be held: at least the declared size of the box being received
+        (a fragment's: moof + mdat, once the mdat's size is known), and once a whole fragment is
+        buffered, what taking and deciding it costs: ``FRAGMENT_COST_ONE_TRAF`` or
+        ``FRAGMENT_COST`` times its size. A caller decides each whole fragment before it reads
+        more (the ingest server does, without an await in between), so of all its POSTs only one
+        at a time is at that peak, and a fragment still arriving counts once. Raises BoxError for
+        a size that cannot be right, as :meth:`next_event` would."""
         header = read_box_header(self._buffer, 0, self._consumed)
         if header is None:
             return len(self._buffer)
@@ -171,7 +174,9 @@ class StreamReader:
             return max(len(self._buffer), size)
         self._check_moof(size)
         mdat = read_box_header(self._buffer, size, self._consumed) if len(self._buffer) >= size else None
-        return self._cost_factor(size) * max(len(self._buffer), size + (mdat[1] if mdat else 0))
+        declared = max(len(self._buffer), size + (mdat[1] if mdat else 0))
+        whole = mdat is not None and len(self._buffer) >= size + mdat[1]
+        return self._cost_factor(size) * declared if whole else declared
 
     def _cost_factor(self, moof_size: int) -> int:
         """FRAGMENT_COST_ONE_TRAF once the moof at the buffer's start is whole and has one traf,
@@ -302,4 +307,7 @@ def _payload(data: bytes) -> bytes:
 
 
 def _name(box_type: bytes) -> str:
-    return box_type.decode("latin-1")
+    """A box type for a message: as text if it is printable, else as Python writes the bytes (a
+    type with a newline or other control byte must not break a one-line message or log line)."""
+    text = box_type.decode("latin-1")
+    return text if text.isprintable() else repr(box_type)

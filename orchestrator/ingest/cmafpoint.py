@@ -42,7 +42,7 @@ from typing import Any
 
 from orchestrator.errors import BoxError, MediaError
 from orchestrator.fmp4.reader import NEED_DATA, Header, StreamReader
-from orchestrator.ingest.receiver import Decision, PostStatus, PublishingPoint, StreamPath, is_safe_name
+from orchestrator.ingest.receiver import STATUS_POSTS, Decision, PostStatus, PublishingPoint, StreamPath, is_safe_name
 from orchestrator.wire import cmaf
 
 MAX_TRACKS = 10_000
@@ -161,7 +161,8 @@ class CmafPoint:
         else:
             self._newest[key] = fragment.time
 
-    def status(self, *, posts: bool = False) -> dict[str, Any]:
-        """The counts, and the publishing point's status (each segment request is one of its POSTs)."""
+    def status(self, *, posts: bool = False, limit: int = STATUS_POSTS) -> dict[str, Any]:
+        """The counts, and the publishing point's status (each segment request is one of its POSTs:
+        ``limit`` of the newest, see :meth:`~orchestrator.ingest.receiver.PublishingPoint.status`)."""
         return {"counts": dict(sorted(self.counts.items())), "tracks": len(self._headers),
-                **self.point.status(posts=posts)}  # fmt: skip
+                **self.point.status(posts=posts, limit=limit)}  # fmt: skip

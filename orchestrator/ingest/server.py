@@ -229,7 +229,7 @@ class IngestApp:
             status["connections"] = dataclasses.asdict(self.connections)
             status["refusals"] = dict(sorted(self.refusals.items()))
             status["limits"] = dict(sorted(self.limits.items()))
-            status["cmaf"] = self.cmaf.status(posts=posts)
+            status["cmaf"] = self.cmaf.status(posts=posts, limit=limit)
             await _respond(send, 200, json.dumps(status, indent=2) + "\n", "application/json")
             return
         if monitorweb.is_monitor_path(path):

@@ -217,3 +217,11 @@ def test_manifest_with_a_64_bit_box_size_is_recognised() -> None:
     assert isinstance(header, Header)
     assert header.manifest_text == SMIL
     assert header.manifest == large
+
+
+def test_a_box_type_with_a_control_byte_stays_on_one_line() -> None:
+    """Found by tests/ingest/test_fuzz.py: a mutated ftyp type with a newline in it."""
+    reader = StreamReader()
+    reader.feed(b"\x00\x00\x00\x10\ntyp" + bytes(8))
+    with pytest.raises(MediaError, match=r"^stream starts with b'\\ntyp', expected ftyp$"):
+        reader.next_event()

@@ -71,9 +71,12 @@ def test_the_budget_counts_what_a_fragment_really_costs(track_ids: list[int]) ->
     assert reserved <= 4 * len(fragment) + MIB  # and not wildly more
 
 
-def test_a_fragment_that_would_cost_more_than_the_budget_is_refused_before_it_arrives() -> None:
-    """Budget 64 MiB, a 20 MiB mdat announced: it would cost 3 x 20 MiB with the 20 MiB another
-    POST holds: refused when the mdat's size field arrives, not once 20 MiB are buffered."""
+def test_a_fragment_counts_its_size_while_it_arrives_and_its_cost_once_whole() -> None:
+    """Budget 64 MiB, another POST holding 20 MiB. A 20 MiB fragment reserves 20 MiB from its
+    mdat's size field on (40 in all: fine), and once its last byte is in, what deciding it costs,
+    3 x 20 MiB: over the budget, refused before it is taken. A 50 MiB one is refused when its
+    mdat's size arrives. Fragments still arriving count once each: only the fragment being
+    decided is at its peak, one at a time in a process."""
     point = PublishingPoint(memory_budget=64 * MIB)
     other = point.open_post(PATH, None, 0.0)
     other.feed(header() + struct.pack(">I4s", 20 * MIB, b"free"))
@@ -84,9 +87,18 @@ def test_a_fragment_that_would_cost_more_than_the_budget_is_refused_before_it_ar
     post = point.open_post(PATH, None, 0.0)
     post.feed(header())
     assert post.next_decision() is NEED_DATA
+    post.feed(fragment[: mdat_at + 8])
+    assert point.memory_reserved == 20 * MIB + len(fragment)
+    post.feed(fragment[mdat_at + 8 : -1])
     with pytest.raises(IngestOverloaded, match="over the ingest memory budget of 67108864 bytes"):
-        post.feed(fragment[: mdat_at + 8])
+        post.feed(fragment[-1:])
     assert point.memory_reserved == 20 * MIB
+    bigger = big_fragment([1], 50 * MIB)
+    post = point.open_post(PATH, None, 0.0)
+    post.feed(header())
+    assert post.next_decision() is NEED_DATA
+    with pytest.raises(IngestOverloaded, match="over the ingest memory budget of 67108864 bytes"):
+        post.feed(bigger[: bigger.index(b"mdat") + 4])
 
 
 async def test_the_server_names_the_moof_limit(server: Server) -> None:

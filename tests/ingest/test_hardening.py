@@ -176,7 +176,7 @@ async def test_a_header_mismatch_is_logged(server: Server, caplog: pytest.LogCap
         ("max_moof_size", 400, header() + struct.pack(">I4s", 100 * 1024 * 1024, b"moof")),
         ("max_header_box_size", 400, struct.pack(">I4s", 2 * 1024 * 1024, b"ftyp")),
         ("memory_budget", 503, header() + struct.pack(">I4s", 1024, b"moof") + bytes(1016)
-         + struct.pack(">I4s", 400_000, b"mdat")),
+         + struct.pack(">I4s", 2 * 1024 * 1024, b"mdat")),
         ("body_timeout", 408, None),
     ],
 )  # fmt: skip

@@ -17,7 +17,7 @@ from ingestkit import INGEST, Media
 from orchestrator.ingest.receiver import PublishingPoint
 from orchestrator.ingest.server import IngestApp
 
-HELD = 300_000  # bytes the held POST's unfinished mdat declares (it reserves 3 x that: reader.FRAGMENT_COST_ONE_TRAF)
+HELD = 900_000  # bytes the held POST's unfinished mdat declares
 BUDGET = 1024 * 1024
 
 

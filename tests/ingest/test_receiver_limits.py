@@ -86,11 +86,10 @@ def test_manifest_of_many_elements_is_refused_naming_the_limit() -> None:
 
 
 def test_unfinished_boxes_of_many_posts_stay_within_the_budget() -> None:
-    """Six POSTs each announcing a 60 MiB mdat, which costs 3 x 60 MiB until it is handed out
-    (reader.FRAGMENT_COST): the third is refused, nothing near 1 GiB is held."""
+    """Six POSTs each announcing a 200 MiB mdat: the third is refused, nothing near 1.2 GiB is held."""
     point = PublishingPoint(memory_budget=512 * MIB)
     moof = fragment(0)[: -(len(fragment(0)) - fragment(0).index(b"mdat") + 4)]
-    opening = header() + moof + struct.pack(">I4s", 60 * MIB, b"mdat")
+    opening = header() + moof + struct.pack(">I4s", 200 * MIB, b"mdat")
     outcomes = []
     for k in range(6):
         post = point.open_post(StreamPath(("live",), f"s{k}"), None, 0.0)

@@ -228,8 +228,7 @@ async def test_memory_budget_over_http_answers_503_with_retry_after(nursery: tri
     moof_end = media.fragments[0].index(b"mdat") - 4
 
     async def holding() -> AsyncIterator[bytes]:
-        # An mdat of 300,000 bytes costs 3 x that until it is decided (reader.FRAGMENT_COST_ONE_TRAF).
-        yield media.header + media.fragments[0][:moof_end] + (300_000).to_bytes(4, "big") + b"mdat"
+        yield media.header + media.fragments[0][:moof_end] + (900_000).to_bytes(4, "big") + b"mdat"
         await trio.sleep_forever()
 
     async with httpx.AsyncClient() as client, trio.open_nursery() as posts:

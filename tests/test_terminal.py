@@ -32,6 +32,18 @@ ROW = re.compile(r"^ *(?:(video|audio) +(\d+) +(\d\d:\d\d:\d\d) +)?(?:(primary|b
                  r"(region-[ab]) +(eu-west|us-east) +(\S.*?) +(\d+)$")  # fmt: skip
 
 
+# Runs the command given after the exit file's path and writes its exit code there (a killing
+# signal as its negative), by rename so a reader never sees half of it.
+EXIT_RECORDER = """
+import os, signal, subprocess, sys
+signal.signal(signal.SIGINT, lambda signum, frame: None)
+code = subprocess.run(sys.argv[2:]).returncode
+with open(sys.argv[1] + ".part", "w") as out:
+    out.write(str(code))
+os.replace(sys.argv[1] + ".part", sys.argv[1])
+"""
+
+
 class Pane:
     """One tmux server (its own socket under the test's directory) with one 80x24 pane."""
 
@@ -40,26 +52,33 @@ class Pane:
         config = tmp_path / "tmux.conf"
         config.write_text("set -g remain-on-exit on\nset -g history-limit 5000\n")  # the last frame outlives `up`
         self.base = ["tmux", "-S", str(self.socket), "-f", str(config)]
+        self.exit_file = tmp_path / "pane.exit"
 
     def tmux(self, *args: str) -> str:
         return subprocess.run([*self.base, *args], check=True, capture_output=True, text=True, timeout=30).stdout
 
     def start(self, cwd: Path, argv: list[str]) -> None:
-        self.tmux("new-session", "-d", "-s", "up", "-x", "80", "-y", "24", "-c", str(cwd), *argv)
+        # The command runs under a small parent that writes its exit status to a file: tmux 3.3a
+        # sometimes misses the SIGCHLD of a pane's process (seen here: the process a zombie for a
+        # minute, `#{pane_dead}` 1 and `#{pane_dead_status}` empty), so its status cannot be waited
+        # for through tmux. The parent stays in the pane's process group with a no-op SIGINT
+        # handler (not SIG_IGN, which the command would inherit), so Ctrl-C reaches the command
+        # alone, on the same terminal.
+        self.exit_file.unlink(missing_ok=True)
+        self.tmux("new-session", "-d", "-s", "up", "-x", "80", "-y", "24", "-c", str(cwd),
+                  sys.executable, "-c", EXIT_RECORDER, str(self.exit_file), *argv)  # fmt: skip
 
     def screen(self, history: bool = False) -> list[str]:
         text = self.tmux("capture-pane", "-p", "-t", "up", *(["-S", "-", "-E", "-"] if history else []))
         return text.rstrip("\n").split("\n")  # without the blank rows under the last line drawn
 
     def dead(self) -> int | None:
-        """The exit code of the pane's process once it has ended (minus the signal if one killed
+        """The exit code of the pane's command once it has ended (minus the signal if one killed
         it), else None."""
-        shown = self.tmux("display-message", "-p", "-t", "up", "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}")
-        dead, status, killed = shown.strip().split(":")
-        # tmux may report the pane dead a moment before it knows how: not yet, then.
-        if dead != "1" or not (status or killed):
+        try:
+            return int(self.exit_file.read_text())
+        except (FileNotFoundError, ValueError):  # not ended, or the status half written
             return None
-        return int(status) if status else -int(killed)
 
     def kill(self) -> None:
         subprocess.run([*self.base, "kill-server"], capture_output=True, timeout=30)

@@ -99,13 +99,16 @@ async def test_up_page_shows_every_tile_and_marks_a_frozen_picture_and_a_killed_
 
             # The backup's clip turns into a still picture STILL_FROM s into each loop. Every
             # picture the page is shown is recorded: the first still fragment is shown unmarked,
-            # the second is marked frozen (since the first): within two fragment durations.
+            # the second is marked frozen (since the first): within two fragment durations. The
+            # polling may begin inside a freeze (then the moving fragment before it was never
+            # shown to us): wait for a freeze whose preceding fragment was seen, the next loop's.
             seen: dict[int, int | None] = {}  # picture index -> frozen_since
 
             def frozen(document) -> bool:
                 picture = tiles_of(document)[("video", "", "backup")]["picture"]
                 seen[picture["index"]] = picture["frozen_since"]
-                return picture["frozen_since"] is not None and None in seen.values()  # a freeze seen starting
+                since = picture["frozen_since"]
+                return since is not None and since - 1 in seen  # a freeze seen starting
 
             await poll_until(base, frozen, 3 * CLIP_SECONDS, "the backup's picture marked frozen")
             index = max(seen)

@@ -80,14 +80,23 @@ async def test_status_view_and_exit_codes(tmp_path: Path) -> None:
         env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
         # Its output goes to a file: a pipe nobody reads fills up (64 KiB: a few seconds of
         # redraws) and blocks the redraw, and then the Ctrl-C too.
+        # SIGINT at its default in the child, as in a terminal: a test run started in the
+        # background (`bash .ci/run &`, nohup) inherits SIGINT ignored, and Python then installs no
+        # KeyboardInterrupt handler, so the Ctrl-C below would go unheard.
         with (tmp_path / "watch.out").open("wb") as output:
             watch = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "orchestrator", "status", "--url", base_url, "--watch", "--interval", "0.2"],
-                stdout=output, stderr=subprocess.STDOUT, env=env)  # fmt: skip
-            await trio.sleep(3)
-            watch.send_signal(signal.SIGINT)
-            with trio.fail_after(10):
-                assert await watch.wait() == 0
+                stdout=output, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+            try:
+                await trio.sleep(3)
+                watch.send_signal(signal.SIGINT)
+                with trio.fail_after(10):
+                    assert await watch.wait() == 0
+            finally:
+                if watch.returncode is None:  # failed: leave no process behind for the next test
+                    watch.kill()
+                    await watch.wait()
         watched = (tmp_path / "watch.out").read_text()
         assert "region-b" in watched
 

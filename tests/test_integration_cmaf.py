@@ -88,6 +88,11 @@ def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path
         assert status["cmaf"]["counts"]["headers"] >= 4  # each group's header of each track
         assert status["cmaf"]["counts"]["last_segments"] == 4  # SIGTERM: each group ended each track with lmsg
         assert status["publishing_points"] == {}  # nothing went the Smooth way
+        # Fixed segment duration: no segment off its track's by more than a frame (the audio's 93 or 94 frames are not).
+        assert status["cmaf"]["tolerated"].get("segment_duration", 0) == 0, status["cmaf"]["segment_durations"]
+        durations = status["cmaf"]["segment_durations"]
+        assert durations["live/demo/video/video_360p"] == {"1": {"duration": 180_180, "off_duration": 0}}
+        assert durations["live/demo/audio/audio_eng"]["2"]["duration"] in (93 * 1024, 94 * 1024)  # 2 s of 48 kHz
         for name, track in cmaf_tracks(status).items():
             timescale, frame = TRACKS[name]
             assert (track["conflicts"], track["rejected"], track["gaps"]) == (0, 0, 0), track

@@ -8,6 +8,7 @@ HTTP requests a real server received.
   non-zero when mp4box.js reports a parse error or warning, or when the boxes do not cover the
   input exactly: :func:`mp4box` then fails the test with its message. ``needs_mp4box`` skips a
   test where node or the npm package is missing (a failure under ``CI=true``, tests/ci_skips.py).
+* :func:`pymp4_boxes` and :func:`pymp4_find`: the same bytes read by pymp4 (Python, construct).
 * :class:`Tap`: a TCP relay on loopback that records every byte a client sent through it, and
   :meth:`Tap.requests` reads them back as HTTP/1.1 requests with h11 (keep-alive and chunked
   bodies included): the bodies exactly as the server behind it received them.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import shutil
 import socket
@@ -122,6 +124,28 @@ def sha256(data: bytes) -> str:
 def as_double(value: int) -> int:
     """``value`` as mp4box.js holds a 64-bit field: rounded to the nearest double (exact below 2^53)."""
     return int(float(value))
+
+
+def pymp4_boxes(data: bytes) -> list[Any]:
+    """Every top-level box of ``data`` as pymp4 reads it (raising if it cannot)."""
+    from pymp4.parser import Box as Pymp4Box  # a test dependency; imported where used
+
+    stream = io.BytesIO(data)
+    out = []
+    while stream.tell() < len(data):
+        out.append(Pymp4Box.parse_stream(stream))
+    return out
+
+
+def pymp4_find(box: Any, box_type: bytes) -> Any:
+    """The first descendant of ``box`` (a pymp4 box) of type ``box_type``, depth first, or None."""
+    for child in getattr(box, "children", None) or []:
+        if child.type == box_type:
+            return child
+        found = pymp4_find(child, box_type)
+        if found is not None:
+            return found
+    return None
 
 
 # --- the tap ------------------------------------------------------------------------------------

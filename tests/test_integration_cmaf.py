@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from parsekit import Request, Tap, mp4box, needs_mp4box
+from parsekit import Request, Tap, mp4box, needs_mp4box, pymp4_boxes, pymp4_find
 from rig import DEMO, ffprobe_packets, free_port, get_status, wait_until
 
 from orchestrator.wire import cmaf
@@ -115,15 +115,18 @@ def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path
             steps = {b[0] - a[0] for a, b in itertools.pairwise(packets)}
             assert steps == {frame}, f"{name}: timestamp steps {sorted(steps)}: a gap or overlap in the archive"
             assert packets[0][0] == min(t for times in by_group.values() for t, _ in times.values())
-        check_every_request_with_mp4box(tap.requests(), status)
+        check_every_request_with_mp4box(tap.requests(), status, archive)
 
 
-def check_every_request_with_mp4box(requests: list[Request], status: dict) -> None:
+def check_every_request_with_mp4box(requests: list[Request], status: dict, archive: Path) -> None:
     """Every CMAF header and segment the server received, read by mp4box.js: a header is ftyp
     (CMAF brands) + moov with one trak whose sample entry ends with btrt; a segment is styp, prft,
     moof (mfhd = the path's index; traf: tfhd, tfdt, trun of whole frames) and mdat, and says
     what the ingest point logged for it (time, duration). Then each group's track file (header +
-    its segments in index order) is one continuous run of samples to mp4box.js."""
+    its segments in index order) is one continuous run of samples to mp4box.js (pymp4 reads each
+    segment's mfhd, tfdt and trun alike), and the point's
+    archive of each track holds, to mp4box.js, exactly the samples both groups sent: the same
+    bytes at the same decode times, none missing, none twice."""
     logged: dict[tuple[str, str, int], tuple[int, int]] = {}
     for post in status["cmaf"]["post_log"]:
         stream = post["publishing_point"].rsplit("/", 1)[1]
@@ -151,10 +154,14 @@ def check_every_request_with_mp4box(requests: list[Request], status: dict) -> No
     keys = sorted(segments)
     header_bytes = [headers[key] for key in keys]
     track_files = [headers[key] + b"".join(body for _, body in sorted(segments[key].items())) for key in keys]
-    parsed = mp4box(*header_bytes, *(body for _, _, body in segment_bytes), *track_files)
+    archived = {name: archive / track["file"] for name, track in cmaf_tracks(status).items()}
+    names = sorted(archived)
+    parsed = mp4box(*header_bytes, *(body for _, _, body in segment_bytes), *track_files,
+                    *(archived[name].read_bytes() for name in names))  # fmt: skip
     read_headers = parsed[: len(keys)]
     read_segments = parsed[len(keys) : len(keys) + len(segment_bytes)]
-    read_files = parsed[len(keys) + len(segment_bytes) :]
+    read_files = parsed[len(keys) + len(segment_bytes) : len(keys) + len(segment_bytes) + len(keys)]
+    read_archives = parsed[len(keys) + len(segment_bytes) + len(keys) :]
 
     for key, header in zip(keys, read_headers, strict=True):
         timescale, _ = TRACKS[key[1]]
@@ -167,7 +174,7 @@ def check_every_request_with_mp4box(requests: list[Request], status: dict) -> No
         assert entry.types[-1] == "btrt", key
 
     last_segments = 0
-    for (key, index, _), segment in zip(segment_bytes, read_segments, strict=True):
+    for (key, index, body), segment in zip(segment_bytes, read_segments, strict=True):
         timescale, frame = TRACKS[key[1]]
         assert segment.types == ["styp", "prft", "moof", "mdat"], (key, index)
         styp, prft, moof, _ = segment.boxes
@@ -181,10 +188,24 @@ def check_every_request_with_mp4box(requests: list[Request], status: dict) -> No
         assert set(durations) == {frame}, (key, index, sorted(set(durations)))
         assert prft["media_time"] == tfdt
         assert (tfdt, sum(durations)) == logged[(*key, index)], (key, index)
+        # pymp4, a second parser we did not write, reads the same boxes and numbers.
+        by_pymp4 = pymp4_boxes(body)
+        assert [b.type.decode() for b in by_pymp4] == segment.types
+        assert pymp4_find(by_pymp4[2], b"mfhd").sequence_number == index
+        assert pymp4_find(by_pymp4[2], b"tfdt").baseMediaDecodeTime == tfdt
+        assert [s.sample_duration for s in pymp4_find(by_pymp4[2], b"trun").sample_info] == durations
         assert tfdt // timescale >= EPOCH_S
     assert last_segments == status["cmaf"]["counts"]["last_segments"] == 4
 
+    sent: dict[str, dict[int, str]] = defaultdict(dict)  # track -> decode time -> sample SHA-256, both groups
     for key, track_file in zip(keys, read_files, strict=True):
         [samples] = track_file.samples.values()
         steps = {b["dts"] - a["dts"] for a, b in itertools.pairwise(samples)}
         assert steps == {TRACKS[key[1]][1]}, f"{key}: mp4box.js reads a gap or overlap: steps {sorted(steps)}"
+        for sample in samples:
+            assert sent[key[1]].setdefault(sample["dts"], sample["sha256"]) == sample["sha256"], (key, sample)
+    for name, archived_file in zip(names, read_archives, strict=True):
+        assert archived_file.types[:2] == ["ftyp", "moov"]
+        [samples] = archived_file.samples.values()
+        assert {sample["dts"]: sample["sha256"] for sample in samples} == sent[name], name
+        assert len(samples) == len(sent[name])  # none twice

@@ -3,7 +3,6 @@ mp4box.js (two ISO BMFF parsers we did not write) and decoded by ffprobe."""
 
 from __future__ import annotations
 
-import io
 import itertools
 import shutil
 import struct
@@ -11,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from parsekit import as_double, mp4box, needs_mp4box, sha256
+from parsekit import as_double, mp4box, needs_mp4box, pymp4_boxes, pymp4_find, sha256
 
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.errors import BoxError, MediaError
@@ -22,31 +21,12 @@ from orchestrator.profile import load_profile
 from orchestrator.tracks import AUDIO, VIDEO, TrackDescription
 from orchestrator.wire import cmaf
 
-pymp4_parser = pytest.importorskip("pymp4.parser", reason="pymp4 is a test dependency: pip install -e '.[test]'")
+pytest.importorskip("pymp4.parser", reason="pymp4 is a test dependency: pip install -e '.[test]'")
 
 DEMO = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
 NOW_NS = 1_800_000_000 * 10**9
 EPOCH_S = 1_767_225_600  # the demo profile's epoch, 2026-01-01T00:00:00Z, in seconds since 1970
 AVC1 = boxes.box(b"avc1", bytes(78))
-
-
-def pymp4_boxes(data: bytes) -> list:
-    """Every top-level box of ``data`` as pymp4 reads it."""
-    stream = io.BytesIO(data)
-    out = []
-    while stream.tell() < len(data):
-        out.append(pymp4_parser.Box.parse_stream(stream))
-    return out
-
-
-def pymp4_find(box, box_type: bytes):
-    for child in getattr(box, "children", None) or []:
-        if child.type == box_type:
-            return child
-        found = pymp4_find(child, box_type)
-        if found is not None:
-            return found
-    return None
 
 
 # --- exact bytes ------------------------------------------------------------------------------

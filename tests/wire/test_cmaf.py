@@ -259,7 +259,9 @@ def test_mp4box_js_reads_every_header_and_segment_as_we_meant_them() -> None:
         assert entry.types[-1] == "btrt"
         if stream_id == "video":  # ours; the AAC clip's entry carries ffmpeg's own btrt
             assert (entry.boxes[-1]["maxBitrate"], entry.boxes[-1]["avgBitrate"]) == (800_000, 800_000)
-        assert header.tracks[0]["id"] == fragments[0].track_id
+        assert moov.one("mvhd")["next_track_id"] == fragments[0].track_id + 1
+        assert (header.tracks[0]["id"], header.tracks[0]["codec"]) == (
+            fragments[0].track_id, {"video": "avc1.42c00b", "audio": "mp4a.40.2"}[stream_id])  # fmt: skip
 
         # Each segment: styp (lmsg on the last), prft, moof (mfhd, traf: tfhd, tfdt, trun), mdat.
         for n, (segment, fragment) in enumerate(zip(parsed_segments, fragments, strict=True)):
@@ -276,7 +278,8 @@ def test_mp4box_js_reads_every_header_and_segment_as_we_meant_them() -> None:
             assert moof.one("mfhd")["sequence_number"] == fragment.index
             traf = moof.one("traf")
             assert traf.types == ["tfhd", "tfdt", "trun"]
-            assert traf.one("tfhd")["track_id"] == fragment.track_id
+            tfhd = traf.one("tfhd")
+            assert (tfhd["track_id"], tfhd["flags"]) == (fragment.track_id, 0x020000)  # default-base-is-moof
             assert traf.one("tfdt")["baseMediaDecodeTime"] == tfdt_value
             trun = traf.one("trun")
             assert trun["sample_count"] == len(samples)

@@ -28,20 +28,28 @@ segment's ``moof`` + ``mdat``. So:
   archived in arrival order, as the Smooth side does, because dropping it would lose the only
   copy;
 * **fixed segment duration** (ingest spec: "segment duration fixed"; :class:`SegmentDurations`):
-  a track's first archived segment establishes its segment duration ``D`` (the sum of its
-  ``trun`` sample durations, exact integers in the track's timescale). A later archived segment
+  a track's first archived segment establishes its segment duration ``D``: the sum of its
+  ``trun`` sample durations, an exact integer in the track's timescale. A later archived segment
   of duration ``d`` keeps to it when ``|d - D|`` is at most one frame (the segment's longest
   sample): segment boundaries are fixed in time, but a segment holds whole frames, so when a
   boundary falls between frames the duration moves by one (48 kHz AAC in 2 s segments holds 93
   or 94 frames of 1024 ticks: 95232 or 96256). A segment further off is *off duration*: counted
   (``tolerated["segment_duration"]`` in the status, and so in the ``orchestrator_ingest_tolerated``
   metric; per track in ``segment_durations``), logged once per track with its values, and
-  archived all the same, because it is the only copy of those samples. Exempt: a segment whose
-  ``styp`` carries ``lmsg`` (the declared last one), and a *shorter* segment that turns out to be
-  the last of its track: a shorter one is judged only when a later segment of the track arrives
-  (until then it is held as ``pending``, one per track). Only archived segments are judged: the
-  other group's copy of a segment is a duplicate, and a duplicate whose duration differs is the
-  receiver's *conflict*. A change of ``tfdt`` step (a hole) is the receiver's *gap*.
+  archived all the same, because it is the only copy of those samples. Tolerated, not counted:
+
+  - a segment whose ``styp`` carries ``lmsg`` (the declared last one);
+  - a *shorter* segment that turns out to be the last of its track: a shorter one is judged only
+    when a later segment of the track arrives (until then it is held as ``pending``, one per
+    track);
+  - a short *first* segment (an encoder that starts between two boundaries): when the second
+    segment is longer than the first by more than a frame, the third decides. If it agrees with
+    the second, the first was a short opening segment and ``D`` is the second's duration;
+    otherwise the second is counted and ``D`` stays the first's.
+
+  Only archived segments are judged: the other group's copy of a segment is a duplicate, and a
+  duplicate whose duration differs is the receiver's *conflict*. A change of ``tfdt`` step (a
+  hole) is the receiver's *gap*.
 
 Memory: one stored header per CMAF track (at most 1 MiB each, the reader's limit), a few
 integers per track for the duration check, and at most ``MAX_TRACKS`` tracks; bodies are
@@ -107,10 +115,12 @@ class Answer:
 
 @dataclass
 class _TrackDuration:
-    established: int  # the track's segment duration, from its first archived segment
-    off: int = 0  # segments off it by more than a frame (see the module docstring)
+    established: int  # the track's segment duration (see the module docstring)
+    off: int = 0  # segments off it by more than a frame
     logged: bool = False
+    opening: bool = True  # only the first segment is judged yet
     pending: FragmentInfo | None = None  # a shorter segment, judged when a later one arrives
+    undecided: FragmentInfo | None = None  # a second segment longer than the first, judged by the third
 
 
 class SegmentDurations:
@@ -135,9 +145,19 @@ class SegmentDurations:
         if pending is not None and (fragment.time or 0) > (pending.time or 0):  # CMAF segments have a tfdt
             state.pending = None  # a later segment came: the shorter one was not the last
             notices += self._off(track, state, pending)
+        undecided = state.undecided
+        if undecided is not None and not last:
+            state.undecided = None
+            if abs(fragment.duration - undecided.duration) <= fragment.frame:
+                state.established = undecided.duration  # the first segment was a short opening one
+            else:
+                notices += self._off(track, state, undecided)
+        opening, state.opening = state.opening, False
         if last or abs(fragment.duration - state.established) <= fragment.frame:
             return notices
-        if fragment.duration < state.established:
+        if opening and fragment.duration > state.established:
+            state.undecided = fragment  # the first one short, or this one long: the next one tells
+        elif fragment.duration < state.established:
             state.pending = fragment
         else:
             notices += self._off(track, state, fragment)

@@ -232,6 +232,24 @@ def test_a_shorter_last_segment_without_lmsg_is_not_counted(track: Track) -> Non
     assert notices == []
 
 
+@pytest.mark.parametrize(
+    ("counts", "off", "duration", "index"),
+    [([30, 60, 60, 60], 0, 180_180, None),  # a short opening segment: the second sets the duration
+     ([60, 120, 60, 60], 1, 180_180, 1),  # a long second segment: the third agrees with the first
+     ([60, 120, 90, 60], 2, 180_180, 1),  # the third agrees with neither: the second is off, then the third
+     ([30, 60], 0, 90_090, None)],  # the stream ended undecided: nothing counted
+    ids=["short first", "long second", "neither", "undecided"],
+)  # fmt: skip
+def test_the_third_segment_tells_a_short_first_from_a_long_second(
+    track: Track, counts: list[int], off: int, duration: int, index: int | None
+) -> None:
+    point, _, notices = push(track, timed_segments(counts, 3003))
+    assert duration_counts(point) == (off, {"live/demo/video/video_360p": {"1": {"duration": duration,
+                                                                                "off_duration": off}}})  # fmt: skip
+    assert [n.split(" time=")[0].rsplit("index=", 1)[1] for n in notices] == ([] if index is None else
+                                                                             [str(K + index)])  # fmt: skip
+
+
 def test_audio_segments_of_93_or_94_frames_keep_to_the_duration(track: Track) -> None:
     """48 kHz AAC in 2 s segments: 93.75 frames of 1024 ticks each, so 94, 94, 94, 93 frames
     (96256, 96256, 96256, 95232 ticks): one frame apart, not off."""
@@ -261,15 +279,15 @@ async def test_the_server_logs_off_duration_once_and_exports_the_count(nursery, 
     base = f"http://{host}:{port}/live/demo/video/video_360p"
     async with httpx.AsyncClient() as client:
         assert (await client.put(f"{base}/init.m4s", content=track.header)).status_code == 200
-        for index, segment in timed_segments([60, 90, 90, 60], 3003):
+        for index, segment in timed_segments([60, 60, 90, 90, 60], 3003):
             assert (await client.put(f"{base}/{index}.m4s", content=segment)).status_code == 200
         metrics = (await client.get(f"http://{host}:{port}/metrics")).text
         status = (await client.get(f"http://{host}:{port}/status")).json()
     app.close()
     logged = [r.getMessage() for r in caplog.records if "ingest.cmaf.segment_duration" in r.getMessage()]
     assert len(logged) == 1
-    assert f"index={K + 1} " in logged[0]
+    assert f"index={K + 2} " in logged[0]
     assert "duration=270270 established=180180 frame=3003" in logged[0]
-    assert logged[0].endswith("path=/live/demo/video/video_360p/" + f"{K + 1}.m4s")
+    assert logged[0].endswith("path=/live/demo/video/video_360p/" + f"{K + 2}.m4s")
     assert status["cmaf"]["tolerated"] == {"segment_duration": 2}
     assert 'orchestrator_ingest_tolerated_total{format="cmaf",kind="segment_duration"} 2.0' in metrics

@@ -217,10 +217,11 @@ class Tap:
         """Every complete request the clients sent, connection by connection, read by h11."""
         with self._lock:
             streams = [bytes(record) for record in self.sent]
-        return [request for data in streams for request in _requests(data)]
+        return [request for data in streams for request in read_requests(data)]
 
 
-def _requests(data: bytes) -> Iterator[Request]:
+def read_requests(data: bytes) -> Iterator[Request]:
+    """The complete HTTP/1.1 requests in ``data``, what a client sent on one connection."""
     connection = h11.Connection(h11.SERVER)
     connection.receive_data(data)
     connection.receive_data(b"")  # the end of what was sent: an unfinished request is dropped
@@ -243,4 +244,6 @@ def _requests(data: bytes) -> Iterator[Request]:
             yield Request(head.method.decode(), head.target.decode(), headers, bytes(body))
             connection.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
             connection.send(h11.EndOfMessage())
+            if connection.our_state is h11.MUST_CLOSE:  # the request said Connection: close
+                return
             connection.start_next_cycle()

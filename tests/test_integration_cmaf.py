@@ -4,17 +4,24 @@ groups) pushing CMAF ingest (template paths) to two `orchestrator ingest` server
 Shows: both groups send every segment of every track to the same path (stream, track, index)
 with identical timing; each segment is archived once (the other group's copy is a duplicate);
 no conflict, rejection or gap; each archive is a CMAF track file ffprobe decodes, continuous
-and starting at a time counted from 1970; SIGTERM ends cleanly."""
+and starting at a time counted from 1970; SIGTERM ends cleanly. Each server is reached through a
+tap (tests/parsekit.py) that records the requests as it received them: every CMAF header and
+segment of both groups is then read by mp4box.js, a parser we did not write, and must say what
+the ingest point logged."""
 
 from __future__ import annotations
 
 import itertools
 import re
 import shutil
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from parsekit import Request, Tap, mp4box, needs_mp4box, pymp4_boxes, pymp4_find
 from rig import DEMO, ffprobe_packets, free_port, get_status, wait_until
+
+from orchestrator.wire import cmaf
 
 pytestmark = pytest.mark.integration
 
@@ -49,10 +56,12 @@ def cmaf_tracks(status: dict) -> dict[str, dict]:
 
 
 @pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffprobe: apt-get install ffmpeg (see README)")
+@needs_mp4box
 def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path, ingest_server, up_process):
     servers = [ingest_server("region-a"), ingest_server("region-b")]
     ports = [server.port for server in servers]
-    up = up_process(cmaf_profile(tmp_path, ports, free_port()), ready=None)
+    taps = [Tap(("127.0.0.1", port)) for port in ports]
+    up = up_process(cmaf_profile(tmp_path, [tap.port for tap in taps], free_port()), ready=None)
     logs = [up.log] + [server.log for server in servers]
     try:
 
@@ -67,9 +76,11 @@ def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path
         wait_until(enough, 60, f"{MIN_FRAGMENTS} CMAF segments archived per track in both regions", logs)
     finally:
         code = up.stop()
+        for tap in taps:
+            tap.close()
     assert code == 0, up.text()[-3000:]
 
-    for server in servers:
+    for server, tap in zip(servers, taps, strict=True):
         archive = server.archive
         status = server.status(posts=True)
         assert status is not None
@@ -77,6 +88,11 @@ def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path
         assert status["cmaf"]["counts"]["headers"] >= 4  # each group's header of each track
         assert status["cmaf"]["counts"]["last_segments"] == 4  # SIGTERM: each group ended each track with lmsg
         assert status["publishing_points"] == {}  # nothing went the Smooth way
+        # Fixed segment duration: no segment off its track's by more than a frame (the audio's 93 or 94 frames are not).
+        assert status["cmaf"]["tolerated"].get("segment_duration", 0) == 0, status["cmaf"]["segment_durations"]
+        durations = status["cmaf"]["segment_durations"]
+        assert durations["live/demo/video/video_360p"] == {"1": {"duration": 180_180, "off_duration": 0}}
+        assert durations["live/demo/audio/audio_eng"]["2"]["duration"] in (93 * 1024, 94 * 1024)  # 2 s of 48 kHz
         for name, track in cmaf_tracks(status).items():
             timescale, frame = TRACKS[name]
             assert (track["conflicts"], track["rejected"], track["gaps"]) == (0, 0, 0), track
@@ -99,3 +115,97 @@ def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path
             steps = {b[0] - a[0] for a, b in itertools.pairwise(packets)}
             assert steps == {frame}, f"{name}: timestamp steps {sorted(steps)}: a gap or overlap in the archive"
             assert packets[0][0] == min(t for times in by_group.values() for t, _ in times.values())
+        check_every_request_with_mp4box(tap.requests(), status, archive)
+
+
+def check_every_request_with_mp4box(requests: list[Request], status: dict, archive: Path) -> None:
+    """Every CMAF header and segment the server received, read by mp4box.js: a header is ftyp
+    (CMAF brands) + moov with one trak whose sample entry ends with btrt; a segment is styp, prft,
+    moof (mfhd = the path's index; traf: tfhd, tfdt, trun of whole frames) and mdat, and says
+    what the ingest point logged for it (time, duration). Then each group's track file (header +
+    its segments in index order) is one continuous run of samples to mp4box.js (pymp4 reads each
+    segment's mfhd, tfdt and trun alike), and the point's
+    archive of each track holds, to mp4box.js, exactly the samples both groups sent: the same
+    bytes at the same decode times, none missing, none twice."""
+    logged: dict[tuple[str, str, int], tuple[int, int]] = {}
+    for post in status["cmaf"]["post_log"]:
+        stream = post["publishing_point"].rsplit("/", 1)[1]
+        for f in post["fragments"]:
+            logged[(post["encoder_group"], f"{stream}/{post['stream']}", f["index"])] = (f["time"], f["duration"])
+    headers: dict[tuple[str, str], bytes] = {}
+    segments: dict[tuple[str, str], dict[int, bytes]] = defaultdict(dict)
+    segment_bytes: list[tuple[tuple[str, str], int, bytes]] = []  # every segment request, resends included
+    for request in requests:
+        assert request.method in ("POST", "PUT"), request.method
+        match = re.fullmatch(r"/live/demo/(\w+)/(\w+)/(init|\d+)\.m4s", request.target)
+        assert match, request.target
+        key = (request.headers["x-encoder-group"], f"{match[1]}/{match[2]}")
+        if match[3] == "init":
+            assert headers.setdefault(key, request.body) == request.body, f"{key}: the header changed"
+            continue
+        index = int(match[3])
+        segment_bytes.append((key, index, request.body))
+        first = segments[key].setdefault(index, request.body)
+        # Sent again only as the track's last segment (up stopped after sending it): the same bytes, lmsg added.
+        assert request.body in (first, cmaf.mark_last(first)), f"{key} segment {index} sent again, changed"
+    assert set(headers) == set(segments) == {(g, t) for g in ("primary", "backup") for t in TRACKS}
+    assert len(segment_bytes) == status["cmaf"]["counts"]["segments"]  # every segment request the point took
+
+    keys = sorted(segments)
+    header_bytes = [headers[key] for key in keys]
+    track_files = [headers[key] + b"".join(body for _, body in sorted(segments[key].items())) for key in keys]
+    archived = {name: archive / track["file"] for name, track in cmaf_tracks(status).items()}
+    names = sorted(archived)
+    parsed = mp4box(*header_bytes, *(body for _, _, body in segment_bytes), *track_files,
+                    *(archived[name].read_bytes() for name in names))  # fmt: skip
+    read_headers = parsed[: len(keys)]
+    read_segments = parsed[len(keys) : len(keys) + len(segment_bytes)]
+    read_files = parsed[len(keys) + len(segment_bytes) : len(keys) + len(segment_bytes) + len(keys)]
+    read_archives = parsed[len(keys) + len(segment_bytes) + len(keys) :]
+
+    for key, header in zip(keys, read_headers, strict=True):
+        timescale, _ = TRACKS[key[1]]
+        assert header.types == ["ftyp", "moov"], key
+        ftyp, moov = header.boxes
+        assert (ftyp["major_brand"], ftyp["compatible_brands"]) == ("cmfc", ["iso6", "cmfc", "cmf2"]), key
+        assert moov.types.count("trak") == 1, key
+        assert moov.one("mdhd")["timescale"] == timescale, key
+        [entry] = moov.one("stsd").boxes
+        assert entry.types[-1] == "btrt", key
+
+    last_segments = 0
+    for (key, index, body), segment in zip(segment_bytes, read_segments, strict=True):
+        timescale, frame = TRACKS[key[1]]
+        assert segment.types == ["styp", "prft", "moof", "mdat"], (key, index)
+        styp, prft, moof, _ = segment.boxes
+        assert styp["major_brand"] == "cmfs"
+        last_segments += "lmsg" in styp["compatible_brands"]
+        assert moof.one("mfhd")["sequence_number"] == index
+        traf = moof.one("traf")
+        assert traf.types == ["tfhd", "tfdt", "trun"]
+        tfdt = traf.one("tfdt")["baseMediaDecodeTime"]
+        durations = traf.one("trun")["sample_duration"]
+        assert set(durations) == {frame}, (key, index, sorted(set(durations)))
+        assert prft["media_time"] == tfdt
+        assert (tfdt, sum(durations)) == logged[(*key, index)], (key, index)
+        # pymp4, a second parser we did not write, reads the same boxes and numbers.
+        by_pymp4 = pymp4_boxes(body)
+        assert [b.type.decode() for b in by_pymp4] == segment.types
+        assert pymp4_find(by_pymp4[2], b"mfhd").sequence_number == index
+        assert pymp4_find(by_pymp4[2], b"tfdt").baseMediaDecodeTime == tfdt
+        assert [s.sample_duration for s in pymp4_find(by_pymp4[2], b"trun").sample_info] == durations
+        assert tfdt // timescale >= EPOCH_S
+    assert last_segments == status["cmaf"]["counts"]["last_segments"] == 4
+
+    sent: dict[str, dict[int, str]] = defaultdict(dict)  # track -> decode time -> sample SHA-256, both groups
+    for key, track_file in zip(keys, read_files, strict=True):
+        [samples] = track_file.samples.values()
+        steps = {b["dts"] - a["dts"] for a, b in itertools.pairwise(samples)}
+        assert steps == {TRACKS[key[1]][1]}, f"{key}: mp4box.js reads a gap or overlap: steps {sorted(steps)}"
+        for sample in samples:
+            assert sent[key[1]].setdefault(sample["dts"], sample["sha256"]) == sample["sha256"], (key, sample)
+    for name, archived_file in zip(names, read_archives, strict=True):
+        assert archived_file.types[:2] == ["ftyp", "moov"]
+        [samples] = archived_file.samples.values()
+        assert {sample["dts"]: sample["sha256"] for sample in samples} == sent[name], name
+        assert len(samples) == len(sent[name])  # none twice

@@ -26,10 +26,34 @@ segment's ``moof`` + ``mdat``. So:
 * **increasing tfdt**: a segment that is archived with a time before the track's newest is
   counted as ``late`` (a gap filled by the other group, or a resend after an outage): it is
   archived in arrival order, as the Smooth side does, because dropping it would lose the only
-  copy.
+  copy;
+* **fixed segment duration** (ingest spec: "segment duration fixed"; :class:`SegmentDurations`):
+  a track's first archived segment establishes its segment duration ``D``: the sum of its
+  ``trun`` sample durations, an exact integer in the track's timescale. A later archived segment
+  of duration ``d`` keeps to it when ``|d - D|`` is at most one frame (the segment's longest
+  sample): segment boundaries are fixed in time, but a segment holds whole frames, so when a
+  boundary falls between frames the duration moves by one (48 kHz AAC in 2 s segments holds 93
+  or 94 frames of 1024 ticks: 95232 or 96256). A segment further off is *off duration*: counted
+  (``tolerated["segment_duration"]`` in the status, and so in the ``orchestrator_ingest_tolerated``
+  metric; per track in ``segment_durations``), logged once per track with its values, and
+  archived all the same, because it is the only copy of those samples. Tolerated, not counted:
 
-Memory: one stored header per CMAF track (at most 1 MiB each, the reader's limit) and at most
-``MAX_TRACKS`` tracks; bodies are bounded by the server (``MAX_BODY``). Pure: no I/O.
+  - a segment whose ``styp`` carries ``lmsg`` (the declared last one);
+  - a *shorter* segment that turns out to be the last of its track: a shorter one is judged only
+    when a later segment of the track arrives (until then it is held as ``pending``, one per
+    track);
+  - a short *first* segment (an encoder that starts between two boundaries): when the second
+    segment is longer than the first by more than a frame, the third decides. If it agrees with
+    the second, the first was a short opening segment and ``D`` is the second's duration;
+    otherwise the second is counted and ``D`` stays the first's.
+
+  Only archived segments are judged: the other group's copy of a segment is a duplicate, and a
+  duplicate whose duration differs is the receiver's *conflict*. A change of ``tfdt`` step (a
+  hole) is the receiver's *gap*.
+
+Memory: one stored header per CMAF track (at most 1 MiB each, the reader's limit), a few
+integers per track for the duration check, and at most ``MAX_TRACKS`` tracks; bodies are
+bounded by the server (``MAX_BODY``). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -37,12 +61,20 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.errors import BoxError, MediaError
 from orchestrator.fmp4.reader import NEED_DATA, Header, StreamReader
-from orchestrator.ingest.receiver import STATUS_POSTS, Decision, PostStatus, PublishingPoint, StreamPath, is_safe_name
+from orchestrator.ingest.receiver import (
+    STATUS_POSTS,
+    Decision,
+    FragmentInfo,
+    PostStatus,
+    PublishingPoint,
+    StreamPath,
+    is_safe_name,
+)
 from orchestrator.wire import cmaf
 
 MAX_TRACKS = 10_000
@@ -78,6 +110,79 @@ def parse_path(path: str) -> CmafPath | None:
 class Answer:
     status: int
     text: str
+    notices: tuple[str, ...] = field(default=(), compare=False)  # log lines (a track off its duration)
+
+
+@dataclass
+class _TrackDuration:
+    established: int  # the track's segment duration (see the module docstring)
+    off: int = 0  # segments off it by more than a frame
+    logged: bool = False
+    opening: bool = True  # only the first segment is judged yet
+    pending: FragmentInfo | None = None  # a shorter segment, judged when a later one arrives
+    undecided: FragmentInfo | None = None  # a second segment longer than the first, judged by the third
+
+
+class SegmentDurations:
+    """The fixed-duration check of every CMAF track (see the module docstring); each segment
+    off duration counts one ``segment_duration`` in ``tolerated``. Pure."""
+
+    def __init__(self, tolerated: Counter[str]) -> None:
+        self._tracks: dict[tuple[StreamPath, int], _TrackDuration] = {}
+        self._tolerated = tolerated
+
+    def archived(self, track: StreamPath, fragment: FragmentInfo, *, last: bool) -> list[str]:
+        """Judge ``fragment``, an archived segment of ``track`` (``last``: its styp carries
+        lmsg). The log lines to write: at most one per track, ever."""
+        key = (track, fragment.track_id)
+        state = self._tracks.get(key)
+        if state is None:
+            if not last:
+                self._tracks[key] = _TrackDuration(fragment.duration)
+            return []
+        notices: list[str] = []
+        pending = state.pending
+        if pending is not None and (fragment.time or 0) > (pending.time or 0):  # CMAF segments have a tfdt
+            state.pending = None  # a later segment came: the shorter one was not the last
+            notices += self._off(track, state, pending)
+        undecided = state.undecided
+        if undecided is not None and not last:
+            state.undecided = None
+            if abs(fragment.duration - undecided.duration) <= fragment.frame:
+                state.established = undecided.duration  # the first segment was a short opening one
+            else:
+                notices += self._off(track, state, undecided)
+        opening, state.opening = state.opening, False
+        if last or abs(fragment.duration - state.established) <= fragment.frame:
+            return notices
+        if opening and fragment.duration > state.established:
+            state.undecided = fragment  # the first one short, or this one long: the next one tells
+        elif fragment.duration < state.established:
+            state.pending = fragment
+        else:
+            notices += self._off(track, state, fragment)
+        return notices
+
+    def _off(self, track: StreamPath, state: _TrackDuration, fragment: FragmentInfo) -> list[str]:
+        state.off += 1
+        self._tolerated["segment_duration"] += 1
+        if state.logged:
+            return []
+        state.logged = True
+        return [f"ingest.cmaf.segment_duration track={track.point_name}/{track.stream_id} "
+                f"track_id={fragment.track_id} index={fragment.index} time={fragment.time} "
+                f"duration={fragment.duration} established={state.established} frame={fragment.frame} "
+                f'note="the segment duration differs from the track\'s by more than one frame: archived; '
+                f'logged once per track"']  # fmt: skip
+
+    def status(self) -> dict[str, dict[str, dict[str, int]]]:
+        """'<point>/<stream>/<track>' -> track ID -> its established duration and off count."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for (track, track_id), state in sorted(self._tracks.items(), key=lambda item: (item[0][0].point_name,
+                                               item[0][0].stream_id, item[0][1])):  # fmt: skip
+            out.setdefault(f"{track.point_name}/{track.stream_id}", {})[str(track_id)] = {
+                "duration": state.established, "off_duration": state.off}  # fmt: skip
+        return out
 
 
 class CmafPoint:
@@ -87,6 +192,7 @@ class CmafPoint:
         self.point = point if point is not None else PublishingPoint(rules=cmaf.RECEIVER, detect_restarts=False)
         self._headers: dict[StreamPath, bytes] = {}
         self._newest: dict[tuple[StreamPath, int], int] = {}
+        self.durations = SegmentDurations(self.point.tolerated)
         self.counts: Counter[str] = Counter()  # headers, segments, missing_init, malformed, late, last_segments
 
     def request(self, path: CmafPath, body: bytes, encoder_group: str | None, now: float,
@@ -108,6 +214,7 @@ class CmafPoint:
         post = self.point.open_post(path.track, encoder_group, now)
         status: PostStatus = "error"
         reason: str | None = "server error"
+        notices: list[str] = []
         try:
             post.feed(header + segment.fragment)
             while (decision := post.next_decision()) is not NEED_DATA:
@@ -115,6 +222,7 @@ class CmafPoint:
                     archive(decision)
                     post.written(decision)
                     self._note_time(path.track, decision)
+                    notices += self.durations.archived(path.track, decision.fragment, last=segment.last)
                 elif decision.outcome == "rejected":
                     self.counts["malformed"] += 1
                     status, reason = "error", decision.reason or "rejected"
@@ -129,7 +237,7 @@ class CmafPoint:
             post.close(now, status, reason)
         if segment.last:
             self.counts["last_segments"] += 1
-        return Answer(200, "")
+        return Answer(200, "", tuple(notices))
 
     def _header(self, track: StreamPath, body: bytes) -> Answer:
         reader = StreamReader()
@@ -165,4 +273,5 @@ class CmafPoint:
         """The counts, and the publishing point's status (each segment request is one of its POSTs:
         ``limit`` of the newest, see :meth:`~orchestrator.ingest.receiver.PublishingPoint.status`)."""
         return {"counts": dict(sorted(self.counts.items())), "tracks": len(self._headers),
+                "segment_durations": self.durations.status(),
                 **self.point.status(posts=posts, limit=limit)}  # fmt: skip

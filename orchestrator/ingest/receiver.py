@@ -203,6 +203,9 @@ class FragmentInfo:
     index: int  # Smooth: tfxd v2 fragment_index, else mfhd.sequence_number
     time: int | None  # Smooth: tfxd fragment_absolute_time, else tfdt; None if the traf has neither
     duration: int  # Smooth: tfxd fragment_duration, else the sum of the sample durations
+    # The longest sample duration in the traf (0 without samples): one frame, the slack a
+    # segment's duration may have when its boundaries fall between frames (CMAF: cmafpoint).
+    frame: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -222,7 +225,8 @@ def _fragment_info(rules: ReceiverRules, fragment: Fragment, traf_at: int) -> Fr
         timing = rules.timing(traf, parsed.sequence_number)
     except BoxError as exc:
         raise over_limit(BoxError(f"fragment at offset {fragment.offset}: {exc}"), None, exc) from None
-    return FragmentInfo(traf.track_id, timing.index, timing.time, timing.duration)
+    frame = max((sample.duration for sample in traf.samples), default=0)
+    return FragmentInfo(traf.track_id, timing.index, timing.time, timing.duration, frame)
 
 
 class PostChecker:

@@ -303,6 +303,8 @@ class IngestApp:
             self._limit_hit("body_timeout", 408, scope["path"])
         elif answer.status == 413:
             self._limit_hit("max_cmaf_body", 413, scope["path"])
+        for notice in answer.notices:
+            logger.warning("%s path=%s", notice, scope["path"])
         if answer.status != 200:
             self.refusals[str(answer.status)] += 1
             logger.warning("ingest.cmaf.refused path=%s status=%d reason=%r", scope["path"], answer.status,
@@ -417,7 +419,7 @@ class IngestCollector(Collector):
         mismatches = CounterMetricFamily("orchestrator_ingest_header_mismatches", "POSTs whose header differs "
                                          "from the stream's first", labels=track_labels[:3])  # fmt: skip
         tolerated = CounterMetricFamily("orchestrator_ingest_tolerated", "Encoder behaviour taken in stride "
-                                        "(negative_time, header_mismatch, encoder_restart)",
+                                        "(negative_time, header_mismatch, encoder_restart, segment_duration)",
                                         labels=["format", "kind"])  # fmt: skip
         posts = CounterMetricFamily("orchestrator_ingest_posts", "Ingest POSTs opened", labels=["format"])
         active = GaugeMetricFamily("orchestrator_ingest_posts_active", "Ingest POSTs open now", labels=["format"])

@@ -174,3 +174,120 @@ async def test_the_server_takes_put_and_post_answers_412_405_400_and_archives(nu
     moov_track = boxes.parse_moov(track.header[28 + 8 :])[0]
     assert file.read_bytes() == cmaf.RECEIVER.init_segment(moov_track) + b"".join(
         cmaf.split_segment(track.segment(k)).fragment for k in range(2))  # fmt: skip
+
+
+# --- fixed segment duration ---------------------------------------------------------------------
+
+
+def timed_segments(counts: list[int], frame: int, *, last_is_lmsg: bool = False) -> list[tuple[int, bytes]]:
+    """(index, segment) of track 1 with ``counts[n]`` samples of ``frame`` ticks each, back to back
+    from an epoch-based time; the last one marked lmsg if ``last_is_lmsg``."""
+    out, time = [], cmaf.epoch_ticks(1_767_225_600 * 10**9, 90_000) + K * 180_180
+    for n, count in enumerate(counts):
+        run = boxes.TrackRun(1, time, [boxes.Sample(b"\x00\x00\x00\x01", frame)] * count, K + n)
+        last = last_is_lmsg and n == len(counts) - 1
+        out.append((K + n, cmaf.write_segment(K + n, run, timescale=90_000, last=last)))
+        time += count * frame
+    return out
+
+
+def push(track: Track, segments: list[tuple[int, bytes]]) -> tuple[CmafPoint, Archive, list[str]]:
+    point, archive = CmafPoint(), Archive()
+    assert send(point, archive, None, track.header) == Answer(200, "")
+    notices = []
+    for index, segment in segments:
+        answer = send(point, archive, index, segment)
+        assert answer == Answer(200, "")
+        notices += answer.notices
+    return point, archive, notices
+
+
+def duration_counts(point: CmafPoint) -> tuple[int, dict]:
+    status = point.status()
+    return status["tolerated"].get("segment_duration", 0), status["segment_durations"]
+
+
+def test_a_segment_off_the_tracks_duration_by_more_than_a_frame_is_counted_logged_once_and_archived(
+        track: Track) -> None:  # fmt: skip
+    """60 frames of 3003 ticks establish 180180. Within one frame (59 or 61 frames) keeps to it;
+    62 and 64 frames are off at once; a 30-frame segment is off once a later segment shows it
+    was not the last; the lmsg segment, however short, is exempt."""
+    counts = [60, 60, 62, 59, 61, 64, 30, 60, 30]
+    point, archive, notices = push(track, timed_segments(counts, 3003, last_is_lmsg=True))
+    assert [d.fragment.duration for d in archive.decisions] == [n * 3003 for n in counts]  # every one archived
+    assert duration_counts(point) == (3, {"live/demo/video/video_360p": {"1": {"duration": 180_180,
+                                                                              "off_duration": 3}}})  # fmt: skip
+    start = cmaf.epoch_ticks(1_767_225_600 * 10**9, 90_000) + K * 180_180 + 120 * 3003
+    assert notices == [
+        f"ingest.cmaf.segment_duration track=live/demo/video/video_360p track_id=1 index={K + 2} time={start} "
+        "duration=186186 established=180180 frame=3003 note=\"the segment duration differs from the track's by "
+        "more than one frame: archived; logged once per track\""]  # fmt: skip
+    [stats] = point.status()["publishing_points"]["live/demo/video"]["streams"]["video_360p"]["tracks"].values()
+    assert (stats["fragments_archived"], stats["gaps"], stats["conflicts"]) == (9, 0, 0)
+
+
+def test_a_shorter_last_segment_without_lmsg_is_not_counted(track: Track) -> None:
+    point, _, notices = push(track, timed_segments([60, 60, 30], 3003))
+    assert duration_counts(point)[0] == 0
+    assert notices == []
+
+
+@pytest.mark.parametrize(
+    ("counts", "off", "duration", "index"),
+    [([30, 60, 60, 60], 0, 180_180, None),  # a short opening segment: the second sets the duration
+     ([60, 120, 60, 60], 1, 180_180, 1),  # a long second segment: the third agrees with the first
+     ([60, 120, 90, 60], 2, 180_180, 1),  # the third agrees with neither: the second is off, then the third
+     ([30, 60], 0, 90_090, None)],  # the stream ended undecided: nothing counted
+    ids=["short first", "long second", "neither", "undecided"],
+)  # fmt: skip
+def test_the_third_segment_tells_a_short_first_from_a_long_second(
+    track: Track, counts: list[int], off: int, duration: int, index: int | None
+) -> None:
+    point, _, notices = push(track, timed_segments(counts, 3003))
+    assert duration_counts(point) == (off, {"live/demo/video/video_360p": {"1": {"duration": duration,
+                                                                                "off_duration": off}}})  # fmt: skip
+    assert [n.split(" time=")[0].rsplit("index=", 1)[1] for n in notices] == ([] if index is None else
+                                                                             [str(K + index)])  # fmt: skip
+
+
+def test_audio_segments_of_93_or_94_frames_keep_to_the_duration(track: Track) -> None:
+    """48 kHz AAC in 2 s segments: 93.75 frames of 1024 ticks each, so 94, 94, 94, 93 frames
+    (96256, 96256, 96256, 95232 ticks): one frame apart, not off."""
+    point, archive, notices = push(track, timed_segments([94, 94, 94, 93] * 3, 1024))
+    assert sorted({d.fragment.duration for d in archive.decisions}) == [95_232, 96_256]
+    assert duration_counts(point) == (0, {"live/demo/video/video_360p": {"1": {"duration": 96_256,
+                                                                              "off_duration": 0}}})  # fmt: skip
+    assert notices == []
+
+
+def test_the_other_groups_copy_is_not_judged_twice(track: Track) -> None:
+    """Only archived segments are judged: the backup's copy of an off segment is a duplicate."""
+    segments = timed_segments([60, 70, 60], 3003)
+    point, archive = CmafPoint(), Archive()
+    for group in ("primary", "backup"):
+        send(point, archive, None, track.header, group)
+        for index, segment in segments:
+            assert send(point, archive, index, segment, group).status == 200
+    assert duration_counts(point)[0] == 1
+    assert len(archive.decisions) == 3
+
+
+async def test_the_server_logs_off_duration_once_and_exports_the_count(nursery, tmp_path: Path, track: Track,
+                                                                      caplog) -> None:  # fmt: skip
+    app = IngestApp(tmp_path / "archive")
+    host, port = await nursery.start(serve_app, app, "127.0.0.1", 0)
+    base = f"http://{host}:{port}/live/demo/video/video_360p"
+    async with httpx.AsyncClient() as client:
+        assert (await client.put(f"{base}/init.m4s", content=track.header)).status_code == 200
+        for index, segment in timed_segments([60, 60, 90, 90, 60], 3003):
+            assert (await client.put(f"{base}/{index}.m4s", content=segment)).status_code == 200
+        metrics = (await client.get(f"http://{host}:{port}/metrics")).text
+        status = (await client.get(f"http://{host}:{port}/status")).json()
+    app.close()
+    logged = [r.getMessage() for r in caplog.records if "ingest.cmaf.segment_duration" in r.getMessage()]
+    assert len(logged) == 1
+    assert f"index={K + 2} " in logged[0]
+    assert "duration=270270 established=180180 frame=3003" in logged[0]
+    assert logged[0].endswith("path=/live/demo/video/video_360p/" + f"{K + 2}.m4s")
+    assert status["cmaf"]["tolerated"] == {"segment_duration": 2}
+    assert 'orchestrator_ingest_tolerated_total{format="cmaf",kind="segment_duration"} 2.0' in metrics

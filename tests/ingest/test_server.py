@@ -200,7 +200,8 @@ async def test_other_routes(server: Server) -> None:
                       "connections": {"max_connections": 512, "open": 1, "refused": 0, "fd_exhausted_episodes": 0,
                                       "evicted_idle": 0, "evicted_no_body": 0},
                       "refusals": {}, "limits": {},  # the one connection of this client; 404 and 405 are not refusals
-                      "cmaf": {"counts": {}, "tracks": 0, "posts": {"total": 0, "active": 0}, "probes": 0,
+                      "cmaf": {"counts": {}, "tracks": 0, "segment_durations": {}, "posts": {"total": 0, "active": 0},
+                               "probes": 0,
                                "publishing_points": {}, "post_log": [], "tolerated": {},
                                "memory": {"budget": DEFAULT_MEMORY_BUDGET, "reserved": 0, "refusals": 0}}}  # fmt: skip
 

@@ -1,6 +1,6 @@
 """CMAF endpoints on the push side: a publisher per track, its header alone first and after any
 failure, one request per segment to the segment's URL. On the in-memory endpoint and trio's
-autojump clock, then once over a real loopback socket."""
+autojump clock, then once over a real loopback socket; what a publisher sends is read by mp4box.js."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from parsekit import mp4box, needs_mp4box
 
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.ops.httpserve import serve_asgi
@@ -409,3 +410,31 @@ async def test_the_end_of_the_stream_sends_the_newest_segment_again_with_lmsg(au
                           (segment_path(1), rig.segment(1), 200),
                           (segment_path(1), cmaf.mark_last(rig.segment(1)), 200)]  # fmt: skip
     assert cmaf.split_segment(rig.sent()[-1][1]).last
+
+
+@needs_mp4box
+async def test_mp4box_js_reads_every_request_a_cmaf_publisher_sends(autojump_clock):
+    """What the publisher puts on the wire (header, each segment, the lmsg resend at the end), read
+    by mp4box.js: each body whole, each segment's mfhd the index in its path."""
+    rig = Rig(MemoryEndpoint())
+    returned = trio.Event()
+
+    async def publish():
+        await rig.publisher.run()
+        returned.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publish)
+        rig.push(0, 1, 2)
+        rig.fanout.close()
+        with trio.fail_after(60):
+            await returned.wait()
+    sent = rig.sent()
+    assert [path for path, _, _ in sent] == [HEADER_PATH, *(segment_path(k) for k in (0, 1, 2, 2))]
+    header, *segments = mp4box(*(body for _, body, _ in sent))
+    assert header.types == ["ftyp", "moov"]
+    assert header.tracks[0]["id"] == 1
+    for (path, _, _), segment in zip(sent[1:], segments, strict=True):
+        assert segment.types == ["styp", "prft", "moof", "mdat"]
+        assert segment.boxes[2].one("mfhd")["sequence_number"] == int(path.rsplit("/", 1)[1].removesuffix(".m4s"))
+    assert [("lmsg" in s.boxes[0]["compatible_brands"]) for s in segments] == [False, False, False, True]

@@ -1,15 +1,16 @@
-"""CMAF ingest as a wire format: exact bytes and integers, read back by our parser, by pymp4 (an
-independent ISO BMFF parser) and decoded by ffprobe."""
+"""CMAF ingest as a wire format: exact bytes and integers, read back by our parser, by pymp4 and
+mp4box.js (two ISO BMFF parsers we did not write) and decoded by ffprobe."""
 
 from __future__ import annotations
 
-import io
+import itertools
 import shutil
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
+from parsekit import as_double, mp4box, needs_mp4box, pymp4_boxes, pymp4_find, sha256
 
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.errors import BoxError, MediaError
@@ -20,31 +21,12 @@ from orchestrator.profile import load_profile
 from orchestrator.tracks import AUDIO, VIDEO, TrackDescription
 from orchestrator.wire import cmaf
 
-pymp4_parser = pytest.importorskip("pymp4.parser", reason="pymp4 is a test dependency: pip install -e '.[test]'")
+pytest.importorskip("pymp4.parser", reason="pymp4 is a test dependency: pip install -e '.[test]'")
 
 DEMO = Path(__file__).resolve().parents[2] / "profiles" / "demo.toml"
 NOW_NS = 1_800_000_000 * 10**9
 EPOCH_S = 1_767_225_600  # the demo profile's epoch, 2026-01-01T00:00:00Z, in seconds since 1970
 AVC1 = boxes.box(b"avc1", bytes(78))
-
-
-def pymp4_boxes(data: bytes) -> list:
-    """Every top-level box of ``data`` as pymp4 reads it."""
-    stream = io.BytesIO(data)
-    out = []
-    while stream.tell() < len(data):
-        out.append(pymp4_parser.Box.parse_stream(stream))
-    return out
-
-
-def pymp4_find(box, box_type: bytes):
-    for child in getattr(box, "children", None) or []:
-        if child.type == box_type:
-            return child
-        found = pymp4_find(child, box_type)
-        if found is not None:
-            return found
-    return None
 
 
 # --- exact bytes ------------------------------------------------------------------------------
@@ -245,3 +227,98 @@ def test_marking_the_last_segment_adds_lmsg_to_its_styp() -> None:
                                                                                               last=True)  # fmt: skip
     with pytest.raises(ValueError, match="plain CMAF styp"):
         cmaf.mark_last(boxes.write_movie_fragment(3, [run]))
+
+
+# --- the same bytes read by mp4box.js (GPAC's parser in JavaScript) -----------------------------
+
+
+@needs_mp4box
+def test_mp4box_js_reads_every_header_and_segment_as_we_meant_them() -> None:
+    """Each CMAF header and segment on its own, then the track file they make, read by mp4box.js:
+    every field we set, as an exact integer, and every sample's bytes where the trun says."""
+    files = cmaf_track_files(EPOCH_S * 10**9, 3)
+    for stream_id, (data, fragments) in files.items():
+        timescale = fragments[0].timescale
+        header_size = data.index(b"styp") - 4
+        segments = _split_segments(data[header_size:])
+        assert len(segments) == len(fragments)
+        header, *parsed_segments, whole = mp4box(data[:header_size], *segments, data)
+
+        # The header: ftyp with the CMAF brands, a moov with one trak whose sample entry ends with a btrt.
+        assert header.types == ["ftyp", "moov"]
+        ftyp, moov = header.boxes
+        assert (ftyp["major_brand"], ftyp["minor_version"], ftyp["compatible_brands"]) == (
+            "cmfc", 0, ["iso6", "cmfc", "cmf2"])  # fmt: skip
+        assert moov.types.count("trak") == 1
+        assert moov.one("tkhd")["track_id"] == moov.one("trex")["track_id"] == fragments[0].track_id
+        assert moov.one("mdhd")["timescale"] == timescale
+        assert moov.one("hdlr")["handler"] == {"video": "vide", "audio": "soun"}[stream_id]
+        [entry] = moov.one("stsd").boxes
+        assert entry.type == {"video": "avc1", "audio": "mp4a"}[stream_id]
+        assert entry.types.count("btrt") == 1
+        assert entry.types[-1] == "btrt"
+        if stream_id == "video":  # ours; the AAC clip's entry carries ffmpeg's own btrt
+            assert (entry.boxes[-1]["maxBitrate"], entry.boxes[-1]["avgBitrate"]) == (800_000, 800_000)
+        assert moov.one("mvhd")["next_track_id"] == fragments[0].track_id + 1
+        assert (header.tracks[0]["id"], header.tracks[0]["codec"]) == (
+            fragments[0].track_id, {"video": "avc1.42c00b", "audio": "mp4a.40.2"}[stream_id])  # fmt: skip
+
+        # Each segment: styp (lmsg on the last), prft, moof (mfhd, traf: tfhd, tfdt, trun), mdat.
+        for n, (segment, fragment) in enumerate(zip(parsed_segments, fragments, strict=True)):
+            samples = boxes.parse_fragment(fragment.data).trafs[0].samples
+            tfdt_value = fragment.start + EPOCH_S * timescale
+            assert segment.types == ["styp", "prft", "moof", "mdat"]
+            styp, prft, moof, mdat = segment.boxes
+            assert (styp["major_brand"], styp["compatible_brands"]) == (
+                "cmfs", ["cmfs", "cmff", "lmsg"] if n == len(fragments) - 1 else ["cmfs", "cmff"])  # fmt: skip
+            wall_ns = EPOCH_S * 10**9 + fragment.start * 10**9 // timescale
+            assert (prft["version"], prft["ref_track_id"], prft["media_time"], prft["ntp_timestamp"]) == (
+                1, fragment.track_id, tfdt_value, as_double(cmaf.ntp_timestamp(wall_ns)))  # fmt: skip
+            assert moof.types == ["mfhd", "traf"]
+            assert moof.one("mfhd")["sequence_number"] == fragment.index
+            traf = moof.one("traf")
+            assert traf.types == ["tfhd", "tfdt", "trun"]
+            tfhd = traf.one("tfhd")
+            assert (tfhd["track_id"], tfhd["flags"]) == (fragment.track_id, 0x020000)  # default-base-is-moof
+            assert traf.one("tfdt")["baseMediaDecodeTime"] == tfdt_value
+            trun = traf.one("trun")
+            assert trun["sample_count"] == len(samples)
+            assert trun["sample_duration"] == [s.duration for s in samples]
+            assert sum(trun["sample_duration"]) == fragment.duration
+            assert trun["sample_size"] == [len(s.data) for s in samples]
+            assert trun["data_offset"] == moof.size + 8  # the first sample opens the mdat's payload
+            assert mdat.size == 8 + sum(len(s.data) for s in samples)
+
+        # The track file: mp4box.js's samples are ours, byte for byte, at the times we meant.
+        assert whole.types == ["ftyp", "moov"] + ["styp", "prft", "moof", "mdat"] * len(fragments)
+        ours = [(f, s) for f in fragments for s in boxes.parse_fragment(f.data).trafs[0].samples]
+        theirs = whole.samples[fragments[0].track_id]
+        assert len(theirs) == len(ours)
+        dts = fragments[0].start + EPOCH_S * timescale
+        for (_, sample), read in zip(ours, theirs, strict=True):
+            assert (read["dts"], read["cts"], read["duration"], read["size"], read["is_sync"], read["sha256"]) == (
+                dts, dts + sample.composition_offset, sample.duration, len(sample.data), sample.is_sync,
+                sha256(sample.data))  # fmt: skip
+            dts += sample.duration
+
+
+def _split_segments(data: bytes) -> list[bytes]:
+    """CMAF segments laid end to end, each cut at its styp (our own box walk, only to cut)."""
+    starts = [b.offset for b in boxes.parse_boxes(data) if b.type == b"styp"] + [len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(starts)]
+
+
+@needs_mp4box
+def test_mp4box_js_refuses_bytes_that_are_not_whole_boxes() -> None:
+    """The proof above is only as strict as the tool: a byte too many, a byte too few, or a box
+    size that lies each fail it."""
+    segment = cmaf.write_segment(3, TrackRun(1, 2**40, [Sample(b"\x01" * 10, 1500)], 3), timescale=90_000)
+    assert mp4box(segment)[0].types == ["styp", "prft", "moof", "mdat"]
+    traf = segment.index(b"traf") - 4
+    lying = segment[:traf] + struct.pack(">I", struct.unpack_from(">I", segment, traf)[0] + 4) + segment[traf + 4 :]
+    size, traf_size = len(segment), struct.unpack_from(">I", segment, traf)[0]
+    lie = f"'traf' has a size {traf_size + 4} greater than its container size {traf_size}"
+    for bad, message in ((segment + b"\x00", f"cover {size} of the {size + 1} bytes"),
+                         (segment[:-1], f"cover {size} of the {size - 1} bytes"), (lying, lie)):  # fmt: skip
+        with pytest.raises(pytest.fail.Exception, match=message):
+            mp4box(bad)

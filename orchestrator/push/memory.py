@@ -92,6 +92,10 @@ class MemoryEndpoint:
         self._changed = trio.Event()
 
     @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+    @property
     def posts(self) -> list[MemoryRequest]:
         """The chunked requests (the probes left out)."""
         return [r for r in self.requests if not r.probe]

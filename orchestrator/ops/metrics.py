@@ -71,8 +71,8 @@ class Metrics:
         )
         self.connections_opened = Counter(
             "orchestrator_connections_opened_total",
-            "Connections (TCP, and TLS over it) opened to the endpoint, probes included; CMAF requests "
-            "share one kept connection per track", _ENDPOINT, registry=r)  # fmt: skip
+            "Connections (TCP, and TLS over it) made to the endpoint, probes included; a CMAF track's "
+            "requests share one kept connection", _ENDPOINT, registry=r)  # fmt: skip
         self.post_failures = Counter(
             "orchestrator_post_failures_total", "Probes or POSTs that failed, by reason",
             (*_ENDPOINT, "reason"), registry=r)  # fmt: skip

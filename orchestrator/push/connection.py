@@ -221,12 +221,11 @@ class HttpConnection:
 
     def next_request(self, target: Target) -> bool:
         """Ready for another request, to ``target`` (same scheme, host and port), if the connection
-        still can carry one. Between requests a
-        server sends nothing; if the socket has anything to read (the end of the connection, a
-        TLS close_notify, a ``408``), the server is done with it, and a request sent anyway
-        would fail: so False, and the caller opens a new connection, without a failure. (A
-        server closing at this very moment still wins the race: that request then fails and is
-        resent like any other.)"""
+        still can carry one. Between requests a server sends nothing; if the socket has anything
+        to read (the end of the connection, a TLS close_notify, a ``408``), the server is done
+        with it, and a request sent anyway would fail: so False, and the caller opens a new
+        connection, without a failure. (A server closing at this very moment still wins the
+        race: that request then fails and is resent like any other.)"""
         same_origin = (target.tls, target.host, target.port) == (self.target.tls, self.target.host, self.target.port)
         if not same_origin or not self.reusable() or self._h11.trailing_data != (b"", False) or readable(self.socket):
             return False

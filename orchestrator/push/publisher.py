@@ -265,8 +265,9 @@ class Publisher:
 
     async def _connect(self, target: Target | None = None) -> Connection:
         target = target or self.target
-        self._m.connections_opened.inc()
-        return await self.connector.connect(target, self.endpoint.ca_file, within=self.lifecycle.connect_timeout)
+        connection = await self.connector.connect(target, self.endpoint.ca_file, within=self.lifecycle.connect_timeout)
+        self._m.connections_opened.inc()  # made, not attempted: refusals are post_failures
+        return connection
 
     async def _connection_for(self, opening: Open, target: Target) -> Connection:
         """The request's connection: the kept one if the lifecycle says ``reuse`` and it can carry

@@ -17,8 +17,10 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
+import httpx
 import pytest
 from parsekit import Request, Tap, mp4box, needs_mp4box, pymp4_boxes, pymp4_find
+from prometheus_client.parser import text_string_to_metric_families
 from rig import DEMO, ffprobe_packets, free_port, get_status, wait_until
 
 from orchestrator.wire import cmaf
@@ -55,13 +57,27 @@ def cmaf_tracks(status: dict) -> dict[str, dict]:
     return out
 
 
+def push_counters(port: int) -> dict[tuple[str, ...], tuple[float, float]]:
+    """``up``'s requests and connections opened, per (stream, group, endpoint), from /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    values: dict[str, dict[tuple[str, ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("orchestrator_posts_opened_total", "orchestrator_connections_opened_total"):
+                key = tuple(sample.labels[k] for k in ("stream", "group", "endpoint"))
+                values.setdefault(sample.name, {})[key] = sample.value
+    requests, connections = values["orchestrator_posts_opened_total"], values["orchestrator_connections_opened_total"]
+    return {key: (requests[key], connections[key]) for key in requests}
+
+
 @pytest.mark.skipif(shutil.which("ffprobe") is None, reason="needs ffprobe: apt-get install ffmpeg (see README)")
 @needs_mp4box
 def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path, ingest_server, up_process):
     servers = [ingest_server("region-a"), ingest_server("region-b")]
     ports = [server.port for server in servers]
     taps = [Tap(("127.0.0.1", port)) for port in ports]
-    up = up_process(cmaf_profile(tmp_path, [tap.port for tap in taps], free_port()), ready=None)
+    metrics_port = free_port()
+    up = up_process(cmaf_profile(tmp_path, [tap.port for tap in taps], metrics_port), ready=None)
     logs = [up.log] + [server.log for server in servers]
     try:
 
@@ -74,11 +90,18 @@ def test_both_groups_push_cmaf_segments_with_identical_paths_and_timing(tmp_path
             return True
 
         wait_until(enough, 60, f"{MIN_FRAGMENTS} CMAF segments archived per track in both regions", logs)
+        counted = push_counters(metrics_port)
     finally:
         code = up.stop()
         for tap in taps:
             tap.close()
     assert code == 0, up.text()[-3000:]
+    # Keep-alive: each publisher (group, track, endpoint) carried its header and every segment so
+    # far over one connection (the ingest server keeps them 75 s; segments come every 2 s).
+    assert len(counted) == 8, counted  # 2 groups x 2 tracks x 2 endpoints
+    for labels, (requests, connections) in counted.items():
+        assert requests >= MIN_FRAGMENTS, (labels, requests)
+        assert connections == 1, (labels, requests, connections)
 
     for server, tap in zip(servers, taps, strict=True):
         archive = server.archive

@@ -69,6 +69,10 @@ class Metrics:
         self.posts_opened = Counter(
             "orchestrator_posts_opened_total", "Long-running ingest POSTs opened", _ENDPOINT, registry=r
         )
+        self.connections_opened = Counter(
+            "orchestrator_connections_opened_total",
+            "Connections (TCP, and TLS over it) made to the endpoint, probes included; a CMAF track's "
+            "requests share one kept connection", _ENDPOINT, registry=r)  # fmt: skip
         self.post_failures = Counter(
             "orchestrator_post_failures_total", "Probes or POSTs that failed, by reason",
             (*_ENDPOINT, "reason"), registry=r)  # fmt: skip
@@ -180,8 +184,8 @@ class Metrics:
     def initialise_endpoint(self, labels: tuple[str, str, str, str]) -> None:
         """Export the endpoint's counters at 0 from the start, so that ``increase()`` in the
         alert rules sees their first increment (a series born at 1 has no increase)."""
-        for counter in (self.fragments_pushed, self.bytes_pushed, self.posts_opened, self.reconnects,
-                        self.resent_fragments, self.dropped_fragments):  # fmt: skip
+        for counter in (self.fragments_pushed, self.bytes_pushed, self.posts_opened, self.connections_opened,
+                        self.reconnects, self.resent_fragments, self.dropped_fragments):  # fmt: skip
             counter.labels(*labels)
 
     def initialise_group(self, group: str, stream_ids: list[str]) -> None:

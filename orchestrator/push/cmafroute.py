@@ -25,7 +25,9 @@ Why one publisher per track, not one per stream with per-track state: the spec a
 connection per track (Interface-1 8), a failure on one track's path (a 412 for its header, a
 stalled upload) must resend that track's header and rewind that track's segments only, and a
 slow track must not hold the others back; with a publisher per track all of this is the
-existing lifecycle and outbox, unchanged (one header flag, one backlog). The cost: tracks x
+existing lifecycle and outbox, unchanged (one header flag, one backlog), and each publisher's
+one kept connection is the track's persistent connection (see
+:mod:`orchestrator.push.lifecycle`, keep-alive). The cost: tracks x
 publishers, and the publisher's ``stream`` label is the CMAF stream name ``<stream>-<track>``
 (what the Streams() path names) so that two tracks of a stream do not share metric series.
 

@@ -1,11 +1,15 @@
-"""HTTP/1.1 for the publishers: one connection per request, framed by h11, over trio streams.
-The real implementation of the :class:`~orchestrator.push.transport.Transport` seam.
+"""HTTP/1.1 for the publishers, framed by h11, over trio streams. The real implementation of the
+:class:`~orchestrator.push.transport.Transport` seam.
 
-A publisher makes two kinds of request, both on a connection of their own: the probe (an
+A Smooth publisher makes two kinds of request, both on a connection of their own: the probe (an
 empty POST sent with ``Connection: close``) and the long-running chunked POST, which owns its
-connection for its whole life; every retry opens a new connection on purpose. So there is no
+connection for its whole life; every retry opens a new connection on purpose. A CMAF publisher
+(one request per segment) carries its requests one after the other on one kept connection
+(HTTP/1.1 keep-alive: :meth:`HttpConnection.reusable`, :meth:`HttpConnection.next_request`);
+which connection it keeps, and for how long, is the publisher's (one at most). So there is no
 pool to manage: :meth:`Connector.connect` opens a TCP connection (and TLS over it), and an
-:class:`HttpConnection` carries one request and its response, then is closed.
+:class:`HttpConnection` carries a request and its response, and possibly more in turn, then is
+closed.
 
 Why by hand, over h11, and not through httpx. httpx served here first, and cost too much at
 scale: one client per publisher, its pool and its per-chunk path (an async generator resumed
@@ -30,6 +34,7 @@ directly) and redirects (a 3xx is an error, as it was).
 from __future__ import annotations
 
 import fcntl
+import select
 import socket
 import ssl
 import struct
@@ -96,7 +101,7 @@ class Connector:
 
 
 class HttpConnection:
-    """One HTTP/1.1 request and its response on one connection (h11 does the framing).
+    """HTTP/1.1 requests and their responses, one at a time, on one connection (h11 does the framing).
 
     One task may send (``send_head``, ``send_chunk``, ``end_body``) while another receives
     (``receive_response``): trio streams allow one of each at a time, TLS included. Every method
@@ -209,9 +214,43 @@ class HttpConnection:
         """Bytes in the TCP socket's send queue the peer has not acknowledged (SIOCOUTQ)."""
         return unacked_bytes(self.socket)
 
+    def reusable(self) -> bool:
+        """Both sides have finished their message and neither said ``Connection: close`` (nor
+        sent HTTP/1.0, nor ended a body by closing): h11's keep-alive rules."""
+        return self._h11.our_state is h11.DONE and self._h11.their_state is h11.DONE
+
+    def next_request(self, target: Target) -> bool:
+        """Ready for another request, to ``target`` (same scheme, host and port), if the connection
+        still can carry one. Between requests a server sends nothing; if the socket has anything
+        to read (the end of the connection, a TLS close_notify, a ``408``), the server is done
+        with it, and a request sent anyway would fail: so False, and the caller opens a new
+        connection, without a failure. (A server closing at this very moment still wins the
+        race: that request then fails and is resent like any other.)"""
+        same_origin = (target.tls, target.host, target.port) == (self.target.tls, self.target.host, self.target.port)
+        if not same_origin or not self.reusable() or self._h11.trailing_data != (b"", False) or readable(self.socket):
+            return False
+        self._h11.start_next_cycle()
+        self.target = target
+        return True
+
     async def aclose(self) -> None:
         """Close at once (no TLS close_notify wait). Cancellation: closes anyway."""
         await trio.aclose_forcefully(self._stream)
+
+
+def readable(sock: Any) -> bool:
+    """The socket has something to read, has been closed by the peer or has an error, now (poll
+    with no timeout: select's descriptor limit of 1,024 is far below a process's connections).
+    A socket closed on our side counts as readable (it cannot be used)."""
+    try:
+        fd = sock.fileno()
+    except (OSError, ValueError):
+        return True
+    if fd < 0:
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(0))
 
 
 def unacked_bytes(sock: Any) -> int:

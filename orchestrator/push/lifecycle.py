@@ -44,6 +44,23 @@ requests, so that a format with one request per segment (CMAF ingest) is a diffe
 
 The URL of each request is the shell's (today one URL per stream; a per-segment format names
 each segment's URL through the wire format).
+
+Keep-alive, per segment. A per-segment plan sends one request per segment, every segment
+duration, to the same host: opening a TCP (and TLS) connection for each would cost a handshake
+or three per segment and is what the ingest spec asks senders not to do (Interface-1: a
+persistent connection per track). So after a per-segment request succeeds on a connection that
+can carry another (:attr:`Answered.reusable`: both sides finished their message and neither said
+``Connection: close``), :class:`Completed` says ``keep``, and the lifecycle remembers until when
+the kept connection may be reused (``kept_until``: ``keepalive_timeout`` after the answer).
+The next :class:`Open` says ``reuse`` if it comes before then; the shell carries the request on
+the kept connection (or opens a new one, without a failure, if the server closed it while it
+was idle). At ``kept_until`` the shell closes it (:class:`Expired`), and an ``Open`` without
+``reuse`` tells the shell to close any connection it still keeps *before* opening a new one, so
+a publisher never holds two. Any failure forgets the kept connection (the shell closes the
+failed one): the next request is a new connection, and the resend rules above are unchanged.
+A per-stream plan (Smooth) never keeps a connection. The connect deadline is the plan's too
+(:attr:`Lifecycle.connect_timeout`): one segment duration per segment (the spec's "about one
+segment duration"), the spec's 10 s for one long request.
 """
 
 from __future__ import annotations
@@ -66,15 +83,31 @@ SMOOTH = smooth.PLAN
 
 @dataclass(frozen=True)
 class PublisherSettings:
-    connect_timeout: float = 10.0  # spec 7.1
+    connect_timeout: float = 10.0  # spec 7.1 (Smooth); a per-segment plan uses segment_connect_timeout
     send_timeout: float = 4.0  # spec 7.2: between N and 2N for N-second fragments
     response_timeout: float = 10.0  # waiting for the final response after the last chunk
     idle_timeout: float = 8.0  # end a POST with nothing to send (spec 7.6)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    # Per segment (CMAF ingest): the connect deadline, about one segment duration (Interface-1),
+    # and how long a connection kept between requests may sit unused before it is closed.
+    segment_connect_timeout: float = 2.0
+    keepalive_timeout: float = 6.0
 
     @classmethod
     def for_fragment_duration(cls, seconds: float, **overrides: Any) -> PublisherSettings:
-        settings = {"send_timeout": max(2.0, 1.5 * seconds), "idle_timeout": 3.0 * seconds, **overrides}
+        """The settings for ``seconds``-long fragments; any field can be overridden.
+
+        ``segment_connect_timeout``: one fragment duration, at least 1 s (a TLS handshake over a
+        long path takes a few hundred milliseconds). ``keepalive_timeout``: three fragment
+        durations, at most 30 s. While a track is live its connection is reused every fragment
+        duration, so this bound only ends a connection left unused by a pause (an encoder
+        restart, a stop); 30 s stays under the idle timeouts of the middleboxes and servers in
+        front of origins (60 s for an AWS load balancer, 75 s for nginx and for ``orchestrator
+        ingest``), which may drop a connection without a word. A server with a shorter one
+        (Apache's 5 s) closes first, which the shell sees before reusing the connection."""
+        settings = {"send_timeout": max(2.0, 1.5 * seconds), "idle_timeout": 3.0 * seconds,
+                    "segment_connect_timeout": max(1.0, seconds), "keepalive_timeout": min(30.0, 3.0 * seconds),
+                    **overrides}  # fmt: skip
         return cls(**settings)
 
 
@@ -136,10 +169,13 @@ class Written(Event):
 
 @dataclass(frozen=True, slots=True)
 class Answered(Event):
-    """The endpoint answered: the probe, the request after its body, or during the body."""
+    """The endpoint answered: the probe, the request after its body, or during the body.
+    ``reusable``: after the body, the connection can carry another request (HTTP/1.1 keep-alive:
+    the response is complete and neither side said ``Connection: close``)."""
 
     status: int
     reason: str = ""
+    reusable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,8 +200,12 @@ class BackedOff(Event):
     """BACKING_OFF: ``backoff_until`` has passed."""
 
 
+class Expired(Event):
+    """IDLE: ``kept_until`` passed before the next request; the shell closed the kept connection."""
+
+
 WORK, DRAINED, READY, EMPTY, HEADER_CHANGED = Work(), Drained(), Ready(), Empty(), HeaderChanged()
-OPENED, HEADER_SENT, TIMED_OUT, BACKED_OFF = Opened(), HeaderSent(), TimedOut(), BackedOff()
+OPENED, HEADER_SENT, TIMED_OUT, BACKED_OFF, EXPIRED = Opened(), HeaderSent(), TimedOut(), BackedOff(), Expired()
 WRITTEN_NEW, WRITTEN_RESEND = Written(new=True), Written(new=False)
 
 
@@ -189,9 +229,12 @@ class Probe(Action):
 
 @dataclass(frozen=True, slots=True)
 class Open(Action):
-    """Open the request's connection; report :data:`OPENED` or :class:`Failed`."""
+    """Open the request's connection; report :data:`OPENED` or :class:`Failed`. With ``reuse``,
+    the connection kept from the last request carries it (a new one if the server has closed
+    that one meanwhile); without, a kept connection is closed before a new one is opened."""
 
     reconnect: bool  # the first request since a failure (counted as a reconnect)
+    reuse: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,9 +270,11 @@ class Finish(Action):
 
 @dataclass(frozen=True, slots=True)
 class Completed(Action):
-    """The request succeeded with ``status``; then wait for work."""
+    """The request succeeded with ``status``; then wait for work. ``keep``: keep its connection
+    for the next request, closing it at :attr:`Lifecycle.kept_until` if none comes by then."""
 
     status: int
+    keep: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +311,7 @@ WAIT_FOR_WORK, PROBE, NEXT, SEND_FRAGMENT, ABANDON, DONE = (
     Abandon(),
     Done(),
 )
-OPEN, OPEN_AFTER_FAILURE = Open(reconnect=False), Open(reconnect=True)
+OPEN, OPEN_AFTER_FAILURE, OPEN_REUSED = Open(reconnect=False), Open(reconnect=True), Open(reconnect=False, reuse=True)
 SEND_HEAD_AND_HEADER, SEND_HEAD_ONLY = SendHeader(with_header=True), SendHeader(with_header=False)
 
 _Handler = Callable[["Lifecycle", Any, float], Action]
@@ -291,6 +336,7 @@ class Lifecycle:
         self._session = False  # per segment: a request succeeded since the last failure or idle spell
         self._header_sent = False  # the stream header went out in this session
         self._header_alone = False  # the open request carries the header alone
+        self.kept_until: float | None = None  # IDLE, per segment: a connection is kept until then
 
     def handle(self, event: Event, now: float) -> Action:
         """The action that follows ``event`` at ``now``; updates the state.
@@ -308,23 +354,41 @@ class Lifecycle:
         if self.plan.probe_first and not self._session:
             self.state = State.PROBING
             return PROBE
-        return self._open()
+        return self._open(now)
 
     def _drained_idle(self, event: Drained, now: float) -> Action:
         self.state = State.DONE
+        self.kept_until = None  # the shell closes what it keeps as it returns
         return DONE
+
+    def _expired(self, event: Expired, now: float) -> Action:
+        if self.kept_until is None or now < self.kept_until:
+            raise LifecycleError(f"no kept connection expires at {now}")
+        self.kept_until = None
+        return WAIT_FOR_WORK
 
     # --- PROBING, OPENING -------------------------------------------------------------------
 
     def _probe_answered(self, event: Answered, now: float) -> Action:
         error = status_error(self.url, event.status, event.reason)
-        return self._fail(error) if error is not None else self._open()
+        return self._fail(error) if error is not None else self._open(now)
 
-    def _open(self) -> Action:
+    def _open(self, now: float) -> Action:
         self.state = State.OPENING
         self.new_in_request = 0
         reconnect, self._failed_since_request = self._failed_since_request, False
+        reuse = self.kept_until is not None and now < self.kept_until
+        self.kept_until = None  # in use (or to be closed): kept again only once this request succeeds
+        if reuse:
+            return OPEN_REUSED
         return OPEN_AFTER_FAILURE if reconnect else OPEN
+
+    @property
+    def connect_timeout(self) -> float:
+        """The connect deadline: about one segment duration per segment, spec 7.1's per stream."""
+        if self.plan.per == "segment":
+            return self.settings.segment_connect_timeout
+        return self.settings.connect_timeout
 
     @property
     def header_due(self) -> bool:
@@ -386,6 +450,9 @@ class Lifecycle:
         # One long request per stream: the next one is a new session (probe, header). Per
         # segment, the session goes on.
         self._session = self.plan.per == "segment"
+        if self.plan.per == "segment" and event.reusable:
+            self.kept_until = now + self.settings.keepalive_timeout
+            return Completed(event.status, keep=True)
         return Completed(event.status)
 
     def _response_timed_out(self, event: TimedOut, now: float) -> Action:
@@ -404,6 +471,7 @@ class Lifecycle:
         self._failed_since_request = True
         self._session = False
         self._header_sent = False
+        self.kept_until = None
         self.state = State.REWINDING
         return Rewind(self._failure, error, self.consecutive_failures)
 
@@ -426,6 +494,7 @@ _S = State
 _TABLE: dict[tuple[State, type[Event]], _Handler] = {
     (_S.IDLE, Work): Lifecycle._work,
     (_S.IDLE, Drained): Lifecycle._drained_idle,
+    (_S.IDLE, Expired): Lifecycle._expired,
     (_S.PROBING, Answered): Lifecycle._probe_answered,
     (_S.PROBING, TimedOut): Lifecycle._response_timed_out,
     (_S.PROBING, Failed): Lifecycle._failed,

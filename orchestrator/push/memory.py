@@ -21,7 +21,13 @@ any moment:
 * ``answer_after``: (bytes, status): the endpoint answers ``status`` once the body of the next
   chunked request reached that many bytes, and keeps the connection open (a refusal
   mid-stream); once: it is then cleared;
-* :meth:`MemoryEndpoint.reset`: every open connection dies now.
+* :meth:`MemoryEndpoint.reset`: every open connection dies now;
+* ``keep_alive``: a connection whose request was answered can carry the next one (HTTP/1.1
+  keep-alive; False, the default: the endpoint answers as if with ``Connection: close``), and
+  ``close_after`` counts each request's body; :meth:`MemoryEndpoint.close_idle` closes every
+  connection that waits between requests, as a server's keep-alive timeout does.
+  ``most_open`` is the most connections open at once; each request names its connection (the
+  number of the connect that made it).
 
 Bytes count as received once written (the buffer is the receiver's). Time is trio's clock, so
 on the autojump clock a 10-second deadline passes at once and exactly.
@@ -55,6 +61,7 @@ class MemoryRequest:
     status: int | None = None  # what the endpoint answered, if it did
     answered: float | None = None  # when
     ended: float | None = None  # when the body ended, the connection died or was closed
+    connection: int = 0  # which connect made the connection it came on (1: the first)
 
     @property
     def body(self) -> bytes:
@@ -77,10 +84,16 @@ class MemoryEndpoint:
         self.connect_delay = 0.0
         self.close_after: int | None = None
         self.answer_after: tuple[int, int] | None = None
+        self.keep_alive = False
+        self.most_open = 0
         self.requests: list[MemoryRequest] = []
         self.connects: list[float] = []  # when each connect was attempted
         self._open: set[MemoryConnection] = set()
         self._changed = trio.Event()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
 
     @property
     def posts(self) -> list[MemoryRequest]:
@@ -101,7 +114,14 @@ class MemoryEndpoint:
             raise EndpointError(target.url, "connection failed: ConnectionRefusedError: [Errno 111] Connection refused")
         connection = MemoryConnection(self, target)
         self._open.add(connection)
+        self.most_open = max(self.most_open, len(self._open))
         return connection
+
+    def close_idle(self) -> None:
+        """Every connection waiting between requests (its last one answered) is closed now."""
+        for connection in list(self._open):
+            if connection.request is None or connection.request.status is not None:
+                connection.die("closed by the endpoint while idle")
 
     def reset(self) -> None:
         """Every open connection dies now (its next write or read fails)."""
@@ -129,6 +149,7 @@ class MemoryConnection:
     def __init__(self, endpoint: MemoryEndpoint, target: Target) -> None:
         self.endpoint = endpoint
         self.target = target
+        self.number = len(endpoint.connects)
         self.request: MemoryRequest | None = None
         self.body_bytes = 0
         self.close_after = endpoint.close_after
@@ -164,7 +185,8 @@ class MemoryConnection:
     async def send_head(self, headers: Sequence[tuple[str, str]], *, content_length: int | None,
                         within: float) -> None:  # fmt: skip
         await self._check()
-        self.request = MemoryRequest(self.target.path, dict(headers), content_length, trio.current_time())
+        self.request = MemoryRequest(self.target.path, dict(headers), content_length, trio.current_time(),
+                                     connection=self.number)  # fmt: skip
         self.endpoint.requests.append(self.request)
         self.endpoint.changed()
         if content_length is None and not 200 <= self.endpoint.status < 300:
@@ -215,6 +237,18 @@ class MemoryConnection:
 
     def unacked_bytes(self) -> int:
         return int(self._unread_now())
+
+    def reusable(self) -> bool:
+        request = self.request
+        return (self.endpoint.keep_alive and self._dead is None and request is not None and request.complete
+                and self._answer is not None)  # fmt: skip
+
+    def next_request(self, target: Target) -> bool:
+        if not self.reusable() or (target.host, target.port) != (self.target.host, self.target.port):
+            return False
+        self.target, self.request, self._answer, self._event = target, None, None, trio.Event()
+        self.body_bytes, self.close_after = 0, self.endpoint.close_after
+        return True
 
     async def aclose(self) -> None:
         if self.request is not None and self.request.ended is None:

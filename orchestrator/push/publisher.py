@@ -29,9 +29,17 @@ The decisions (what to do next, when to give up on an idle POST, how long to bac
 error a status means) are the pure :class:`~orchestrator.push.lifecycle.Lifecycle` and
 :mod:`orchestrator.push.failures`; this shell does the I/O each action asks for, through the
 :class:`~orchestrator.push.transport.Transport` seam (:mod:`orchestrator.push.connection` in
-``up``: h11 over trio streams, one connection per request), and reports metrics, state and log
-events. A reader task reads the endpoint's answer for the whole life of a POST, so an answer
-(or the connection closing) during the body ends it at once.
+``up``: h11 over trio streams), and reports metrics, state and log events. A reader task reads
+the endpoint's answer for the whole life of a POST, so an answer (or the connection closing)
+during the body ends it at once.
+
+Connections. Smooth: one per request (the probe's, the POST's). Per segment (CMAF ingest): the
+publisher keeps the connection of a request that succeeded and carries the next request on it,
+as the lifecycle says (:class:`~orchestrator.push.lifecycle.Open` ``reuse``,
+:class:`~orchestrator.push.lifecycle.Completed` ``keep``), and closes it when the lifecycle's
+``kept_until`` passes with no request; a connection the server has closed meanwhile is replaced
+by a new one without a failure. It holds one connection at most: a kept one is closed before
+another is opened. ``orchestrator_connections_opened_total`` counts every connection opened.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ from orchestrator.push.lifecycle import (
     DONE,
     DRAINED,
     EMPTY,
+    EXPIRED,
     HEADER_CHANGED,
     HEADER_SENT,
     NEXT,
@@ -157,6 +166,7 @@ class Publisher:
         self._answer: Response | EndpointError | None = None  # what the server said (or did) during the request
         self._answered = trio.Event()
         self._backlog_shown: tuple[int, int] | None = None  # (fragments, bytes) last written
+        self._kept: Connection | None = None  # per segment: the last request's connection, for the next one
         metrics.seconds_since_push.track(labels, self._seconds_since_push)
         # The labelled children, each looked up once, when first used (so a series appears when
         # it first has a value, as before): at thousands of pushes a second, prometheus-client's
@@ -172,14 +182,31 @@ class Publisher:
         says next.
 
         Cancellation: the POST in flight is abandoned (its connection closed without the final
-        chunk); fragments still queued are lost for this endpoint. For a clean end, close the
-        outbox instead and let ``run`` return.
+        chunk), a kept connection is closed; fragments still queued are lost for this endpoint.
+        For a clean end, close the outbox instead and let ``run`` return (which also closes a
+        kept connection).
         """
+        try:
+            await self._run()
+        finally:
+            await self._close_kept()
+
+    async def _run(self) -> None:
         machine = self.lifecycle
         action: Action = WAIT_FOR_WORK
         while True:
             if action is WAIT_FOR_WORK:
-                event: Event = WORK if await self.outbox.wait_for_work() else DRAINED
+                if self._kept is None:
+                    ready = await self.outbox.wait_for_work()
+                else:  # until the kept connection expires: then close it, and wait on
+                    assert machine.kept_until is not None
+                    with trio.move_on_at(machine.kept_until) as waiting:
+                        ready = await self.outbox.wait_for_work()
+                    if waiting.cancelled_caught:
+                        await self._close_kept()
+                        action = machine.handle(EXPIRED, trio.current_time())
+                        continue
+                event: Event = WORK if ready else DRAINED
                 action = machine.handle(event, trio.current_time())
             elif action is PROBE:
                 if self.connect_slots is None:
@@ -238,7 +265,25 @@ class Publisher:
 
     async def _connect(self, target: Target | None = None) -> Connection:
         target = target or self.target
-        return await self.connector.connect(target, self.endpoint.ca_file, within=self.settings.connect_timeout)
+        connection = await self.connector.connect(target, self.endpoint.ca_file, within=self.lifecycle.connect_timeout)
+        self._m.connections_opened.inc()  # made, not attempted: refusals are post_failures
+        return connection
+
+    async def _connection_for(self, opening: Open, target: Target) -> Connection:
+        """The request's connection: the kept one if the lifecycle says ``reuse`` and it can carry
+        the request, else a new one, once the kept one (if any) is closed: never two at once."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            if opening.reuse and kept.next_request(target):
+                return kept
+            await kept.aclose()
+        return await self._connect(target)
+
+    async def _close_kept(self) -> None:
+        """Close the kept connection, if any. Cancellation: closes anyway."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            await kept.aclose()
 
     def _target_for_request(self) -> Target:
         """The next request's target: ``url`` unless segments have URLs of their own and the
@@ -295,11 +340,12 @@ class Publisher:
         log.info("publisher.post.started %s url=%s backlog=%d", self._log_fields(), target.url,
                  len(self.outbox.outbox))  # fmt: skip
         try:
-            connection = await self._connect(target)
+            connection = await self._connection_for(opening, target)
         except EndpointError as exc:
             return machine.handle(Failed(exc), trio.current_time())
         # up shares one sweeper among its publishers; a publisher on its own runs one for itself.
         sweeper = self.idle_sweeper or IdleSweeper()
+        action: Action | None = None
         try:
             action = machine.handle(OPENED, trio.current_time())
             sweeper.watch(self)
@@ -311,9 +357,13 @@ class Publisher:
                 nursery.cancel_scope.cancel()
         finally:
             sweeper.unwatch(self)
-            await connection.aclose()
+            if isinstance(action, Completed) and action.keep:
+                self._kept = connection  # closed by the next request's _connection_for, or by run
+            else:
+                await connection.aclose()
             self._set_connected(False)
             self._update_backlog()
+        assert action is not None
         return action
 
     async def _exchange(self, connection: Connection, header: StreamHeader, version: int, action: Action) -> Action:
@@ -367,7 +417,8 @@ class Publisher:
                     await connection.end_body(timeout)
                     with trio.move_on_after(action.within):
                         await self._answered.wait()
-                    action = machine.handle(self._answer_event() or TIMED_OUT, trio.current_time())
+                    final = self._answer_event(connection) or TIMED_OUT
+                    action = machine.handle(final, trio.current_time())
                 else:
                     return action  # the request is over: Completed or Rewind
             except EndpointError as exc:
@@ -395,10 +446,12 @@ class Publisher:
         self._update_backlog()
         return DRAINED if box.finished else EMPTY
 
-    def _answer_event(self) -> Event | None:
+    def _answer_event(self, connection: Connection | None = None) -> Event | None:
+        """The answer as the lifecycle's event; after the body, with whether ``connection`` can
+        carry another request."""
         answer = self._answer
         if isinstance(answer, Response):
-            return Answered(answer.status, answer.reason)
+            return Answered(answer.status, answer.reason, connection is not None and connection.reusable())
         if isinstance(answer, EndpointError):
             return Failed(answer)
         return None

@@ -1,8 +1,9 @@
 """The publisher's one I/O seam: how a request reaches an endpoint.
 
-A :class:`Transport` opens a :class:`Connection` to a target; a connection carries one request
+A :class:`Transport` opens a :class:`Connection` to a target; a connection carries a request
 (head, body chunks each written within a deadline, the end of the body) and its response, which
-may be read by another task while the body is still being sent. Every method raises
+may be read by another task while the body is still being sent; then, if HTTP/1.1 keep-alive
+allows (:meth:`Connection.reusable`), further requests in turn (:meth:`Connection.next_request`). Every method raises
 :class:`~orchestrator.errors.EndpointError` (built by :mod:`orchestrator.push.failures`) on a
 transport failure or a deadline; nothing else escapes.
 
@@ -70,6 +71,17 @@ class Connection(Protocol):
 
     def unacked_bytes(self) -> int:
         """Bytes written that the peer has not acknowledged yet (0 if unknown)."""
+        ...
+
+    def reusable(self) -> bool:
+        """After a request's response: whether the connection can carry another (both messages
+        complete, neither side said ``Connection: close``)."""
+        ...
+
+    def next_request(self, target: Target) -> bool:
+        """Make ready for the next request on this connection, kept since the last one, to
+        ``target``; False if it cannot carry it (another host, port or scheme; or the server
+        closed the connection, or sent something unasked, meanwhile): the caller then closes it."""
         ...
 
     async def aclose(self) -> None:

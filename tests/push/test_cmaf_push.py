@@ -15,26 +15,43 @@ import trio.testing
 from parsekit import mp4box, needs_mp4box
 
 from orchestrator.encode.synthetic import SyntheticStream
+from orchestrator.errors import EndpointError
 from orchestrator.ops.httpserve import serve_asgi
 from orchestrator.ops.metrics import Metrics
 from orchestrator.profile import Endpoint, load_profile, parse_profile
 from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
 from orchestrator.push.fanout import FanOut
 from orchestrator.push.lifecycle import (
+    BACKED_OFF,
+    DONE,
+    DRAINED,
+    EXPIRED,
     HEADER_SENT,
     NEXT,
+    OPEN,
+    OPEN_AFTER_FAILURE,
+    OPEN_REUSED,
     OPENED,
+    PROBE,
     READY,
     SEND_FRAGMENT,
+    SEND_HEAD_AND_HEADER,
+    SEND_HEAD_ONLY,
+    SMOOTH,
+    WAIT_FOR_WORK,
     WORK,
     WRITTEN_NEW,
     Answered,
+    BackOff,
     Completed,
+    Failed,
     Finish,
     Lifecycle,
+    LifecycleError,
     Open,
     PublisherSettings,
     Rewind,
+    Rewound,
     SendHeader,
 )
 from orchestrator.push.memory import MemoryEndpoint
@@ -244,6 +261,121 @@ async def test_a_segment_dropped_by_the_bound_while_its_request_connects_is_not_
             assert body in (rig.segment(int(path.rsplit("/", 1)[1].removesuffix(".m4s")) - K), b"")
 
 
+# --- keep-alive: one connection per track, on the in-memory endpoint --------------------------
+
+
+def keep_alive_rig() -> Rig:
+    rig = Rig(MemoryEndpoint())
+    rig.endpoint.keep_alive = True
+    return rig
+
+
+def counter(rig: Rig, name: str) -> float | None:
+    labels = {"stream": "video-video_360p", "group": "primary", "endpoint": "memory", "endpoint_region": "test"}
+    return rig.metrics.registry.get_sample_value(name, labels)
+
+
+async def test_the_header_and_every_segment_go_over_one_kept_connection(autojump_clock):
+    rig = keep_alive_rig()
+
+    async def scenario():
+        rig.push(0, 1)
+        await rig.wait_for(rig.answered(3))
+        for k in range(2, 6):
+            await trio.sleep(2.0)  # a segment duration: well within the keep-alive timeout (6 s)
+            rig.push(k)
+            await rig.wait_for(rig.answered(k + 2))
+
+    await run(rig, scenario)
+    assert rig.sent() == [(HEADER_PATH, rig.header, 200)] + [(segment_path(k), rig.segment(k), 200) for k in range(6)]
+    assert [r.connection for r in rig.endpoint.requests] == [1] * 7
+    assert (len(rig.endpoint.connects), rig.endpoint.most_open) == (1, 1)
+    assert counter(rig, "orchestrator_connections_opened_total") == 1
+    assert counter(rig, "orchestrator_posts_opened_total") == 7  # one request per segment, as before
+
+
+async def test_an_endpoint_that_keeps_no_connection_gets_a_new_one_per_request_and_nothing_else_changes(
+        autojump_clock):  # fmt: skip
+    rig = Rig(MemoryEndpoint())  # keep_alive off: every answer is as if with Connection: close
+
+    async def scenario():
+        rig.push(0, 1, 2)
+        await rig.wait_for(rig.answered(4))
+
+    await run(rig, scenario)
+    assert rig.sent() == [(HEADER_PATH, rig.header, 200)] + [(segment_path(k), rig.segment(k), 200) for k in range(3)]
+    assert [r.connection for r in rig.endpoint.requests] == [1, 2, 3, 4]
+    assert rig.endpoint.most_open == 1
+    assert counter(rig, "orchestrator_connections_opened_total") == 4
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced_without_a_failure(autojump_clock):
+    rig = keep_alive_rig()
+
+    async def scenario():
+        rig.push(0)
+        await rig.wait_for(rig.answered(2))
+        rig.endpoint.close_idle()  # the server's keep-alive timeout
+        rig.push(1)
+        await rig.wait_for(rig.answered(3))
+        rig.push(2)
+        await rig.wait_for(rig.answered(4))
+
+    await run(rig, scenario)
+    # No failure, so no header again and no resend: just a new connection.
+    assert rig.sent() == [(HEADER_PATH, rig.header, 200)] + [(segment_path(k), rig.segment(k), 200) for k in range(3)]
+    assert [r.connection for r in rig.endpoint.requests] == [1, 1, 2, 2]
+    assert (rig.publisher.state.failures, rig.endpoint.most_open) == (0, 1)
+
+
+async def test_a_kept_connection_unused_for_the_keepalive_timeout_is_closed(autojump_clock):
+    rig = keep_alive_rig()
+    closed_after: list[float] = []
+
+    async def scenario():
+        rig.push(0)
+        await rig.wait_for(rig.answered(2))
+        answered = rig.endpoint.requests[-1].answered
+        with trio.fail_after(60):
+            await rig.endpoint.wait_for(lambda: rig.endpoint.open_connections == 0)
+        closed_after.append(trio.current_time() - answered)
+        rig.push(1)
+        await rig.wait_for(rig.answered(3))
+
+    await run(rig, scenario)
+    assert closed_after == [SETTINGS.keepalive_timeout]  # on trio's clock: exactly, not about
+    assert rig.sent() == [(HEADER_PATH, rig.header, 200)] + [(segment_path(k), rig.segment(k), 200) for k in range(2)]
+    assert [r.connection for r in rig.endpoint.requests] == [1, 1, 2]
+    assert rig.publisher.state.failures == 0
+
+
+async def test_a_kept_connection_dying_mid_segment_resends_header_then_forward_buffer_on_one_new_connection(
+        autojump_clock):  # fmt: skip
+    rig = keep_alive_rig()
+
+    async def scenario():
+        rig.push(0, 1)
+        await rig.wait_for(rig.answered(3))
+        rig.endpoint.close_after = 100  # the next request's connection dies 100 bytes into its body
+        rig.push(2)
+        await rig.wait_for(lambda: rig.publisher.state.failures >= 1)
+        rig.endpoint.close_after = None
+        await rig.wait_for(lambda: rig.sent()[-1][0::2] == (segment_path(2), 200))
+
+    await run(rig, scenario)
+    sent, requests = rig.sent(), rig.endpoint.requests
+    assert sent[:3] == [(HEADER_PATH, rig.header, 200), (segment_path(0), rig.segment(0), 200),
+                        (segment_path(1), rig.segment(1), 200)]  # fmt: skip
+    assert (sent[3][0], sent[3][2], requests[3].connection) == (segment_path(2), None, 1)  # on the kept connection
+    # After the last failure: the header alone, then the forward buffer (the last two segments
+    # written, 0 and 1, and 2, which failed), all on one new connection.
+    last_failure = max(n for n, (_, _, status) in enumerate(sent) if status is None)
+    assert sent[last_failure + 1 :] == [(HEADER_PATH, rig.header, 200)] + [(segment_path(k), rig.segment(k), 200)
+                                                                         for k in range(3)]  # fmt: skip
+    assert len({r.connection for r in requests[last_failure + 1 :]}) == 1
+    assert rig.endpoint.most_open == 1
+
+
 # --- over a real loopback socket --------------------------------------------------------------
 
 
@@ -327,6 +459,88 @@ def test_the_lifecycle_sends_a_header_alone_first_and_again_after_a_failure():
     rewind = m.handle(Answered(412, "Precondition Failed"), 0.0)
     assert isinstance(rewind, Rewind)
     assert (rewind.failure, rewind.error.status_code, rewind.attempt, m.header_due) == (Failure.REJECTED, 412, 1, True)
+
+
+def segment_request(m: Lifecycle, now: float, opening: Open, answer: Answered, done: Completed | type[Rewind]) -> None:
+    """One segment's request, from WORK to its answer, at ``now``."""
+    steps = [(WORK, opening), (OPENED, SEND_HEAD_ONLY), (HEADER_SENT, NEXT), (READY, SEND_FRAGMENT),
+             (WRITTEN_NEW, Finish("segment", 3.0))]  # fmt: skip
+    for event, action in steps:
+        assert m.handle(event, now) == action, event
+    action = m.handle(answer, now)
+    assert action == done if isinstance(done, Completed) else isinstance(action, done)
+
+
+def test_the_lifecycle_keeps_a_reusable_connection_between_segments_until_the_keepalive_timeout():
+    """Per segment, a request answered on a connection that can carry another keeps it for
+    ``keepalive_timeout`` (6 s here); the next request reuses it if it comes before then."""
+    m = Lifecycle("http://x/init.m4s", SETTINGS, cmaf.PATH_SCHEMES["template"].plan, jitter=lambda: 0.0)
+    keep = Answered(200, "OK", reusable=True)
+    for event, action in [(WORK, OPEN), (OPENED, SEND_HEAD_AND_HEADER), (HEADER_SENT, Finish("header", 3.0)),
+                          (keep, Completed(200, keep=True))]:  # fmt: skip
+        assert m.handle(event, 0.0) == action
+    assert m.kept_until == 6.0
+    segment_request(m, 2.0, OPEN_REUSED, keep, Completed(200, keep=True))  # within 6 s: reused
+    assert m.kept_until == 8.0  # counted from the last answer
+    segment_request(m, 7.999, OPEN_REUSED, keep, Completed(200, keep=True))
+    segment_request(m, 13.999, OPEN, keep, Completed(200, keep=True))  # at kept_until (7.999 + 6): a new one
+    # The server said Connection: close (or ended the body by closing): nothing kept.
+    segment_request(m, 16.0, OPEN_REUSED, Answered(200, "OK", reusable=False), Completed(200))
+    assert m.kept_until is None
+    segment_request(m, 17.0, OPEN, keep, Completed(200, keep=True))
+    assert m.header_due is False  # none of this resent the header
+
+
+def test_the_kept_connection_expires_at_kept_until_and_is_forgotten():
+    m = Lifecycle("http://x/init.m4s", SETTINGS, cmaf.PATH_SCHEMES["template"].plan, jitter=lambda: 0.0)
+    for event, action in [(WORK, OPEN), (OPENED, SEND_HEAD_AND_HEADER), (HEADER_SENT, Finish("header", 3.0)),
+                          (Answered(201, reusable=True), Completed(201, keep=True))]:  # fmt: skip
+        assert m.handle(event, 1.0) == action
+    with pytest.raises(LifecycleError, match="no kept connection expires"):
+        m.handle(EXPIRED, 6.999)  # the shell's deadline is kept_until: it cannot wake before
+    assert m.handle(EXPIRED, 7.0) == WAIT_FOR_WORK
+    assert m.kept_until is None
+    with pytest.raises(LifecycleError, match="no kept connection expires"):
+        m.handle(EXPIRED, 8.0)  # nothing kept any more
+    segment_request(m, 8.0, OPEN, Answered(200, reusable=True), Completed(200, keep=True))
+    assert (m.handle(DRAINED, 9.0), m.kept_until) == (DONE, None)  # the shell closes it as it returns
+
+
+def test_a_failure_forgets_the_kept_connection_and_the_resend_rules_are_unchanged():
+    m = Lifecycle("http://x/init.m4s", SETTINGS, cmaf.PATH_SCHEMES["template"].plan, jitter=lambda: 0.0)
+    for event, action in [(WORK, OPEN), (OPENED, SEND_HEAD_AND_HEADER), (HEADER_SENT, Finish("header", 3.0)),
+                          (Answered(200, reusable=True), Completed(200, keep=True))]:  # fmt: skip
+        assert m.handle(event, 0.0) == action
+    segment_request(m, 1.0, OPEN_REUSED, Failed(EndpointError("http://x/1.m4s", "reset")), Rewind)
+    assert m.kept_until is None
+    assert isinstance(m.handle(Rewound(stopping=False), 1.0), BackOff)
+    assert m.handle(BACKED_OFF, 1.0) == WAIT_FOR_WORK
+    # A new connection, counted as a reconnect, and the header alone first, as before keep-alive.
+    for event, action in [(WORK, OPEN_AFTER_FAILURE), (OPENED, SEND_HEAD_AND_HEADER),
+                          (HEADER_SENT, Finish("header", 3.0))]:  # fmt: skip
+        assert m.handle(event, 1.5) == action
+
+
+def test_a_per_stream_plan_never_keeps_a_connection():
+    """Smooth: one long POST per connection, as before (the probe's Connection: close, a new
+    connection per POST), even when the server would keep it."""
+    m = Lifecycle("http://x/Streams(video)", SETTINGS, SMOOTH, jitter=lambda: 0.0)
+    for event, action in [(WORK, PROBE), (Answered(200, reusable=True), OPEN), (OPENED, SEND_HEAD_AND_HEADER),
+                          (HEADER_SENT, NEXT), (DRAINED, Finish("end_of_stream", 3.0)),
+                          (Answered(200, reusable=True), Completed(200))]:  # fmt: skip
+        assert m.handle(event, 0.0) == action
+    assert m.kept_until is None
+
+
+def test_the_connect_timeout_is_about_one_segment_duration_per_segment_and_10_s_per_stream():
+    segment = cmaf.PATH_SCHEMES["template"].plan
+    for seconds, connect, keepalive in [(2.0, 2.0, 6.0), (6.0, 6.0, 18.0), (0.5, 1.0, 1.5), (20.0, 20.0, 30.0)]:
+        settings = PublisherSettings.for_fragment_duration(seconds)
+        assert (settings.segment_connect_timeout, settings.keepalive_timeout) == (connect, keepalive)
+        assert Lifecycle("http://x/init.m4s", settings, segment).connect_timeout == connect
+        assert Lifecycle("http://x/Streams(video)", settings, SMOOTH).connect_timeout == 10.0  # spec 7.1
+    overridden = PublisherSettings.for_fragment_duration(2.0, segment_connect_timeout=0.75, keepalive_timeout=4.0)
+    assert (overridden.segment_connect_timeout, overridden.keepalive_timeout) == (0.75, 4.0)
 
 
 def test_a_header_alone_goes_with_one_request_per_segment_only():

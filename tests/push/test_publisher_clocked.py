@@ -107,7 +107,27 @@ async def test_probe_then_one_post_header_then_fragments_then_a_clean_end(autoju
     assert post.complete
     assert rig.metric("orchestrator_fragments_pushed_total") == 3
     assert rig.metric("orchestrator_posts_opened_total") == 1
+    assert rig.metric("orchestrator_connections_opened_total") == 2  # the probe's and the POST's
     assert rig.metric("orchestrator_endpoint_up") == 0
+
+
+async def test_smooth_keeps_no_connection_even_when_the_endpoint_would(autojump_clock):
+    """Keep-alive is for one request per segment (CMAF): Smooth's probe and long POST each have
+    a connection of their own, as before, whatever the endpoint allows."""
+    rig = Rig(MemoryEndpoint())
+    rig.endpoint.keep_alive = True
+
+    async def scenario():
+        rig.push(0)
+        await rig.wait_for(lambda: len(rig.endpoint.posts) == 1 and len(rig.endpoint.posts[0].chunks) == 2)
+        await rig.wait_for(lambda: rig.endpoint.posts[0].status == 200)  # ended idle
+        rig.push(1)
+        await rig.wait_for(lambda: len(rig.endpoint.posts) == 2 and len(rig.endpoint.posts[1].chunks) == 2)
+
+    await run(rig, scenario)
+    assert [(r.probe, r.connection) for r in rig.endpoint.requests] == [(True, 1), (False, 2), (True, 3), (False, 4)]
+    assert rig.metric("orchestrator_connections_opened_total") == 4
+    assert rig.endpoint.most_open == 1
 
 
 async def test_an_unreachable_endpoint_is_retried_on_the_backoff_schedule_then_streams(autojump_clock):

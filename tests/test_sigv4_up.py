@@ -17,7 +17,10 @@ import trio
 from rig import build_profile, endpoint, free_port, group, up_in_process, wait_for
 from sigv4kit import Identity, Verifier, VerifyingEndpoint
 
+from orchestrator.errors import ProfileError
 from orchestrator.ops.httpserve import serve_asgi
+from orchestrator.relay.server import RelayOptions, run_relay
+from orchestrator.supervisor import UpOptions, run_up
 
 pytestmark = pytest.mark.integration
 
@@ -88,3 +91,17 @@ async def test_up_signs_every_cmaf_request_rotates_keys_and_never_shows_a_secret
         assert secret not in caplog.text
         assert secret not in status
         assert secret not in metrics
+
+
+async def test_up_and_relay_refuse_to_start_without_the_keys_naming_the_endpoint_and_variables() -> None:
+    sigv4 = {"region": "eu-west-1", "env_prefix": "ORCH_TEST_UNSET_"}
+    point = endpoint(url="http://127.0.0.1:9/in/v1/g/1/c", name="mp", format="cmaf", sigv4=sigv4)
+    expected = (r"groups\.primary\.endpoints\[mp\]\.sigv4: environment variables ORCH_TEST_UNSET_AWS_ACCESS_KEY_ID "
+                r"and ORCH_TEST_UNSET_AWS_SECRET_ACCESS_KEY are not set or empty")  # fmt: skip
+    profile = build_profile(groups={"primary": group(point), "backup": group(point)})
+    with pytest.raises(ProfileError, match=expected):
+        await run_up(profile, UpOptions(status="off", handle_signals=False))
+    relayed = build_profile(groups={"primary": group(point, encoder={"backend": "relay", "listen": "127.0.0.1:0"}),
+                                    "backup": group(point)})  # fmt: skip
+    with pytest.raises(ProfileError, match=expected):
+        await run_relay(relayed, RelayOptions(handle_signals=False, status="off"))

@@ -25,7 +25,9 @@ from orchestrator.ops.metrics import Metrics
 from orchestrator.profile import Endpoint, SigV4, load_profile
 from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
 from orchestrator.push.fanout import FanOut
+from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.lifecycle import PublisherSettings
+from orchestrator.push.publisher import Publisher
 from orchestrator.push.reconnect import RetryPolicy
 from orchestrator.push.sigv4 import (
     AwsCredentials,
@@ -312,3 +314,11 @@ async def test_every_request_of_a_cmaf_push_verifies_and_a_tampered_body_does_no
     assert SECRET not in caplog.text
     assert TOKEN not in caplog.text
     assert "publisher.post.started" in caplog.text  # the log was captured at all
+
+
+def test_a_publisher_signs_only_requests_whose_body_is_known_when_they_start() -> None:
+    smooth = Endpoint(name="smooth", region="test", url="http://127.0.0.1:1/live/x.isml")
+    with pytest.raises(ValueError, match="request signing needs one request per segment with the header alone"):
+        Publisher(group="primary", stream_id="video", endpoint=smooth, header=HeaderBoard("primary", "video"),
+                  outbox=EndpointOutbox(LIMITS), metrics=Metrics(), settings=SETTINGS,
+                  signer=lambda method, url, body: [])  # fmt: skip

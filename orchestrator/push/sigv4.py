@@ -180,16 +180,18 @@ class CredentialSource:
         self._environ = os.environ if environ is None else environ
         self._stamp: tuple[int, int, int] | None = None  # the file's (inode, size, mtime_ns) last read
         self._broken: tuple[int, int, int] | None = None  # a version that could not be used, warned once
-        if config.credentials_file is None:
+        # "~/.aws/credentials" as people write it: the home directory of the user running us.
+        self.path = None if config.credentials_file is None else config.credentials_file.expanduser()
+        if self.path is None:
             self._credentials = from_environment(config.env_prefix, self._environ)
         else:
             self._stamp = self._file_stamp()
-            self._credentials = read_file(config.credentials_file, config.profile)
+            self._credentials = read_file(self.path, config.profile)
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
-        assert self.config.credentials_file is not None
+        assert self.path is not None
         try:
-            st = self.config.credentials_file.stat()
+            st = self.path.stat()
         except OSError:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
@@ -197,7 +199,7 @@ class CredentialSource:
     def current(self) -> AwsCredentials:
         """The credentials to sign with now: the file's again if it changed since last read and
         can be used, else the last good ones (a warning, once per version of the file)."""
-        path = self.config.credentials_file
+        path = self.path
         if path is None:
             return self._credentials
         stamp = self._file_stamp()

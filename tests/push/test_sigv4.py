@@ -322,3 +322,11 @@ def test_a_publisher_signs_only_requests_whose_body_is_known_when_they_start() -
         Publisher(group="primary", stream_id="video", endpoint=smooth, header=HeaderBoard("primary", "video"),
                   outbox=EndpointOutbox(LIMITS), metrics=Metrics(), settings=SETTINGS,
                   signer=lambda method, url, body: [])  # fmt: skip
+
+
+def test_a_credentials_file_under_the_home_directory_as_people_write_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".aws").mkdir()
+    credentials_file(tmp_path / ".aws" / "credentials")
+    source = CredentialSource(SigV4(region="eu-west-1", credentials_file=Path("~/.aws/credentials"), profile="ingest"))
+    assert source.current() == AwsCredentials(KEY_ID, SECRET, TOKEN)

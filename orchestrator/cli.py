@@ -219,10 +219,12 @@ def status(url: str | None, profile: Path | None, watch: bool, interval: float) 
 def validate(profile: Path) -> None:
     """Check a profile (and probe its file sources); print what it describes, or the errors (exit 2)."""
     from orchestrator.encode.ffmpeg import check_file_sources
+    from orchestrator.push.sigv4 import credential_problems
 
     try:
         loaded = load_profile(profile)
-        if problems := check_file_sources(loaded):  # probed once here, and again by ``up``
+        # Probed once here, and again by ``up``; SigV4 keys read (from the environment or their file) as ``up`` would.
+        if problems := check_file_sources(loaded) + credential_problems(loaded):
             raise ProfileError(str(profile), problems)
     except ProfileError as exc:
         _fail(exc, 2)

@@ -9,8 +9,9 @@ unknown keys are rejected (with a "did you mean" when one is close). Where peopl
 units are accepted: a bitrate as ``"800k"``, a size as ``"256MiB"``.
 
 Secrets never appear in a profile: an endpoint's credentials name an environment variable or a
-file that holds them (``password_env``, ``password_file``, ``token_env``, ``token_file``), and
-are read only when the publisher starts.
+file that holds them (``password_env``, ``password_file``, ``token_env``, ``token_file``; for
+AWS SigV4, ``sigv4.env_prefix`` or ``sigv4.credentials_file``), and are read only when the
+publisher starts (and a SigV4 credentials file again whenever it changes).
 """
 
 from __future__ import annotations
@@ -337,6 +338,46 @@ class Credentials(_Model):
         return read(self.token_env, self.token_file)
 
 
+AWS_REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$"
+ENV_PREFIX_PATTERN = r"^([A-Za-z_][A-Za-z0-9_]*)?$"
+
+
+class SigV4(_Model):
+    """AWS Signature Version 4 on every request of a CMAF endpoint (MediaPackage v2 ingest from an
+    encoder other than MediaLive), for an IAM identity whose keys are read from the environment or
+    a shared-credentials file: never from the profile (orchestrator.push.sigv4)."""
+
+    region: str = Field(pattern=AWS_REGION_PATTERN, description='the AWS region signed for, e.g. "eu-west-1"')
+    service: str = Field(default="mediapackagev2", pattern=r"^[a-z0-9][a-z0-9-]*$",
+                         description="the AWS service signed for")  # fmt: skip
+    env_prefix: str = Field(
+        default="", pattern=ENV_PREFIX_PATTERN,
+        description="read <env_prefix>AWS_ACCESS_KEY_ID, <env_prefix>AWS_SECRET_ACCESS_KEY and, if set, "
+        "<env_prefix>AWS_SESSION_TOKEN; default: the standard AWS variables",
+    )  # fmt: skip
+    credentials_file: Path | None = Field(
+        default=None,
+        description="a shared-credentials file (INI, as ~/.aws/credentials) instead of the environment; read "
+        "again when it changes (rotated credentials)",
+    )
+    profile: str = Field(default="default", pattern=r"^[^\[\]\s]+$",
+                         description="the profile (section) of credentials_file")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SigV4:
+        if self.credentials_file is not None and self.env_prefix:
+            raise ValueError("give env_prefix (environment variables) or credentials_file, not both")
+        if "profile" in self.model_fields_set and self.credentials_file is None:
+            raise ValueError("profile names a section of credentials_file; give credentials_file too")
+        return self
+
+    def where(self) -> str:
+        """Where the keys are read from, in words (no value)."""
+        if self.credentials_file is not None:
+            return f"profile [{self.profile}] of {self.credentials_file}"
+        return f"environment variables {self.env_prefix}AWS_ACCESS_KEY_ID and {self.env_prefix}AWS_SECRET_ACCESS_KEY"
+
+
 class Endpoint(_Model):
     """An ingest publishing point, e.g. ``https://ingest.example.net/live/event.isml``."""
 
@@ -355,6 +396,10 @@ class Endpoint(_Model):
     url: str
     region: str = Field(pattern=NAME_PATTERN)
     credentials: Credentials | None = None
+    sigv4: SigV4 | None = Field(
+        default=None,
+        description="sign each request with AWS Signature Version 4 (CMAF endpoints only; MediaPackage v2)",
+    )
     ca_file: Path | None = Field(
         default=None,
         description="extra CA bundle (PEM), trusted in addition to the default ones; TLS verification stays on",
@@ -404,7 +449,26 @@ class Endpoint(_Model):
         if self.credentials is not None and urlsplit(self.url).scheme == "http" and not self.is_loopback:
             raise ValueError("credentials over plain http:// to a non-loopback host would send the secret in clear "
                              "text; use https://")  # fmt: skip
+        # A SigV4 signature is not the secret, but a session token travels as it is, and a signed
+        # request could be replayed by anyone on the path within its validity: https:// too.
+        if self.sigv4 is not None and urlsplit(self.url).scheme == "http" and not self.is_loopback:
+            raise ValueError("sigv4 over plain http:// to a non-loopback host would send the session token and "
+                             "replayable signed requests in clear text; use https://")  # fmt: skip
         return self
+
+    @field_validator("sigv4")
+    @classmethod
+    def _sigv4_on_cmaf(cls, value: SigV4 | None, info: ValidationInfo) -> SigV4 | None:
+        # Per-request signing needs each request's body in hand before it starts: CMAF ingest (one
+        # request per segment) has it; Smooth's one long POST per stream does not.
+        if value is not None and info.data.get("format") == "smooth":
+            raise ValueError(
+                'SigV4 signs CMAF ingest requests only; this endpoint is format = "smooth" (one '
+                'long POST per stream, whose body is not known when it starts): set format = "cmaf"'
+            )
+        if value is not None and info.data.get("credentials") is not None:
+            raise ValueError("an endpoint takes [credentials] (Basic/Bearer) or sigv4, not both")
+        return value
 
     @property
     def is_loopback(self) -> bool:
@@ -796,6 +860,10 @@ _REASONS = {
 _PATTERNS = {  # what a pattern asks for, in words
     NAME_PATTERN: "letters, digits, '_', '.' and '-', starting with a letter or digit",
     r"^[a-z]{3}$": 'a three-letter ISO 639-2/T language code such as "eng"',
+    AWS_REGION_PATTERN: 'an AWS region code such as "eu-west-1"',
+    ENV_PREFIX_PATTERN: 'the start of an environment variable name (letters, digits, "_"), such as "MP_PRIMARY_"',
+    r"^[a-z0-9][a-z0-9-]*$": 'an AWS service name such as "mediapackagev2"',
+    r"^[^\[\]\s]+$": "a profile name without spaces or brackets",
 }
 
 

@@ -66,6 +66,7 @@ from orchestrator.push.fanout import FanOut
 from orchestrator.push.handoff import EndpointOutbox
 from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import IdleSweeper, Publisher, PublisherSettings, auth_for
+from orchestrator.push.sigv4 import RequestSigner, signer_for
 from orchestrator.wallclock import SystemWallClock, WallClock
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class _Planned:
         self.settings = options.publisher_settings or PublisherSettings.for_fragment_duration(
             float(profile.presentation.fragment_duration))  # fmt: skip
         self.auth: dict[tuple[str, int], str | None] = {}  # Authorization header values: never logged
+        self.signers: dict[tuple[str, int], RequestSigner | None] = {}  # SigV4, credentials read: never logged
         for group_name in selected:
             for i, endpoint in enumerate(profile.groups[group_name].endpoints):
                 key_path = endpoint_key(group_name, endpoint)
@@ -141,6 +143,10 @@ class _Planned:
                     self.auth[(group_name, i)] = auth_for(endpoint)
                 except ValueError as exc:
                     problems.append((f"{key_path}.credentials", str(exc)))
+                try:
+                    self.signers[(group_name, i)] = signer_for(endpoint)
+                except ValueError as exc:
+                    problems.append((f"{key_path}.sigv4", str(exc)))
                 if options.local_ingest is not None and not endpoint.is_loopback:
                     problems.append((f"{key_path}.url", "--local-ingest serves loopback endpoints only; "
                                                         f"{endpoint.url} is not on this host"))  # fmt: skip
@@ -377,7 +383,8 @@ async def _run_groups(
                     added = add_cmaf_publishers(
                         fanout, board, tracks, endpoint, reboxer=reboxer, limits=limits, metrics=metrics,
                         settings=plan.settings, connector=connector, authorization=plan.auth[(group_name, i)],
-                        connect_slots=connect_slots, idle_sweeper=idle_sweeper)  # fmt: skip
+                        connect_slots=connect_slots, idle_sweeper=idle_sweeper,
+                        signer=plan.signers[(group_name, i)])  # fmt: skip
                 else:
                     outbox = EndpointOutbox(limits)
                     added = [Publisher(

@@ -48,7 +48,7 @@ from orchestrator.profile import Endpoint
 from orchestrator.push.fanout import FanOut
 from orchestrator.push.handoff import EndpointOutbox, HeaderBoard
 from orchestrator.push.outbox import OutboxLimits
-from orchestrator.push.publisher import IdleSweeper, Publisher, PublisherSettings
+from orchestrator.push.publisher import IdleSweeper, Publisher, PublisherSettings, Signer
 from orchestrator.push.transport import Transport
 from orchestrator.tracks import TrackDescription
 from orchestrator.wire import cmaf
@@ -137,9 +137,12 @@ def add_cmaf_publishers(
     authorization: str | None = None,
     connect_slots: trio.CapacityLimiter | None = None,
     idle_sweeper: IdleSweeper | None = None,
+    signer: Signer | None = None,
 ) -> list[Publisher]:
     """One publisher per track (``tracks``: (track ID, name)) of ``board``'s stream to the CMAF
-    ``endpoint``, each with its route in ``fanout``. The caller runs them."""
+    ``endpoint``, each with its route in ``fanout``; with ``signer``, each request is signed
+    (the endpoint's SigV4: one signer, so one credentials file watched, for all its tracks). The
+    caller runs them."""
     paths = cmaf.PATH_SCHEMES[endpoint.cmaf_paths]
     stream_id = board.stream_id
     publishers = []
@@ -150,7 +153,8 @@ def add_cmaf_publishers(
             header=TrackHeaderBoard(board, track_id, reboxer), outbox=outbox, metrics=metrics, settings=settings,
             connector=connector, authorization=authorization, connect_slots=connect_slots, idle_sweeper=idle_sweeper,
             plan=paths.plan, url=paths.header_url(endpoint.url, stream_id, name),
-            segment_url=functools.partial(_segment_url, paths, endpoint.url, stream_id, name))  # fmt: skip
+            segment_url=functools.partial(_segment_url, paths, endpoint.url, stream_id, name),
+            signer=signer)  # fmt: skip
         fanout.add_route(stream_id, outbox, publisher.state, publisher.labels)
         publishers.append(publisher)
     return publishers

@@ -47,7 +47,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -102,6 +102,10 @@ from orchestrator.wire.format import RequestPlan
 log = logging.getLogger(__name__)
 
 USER_AGENT = "orchestrator"
+METHOD = "POST"  # every request's (orchestrator.push.connection sends POST): what a signer signs
+
+# Signs one request: (method, URL, body) -> headers to add (orchestrator.push.sigv4.RequestSigner).
+Signer = Callable[[str, str, bytes], Sequence[tuple[str, str]]]
 
 
 class Publisher:
@@ -123,6 +127,7 @@ class Publisher:
         plan: RequestPlan = SMOOTH,
         url: str | None = None,
         segment_url: Callable[[EncodedFragment], str] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.group = group
         self.stream_id = stream_id
@@ -163,6 +168,11 @@ class Publisher:
         if authorization is not None:
             headers["Authorization"] = authorization  # never logged: the log lines name the endpoint
         self._headers = list(headers.items())
+        # Signs each request over its whole body, so a request's body must be known when it starts:
+        # a header alone or one segment (CMAF ingest), never a long POST fed as fragments come.
+        if signer is not None and not (plan.per == "segment" and plan.header_alone):
+            raise ValueError("request signing needs one request per segment with the header alone")
+        self.signer = signer
         self._answer: Response | EndpointError | None = None  # what the server said (or did) during the request
         self._answered = trio.Event()
         self._backlog_shown: tuple[int, int] | None = None  # (fragments, bytes) last written
@@ -252,8 +262,13 @@ class Publisher:
         self.metrics.post_failures.labels(*self.labels, failure.value).inc()
         fields = f"{self._log_fields()} status={exc.status_code} url={self._request_url}"
         if isinstance(exc, EndpointUnauthorized):
-            log.error("publisher.unauthorized %s hint=%s", fields,
-                      "check the endpoint's [credentials] (password_env / token_env)")  # fmt: skip
+            hint = "check the endpoint's [credentials] (password_env / token_env)"
+            if self.endpoint.sigv4 is not None:
+                hint = (
+                    f"check the endpoint's sigv4 keys ({self.endpoint.sigv4.where()}), region and service, "
+                    "the IAM identity's permission to ingest, and this host's clock"
+                )
+            log.error("publisher.unauthorized %s hint=%s", fields, hint)
         elif isinstance(exc, EndpointNotFound):
             log.error("publisher.not_found %s hint=%s", fields,
                       "the publishing point does not exist; check the URL and that it is started")  # fmt: skip
@@ -401,7 +416,8 @@ class Publisher:
                     waited = True
                     action = machine.handle(self._look(version), trio.current_time())
                 elif isinstance(action, SendHeader):
-                    await connection.send_head(self._request_headers(), content_length=None, within=timeout)
+                    await connection.send_head(self._signed(header, action.with_header), content_length=None,
+                                               within=timeout)  # fmt: skip
                     if action.with_header:
                         await connection.send_chunk(header.data, timeout)
                         self._m.bytes_pushed.inc(len(header.data))
@@ -431,6 +447,19 @@ class Publisher:
                 else:
                     event = Answered(answer.status, answer.reason)
                 action = machine.handle(event, trio.current_time())
+
+    def _signed(self, header: StreamHeader, with_header: bool) -> list[tuple[str, str]]:
+        """The request's headers, and with a signer the signature over the body the request will
+        carry: the header alone, or the one segment its URL names (never logged)."""
+        headers = self._request_headers()
+        if self.signer is None:
+            return headers
+        if with_header:
+            body = header.data
+        else:
+            assert self._planned is not None  # per segment, a request opens for a pending fragment
+            body = self._planned.data
+        return [*headers, *self.signer(METHOD, self._request_url, body)]
 
     def _look(self, version: int) -> Event:
         """What the open request has to do now, as the lifecycle's event."""

@@ -64,13 +64,14 @@ from orchestrator.ops.metrics import Metrics
 from orchestrator.ops.openfiles import ensure_open_files, files_needed
 from orchestrator.ops.state import EncoderState, GroupState, LiveState
 from orchestrator.ops.view import StatusView
-from orchestrator.profile import Profile, RelayEncoder, parse_listen
+from orchestrator.profile import Profile, RelayEncoder, endpoint_key, parse_listen
 from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
 from orchestrator.push.connection import FILES_PER_PUBLISHER, Connector
 from orchestrator.push.fanout import FanOut
 from orchestrator.push.handoff import EndpointOutbox
 from orchestrator.push.outbox import OutboxLimits
 from orchestrator.push.publisher import IdleSweeper, Publisher, PublisherSettings, auth_for
+from orchestrator.push.sigv4 import RequestSigner, signer_for
 from orchestrator.relay.intake import Dropped, EncoderPost, Event, Forward, HeaderReceived, StreamTimeline
 from orchestrator.relay.metrics import RelayMetrics
 from orchestrator.relay.spool import DEFAULT_SEGMENT_BYTES, FragmentRecord, HeaderRecord, key_of
@@ -427,11 +428,16 @@ async def run_relay(
     group = profile.groups[group_name]
     problems: list[tuple[str, str]] = []
     auth: dict[int, str | None] = {}
+    signers: dict[int, RequestSigner | None] = {}
     for i, endpoint in enumerate(group.endpoints):
         try:
             auth[i] = auth_for(endpoint)
         except ValueError as exc:
             problems.append((f"groups.{group_name}.endpoints[{i}].credentials", str(exc)))
+        try:
+            signers[i] = signer_for(endpoint)
+        except ValueError as exc:
+            problems.append((f"{endpoint_key(group_name, endpoint)}.sigv4", str(exc)))
     try:
         inbound = expected_authorization(config)
     except ValueError as exc:
@@ -480,7 +486,7 @@ async def run_relay(
                 added = add_cmaf_publishers(
                     fanout, board, tracks, endpoint, reboxer=reboxer, limits=limits, metrics=metrics,
                     settings=settings, connector=connector, authorization=auth[i],
-                    idle_sweeper=idle_sweeper)  # fmt: skip
+                    idle_sweeper=idle_sweeper, signer=signers[i])  # fmt: skip
             else:
                 outbox = EndpointOutbox(limits)
                 added = [Publisher(group=group_name, stream_id=stream.id, endpoint=endpoint, header=board,

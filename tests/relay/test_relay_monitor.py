@@ -102,3 +102,29 @@ async def test_the_relay_monitor_can_be_turned_off(tmp_path: Path) -> None:
         base = f"http://127.0.0.1:{running.metrics_address[1]}"
         assert (await client.get(f"{base}/monitor")).status_code == 404
         assert (await client.get(f"{base}/status")).status_code == 200
+
+
+async def test_nothing_is_kept_for_pictures_while_nobody_watches(tmp_path: Path) -> None:
+    """Without a page polling /monitor.json the relay counts what arrives (a few integers) and
+    keeps no fragment for the decoder; the first poll starts the keeping."""
+    profile = two_endpoint_profile(free_port(), free_port())
+    async with relay_in_process(profile, CollectorRegistry()) as running:
+        assert running.app is not None
+        monitor = running.app.monitor
+        assert monitor is not None
+        assert (await post(relay_url(running), header(), *ffmpeg_body(3))).status_code == 200
+        assert not monitor.thumbnailer.watching
+        assert monitor.thumbnailer.shelf.size == 0
+        assert monitor.thumbnailer.counts.decoded == 0
+        assert {key[0]: a.last_index for key, a in monitor.tiles.arrivals.items()} == {
+            ("video", "video"): 2, ("video", "audio"): 2}  # fmt: skip
+        assert running.metrics_address is not None
+        async with httpx.AsyncClient(timeout=10) as client:
+            assert (await client.get(f"http://127.0.0.1:{running.metrics_address[1]}/monitor.json")).status_code == 200
+        assert monitor.thumbnailer.watching
+        assert (await post(relay_url(running), header(), *ffmpeg_body(1, first=3))).status_code == 200
+
+        def taken() -> bool:  # kept on the shelf, or already handed to ffmpeg (these test bytes do not decode)
+            return monitor.thumbnailer.shelf.size > 0 or sum(monitor.thumbnailer.counts.as_json().values()) > 0
+
+        await wait_for(taken, 20, "watched: the new fragments kept for decoding")

@@ -1,11 +1,12 @@
 """Write the PrometheusRule objects from the alert rules files of deploy/prometheus/:
-shared/prometheusrule.yaml (the per-group rules, in every cluster that runs a group) and
-global/prometheusrule.yaml (the cross-group rules, where every region is seen).
+shared/prometheusrule.yaml (the per-group rules, in every cluster that runs a group),
+global/prometheusrule.yaml (the cross-group rules, where every region is seen) and
+relay-rules/prometheusrule.yaml (the relay's rules, where every relay is seen).
 
 The Prometheus operator's PrometheusRule carries a rules file's ``groups`` unchanged in its
 ``spec``, so the alert rules exist once (deploy/prometheus/, tested there with promtool) and the
-Kubernetes objects are derived from them. tests/deploy/test_kubernetes.py fails when a committed
-object differs from what this writes.
+Kubernetes objects are derived from them. tests/deploy/test_kubernetes.py and
+test_kubernetes_relay.py fail when a committed object differs from what this writes.
 
     .venv/bin/python deploy/kubernetes/generate_prometheusrule.py
 """
@@ -26,6 +27,8 @@ TARGETS = (
     (PROMETHEUS / "orchestrator-group-rules.yml", KUBERNETES / "shared" / "prometheusrule.yaml", "orchestrator-group"),
     (PROMETHEUS / "orchestrator-cross-group-rules.yml", KUBERNETES / "global" / "prometheusrule.yaml",
      "orchestrator-cross-group"),
+    (PROMETHEUS / "orchestrator-relay-rules.yml", KUBERNETES / "relay-rules" / "prometheusrule.yaml",
+     "orchestrator-relay"),
 )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ fragment as received; a track of another kind than video or audio is counted, no
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -23,13 +24,51 @@ from orchestrator.fmp4.reader import Header
 from orchestrator.ingest.receiver import Decision, Post
 from orchestrator.ops import monitorweb
 from orchestrator.ops.httpserve import Scope, Send
-from orchestrator.ops.monitor import Arrivals, Key, ingest_rows, poll_seconds
+from orchestrator.ops.monitor import Arrivals, Key, ingest_rows
 from orchestrator.ops.thumbnails import Thumbnailer, find_ffmpeg
 from orchestrator.wire.format import ReceiverRules
 
 KINDS = {b"vide": "video", b"soun": "audio"}
+DECODED = ("video", "audio")  # the kinds a tile has a picture or a level of
 UNNAMED_GROUP = "(no X-Encoder-Group)"
 MAX_ROWS = 4096  # (stream, track, group) counted at most: a bound whatever the clients send
+
+
+class TrackTiles:
+    """Per (stream, track, group), what arrived (:class:`~orchestrator.ops.monitor.Arrivals`, a
+    few integers, always) and the thumbnailer fed with each video or audio fragment (kept only
+    while a page is open); at most :data:`MAX_ROWS` tiles. Shared by the ingest's and the relay's
+    monitors: both see single-track Smooth or CMAF fragments per track."""
+
+    def __init__(self, thumbnailer: Thumbnailer) -> None:
+        self.thumbnailer = thumbnailer
+        self.arrivals: dict[Key, Arrivals] = {}
+
+    def arrived(self, key: Key, kind: str, init_segment: Callable[[], bytes], *, index: int, media_ms: int | None,
+                seconds: float, outcome: str, data: bytes) -> None:  # fmt: skip
+        """One fragment of ``key``'s track (``data``: its bytes, or b"" for one not to decode);
+        ``init_segment()`` is asked once, for the tile's first fragment. Never waits."""
+        arrivals = self.arrivals.get(key)
+        if arrivals is None:
+            if len(self.arrivals) >= MAX_ROWS:
+                return
+            arrivals = self.arrivals[key] = Arrivals(kind)
+            if kind in DECODED:
+                self.thumbnailer.header(key, init_segment(), (kind,))
+        arrivals.add(index, media_ms, seconds, outcome, trio.current_time())
+        if kind in DECODED and data:
+            self.thumbnailer.offer(key, index, kind, data)
+
+    def rows(self) -> tuple[list[dict[str, Any]], float]:
+        """The document's ``rows`` (this is a page poll: it renews the viewer lease) and the
+        longest fragment duration seen (2 s before any)."""
+        self.thumbnailer.watch()
+        rows = ingest_rows(self.arrivals, self.thumbnailer.pictures, now=trio.current_time(),
+                           thumb_url=monitorweb.thumb_url)  # fmt: skip
+        seconds = [a.fragment_seconds for a in self.arrivals.values() if a.fragment_seconds]
+        fragment_seconds = max(seconds) if seconds else 2.0
+        self.thumbnailer.fragment_seconds = fragment_seconds
+        return rows, fragment_seconds
 
 
 class IngestMonitor:
@@ -37,8 +76,9 @@ class IngestMonitor:
 
     def __init__(self, rules: ReceiverRules, thumbnailer: Thumbnailer | None = None) -> None:
         self.rules = rules
-        self.thumbnailer = thumbnailer or Thumbnailer(find_ffmpeg(), fragment_seconds=2.0)
-        self.arrivals: dict[Key, Arrivals] = {}
+        self.tiles = TrackTiles(thumbnailer or Thumbnailer(find_ffmpeg(), fragment_seconds=2.0))
+        self.thumbnailer = self.tiles.thumbnailer
+        self.arrivals = self.tiles.arrivals
         self._headers: dict[int, tuple[Header, dict[int, tuple[str, str, int]]]] = {}  # post id -> tracks
 
     def decision(self, post: Post, decision: Decision) -> None:
@@ -56,18 +96,14 @@ class IngestMonitor:
         name, kind, timescale = entry
         key: Key = ((f"{decision.stream.point_name}/{decision.stream.stream_id}", name),
                     post.encoder_group or UNNAMED_GROUP)  # fmt: skip
-        arrivals = self.arrivals.get(key)
-        if arrivals is None:
-            if len(self.arrivals) >= MAX_ROWS:
-                return
-            arrivals = self.arrivals[key] = Arrivals(kind)
-            if kind in ("video", "audio"):
-                track = next(t for t in header.tracks if t.track_id == info.track_id)
-                self.thumbnailer.header(key, self.rules.init_segment(track), (kind,))
-        media_ms = None if info.time is None else info.time * 1000 // timescale
-        arrivals.add(info.index, media_ms, info.duration / timescale, decision.outcome, trio.current_time())
-        if kind in ("video", "audio") and decision.received:
-            self.thumbnailer.offer(key, info.index, kind, decision.received)
+
+        def init_segment() -> bytes:
+            return self.rules.init_segment(next(t for t in header.tracks if t.track_id == info.track_id))
+
+        self.tiles.arrived(key, kind, init_segment, index=info.index,
+                           media_ms=None if info.time is None else info.time * 1000 // timescale,
+                           seconds=info.duration / timescale, outcome=decision.outcome,
+                           data=decision.received)  # fmt: skip
 
     def _tracks(self, post: Post, header: Header) -> dict[int, tuple[str, str, int]]:
         known = self._headers.get(post.id)
@@ -83,23 +119,8 @@ class IngestMonitor:
         self._headers.pop(post.id, None)
 
     def document(self) -> dict[str, Any]:
-        self.thumbnailer.watch()
-        now = trio.current_time()
-        rows = ingest_rows(self.arrivals, self.thumbnailer.pictures, now=now, thumb_url=monitorweb.thumb_url)
-        seconds = [a.fragment_seconds for a in self.arrivals.values() if a.fragment_seconds]
-        fragment_seconds = max(seconds) if seconds else 2.0
-        self.thumbnailer.fragment_seconds = fragment_seconds
-        return {
-            "kind": "ingest",
-            "presentation": "",
-            "fragment_duration": fragment_seconds,
-            "poll_seconds": poll_seconds(fragment_seconds),
-            "time": round(time.time(), 3),
-            "decoding": self.thumbnailer.ffmpeg is not None,
-            "decodes": self.thumbnailer.counts.as_json(),
-            "rows": rows,
-            "peers": [],
-        }
+        rows, fragment_seconds = self.tiles.rows()
+        return monitorweb.document("ingest", "", fragment_seconds, self.thumbnailer, time.time(), rows=rows, peers=[])
 
     async def serve(self, scope: Scope, send: Send) -> None:
         """Answer a monitor route (the caller checked :func:`monitorweb.is_monitor_path` and GET)."""

@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, make_asgi_app
 
 from orchestrator.ops import monitorweb
 from orchestrator.ops.httpserve import ASGIApp, Message, Receive, Scope, Send, serve_asgi
-from orchestrator.ops.monitor import Key, merge_peer, poll_seconds, up_tiles
+from orchestrator.ops.monitor import Key, merge_peer, up_tiles
 from orchestrator.ops.state import LiveState
 from orchestrator.ops.status import status_document
 from orchestrator.ops.thumbnails import Thumbnailer
@@ -63,20 +63,11 @@ class UpMonitor:
                 if document is not None:
                     merge_peer(streams, document, name, self.peers.rewrite(n), unreachable=error is not None)
                 peers.append({"name": name, "ok": error is None and document is not None, "error": error})
-        return {
-            "kind": "up",
-            "presentation": status["presentation"],
-            "fragment_duration": status["fragment_duration"],
-            "poll_seconds": poll_seconds(status["fragment_duration"]),
-            "time": status["time"],
-            "decoding": self.thumbnailer.ffmpeg is not None,
-            "decodes": self.thumbnailer.counts.as_json(),
-            "streams": streams,
-            "peers": peers,
-        }
+        return monitorweb.document("up", status["presentation"], status["fragment_duration"], self.thumbnailer,
+                                   status["time"], streams=streams, peers=peers)  # fmt: skip
 
 
-def make_app(registry: CollectorRegistry, live: LiveState, monitor: UpMonitor | None = None) -> ASGIApp:
+def make_app(registry: CollectorRegistry, live: LiveState, monitor: monitorweb.MonitorSource | None = None) -> ASGIApp:
     metrics_app = make_asgi_app(registry)
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -89,7 +80,7 @@ def make_app(registry: CollectorRegistry, live: LiveState, monitor: UpMonitor | 
                 return
             if scope["method"] == "HEAD":
                 send = _without_body(send)
-            await _monitor(monitor, scope, send)
+            await monitorweb.serve(monitor, scope, send)
             return
         if path not in ROUTES:
             await _answer(send, 404, "text/plain", b"not found: this listener serves " + " ".join(ROUTES).encode())
@@ -116,22 +107,6 @@ def make_app(registry: CollectorRegistry, live: LiveState, monitor: UpMonitor | 
     return app
 
 
-async def _monitor(monitor: UpMonitor, scope: Scope, send: Send) -> None:
-    path = scope["path"]
-    if await monitorweb.serve_static(path, send):
-        return
-    if path == "/monitor.json":
-        with_peers = b"peers=0" not in scope.get("query_string", b"").split(b"&")
-        document = await monitor.document(with_peers=with_peers)
-        await monitorweb.answer(send, 200, "application/json", monitorweb.json_body(document))
-    elif path == "/monitor/thumb":
-        await monitorweb.serve_thumb(scope, send, monitor.thumbnailer.pictures)
-    elif monitor.peers is not None:
-        await monitor.peers.serve_thumb(scope, send)
-    else:
-        await monitorweb.answer(send, 404, "text/plain", b"no peers: [monitor] peers is empty\n")
-
-
 def _without_body(send: Send) -> Send:
     async def head_send(message: Message) -> None:
         if message["type"] == "http.response.body":
@@ -155,7 +130,7 @@ async def serve_listener(
     host: str,
     port: int,
     *,
-    monitor: UpMonitor | None = None,
+    monitor: monitorweb.MonitorSource | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the routes above until cancelled; reports the bound (host, port). With ``monitor``,

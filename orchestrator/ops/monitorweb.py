@@ -1,4 +1,5 @@
-"""The confidence monitor's HTTP side, shared by ``up``'s ops listener and ``orchestrator ingest``.
+"""The confidence monitor's HTTP side, shared by ``up``'s ops listener, ``orchestrator ingest``
+and ``orchestrator relay``'s metrics listener.
 
 Routes (GET and HEAD only; the caller checks the method):
 
@@ -24,14 +25,15 @@ import json
 import logging
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import trio
 
 from orchestrator.ops.httpserve import Scope, Send
-from orchestrator.ops.monitor import Key, Picture, Row, TileJudge
+from orchestrator.ops.monitor import Key, Picture, Row, TileJudge, poll_seconds
+from orchestrator.ops.thumbnails import Thumbnailer
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,52 @@ async def serve_thumb(scope: Scope, send: Send, pictures: dict[Key, tuple[Pictur
 
 def json_body(document: dict[str, Any]) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode()
+
+
+def document(kind: str, presentation: str, fragment_seconds: float, thumbnailer: Thumbnailer, now_wall: float,
+             **parts: Any) -> dict[str, Any]:  # fmt: skip
+    """A ``/monitor.json`` document: what every kind of page (``up``, ``ingest``, ``relay``)
+    starts with (how often to poll, whether pictures are decoded), then the kind's ``parts``
+    (``streams`` or ``rows``, ``peers``)."""
+    return {
+        "kind": kind,
+        "presentation": presentation,
+        "fragment_duration": fragment_seconds,
+        "poll_seconds": poll_seconds(fragment_seconds),
+        "time": round(now_wall, 3),
+        "decoding": thumbnailer.ffmpeg is not None,
+        "decodes": thumbnailer.counts.as_json(),
+        **parts,
+    }
+
+
+class MonitorSource(Protocol):
+    """What a process's monitor gives the listener that serves it: ``up``'s
+    :class:`~orchestrator.ops.listener.UpMonitor`, the relay's :class:`~orchestrator.relay.monitor.RelayMonitor`."""
+
+    @property
+    def thumbnailer(self) -> Thumbnailer: ...
+
+    @property
+    def peers(self) -> Peers | None: ...
+
+    async def document(self, *, with_peers: bool = True) -> dict[str, Any]: ...
+
+
+async def serve(source: MonitorSource, scope: Scope, send: Send) -> None:
+    """Answer a monitor route from ``source`` (the caller checked :func:`is_monitor_path` and GET)."""
+    path = scope["path"]
+    if await serve_static(path, send):
+        return
+    if path == "/monitor.json":
+        with_peers = b"peers=0" not in scope.get("query_string", b"").split(b"&")
+        await answer(send, 200, "application/json", json_body(await source.document(with_peers=with_peers)))
+    elif path == "/monitor/thumb":
+        await serve_thumb(scope, send, source.thumbnailer.pictures)
+    elif source.peers is not None:
+        await source.peers.serve_thumb(scope, send)
+    else:
+        await answer(send, 404, "text/plain", b"no peers: [monitor] peers is empty\n")
 
 
 class Peers:

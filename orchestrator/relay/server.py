@@ -14,7 +14,8 @@ not ours to start), so one profile cannot run a group twice by mistake.
 Task tree (trio nurseries)::
 
     run_relay
-    ├── metrics listener (/metrics, /healthz, /readyz, /status), signal watcher, idle sweeper
+    ├── metrics listener (/metrics, /healthz, /readyz, /status, /monitor and its decoder),
+    │   signal watcher, idle sweeper
     ├── per (stream, endpoint): a Publisher (orchestrator.push.publisher), fed by the FanOut
     ├── silence watcher: an encoder silent for silent_fragments fragment durations is shown
     │   (group state, metric), and the spool is trimmed to what some outbox still holds
@@ -25,7 +26,9 @@ the stream header is announced on the stream's board (a changed header re-opens 
 POSTs with it); every fragment to forward is first written to the spool (when the group has
 one: :mod:`orchestrator.relay.spoolfiles`), then handed to the fan-out, which puts it in every
 endpoint's outbox (catch-up backlog, forward buffer, resends: :mod:`orchestrator.push.outbox`).
-Duplicates and rejected fragments are counted and logged, never forwarded.
+Duplicates and rejected fragments are counted and logged, never forwarded. The confidence monitor
+(:mod:`orchestrator.relay.monitor`, when the metrics listener and ``[monitor]`` are enabled) hears
+every header and fragment too, and keeps them only while a page is open.
 
 Start-up with a spool: what an earlier run spooled is announced and pushed again, oldest first,
 before the encoder listener opens (receivers drop what they already had).
@@ -63,6 +66,7 @@ from orchestrator.ops.listener import serve_listener
 from orchestrator.ops.metrics import Metrics
 from orchestrator.ops.openfiles import ensure_open_files, files_needed
 from orchestrator.ops.state import EncoderState, GroupState, LiveState
+from orchestrator.ops.thumbnails import Thumbnailer, find_ffmpeg
 from orchestrator.ops.view import StatusView
 from orchestrator.profile import Profile, RelayEncoder, endpoint_key, parse_listen
 from orchestrator.push.cmafroute import Reboxer, add_cmaf_publishers
@@ -74,6 +78,7 @@ from orchestrator.push.publisher import IdleSweeper, Publisher, PublisherSetting
 from orchestrator.push.sigv4 import RequestSigner, signer_for
 from orchestrator.relay.intake import Dropped, EncoderPost, Event, Forward, HeaderReceived, StreamTimeline
 from orchestrator.relay.metrics import RelayMetrics
+from orchestrator.relay.monitor import RelayMonitor
 from orchestrator.relay.spool import DEFAULT_SEGMENT_BYTES, FragmentRecord, HeaderRecord, key_of
 from orchestrator.relay.spoolfiles import SpoolFiles, sync_all
 from orchestrator.wire import smooth
@@ -153,7 +158,7 @@ class RelayApp:
     def __init__(self, *, group: str, fanout: FanOut, streams: dict[str, RelayStream], metrics: RelayMetrics,
                  fragment_duration: Fraction, spool: SpoolFiles | None, authorization: str | None,
                  body_timeout: float = BODY_TIMEOUT, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.time, monitor: RelayMonitor | None = None) -> None:  # fmt: skip
         self.group = group
         self.fanout = fanout
         self.streams = streams
@@ -163,6 +168,7 @@ class RelayApp:
         self._authorization = authorization.encode() if authorization is not None else None
         self.body_timeout = body_timeout
         self.clock = clock
+        self.monitor = monitor
         self.connections = ConnectionStats()
         self._post_ids = 0
         # What the open POSTs' readers hold or are about to hold (the declared size of the box or
@@ -294,6 +300,8 @@ class RelayApp:
             return
         assert isinstance(event, Dropped)
         m.fragments.labels(stream_id, group, event.reason).inc()
+        if self.monitor is not None:
+            self.monitor.dropped(stream_id, event.track_id, event.reason)
         level = logging.INFO if event.reason == "duplicate" else logging.WARNING
         log.log(level, "relay.fragment.%s post=%d stream=%s track=%d time=%s detail=%r", event.reason, post_id,
                 stream_id, event.track_id, event.time, event.detail)  # fmt: skip
@@ -307,6 +315,8 @@ class RelayApp:
             except OSError as exc:
                 self._spool_failed(stream_id, exc)
         self.fanout.header(header)
+        if self.monitor is not None:
+            self.monitor.header(header)
 
     async def forward(self, stream: RelayStream, fragment: EncodedFragment) -> None:
         """To the spool first (when there is one: written, and fsync'd as the policy says), then
@@ -321,6 +331,8 @@ class RelayApp:
                 self._spool_failed(stream.stream_id, exc)
             self._show_spool(stream.stream_id)
         self.fanout.fragment(fragment)
+        if self.monitor is not None:
+            self.monitor.fragment(fragment)
 
     async def _synced(self, stream_id: str) -> None:
         """The stream's pending fsyncs, in a worker thread (fsyncs of several streams overlap)."""
@@ -370,6 +382,8 @@ class RelayApp:
                     header = StreamHeader(stream_id, parsed.tracks, record.data)
                     stream.timeline.take_header(header)
                     self.fanout.header(header)
+                    if self.monitor is not None:
+                        self.monitor.header(header)
                 elif isinstance(record, FragmentRecord) and header is not None:
                     stream.timeline.forwarded(record.fragment.track_id, record.fragment.start)
                     self.fanout.fragment(record.fragment)
@@ -504,16 +518,22 @@ async def run_relay(
     spool = None
     if config.spool is not None:
         spool = SpoolFiles(config.spool, fsync=config.fsync == "fragment", segment_bytes=options.spool_segment_bytes)
+    monitor = None
+    if profile.metrics.enabled and profile.monitor.enabled:  # /monitor beside /status, on the metrics listener
+        thumbnailer = Thumbnailer(find_ffmpeg(), fragment_seconds=float(duration),
+                                  concurrency=profile.monitor.concurrency)  # fmt: skip
+        thumbnailer.counts.on_count = lambda outcome, n: metrics.monitor_decodes.labels(outcome).inc(n)
+        monitor = RelayMonitor(running, thumbnailer, group=group_name, streams=list(streams))
     app = RelayApp(group=group_name, fanout=fanout, streams=streams, metrics=relay_metrics, fragment_duration=duration,
                    spool=spool, authorization=inbound, body_timeout=options.body_timeout,
-                   memory_budget=options.memory_budget)  # fmt: skip
+                   memory_budget=options.memory_budget, monitor=monitor)  # fmt: skip
     running.app = app
     try:
         recovered = app.recover()
         async with trio.open_nursery() as services:
             if profile.metrics.enabled:
                 host, port = parse_listen(profile.metrics.listen)
-                serve_metrics = partial(serve_listener, metrics.registry, running, host, port)
+                serve_metrics = partial(serve_listener, metrics.registry, running, host, port, monitor=monitor)
                 running.metrics_address = await _listen(services, serve_metrics, profile.metrics.listen,
                                                         "the profile's metrics.listen")  # fmt: skip
             if options.handle_signals:

@@ -45,6 +45,8 @@ from orchestrator.supervisor import UpOptions
 GROUP_RULES = ROOT / "deploy" / "prometheus" / "orchestrator-group-rules.yml"
 CROSS_RULES = ROOT / "deploy" / "prometheus" / "orchestrator-cross-group-rules.yml"
 GLOBAL = KUBERNETES / "global"
+RELAY_RULES = KUBERNETES / "relay-rules"  # the relay's alert rules (the relay itself: test_kubernetes_relay.py)
+RELAY_RULES_FILE = ROOT / "deploy" / "prometheus" / "orchestrator-relay-rules.yml"
 CONTAINERFILE = ROOT / "deploy" / "container" / "Containerfile"
 overlays = pytest.mark.parametrize("overlay", OVERLAYS, ids=[p.name for p in OVERLAYS])
 OPERATOR_API = "monitoring.coreos.com/v1"  # CRDs: kubernetes-validate has no schema for them
@@ -82,7 +84,9 @@ def test_there_is_a_primary_and_a_backup_overlay():
 
 
 @pytest.mark.parametrize(
-    "directory", [*OVERLAYS, SHARED, GLOBAL], ids=[*(p.name for p in OVERLAYS), "shared", "global"]
+    "directory",
+    [*OVERLAYS, SHARED, GLOBAL, RELAY_RULES],
+    ids=[*(p.name for p in OVERLAYS), "shared", "global", "relay-rules"],
 )
 def test_renders_and_passes_kubernetes_validate_strict(directory: Path, tmp_path: Path):
     objects = render(directory)
@@ -523,7 +527,7 @@ def test_no_metric_label_collides_with_a_common_external_label():
 
 
 def test_the_operator_objects_carry_the_label_kube_prometheus_stack_selects():
-    for directory in (SHARED, GLOBAL):
+    for directory in (SHARED, GLOBAL, RELAY_RULES):
         for obj in render(directory):
             if obj["apiVersion"] == OPERATOR_API:
                 assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack", obj["kind"]
@@ -540,11 +544,13 @@ def test_podmonitor_scrapes_every_group():
 
 
 @pytest.mark.parametrize(
-    ("directory", "rules"), [(SHARED, GROUP_RULES), (GLOBAL, CROSS_RULES)], ids=["shared", "global"]
+    ("directory", "rules"),
+    [(SHARED, GROUP_RULES), (GLOBAL, CROSS_RULES), (RELAY_RULES, RELAY_RULES_FILE)],
+    ids=["shared", "global", "relay-rules"],
 )
 def test_prometheusrule_is_generated_from_the_alert_rules(directory: Path, rules: Path):
     """shared/ (every cluster that runs a group) carries the per-group rules and only them;
-    global/ (where every region is seen) the cross-group rules."""
+    global/ (where every region is seen) the cross-group rules; relay-rules/ the relay's."""
     sys.path.insert(0, str(KUBERNETES))
     try:
         import generate_prometheusrule
@@ -561,7 +567,7 @@ def test_prometheusrule_is_generated_from_the_alert_rules(directory: Path, rules
         assert not any(o["kind"] == "PrometheusRule" for o in render(overlay))
 
 
-@pytest.mark.parametrize("directory", [SHARED, GLOBAL], ids=["shared", "global"])
+@pytest.mark.parametrize("directory", [SHARED, GLOBAL, RELAY_RULES], ids=["shared", "global", "relay-rules"])
 def test_prometheusrule_passes_promtool(directory: Path, tmp_path: Path):
     promtool = tool("promtool")
     rule = one(render(directory), "PrometheusRule")

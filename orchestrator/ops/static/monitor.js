@@ -58,6 +58,22 @@
     return meter;
   }
 
+  // An endpoint's state; with details (the relay's tiles): its backlog and its last error.
+  function endpointLines(node, e, details) {
+    let state = e.state;
+    if (details && e.backlog_fragments) {
+      state += " · backlog " + e.backlog_fragments + " fragment(s), " + e.backlog_seconds.toFixed(1) + " s";
+    }
+    if (details && e.state === "reconnecting" && e.retry_in_seconds) {
+      state += " · retry in " + e.retry_in_seconds.toFixed(1) + " s";
+    }
+    const row = line(e.endpoint + " (" + e.region + ")", state, "endpoint state-" + e.state);
+    row.dataset.endpoint = e.endpoint;
+    row.dataset.state = e.state;
+    node.append(row);
+    if (details && e.last_error) node.append(line(e.endpoint + " last error", e.last_error, "error"));
+  }
+
   function tileNode(rowId, tile, kind) {
     const tileId = rowId + "\u0000" + tile.group + "\u0000" + (tile.where || "");
     const marks = tile.marks || [];
@@ -85,9 +101,9 @@
     if (tile.age_seconds !== undefined) node.append(line("age", tile.age_seconds === null ? "–" : tile.age_seconds + " s"));
     if ("encoder_up" in tile) {
       node.append(line("encoder", (tile.encoder_up ? "up" : "DOWN") + (tile.restarts !== null ? " · restarts " + tile.restarts : "")));
-      for (const e of tile.endpoints || []) {
-        node.append(line(e.endpoint + " (" + e.region + ")", e.state, "state-" + e.state));
-      }
+    }
+    for (const e of tile.endpoints || []) endpointLines(node, e, !("encoder_up" in tile));
+    if ("encoder_up" in tile) {
       node.append(line("lock", (tile.lock || "–") + (tile.content_offset_seconds !== null && tile.content_offset_seconds !== undefined
         ? " · offset " + tile.content_offset_seconds + " s" : "")));
       if (tile.last_error) node.append(line("last error", tile.last_error, "error"));
@@ -101,9 +117,10 @@
 
   function render(doc) {
     document.title = "Monitor · " + (doc.presentation || doc.kind);
-    document.getElementById("title").textContent = (doc.kind === "ingest" ? "Ingest monitor" : "Confidence monitor") +
+    const titles = { ingest: "Ingest monitor", relay: "Relay monitor" };
+    document.getElementById("title").textContent = (titles[doc.kind] || "Confidence monitor") +
       (doc.presentation ? " · " + doc.presentation : "");
-    const source = doc.kind === "ingest" ? doc.rows : doc.streams;
+    const source = doc.rows || doc.streams;
     let marked = 0;
     let differing = 0;
     const fragment = document.createDocumentFragment();

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import functools
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ KUBERNETES = ROOT / "deploy" / "kubernetes"
 OVERLAYS = sorted(p for p in (KUBERNETES / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 SHARED = KUBERNETES / "shared"
 PROFILE_KEY = "profile.toml"
+CONTAINERFILE = ROOT / "deploy" / "container" / "Containerfile"
 
 
 def kubectl() -> str:
@@ -201,3 +203,36 @@ def _write_items(directory: Path, data: dict[str, bytes], items: list[dict[str, 
     chosen = {i["key"]: i["path"] for i in items} if items else {k: k for k in data}
     for key, path in chosen.items():
         (directory / path).write_bytes(data[key])
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects ``labels``."""
+    if not selector:
+        return False  # an empty selector in a pod (anti-)affinity term selects nothing useful here
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expression in selector.get("matchExpressions") or []:
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[operator]  # fmt: skip
+        if not ok:
+            return False
+    return True
+
+
+def pod_labels(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return dict(one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"])
+
+
+def quantity(text: str | int) -> float:
+    """A Kubernetes quantity ("300m", "1", "256Mi") as a number (cores, bytes)."""
+    units = {"m": 1e-3, "": 1.0, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text))
+    assert match is not None, text
+    return float(match.group(1)) * units[match.group(2)]
+
+
+def containerfile_user() -> tuple[int, int]:
+    (user,) = re.findall(r"^USER\s+(\d+):(\d+)\s*$", CONTAINERFILE.read_text(), flags=re.MULTILINE)
+    return int(user[0]), int(user[1])

@@ -27,12 +27,16 @@ from kube import (
     SHARED,
     configmap_profile,
     container,
+    containerfile_user,
     group_of,
     one,
+    pod_labels,
     pod_spec,
+    quantity,
     render,
     rendered_text,
     secret_data,
+    selects,
 )
 from promkit import tool
 
@@ -47,33 +51,12 @@ CROSS_RULES = ROOT / "deploy" / "prometheus" / "orchestrator-cross-group-rules.y
 GLOBAL = KUBERNETES / "global"
 RELAY_RULES = KUBERNETES / "relay-rules"  # the relay's alert rules (the relay itself: test_kubernetes_relay.py)
 RELAY_RULES_FILE = ROOT / "deploy" / "prometheus" / "orchestrator-relay-rules.yml"
-CONTAINERFILE = ROOT / "deploy" / "container" / "Containerfile"
 overlays = pytest.mark.parametrize("overlay", OVERLAYS, ids=[p.name for p in OVERLAYS])
 OPERATOR_API = "monitoring.coreos.com/v1"  # CRDs: kubernetes-validate has no schema for them
 
 
 def profile_of(objects: list[dict[str, Any]]) -> Any:
     return parse_profile(configmap_profile(objects), "configmap profile.toml")
-
-
-def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects ``labels``."""
-    if not selector:
-        return False  # an empty selector in a pod (anti-)affinity term selects nothing useful here
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expression in selector.get("matchExpressions") or []:
-        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
-        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
-              "Exists": key in labels, "DoesNotExist": key not in labels}[operator]  # fmt: skip
-        if not ok:
-            return False
-    return True
-
-
-def pod_labels(objects: list[dict[str, Any]]) -> dict[str, str]:
-    return dict(one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"])
 
 
 # --- rendering and schema validation -------------------------------------------------------------
@@ -175,14 +158,6 @@ def test_state_volume_is_the_profiles_state_dir(overlay: Path):
     assert mount["name"] in claims, "the state dir must be on the PersistentVolumeClaim"
     assert not mount.get("readOnly", False)
     assert claims[mount["name"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
-
-
-def quantity(text: str | int) -> float:
-    """A Kubernetes quantity ("300m", "1", "256Mi") as a number (cores, bytes)."""
-    units = {"m": 1e-3, "": 1.0, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
-    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text))
-    assert match is not None, text
-    return float(match.group(1)) * units[match.group(2)]
 
 
 def benchmark() -> dict[str, float]:
@@ -383,11 +358,6 @@ def test_grace_period_exceeds_the_orchestrators_stop_bound_and_both_say_so(overl
 
 
 # --- security --------------------------------------------------------------------------------------------------
-
-
-def containerfile_user() -> tuple[int, int]:
-    (user,) = re.findall(r"^USER\s+(\d+):(\d+)\s*$", CONTAINERFILE.read_text(), flags=re.MULTILINE)
-    return int(user[0]), int(user[1])
 
 
 @overlays

@@ -30,15 +30,18 @@ from kube import (
     SHARED,
     configmap_profile,
     container,
+    containerfile_user,
     materialise,
     one,
+    pod_labels,
     pod_spec,
+    quantity,
     render,
     rendered_text,
     secret_data,
+    selects,
 )
 from rig import IngestServer, Orchestrator, free_port, wait_for
-from test_kubernetes import containerfile_user, pod_labels, quantity, selects
 
 from orchestrator.cli import main
 from orchestrator.encode.synthetic import SyntheticStream

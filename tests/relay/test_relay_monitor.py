@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 from prometheus_client import CollectorRegistry
 from relaykit import ffmpeg_body, header
+from relayserverkit import STREAMS, post, relay_in_process, relay_url
 from rig import build_profile, endpoint, free_port, group, loopback_ingest, wait_for
-from test_relay_server import STREAMS, post, relay_in_process, relay_url
 
 from orchestrator.ops.monitorweb import CSP
 from orchestrator.profile import Profile

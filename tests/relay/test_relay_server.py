@@ -7,8 +7,6 @@ profile that cannot run as a relay is refused with its key path."""
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,55 +16,14 @@ import trio
 import trustme
 from prometheus_client import CollectorRegistry
 from relaykit import FRAGMENT, PRIMING, SECOND, ffmpeg_body, fragment, header
+from relayserverkit import STREAMS, post, relay_in_process, relay_profile, relay_url
 from rig import TEST_SETTINGS, build_profile, endpoint, group, loopback_ingest, wait_for
 
 from orchestrator.errors import ProfileError
 from orchestrator.fmp4 import boxes
-from orchestrator.profile import Profile
 from orchestrator.relay.server import RelayOptions, RelayRunning, run_relay
 from orchestrator.supervisor import UpOptions, run_up
 from orchestrator.testing.faultproxy import Fault
-
-STREAMS = {"video": [{"kind": "video", "name": "video", "bitrate": 300_000, "width": 320, "height": 180,
-                      "frame_rate": 25}]}  # fmt: skip
-
-
-def relay_profile(port: int, metrics: bool = False, **relay: Any) -> Profile:
-    encoder = {"backend": "relay", "listen": "127.0.0.1:0", "silent_fragments": 1, **relay}
-    return build_profile(name="relay", streams=STREAMS, groups={
-        "primary": group(endpoint(port, name="ingest-a", region="region-a"), encoder=encoder),
-        "backup": group(endpoint(port))}, metrics={"enabled": metrics, "listen": "127.0.0.1:0"})  # fmt: skip
-
-
-@asynccontextmanager
-async def relay_in_process(profile: Profile, registry: CollectorRegistry,
-                           **options: Any) -> AsyncIterator[RelayRunning]:  # fmt: skip
-    options = {"status": "off", "handle_signals": False, "publisher_settings": TEST_SETTINGS, "shutdown_grace": 5,
-               **options}  # fmt: skip
-    async with trio.open_nursery() as nursery:
-        running: RelayRunning = await nursery.start(
-            lambda task_status: run_relay(profile, RelayOptions(**options), registry=registry,
-                                          task_status=task_status))  # fmt: skip
-        try:
-            yield running
-        finally:
-            running.stop.set()
-
-
-async def post(url: str, *parts: bytes, client: httpx.AsyncClient | None = None, **headers: str) -> httpx.Response:
-    """One encoder POST, chunked, a part per chunk (as an encoder writes them)."""
-
-    async def body() -> AsyncIterator[bytes]:
-        for part in parts:
-            yield part
-
-    async with httpx.AsyncClient(timeout=10) if client is None else client as http:
-        return await http.post(url, content=body(), headers=headers)
-
-
-def relay_url(running: RelayRunning, scheme: str = "http") -> str:
-    assert running.listen_address is not None
-    return f"{scheme}://127.0.0.1:{running.listen_address[1]}/live/pp.isml/Streams(video)"
 
 
 def tracks(status: dict[str, Any]) -> dict[str, dict[str, Any]]:

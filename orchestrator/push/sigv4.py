@@ -48,6 +48,7 @@ from botocore.auth import SIGV4_TIMESTAMP, SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
 
+from orchestrator.errors import OrchestratorError
 from orchestrator.profile import Endpoint, Profile, SigV4, endpoint_key
 from orchestrator.push.transport import Target
 
@@ -115,7 +116,7 @@ def signed_headers(method: str, url: str, body: bytes, credentials: AwsCredentia
     return [(name, str(request.headers[name])) for name in names if name in request.headers]
 
 
-class CredentialError(ValueError):
+class CredentialError(OrchestratorError, ValueError):
     """The credentials cannot be read; the message names where they were looked for and why,
     never a value."""
 

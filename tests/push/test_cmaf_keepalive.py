@@ -18,7 +18,7 @@ import h11
 import pytest
 import trio
 import trustme
-from publisherkit import LIMITS, K
+from publisherkit import LIMITS, TWO_TRACKS, K
 from rig import DEMO
 
 from orchestrator.encode.synthetic import SyntheticStream
@@ -36,20 +36,6 @@ from orchestrator.wire import cmaf
 SETTINGS = PublisherSettings(connect_timeout=2.0, send_timeout=3.0, response_timeout=3.0, idle_timeout=6.0,
                              segment_connect_timeout=2.0, keepalive_timeout=30.0,
                              retry=RetryPolicy(base=0.1, cap=0.5, slow=2.0, jitter=0.0))  # fmt: skip
-TWO_TRACKS = DEMO.read_text().replace(
-    """  frame_rate = "30000/1001"
-""",
-    """  frame_rate = "30000/1001"
-  [[streams.tracks]]
-  kind = "audio"
-  name = "audio_eng"
-  bitrate = 128_000
-  sample_rate = 48000
-  channels = 2
-  language = "eng"
-""",
-    1,
-)
 
 
 @dataclass

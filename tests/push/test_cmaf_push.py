@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 from parsekit import mp4box, needs_mp4box
+from publisherkit import TWO_TRACKS
 
 from orchestrator.encode.synthetic import SyntheticStream
 from orchestrator.errors import EndpointError
@@ -553,21 +554,6 @@ def test_a_header_alone_goes_with_one_request_per_segment_only():
 
 
 # --- a stream of several tracks -----------------------------------------------------------------
-
-TWO_TRACKS = DEMO.read_text().replace(
-    """  frame_rate = "30000/1001"
-""",
-    """  frame_rate = "30000/1001"
-  [[streams.tracks]]
-  kind = "audio"
-  name = "audio_eng"
-  bitrate = 128_000
-  sample_rate = 48000
-  channels = 2
-  language = "eng"
-""",
-    1,
-)
 
 
 async def test_each_track_of_a_stream_has_its_own_publisher_path_and_header(autojump_clock):
